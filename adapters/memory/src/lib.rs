@@ -1,0 +1,469 @@
+//! The in-process bus: Tidings without a broker.
+//!
+//! It keeps the semantics of the brokers so that a service tested on it
+//! behaves the same on Redis, RabbitMQ, Kafka or NATS: groups (each group
+//! gets every message, members of a group compete), private subscriptions,
+//! nack with redelivery and a rising attempt count, delayed nack, dead
+//! letters to `<group>.dlq`, a bound on unsettled deliveries per
+//! subscription and a bound on queued messages per group.
+//!
+//! What it does not have: persistence. Messages live as long as the process;
+//! a group keeps messages published after it was declared (by its first
+//! subscription or [`declare_group`](Subscriber::declare_group)).
+//!
+//! ```
+//! use tidings_core::{Consumer, Event, HandlerError, PublisherExt};
+//! use tidings_memory::MemoryBus;
+//! # #[tokio::main] async fn main() -> tidings_core::Result<()> {
+//! let bus = MemoryBus::new();
+//! let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+//! let consumer = Consumer::group(bus.subscriber(), "greeter")
+//!     .handle("user.registered", move |e: Event<String>| {
+//!         let tx = tx.clone();
+//!         async move { tx.send(e.data).map_err(HandlerError::permanent) }
+//!     })
+//!     .start()
+//!     .await?;
+//! bus.publish_event("user.registered", Event::new("ada".to_owned())).await?;
+//! assert_eq!(rx.recv().await.as_deref(), Some("ada"));
+//! consumer.shutdown(std::time::Duration::from_secs(1)).await;
+//! # Ok(()) }
+//! ```
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+
+use tidings_core::delivery::header;
+use tidings_core::{
+    Acker, Capabilities, DeadLetter, Delivery, DeliveryStream, Error, Message, Publisher, Receipt,
+    Result, StartFrom, Subscriber, Subscription,
+};
+
+/// The group that keeps dead letters on a dead-letter topic nobody declared a group on.
+pub const DEAD_LETTER_GROUP: &str = "dead-letters";
+
+/// Settings of the in-process bus.
+#[derive(Debug, Clone)]
+pub struct MemoryConfig {
+    /// Most messages queued per group; publishing waits for room beyond that.
+    pub group_capacity: usize,
+    /// How long a publish waits for room before it fails with a timeout.
+    pub publish_timeout: Duration,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        MemoryConfig {
+            group_capacity: 100_000,
+            publish_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The in-process bus: a [`Publisher`] and a [`Subscriber`] in one value.
+///
+/// Clones share the same bus.
+#[derive(Clone, Default)]
+pub struct MemoryBus {
+    inner: Arc<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    config: MemoryConfig,
+    topics: Mutex<HashMap<String, Topic>>,
+    closed: AtomicBool,
+}
+
+struct Topic {
+    name: Arc<str>,
+    groups: HashMap<String, Arc<Queue>>,
+    private: Vec<Arc<Queue>>,
+}
+
+/// One group's (or one private subscription's) queue.
+struct Queue {
+    tx: async_channel::Sender<Entry>,
+    rx: async_channel::Receiver<Entry>,
+    /// Room for published messages; a permit is returned when a message
+    /// leaves the group (ack or dead letter), not when it is handed out.
+    room: Arc<Semaphore>,
+    group: Option<Arc<str>>,
+}
+
+struct Entry {
+    message: Arc<Message>,
+    topic: Arc<str>,
+    attempt: u32,
+}
+
+impl MemoryBus {
+    /// A new, empty bus with the default settings.
+    pub fn new() -> Self {
+        Self::with_config(MemoryConfig::default())
+    }
+
+    /// A new, empty bus.
+    pub fn with_config(config: MemoryConfig) -> Self {
+        MemoryBus {
+            inner: Arc::new(Inner {
+                config,
+                topics: Mutex::default(),
+                closed: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// This bus as a shared publisher.
+    pub fn publisher(&self) -> Arc<dyn Publisher> {
+        Arc::new(self.clone())
+    }
+
+    /// This bus as a shared subscriber.
+    pub fn subscriber(&self) -> Arc<dyn Subscriber> {
+        Arc::new(self.clone())
+    }
+
+    /// How many messages are queued (not yet handed out) for `group` on `topic`.
+    pub fn queued(&self, topic: &str, group: &str) -> usize {
+        self.inner
+            .topics()
+            .get(topic)
+            .and_then(|t| t.groups.get(group))
+            .map_or(0, |q| q.rx.len())
+    }
+}
+
+impl Inner {
+    fn topics(&self) -> MutexGuard<'_, HashMap<String, Topic>> {
+        // A panic while holding this lock cannot leave the map inconsistent
+        // (every update is a single insert or retain), so poisoning is ignored.
+        self.topics.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn queue(&self, topic: &str, group: Option<&str>) -> (Arc<Queue>, Arc<str>) {
+        let mut topics = self.topics();
+        let t = topics.entry(topic.to_owned()).or_insert_with(|| Topic {
+            name: topic.into(),
+            groups: HashMap::new(),
+            private: Vec::new(),
+        });
+        let capacity = self.config.group_capacity;
+        let queue = match group {
+            Some(g) => t
+                .groups
+                .entry(g.to_owned())
+                .or_insert_with(|| Queue::new(capacity, Some(g.into())))
+                .clone(),
+            None => {
+                let q = Queue::new(capacity, None);
+                t.private.push(q.clone());
+                q
+            }
+        };
+        (queue, t.name.clone())
+    }
+
+    fn remove_private(&self, topic: &str, queue: &Arc<Queue>) {
+        if let Some(t) = self.topics().get_mut(topic) {
+            t.private.retain(|q| !Arc::ptr_eq(q, queue));
+        }
+    }
+
+    async fn publish(&self, topic: &str, message: Message) -> Result<Receipt> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed("publisher"));
+        }
+        let message = Arc::new(message);
+        let (queues, name) = {
+            let topics = self.topics();
+            match topics.get(topic) {
+                Some(t) => (
+                    t.groups
+                        .values()
+                        .chain(&t.private)
+                        .cloned()
+                        .collect::<Vec<_>>(),
+                    t.name.clone(),
+                ),
+                None => return Ok(Receipt::Accepted),
+            }
+        };
+        for queue in queues {
+            queue
+                .push(&message, &name, self.config.publish_timeout)
+                .await?;
+        }
+        Ok(Receipt::Accepted)
+    }
+}
+
+impl Queue {
+    fn new(capacity: usize, group: Option<Arc<str>>) -> Arc<Queue> {
+        let (tx, rx) = async_channel::unbounded();
+        Arc::new(Queue {
+            tx,
+            rx,
+            room: Arc::new(Semaphore::new(capacity)),
+            group,
+        })
+    }
+
+    async fn push(&self, message: &Arc<Message>, topic: &Arc<str>, wait: Duration) -> Result<()> {
+        let permit = match self.room.try_acquire() {
+            Ok(permit) => permit,
+            Err(_) => tokio::time::timeout(wait, self.room.acquire())
+                .await
+                .map_err(|_| Error::Timeout {
+                    operation: "publishing to a full in-process group",
+                    after: wait,
+                })?
+                .map_err(|_| Error::Closed("group"))?,
+        };
+        permit.forget();
+        self.requeue(Entry {
+            message: message.clone(),
+            topic: topic.clone(),
+            attempt: 1,
+        });
+        Ok(())
+    }
+
+    fn requeue(&self, entry: Entry) {
+        // Unbounded: the room was taken when the message was first published.
+        let _ = self.tx.try_send(entry);
+    }
+
+    fn release_room(&self) {
+        self.room.add_permits(1);
+    }
+}
+
+#[async_trait]
+impl Publisher for MemoryBus {
+    async fn publish(&self, topic: &str, message: Message) -> Result<Receipt> {
+        self.inner.publish(topic, message).await
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.inner.closed.store(true, Ordering::Release);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Subscriber for MemoryBus {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            persistent: false,
+            replay: false,
+            ..Capabilities::full()
+        }
+    }
+
+    async fn subscribe(&self, subscription: Subscription) -> Result<Box<dyn DeliveryStream>> {
+        subscription.check(self.name(), self.capabilities())?;
+        debug_assert_eq!(subscription.start, StartFrom::Latest);
+        let (queue, _) = self
+            .inner
+            .queue(&subscription.topic, subscription.group.as_deref());
+        let (close, closed) = watch::channel(false);
+        let state = StreamState {
+            bus: self.inner.clone(),
+            queue: queue.clone(),
+            in_flight: Arc::new(Semaphore::new(subscription.prefetch)),
+            closed,
+        };
+        let deliveries = futures::stream::unfold(state, |mut state| async move {
+            let delivery = state.next().await?;
+            Some((Ok(delivery), state))
+        })
+        .boxed();
+        Ok(Box::new(MemoryStream {
+            deliveries,
+            close,
+            private: subscription
+                .group
+                .is_none()
+                .then(|| (self.inner.clone(), subscription.topic, queue)),
+        }))
+    }
+
+    async fn declare_group(&self, topic: &str, group: &str) -> Result<()> {
+        self.inner.queue(topic, Some(group));
+        Ok(())
+    }
+
+    fn dead_letter_topic(&self, _topic: &str, group: &str) -> String {
+        format!("{group}.dlq")
+    }
+}
+
+struct StreamState {
+    bus: Arc<Inner>,
+    queue: Arc<Queue>,
+    in_flight: Arc<Semaphore>,
+    closed: watch::Receiver<bool>,
+}
+
+impl StreamState {
+    async fn next(&mut self) -> Option<Delivery> {
+        let closed = self.closed.clone();
+        let wait_closed = async move {
+            let mut closed = closed;
+            let _ = closed.wait_for(|c| *c).await;
+        };
+        let take = async {
+            let permit = self.in_flight.clone().acquire_owned().await.ok()?;
+            let entry = self.queue.rx.recv().await.ok()?;
+            Some((permit, entry))
+        };
+        let (permit, entry) = tokio::select! {
+            biased;
+            _ = wait_closed => return None,
+            taken = take => taken?,
+        };
+        let acker = MemoryAcker {
+            bus: self.bus.clone(),
+            queue: self.queue.clone(),
+            entry: Some((entry.message.clone(), entry.topic.clone(), entry.attempt)),
+            _permit: permit,
+        };
+        Some(Delivery::new(
+            entry.message,
+            entry.topic,
+            self.queue.group.clone(),
+            entry.attempt,
+            Box::new(acker),
+        ))
+    }
+}
+
+struct MemoryStream {
+    deliveries: BoxStream<'static, Result<Delivery>>,
+    close: watch::Sender<bool>,
+    private: Option<(Arc<Inner>, String, Arc<Queue>)>,
+}
+
+impl futures::Stream for MemoryStream {
+    type Item = Result<Delivery>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.deliveries.poll_next_unpin(cx)
+    }
+}
+
+impl DeliveryStream for MemoryStream {
+    fn close(&mut self) -> BoxFuture<'_, Result<()>> {
+        self.close.send_replace(true);
+        if let Some((bus, topic, queue)) = self.private.take() {
+            bus.remove_private(&topic, &queue);
+        }
+        Box::pin(std::future::ready(Ok(())))
+    }
+}
+
+impl Drop for MemoryStream {
+    fn drop(&mut self) {
+        if let Some((bus, topic, queue)) = self.private.take() {
+            bus.remove_private(&topic, &queue);
+        }
+    }
+}
+
+/// Settles one delivery. Dropped unsettled, it puts the message back.
+struct MemoryAcker {
+    bus: Arc<Inner>,
+    queue: Arc<Queue>,
+    entry: Option<(Arc<Message>, Arc<str>, u32)>,
+    /// The subscription's in-flight slot, freed when this is settled or dropped.
+    _permit: OwnedSemaphorePermit,
+}
+
+impl MemoryAcker {
+    fn redeliver(&mut self, delay: Option<Duration>) {
+        let Some((mut message, topic, attempt)) = self.entry.take() else {
+            return;
+        };
+        let m = Arc::make_mut(&mut message);
+        m.headers
+            .entry(header::FIRST_FAILURE.to_owned())
+            .or_insert_with(humantime_now);
+        let entry = Entry {
+            message,
+            topic,
+            attempt: attempt + 1,
+        };
+        let queue = self.queue.clone();
+        match (delay, tokio::runtime::Handle::try_current()) {
+            (Some(delay), Ok(runtime)) if !delay.is_zero() => {
+                runtime.spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    queue.requeue(entry);
+                });
+            }
+            _ => queue.requeue(entry),
+        }
+    }
+}
+
+fn humantime_now() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+#[async_trait]
+impl Acker for MemoryAcker {
+    async fn ack(mut self: Box<Self>) -> Result<()> {
+        self.entry = None;
+        self.queue.release_room();
+        Ok(())
+    }
+
+    async fn nack(mut self: Box<Self>, delay: Option<Duration>) -> Result<()> {
+        self.redeliver(delay);
+        Ok(())
+    }
+
+    async fn dead_letter(mut self: Box<Self>, letter: DeadLetter) -> Result<()> {
+        let Some((message, _, _)) = &self.entry else {
+            return Ok(());
+        };
+        let group = letter.group.as_deref().unwrap_or(&letter.topic);
+        let topic = format!("{group}.dlq");
+        // Dead letters are kept even when nobody declared a group for them yet.
+        let has_group = self
+            .bus
+            .topics()
+            .get(&topic)
+            .is_some_and(|t| !t.groups.is_empty());
+        if !has_group {
+            self.bus.queue(&topic, Some(DEAD_LETTER_GROUP));
+        }
+        self.bus.publish(&topic, letter.letter_for(message)).await?;
+        self.entry = None;
+        self.queue.release_room();
+        Ok(())
+    }
+}
+
+impl Drop for MemoryAcker {
+    fn drop(&mut self) {
+        // Unsettled (handler outlived shutdown, or the delivery was dropped): redeliver.
+        self.redeliver(None);
+    }
+}

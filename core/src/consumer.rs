@@ -1,0 +1,482 @@
+//! The consumer runtime: handlers registered per topic for one group,
+//! bounded concurrency, per-key order, settlement and graceful shutdown.
+//!
+//! For each topic the runtime runs one intake task, which reads the
+//! subscription, and `concurrency` workers, which run the middleware stack
+//! and the handler and settle the delivery by the result:
+//!
+//! | result | settlement |
+//! |---|---|
+//! | `Ok(())` | ack |
+//! | retryable error, attempts left | nack, redelivered after the backoff (or the error's `retry_after`) |
+//! | retryable error, last attempt | dead-letter (`attempts-exhausted`), then ack |
+//! | permanent error | dead-letter (`permanent-error`), then ack |
+//! | undecodable payload | dead-letter (`undecodable`), then ack |
+//! | panic | a retryable error; the runtime keeps running |
+//!
+//! On brokers without redelivery (at-most-once), retries happen in process.
+//! Intake waits whenever every worker is busy and the subscription's
+//! prefetch is used up, so a slow handler slows intake; memory does not grow.
+
+use std::collections::hash_map::DefaultHasher;
+use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime};
+
+use futures::{FutureExt, StreamExt};
+use tokio::sync::watch;
+use tokio::task::{AbortHandle, JoinHandle};
+use tracing::{debug, warn};
+
+use crate::delivery::{DeadLetter, DeadLetterReason, Delivery, header};
+use crate::error::{Error, Result};
+use crate::handler::{Endpoint, Erased, Handler, HandlerError, HandlerResult};
+use crate::middleware::{Middleware, Next};
+use crate::retry::RetryPolicy;
+use crate::subscriber::{Capabilities, DeliveryStream, StartFrom, Subscriber, Subscription};
+
+/// Builds a [`Consumer`]: the group, its handlers, its middleware and limits.
+///
+/// ```
+/// # use serde::{Deserialize, Serialize};
+/// # use std::sync::Arc;
+/// use tidings_core::{Consumer, Event, HandlerError};
+/// # #[derive(Serialize, Deserialize)] struct UserRegistered { email: String }
+/// # async fn f(subscriber: Arc<dyn tidings_core::Subscriber>) -> tidings_core::Result<()> {
+/// let consumer = Consumer::group(subscriber, "email-service")
+///     .concurrency(8)
+///     .handle("user.registered", |e: Event<UserRegistered>| async move {
+///         println!("welcome {}", e.data.email);
+///         Ok::<_, HandlerError>(())
+///     })
+///     .start()
+///     .await?;
+/// consumer.shutdown(std::time::Duration::from_secs(10)).await;
+/// # Ok(()) }
+/// ```
+#[must_use = "a consumer does nothing until started"]
+pub struct ConsumerBuilder {
+    subscriber: Arc<dyn Subscriber>,
+    group: Option<String>,
+    routes: Vec<(String, Arc<dyn Endpoint>)>,
+    stack: Vec<Arc<dyn Middleware>>,
+    concurrency: usize,
+    prefetch: Option<usize>,
+    ordered_by_key: bool,
+    retry: RetryPolicy,
+    start: StartFrom,
+}
+
+/// A running consumer. Stop it with [`shutdown`](Consumer::shutdown) or
+/// [`shutdown_on_signal`](Consumer::shutdown_on_signal); dropping it stops
+/// intake too, but without waiting for in-flight handlers.
+#[must_use = "dropping a consumer stops it"]
+pub struct Consumer {
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    aborts: Vec<AbortHandle>,
+}
+
+/// How a shutdown went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Whether every in-flight handler finished and was settled before the deadline.
+    /// When not, the unsettled messages are redelivered later.
+    pub drained: bool,
+}
+
+impl Consumer {
+    /// Starts building a consumer for `group`: every group receives every
+    /// message of its topics; inside a group each message goes to one member.
+    pub fn group(subscriber: Arc<dyn Subscriber>, group: impl Into<String>) -> ConsumerBuilder {
+        ConsumerBuilder::new(subscriber, Some(group.into()))
+    }
+
+    /// Starts building a consumer with private subscriptions (no group), where the broker allows.
+    pub fn private(subscriber: Arc<dyn Subscriber>) -> ConsumerBuilder {
+        ConsumerBuilder::new(subscriber, None)
+    }
+
+    /// Phased shutdown: stops intake, lets in-flight handlers finish and
+    /// settle within `deadline`, then drops what is left unsettled (the
+    /// broker redelivers it later).
+    pub async fn shutdown(mut self, deadline: Duration) -> ShutdownReport {
+        self.stop.send_replace(true);
+        let tasks = std::mem::take(&mut self.tasks);
+        let drained = tokio::time::timeout(deadline, futures::future::join_all(tasks))
+            .await
+            .is_ok();
+        if !drained {
+            warn!(
+                ?deadline,
+                "shutdown deadline passed; unsettled messages will be redelivered"
+            );
+            for abort in &self.aborts {
+                abort.abort();
+            }
+        }
+        ShutdownReport { drained }
+    }
+
+    /// Waits for Ctrl-C or SIGTERM, then shuts down with `deadline`.
+    pub async fn shutdown_on_signal(self, deadline: Duration) -> ShutdownReport {
+        wait_for_signal().await;
+        self.shutdown(deadline).await
+    }
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        self.stop.send_replace(true);
+    }
+}
+
+impl fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Consumer")
+            .field("tasks", &self.tasks.len())
+            .finish()
+    }
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+impl ConsumerBuilder {
+    fn new(subscriber: Arc<dyn Subscriber>, group: Option<String>) -> Self {
+        ConsumerBuilder {
+            subscriber,
+            group,
+            routes: Vec::new(),
+            stack: Vec::new(),
+            concurrency: 16,
+            prefetch: None,
+            ordered_by_key: false,
+            retry: RetryPolicy::default(),
+            start: StartFrom::Latest,
+        }
+    }
+
+    /// Registers `handler` for `topic`.
+    pub fn handle<H, Args>(mut self, topic: impl Into<String>, handler: H) -> Self
+    where
+        H: Handler<Args>,
+        Args: 'static,
+    {
+        self.routes
+            .push((topic.into(), Arc::new(Erased::new(handler))));
+        self
+    }
+
+    /// Adds a middleware around every handler of this consumer. The first
+    /// layer added is the outermost: it sees the delivery first.
+    pub fn layer(mut self, middleware: impl Middleware) -> Self {
+        self.stack.push(Arc::new(middleware));
+        self
+    }
+
+    /// How many messages of each topic are handled at once (default 16).
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
+        self
+    }
+
+    /// The bound on unsettled messages per topic taken from the broker
+    /// (default: twice the concurrency, at least 32).
+    pub fn prefetch(mut self, n: usize) -> Self {
+        self.prefetch = Some(n.max(1));
+        self
+    }
+
+    /// Handles messages with the same key one after the other, in the order
+    /// received; messages with different keys still run concurrently.
+    /// A redelivered message comes back after the ones received meanwhile.
+    pub fn ordered_by_key(mut self) -> Self {
+        self.ordered_by_key = true;
+        self
+    }
+
+    /// How often a failing message is attempted and how long between attempts.
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// Where subscriptions start (replay). Applies when the group is created.
+    pub fn start_from(mut self, start: StartFrom) -> Self {
+        self.start = start;
+        self
+    }
+
+    /// Subscribes to every topic and starts handling. Returns once every
+    /// subscription is in place: messages published afterwards reach it.
+    pub async fn start(self) -> Result<Consumer> {
+        if self.routes.is_empty() {
+            return Err(Error::Config {
+                key: "handle".into(),
+                message: "a consumer needs at least one handler".into(),
+            });
+        }
+        let name = self.subscriber.name();
+        let caps = self.subscriber.capabilities();
+        let prefetch = self
+            .prefetch
+            .unwrap_or_else(|| (self.concurrency * 2).max(32));
+        let mut subscriptions = Vec::with_capacity(self.routes.len());
+        for (topic, _) in &self.routes {
+            let subscription = Subscription {
+                topic: topic.clone(),
+                group: self.group.clone(),
+                prefetch,
+                start: self.start,
+            };
+            subscription.check(name, caps)?;
+            subscriptions.push(subscription);
+        }
+        let stack: Arc<[Arc<dyn Middleware>]> = self.stack.into();
+        let (stop, _) = watch::channel(false);
+        let mut tasks = Vec::new();
+        for ((_, endpoint), subscription) in self.routes.into_iter().zip(subscriptions) {
+            let stream = self.subscriber.subscribe(subscription).await?;
+            let route = Arc::new(Route {
+                stack: stack.clone(),
+                endpoint,
+                retry: self.retry,
+                caps,
+            });
+            let (dispatch, receivers) = Dispatch::new(self.concurrency, self.ordered_by_key);
+            for rx in receivers {
+                let route = route.clone();
+                tasks.push(tokio::spawn(worker(rx, route)));
+            }
+            tasks.push(tokio::spawn(intake(stream, dispatch, stop.subscribe())));
+        }
+        let aborts = tasks.iter().map(JoinHandle::abort_handle).collect();
+        Ok(Consumer {
+            stop,
+            tasks,
+            aborts,
+        })
+    }
+}
+
+/// Hands deliveries from intake to workers: one shared queue, or one queue
+/// per worker chosen by key so that a key is always handled by one worker.
+enum Dispatch {
+    Shared(async_channel::Sender<Delivery>),
+    Keyed {
+        lanes: Vec<async_channel::Sender<Delivery>>,
+        next: AtomicUsize,
+    },
+}
+
+impl Dispatch {
+    fn new(workers: usize, keyed: bool) -> (Dispatch, Vec<async_channel::Receiver<Delivery>>) {
+        if keyed {
+            let (lanes, receivers) = (0..workers).map(|_| async_channel::bounded(2)).unzip();
+            (
+                Dispatch::Keyed {
+                    lanes,
+                    next: AtomicUsize::new(0),
+                },
+                receivers,
+            )
+        } else {
+            let (tx, rx) = async_channel::bounded(workers);
+            (Dispatch::Shared(tx), vec![rx; workers])
+        }
+    }
+
+    async fn send(&self, delivery: Delivery) -> bool {
+        let lane = match self {
+            Dispatch::Shared(tx) => tx,
+            Dispatch::Keyed { lanes, next } => {
+                let index = match &delivery.message().key {
+                    Some(key) => {
+                        let mut h = DefaultHasher::new();
+                        key.hash(&mut h);
+                        h.finish() as usize
+                    }
+                    None => next.fetch_add(1, Ordering::Relaxed),
+                };
+                &lanes[index % lanes.len()]
+            }
+        };
+        lane.send(delivery).await.is_ok()
+    }
+}
+
+async fn intake(
+    mut stream: Box<dyn DeliveryStream>,
+    dispatch: Dispatch,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let item = tokio::select! {
+            biased;
+            _ = stop.wait_for(|stop| *stop) => break,
+            item = stream.next() => item,
+        };
+        match item {
+            Some(Ok(delivery)) => {
+                tokio::select! {
+                    biased;
+                    // An undispatched delivery is dropped unsettled: redelivered later.
+                    _ = stop.wait_for(|stop| *stop) => break,
+                    sent = dispatch.send(delivery) => if !sent { break },
+                }
+            }
+            Some(Err(error)) => warn!(%error, "subscription error; the adapter recovers"),
+            None => break,
+        }
+    }
+    if let Err(error) = stream.close().await {
+        warn!(%error, "closing the subscription failed");
+    }
+    // Dropping `dispatch` here lets the workers drain their queues and end.
+}
+
+struct Route {
+    stack: Arc<[Arc<dyn Middleware>]>,
+    endpoint: Arc<dyn Endpoint>,
+    retry: RetryPolicy,
+    caps: Capabilities,
+}
+
+async fn worker(rx: async_channel::Receiver<Delivery>, route: Arc<Route>) {
+    while let Ok(mut delivery) = rx.recv().await {
+        route.process(&mut delivery).await;
+    }
+}
+
+/// What to do with a delivery after an attempt.
+enum Verdict {
+    Ack,
+    Nack(Duration),
+    DeadLetter(DeadLetterReason, HandlerError),
+}
+
+impl Route {
+    async fn run_once(&self, delivery: &Delivery) -> HandlerResult {
+        let next = Next::new(&self.stack, &*self.endpoint);
+        AssertUnwindSafe(next.run(delivery))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|panic| Err(HandlerError::retryable(Panicked::from(panic))))
+    }
+
+    fn verdict(&self, attempt: u32, result: HandlerResult) -> Verdict {
+        match result {
+            Ok(()) => Verdict::Ack,
+            Err(error) => match error.dead_letter_reason() {
+                Some(reason) => Verdict::DeadLetter(reason, error),
+                None if attempt >= self.retry.max_attempts => {
+                    Verdict::DeadLetter(DeadLetterReason::AttemptsExhausted, error)
+                }
+                None => {
+                    let delay = error
+                        .retry_after()
+                        .unwrap_or_else(|| self.retry.backoff.delay(attempt));
+                    Verdict::Nack(delay)
+                }
+            },
+        }
+    }
+
+    async fn process(&self, delivery: &mut Delivery) {
+        let mut first_failure = first_failure_of(delivery);
+        loop {
+            let result = self.run_once(delivery).await;
+            let attempt = delivery.attempt();
+            let verdict = self.verdict(attempt, result);
+            let settled = match verdict {
+                Verdict::Ack => delivery.ack().await,
+                Verdict::Nack(delay) if self.caps.redelivery => {
+                    debug!(id = %delivery.message().id, attempt, ?delay, "handler failed; redelivering");
+                    delivery.nack(Some(delay)).await
+                }
+                Verdict::Nack(delay) => {
+                    // No redelivery from the broker: retry here.
+                    first_failure.get_or_insert_with(SystemTime::now);
+                    tokio::time::sleep(delay).await;
+                    delivery.set_attempt(attempt + 1);
+                    continue;
+                }
+                Verdict::DeadLetter(reason, error) => {
+                    let now = SystemTime::now();
+                    warn!(
+                        id = %delivery.message().id,
+                        topic = delivery.topic(),
+                        group = delivery.group(),
+                        attempt,
+                        %reason,
+                        %error,
+                        "dead-lettering message"
+                    );
+                    let letter = DeadLetter {
+                        reason,
+                        error: error.to_string(),
+                        attempts: attempt,
+                        first_failure: first_failure.or(Some(now)),
+                        last_failure: now,
+                        topic: delivery.topic().to_owned(),
+                        group: delivery.group().map(str::to_owned),
+                    };
+                    delivery.dead_letter(letter).await
+                }
+            };
+            if let Err(error) = settled {
+                warn!(id = %delivery.message().id, %error, "settling failed; the broker will redeliver");
+            }
+            return;
+        }
+    }
+}
+
+/// When the first attempt failed, from the header adapters carry on
+/// redelivered copies; unknown when the broker redelivers the original.
+fn first_failure_of(delivery: &Delivery) -> Option<SystemTime> {
+    delivery
+        .message()
+        .headers
+        .get(header::FIRST_FAILURE)
+        .and_then(|v| humantime::parse_rfc3339_weak(v).ok())
+}
+
+/// A handler panicked; treated as a retryable failure.
+#[derive(Debug, thiserror::Error)]
+#[error("handler panicked: {0}")]
+pub struct Panicked(String);
+
+impl From<Box<dyn std::any::Any + Send>> for Panicked {
+    fn from(panic: Box<dyn std::any::Any + Send>) -> Self {
+        let text = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "non-string panic payload".to_owned());
+        Panicked(text)
+    }
+}

@@ -1,0 +1,293 @@
+//! Deliveries: a received message and the means to settle it.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+
+use crate::error::{Error, Result};
+use crate::message::Message;
+
+/// A received message, its attempt number, and the means to settle it:
+/// [`ack`](Delivery::ack), [`nack`](Delivery::nack) or
+/// [`dead_letter`](Delivery::dead_letter).
+///
+/// A delivery is settled once; settling it again is an
+/// [`Error::AlreadySettled`]. A delivery dropped unsettled (a handler that
+/// outlived the shutdown deadline, say) is never acked: the broker delivers
+/// the message again later.
+///
+/// Most code never settles by hand: the consumer runtime settles by the
+/// handler's result.
+pub struct Delivery {
+    message: Arc<Message>,
+    topic: Arc<str>,
+    group: Option<Arc<str>>,
+    attempt: u32,
+    acker: Option<Box<dyn Acker>>,
+}
+
+/// The adapter's side of a delivery: how to settle this one message.
+///
+/// Adapters implement this per delivery. Each method consumes the acker, so
+/// an adapter never sees a second settlement. An acker dropped without being
+/// called must leave the message to be redelivered.
+#[async_trait]
+pub trait Acker: Send + Sync + 'static {
+    /// The message was handled: remove it for this group.
+    async fn ack(self: Box<Self>) -> Result<()>;
+
+    /// Deliver the message again, not before `delay` if one is given,
+    /// with the attempt number one higher.
+    async fn nack(self: Box<Self>, delay: Option<Duration>) -> Result<()>;
+
+    /// Send the message to the group's dead-letter destination with the
+    /// letter's headers, then remove it for this group.
+    async fn dead_letter(self: Box<Self>, letter: DeadLetter) -> Result<()>;
+}
+
+impl Delivery {
+    /// A delivery of `message` received from `topic`. Used by adapters.
+    pub fn new(
+        message: Arc<Message>,
+        topic: Arc<str>,
+        group: Option<Arc<str>>,
+        attempt: u32,
+        acker: Box<dyn Acker>,
+    ) -> Self {
+        Delivery {
+            message,
+            topic,
+            group,
+            attempt: attempt.max(1),
+            acker: Some(acker),
+        }
+    }
+
+    /// The message.
+    pub fn message(&self) -> &Message {
+        &self.message
+    }
+
+    /// The message, shared.
+    pub fn shared_message(&self) -> &Arc<Message> {
+        &self.message
+    }
+
+    /// The topic the message was published to.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// The topic, shared.
+    pub fn shared_topic(&self) -> &Arc<str> {
+        &self.topic
+    }
+
+    /// The group it was delivered to; `None` for a private subscription.
+    pub fn group(&self) -> Option<&str> {
+        self.group.as_deref()
+    }
+
+    /// The delivery attempt: 1 on first delivery.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// Whether the delivery was settled.
+    pub fn is_settled(&self) -> bool {
+        self.acker.is_none()
+    }
+
+    /// Used by the runtime when it retries in process (at-most-once brokers).
+    pub(crate) fn set_attempt(&mut self, attempt: u32) {
+        self.attempt = attempt;
+    }
+
+    fn take_acker(&mut self) -> Result<Box<dyn Acker>> {
+        self.acker.take().ok_or_else(|| Error::AlreadySettled {
+            id: self.message.id.clone(),
+        })
+    }
+
+    /// Acknowledges the message: it was handled.
+    pub async fn ack(&mut self) -> Result<()> {
+        self.take_acker()?.ack().await
+    }
+
+    /// Asks for the message again, after `delay` if given.
+    pub async fn nack(&mut self, delay: Option<Duration>) -> Result<()> {
+        self.take_acker()?.nack(delay).await
+    }
+
+    /// Sends the message to the dead-letter destination of its group, then acks it.
+    pub async fn dead_letter(&mut self, letter: DeadLetter) -> Result<()> {
+        self.take_acker()?.dead_letter(letter).await
+    }
+}
+
+impl fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Delivery")
+            .field("id", &self.message.id)
+            .field("topic", &self.topic)
+            .field("group", &self.group)
+            .field("attempt", &self.attempt)
+            .field("settled", &self.is_settled())
+            .finish()
+    }
+}
+
+/// Why a message was dead-lettered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadLetterReason {
+    /// The handler returned a permanent error.
+    Permanent,
+    /// The payload could not be decoded into the handler's type.
+    Undecodable,
+    /// Every allowed attempt failed.
+    AttemptsExhausted,
+}
+
+impl DeadLetterReason {
+    /// The value written to the reason header.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadLetterReason::Permanent => "permanent-error",
+            DeadLetterReason::Undecodable => "undecodable",
+            DeadLetterReason::AttemptsExhausted => "attempts-exhausted",
+        }
+    }
+
+    /// Parses the value of the reason header.
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            DeadLetterReason::Permanent,
+            DeadLetterReason::Undecodable,
+            DeadLetterReason::AttemptsExhausted,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == s)
+    }
+}
+
+impl fmt::Display for DeadLetterReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What is written on a dead letter: the reason and the failure's history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// Why.
+    pub reason: DeadLetterReason,
+    /// The last error's text.
+    pub error: String,
+    /// How many attempts were made.
+    pub attempts: u32,
+    /// When the first attempt failed, where known.
+    pub first_failure: Option<SystemTime>,
+    /// When the last attempt failed.
+    pub last_failure: SystemTime,
+    /// The topic the message was published to.
+    pub topic: String,
+    /// The group that gave up on it.
+    pub group: Option<String>,
+}
+
+/// Header names written on dead letters and on redelivered copies.
+pub mod header {
+    /// Why the message was dead-lettered ([`DeadLetterReason`](super::DeadLetterReason)).
+    pub const DLQ_REASON: &str = "tidings-dlq-reason";
+    /// The last error's text.
+    pub const DLQ_ERROR: &str = "tidings-dlq-error";
+    /// The number of attempts made.
+    pub const DLQ_ATTEMPTS: &str = "tidings-dlq-attempts";
+    /// When the first attempt failed (RFC 3339).
+    pub const DLQ_FIRST_FAILURE: &str = "tidings-dlq-first-failure";
+    /// When the last attempt failed (RFC 3339).
+    pub const DLQ_LAST_FAILURE: &str = "tidings-dlq-last-failure";
+    /// The topic the message was published to.
+    pub const DLQ_TOPIC: &str = "tidings-dlq-topic";
+    /// The group that dead-lettered it.
+    pub const DLQ_GROUP: &str = "tidings-dlq-group";
+    /// The attempt number, for adapters that count attempts themselves
+    /// (republished copies on Kafka, AMQP retry queues, the in-process bus).
+    pub const ATTEMPT: &str = "tidings-attempt";
+    /// When the first attempt failed, carried on redelivered copies.
+    pub const FIRST_FAILURE: &str = "tidings-first-failure";
+}
+
+impl DeadLetter {
+    /// The dead letter for `message`: a copy with the same id and payload and
+    /// the letter's headers added. Adapters publish this to the dead-letter
+    /// destination.
+    pub fn letter_for(&self, message: &Message) -> Message {
+        let mut letter = message.clone();
+        let fmt = |t: SystemTime| humantime::format_rfc3339_millis(t).to_string();
+        let h = &mut letter.headers;
+        h.remove(header::ATTEMPT);
+        h.remove(header::FIRST_FAILURE);
+        h.insert(header::DLQ_REASON.into(), self.reason.as_str().into());
+        h.insert(header::DLQ_ERROR.into(), self.error.clone());
+        h.insert(header::DLQ_ATTEMPTS.into(), self.attempts.to_string());
+        h.insert(
+            header::DLQ_FIRST_FAILURE.into(),
+            fmt(self.first_failure.unwrap_or(self.last_failure)),
+        );
+        h.insert(header::DLQ_LAST_FAILURE.into(), fmt(self.last_failure));
+        h.insert(header::DLQ_TOPIC.into(), self.topic.clone());
+        if let Some(group) = &self.group {
+            h.insert(header::DLQ_GROUP.into(), group.clone());
+        }
+        letter
+    }
+
+    /// Reads the letter back from a dead-lettered message's headers;
+    /// `None` if the message is not a dead letter.
+    pub fn from_message(message: &Message) -> Option<DeadLetter> {
+        let h = &message.headers;
+        let time = |name: &str| {
+            h.get(name)
+                .and_then(|v| humantime::parse_rfc3339_weak(v).ok())
+        };
+        Some(DeadLetter {
+            reason: DeadLetterReason::parse(h.get(header::DLQ_REASON)?)?,
+            error: h.get(header::DLQ_ERROR).cloned().unwrap_or_default(),
+            attempts: h
+                .get(header::DLQ_ATTEMPTS)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+            first_failure: time(header::DLQ_FIRST_FAILURE),
+            last_failure: time(header::DLQ_LAST_FAILURE)?,
+            topic: h.get(header::DLQ_TOPIC)?.clone(),
+            group: h.get(header::DLQ_GROUP).cloned(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn letter_headers_round_trip() {
+        let letter = DeadLetter {
+            reason: DeadLetterReason::Undecodable,
+            error: "expected value at line 1".into(),
+            attempts: 3,
+            first_failure: Some(SystemTime::UNIX_EPOCH + Duration::from_millis(1_000)),
+            last_failure: SystemTime::UNIX_EPOCH + Duration::from_millis(2_000),
+            topic: "order.placed".into(),
+            group: Some("billing".into()),
+        };
+        let original = Message::new("{").with_header(header::ATTEMPT, "3");
+        let dead = letter.letter_for(&original);
+        assert_eq!(dead.id, original.id);
+        assert!(!dead.headers.contains_key(header::ATTEMPT));
+        assert_eq!(DeadLetter::from_message(&dead), Some(letter));
+        assert_eq!(DeadLetter::from_message(&original), None);
+    }
+}

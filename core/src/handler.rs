@@ -1,0 +1,235 @@
+//! Handlers: plain async functions that take a typed event.
+//!
+//! Any `async fn(Event<T>) -> Result<(), HandlerError>` or closure of that
+//! shape is a handler. The argument is extracted from the delivery
+//! ([`FromDelivery`]): a payload that does not decode into `T` never reaches
+//! the function; it is dead-lettered as undecodable.
+
+use std::fmt;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+
+use crate::codec::Codec;
+use crate::delivery::{DeadLetterReason, Delivery};
+use crate::error::BoxError;
+use crate::event::Event;
+
+/// How a handler failed, and so how its message is settled.
+///
+/// Any error converts into a retryable `HandlerError` with `?`. Mark errors
+/// that no retry can fix as [`permanent`](HandlerError::permanent): the
+/// message goes straight to the dead-letter destination.
+///
+/// ```
+/// use tidings_core::{HandlerError, ResultExt};
+/// fn parse(s: &str) -> Result<u32, HandlerError> {
+///     let n: u32 = s.parse().permanent()?; // bad input: no retry will fix it
+///     Ok(n)
+/// }
+/// assert!(parse("x").unwrap_err().is_permanent());
+/// ```
+pub struct HandlerError {
+    kind: Failure,
+    retry_after: Option<Duration>,
+    source: BoxError,
+}
+
+/// The class of a handler failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// Another attempt may succeed.
+    Retryable,
+    /// No attempt will succeed: dead-letter now.
+    Permanent,
+    /// The payload could not be decoded.
+    Undecodable,
+}
+
+impl HandlerError {
+    /// A failure another attempt may fix.
+    pub fn retryable(error: impl Into<BoxError>) -> Self {
+        Self::of(Failure::Retryable, error)
+    }
+
+    /// A failure no retry will fix: the message is dead-lettered at once.
+    pub fn permanent(error: impl Into<BoxError>) -> Self {
+        Self::of(Failure::Permanent, error)
+    }
+
+    /// The payload could not be decoded: the message is dead-lettered at once.
+    pub fn undecodable(error: impl Into<BoxError>) -> Self {
+        Self::of(Failure::Undecodable, error)
+    }
+
+    fn of(kind: Failure, error: impl Into<BoxError>) -> Self {
+        HandlerError {
+            kind,
+            retry_after: None,
+            source: error.into(),
+        }
+    }
+
+    /// Asks for the redelivery not to come before `delay`.
+    #[must_use]
+    pub fn with_retry_after(mut self, delay: Duration) -> Self {
+        self.retry_after = Some(delay);
+        self
+    }
+
+    /// The class of the failure.
+    pub fn kind(&self) -> Failure {
+        self.kind
+    }
+
+    /// Whether the message should be dead-lettered without another attempt.
+    pub fn is_permanent(&self) -> bool {
+        self.kind != Failure::Retryable
+    }
+
+    /// The delay asked for before the redelivery.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.retry_after
+    }
+
+    /// The underlying error.
+    pub fn source(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        &*self.source
+    }
+
+    /// The underlying error, owned.
+    pub fn into_source(self) -> BoxError {
+        self.source
+    }
+
+    /// The dead-letter reason this failure leads to, if it is not retryable.
+    pub fn dead_letter_reason(&self) -> Option<DeadLetterReason> {
+        match self.kind {
+            Failure::Retryable => None,
+            Failure::Permanent => Some(DeadLetterReason::Permanent),
+            Failure::Undecodable => Some(DeadLetterReason::Undecodable),
+        }
+    }
+}
+
+impl<E: Into<BoxError>> From<E> for HandlerError {
+    fn from(error: E) -> Self {
+        HandlerError::retryable(error)
+    }
+}
+
+impl fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.source, f)?;
+        let mut source = self.source.source();
+        while let Some(s) = source {
+            write!(f, ": {s}")?;
+            source = s.source();
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HandlerError")
+            .field("kind", &self.kind)
+            .field("retry_after", &self.retry_after)
+            .field("source", &self.source)
+            .finish()
+    }
+}
+
+/// Classifying a `Result`'s error for the runtime.
+pub trait ResultExt<T> {
+    /// Marks the error as permanent.
+    fn permanent(self) -> Result<T, HandlerError>;
+    /// Marks the error as retryable after at least `delay`.
+    fn retry_after(self, delay: Duration) -> Result<T, HandlerError>;
+}
+
+impl<T, E: Into<BoxError>> ResultExt<T> for Result<T, E> {
+    fn permanent(self) -> Result<T, HandlerError> {
+        self.map_err(HandlerError::permanent)
+    }
+
+    fn retry_after(self, delay: Duration) -> Result<T, HandlerError> {
+        self.map_err(|e| HandlerError::retryable(e).with_retry_after(delay))
+    }
+}
+
+/// What a handler returns.
+pub type HandlerResult = Result<(), HandlerError>;
+
+/// A value a handler can take as its argument, extracted from the delivery.
+pub trait FromDelivery: Sized + Send + 'static {
+    /// Extracts the value; an error here is settled like the handler's own.
+    fn from_delivery(delivery: &Delivery) -> Result<Self, HandlerError>;
+}
+
+impl<T, C> FromDelivery for Event<T, C>
+where
+    T: Send + 'static,
+    C: Codec<T>,
+{
+    fn from_delivery(delivery: &Delivery) -> Result<Self, HandlerError> {
+        let message = delivery.shared_message();
+        let data = C::decode(&message.payload).map_err(HandlerError::undecodable)?;
+        Ok(Event::received(
+            data,
+            message.clone(),
+            delivery.shared_topic().clone(),
+            delivery.attempt(),
+        ))
+    }
+}
+
+/// A function that handles deliveries. Implemented for every
+/// `Fn(A) -> impl Future<Output = HandlerResult>` where `A: FromDelivery`;
+/// the `Args` parameter only tells those implementations apart.
+pub trait Handler<Args>: Send + Sync + 'static {
+    /// Extracts the argument and runs the function.
+    fn call(&self, delivery: &Delivery) -> BoxFuture<'static, HandlerResult>;
+}
+
+impl<F, Fut, A> Handler<(A,)> for F
+where
+    F: Fn(A) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = HandlerResult> + Send + 'static,
+    A: FromDelivery,
+{
+    fn call(&self, delivery: &Delivery) -> BoxFuture<'static, HandlerResult> {
+        match A::from_delivery(delivery) {
+            Ok(arg) => Box::pin(self(arg)),
+            Err(e) => Box::pin(std::future::ready(Err(e))),
+        }
+    }
+}
+
+/// A handler with its argument type erased, as the runtime stores it.
+pub trait Endpoint: Send + Sync + 'static {
+    /// Runs the handler on a delivery.
+    fn call(&self, delivery: &Delivery) -> BoxFuture<'static, HandlerResult>;
+}
+
+pub(crate) struct Erased<H, Args> {
+    handler: H,
+    args: PhantomData<fn() -> Args>,
+}
+
+impl<H, Args> Erased<H, Args> {
+    pub(crate) fn new(handler: H) -> Self {
+        Erased {
+            handler,
+            args: PhantomData,
+        }
+    }
+}
+
+impl<H: Handler<Args>, Args: 'static> Endpoint for Erased<H, Args> {
+    fn call(&self, delivery: &Delivery) -> BoxFuture<'static, HandlerResult> {
+        self.handler.call(delivery)
+    }
+}

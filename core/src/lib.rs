@@ -1,0 +1,46 @@
+//! The core of Tidings: the vocabulary every adapter and middleware shares.
+//!
+//! - [`Message`]: id, key, headers, payload ([`Bytes`](bytes::Bytes)) and event [`Metadata`],
+//!   carried on every broker as CloudEvents headers ([`wire`]).
+//! - [`Event<T>`]: typed data in a message, encoded by a [`Codec`] (JSON by default).
+//! - [`Publisher`] and [`Subscriber`]: the object-safe traits adapters implement.
+//! - [`Delivery`]: a received message, its attempt number, and ack / nack / dead-letter.
+//! - [`Consumer`]: the runtime that runs handlers (plain async functions) per
+//!   topic for a group, with bounded concurrency, per-key order, retries,
+//!   dead letters and graceful shutdown.
+//! - [`middleware`]: layers around handlers and around publishers.
+//!
+//! Delivery is at least once on every persistent broker: a handler can see a
+//! message again after a crash or a lost ack, so handlers should be
+//! idempotent (or use the idempotency middleware).
+//!
+//! # Feature flags
+//! - `testkit`: the conformance suite every adapter runs, a [`RecordingPublisher`](testkit::RecordingPublisher)
+//!   for users' unit tests, and a TCP [`FaultProxy`](testkit::FaultProxy) for connection faults.
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+pub mod codec;
+pub mod consumer;
+pub mod delivery;
+pub mod error;
+pub mod event;
+pub mod handler;
+pub mod message;
+pub mod middleware;
+pub mod publisher;
+pub mod retry;
+pub mod subscriber;
+#[cfg(feature = "testkit")]
+pub mod testkit;
+
+pub use codec::{Codec, CodecError, Json, Raw};
+pub use consumer::{Consumer, ConsumerBuilder, ShutdownReport};
+pub use delivery::{Acker, DeadLetter, DeadLetterReason, Delivery};
+pub use error::{BoxError, Error, Result};
+pub use event::Event;
+pub use handler::{Failure, FromDelivery, Handler, HandlerError, HandlerResult, ResultExt};
+pub use message::{Headers, Message, Metadata, wire};
+pub use middleware::{Middleware, PublishMiddleware};
+pub use publisher::{Publisher, PublisherExt, Receipt};
+pub use retry::{Backoff, RetryPolicy};
+pub use subscriber::{Capabilities, DeliveryStream, StartFrom, Subscriber, Subscription};

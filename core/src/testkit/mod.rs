@@ -1,0 +1,57 @@
+//! Test support: the conformance suite, a recording publisher and a TCP fault proxy.
+//!
+//! - [`conformance`]: the executable specification every adapter runs
+//!   against its real broker, through [`conformance_tests!`](crate::conformance_tests).
+//! - [`RecordingPublisher`]: a publisher that keeps what a service published,
+//!   for the service's own unit tests.
+//! - [`FaultProxy`]: a TCP proxy between a client and a broker that cuts,
+//!   refuses or stalls connections on command.
+
+pub mod conformance;
+mod proxy;
+mod recording;
+
+pub use proxy::FaultProxy;
+pub use recording::RecordingPublisher;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::{Publisher, Subscriber};
+
+/// How the conformance suite reaches the adapter under test.
+#[async_trait]
+pub trait Harness: Send + Sync + 'static {
+    /// A fresh publisher and subscriber on the broker under test. Called
+    /// once or more per test; each pair should be independent connections.
+    async fn connect(&self) -> (Arc<dyn Publisher>, Arc<dyn Subscriber>);
+
+    /// Makes `topic` usable, where the broker needs it (Kafka topics,
+    /// JetStream stream subjects). Topics are unique per test.
+    async fn prepare(&self, topic: &str) {
+        let _ = topic;
+    }
+
+    /// Cuts every connection to the broker (or restarts it) once, while the
+    /// clients from [`connect`](Harness::connect) are in use. Returns
+    /// `false` where the harness cannot, and the reconnect test then does not apply.
+    async fn disrupt(&self) -> bool {
+        false
+    }
+}
+
+/// A topic name unique to this test run: `tk-<name>-<random>`.
+pub fn unique(name: &str) -> String {
+    format!("tk-{name}-{:08x}", fastrand::u32(..))
+}
+
+/// Awaits `future`, failing the test with `what` if it takes longer than `secs` seconds.
+pub async fn within<T>(secs: u64, what: &str, future: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(Duration::from_secs(secs), future).await {
+        Ok(value) => value,
+        Err(_) => panic!("timed out after {secs} s waiting for {what}"),
+    }
+}
