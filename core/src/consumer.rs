@@ -266,7 +266,8 @@ impl ConsumerBuilder {
                 retry: self.retry,
                 caps,
             });
-            let (dispatch, receivers) = Dispatch::new(self.concurrency, self.ordered_by_key);
+            let (dispatch, receivers) =
+                Dispatch::new(self.concurrency, prefetch, self.ordered_by_key);
             for rx in receivers {
                 let route = route.clone();
                 tasks.push(tokio::spawn(worker(rx, route)));
@@ -293,9 +294,16 @@ enum Dispatch {
 }
 
 impl Dispatch {
-    fn new(workers: usize, keyed: bool) -> (Dispatch, Vec<async_channel::Receiver<Delivery>>) {
+    /// `buffer` is the subscription's prefetch: deliveries waiting here are
+    /// already counted against it, so the buffer adds no memory beyond that bound.
+    fn new(
+        workers: usize,
+        buffer: usize,
+        keyed: bool,
+    ) -> (Dispatch, Vec<async_channel::Receiver<Delivery>>) {
         if keyed {
-            let (lanes, receivers) = (0..workers).map(|_| async_channel::bounded(2)).unzip();
+            let lane = (buffer / workers).max(1);
+            let (lanes, receivers) = (0..workers).map(|_| async_channel::bounded(lane)).unzip();
             (
                 Dispatch::Keyed {
                     lanes,
@@ -304,7 +312,7 @@ impl Dispatch {
                 receivers,
             )
         } else {
-            let (tx, rx) = async_channel::bounded(workers);
+            let (tx, rx) = async_channel::bounded(buffer.max(1));
             (Dispatch::Shared(tx), vec![rx; workers])
         }
     }
@@ -333,19 +341,21 @@ async fn intake(
     dispatch: Dispatch,
     mut stop: watch::Receiver<bool>,
 ) {
-    loop {
+    // The stop signal is checked with a cheap read on every turn and only
+    // raced (which registers a waker) while intake actually waits.
+    while !*stop.borrow() {
         let item = tokio::select! {
             biased;
-            _ = stop.wait_for(|stop| *stop) => break,
             item = stream.next() => item,
+            _ = stop.wait_for(|stop| *stop) => break,
         };
         match item {
             Some(Ok(delivery)) => {
                 tokio::select! {
                     biased;
+                    sent = dispatch.send(delivery) => if !sent { break },
                     // An undispatched delivery is dropped unsettled: redelivered later.
                     _ = stop.wait_for(|stop| *stop) => break,
-                    sent = dispatch.send(delivery) => if !sent { break },
                 }
             }
             Some(Err(error)) => warn!(%error, "subscription error; the adapter recovers"),

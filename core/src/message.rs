@@ -166,7 +166,12 @@ impl Default for Message {
 
 /// A fresh message id: a UUID v7, which sorts by creation time.
 pub fn new_id() -> String {
-    uuid::Uuid::now_v7().to_string()
+    // Encoding into a stack buffer skips the formatting machinery of `to_string`.
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    uuid::Uuid::now_v7()
+        .hyphenated()
+        .encode_lower(&mut buf)
+        .to_owned()
 }
 
 /// The current time truncated to microseconds, the precision `ce_time` carries.

@@ -183,21 +183,23 @@ impl Inner {
             return Err(Error::Closed("publisher"));
         }
         let message = Arc::new(message);
-        let (queues, name) = {
+        // Fast path under the lock: every queue with room takes the message
+        // at once; only full queues (rare) are waited for, outside the lock.
+        let (full, name) = {
             let topics = self.topics();
-            match topics.get(topic) {
-                Some(t) => (
-                    t.groups
-                        .values()
-                        .chain(&t.private)
-                        .cloned()
-                        .collect::<Vec<_>>(),
-                    t.name.clone(),
-                ),
-                None => return Ok(Receipt::Accepted),
-            }
+            let Some(t) = topics.get(topic) else {
+                return Ok(Receipt::Accepted);
+            };
+            let full: Vec<Arc<Queue>> = t
+                .groups
+                .values()
+                .chain(&t.private)
+                .filter(|q| !q.try_push(&message, &t.name))
+                .cloned()
+                .collect();
+            (full, t.name.clone())
         };
-        for queue in queues {
+        for queue in full {
             queue
                 .push(&message, &name, self.config.publish_timeout)
                 .await?;
@@ -217,17 +219,29 @@ impl Queue {
         })
     }
 
-    async fn push(&self, message: &Arc<Message>, topic: &Arc<str>, wait: Duration) -> Result<()> {
-        let permit = match self.room.try_acquire() {
-            Ok(permit) => permit,
-            Err(_) => tokio::time::timeout(wait, self.room.acquire())
-                .await
-                .map_err(|_| Error::Timeout {
-                    operation: "publishing to a full in-process group",
-                    after: wait,
-                })?
-                .map_err(|_| Error::Closed("group"))?,
+    /// Queues the message if there is room; `false` if the group is full.
+    fn try_push(&self, message: &Arc<Message>, topic: &Arc<str>) -> bool {
+        let Ok(permit) = self.room.try_acquire() else {
+            return false;
         };
+        permit.forget();
+        self.requeue(Entry {
+            message: message.clone(),
+            topic: topic.clone(),
+            attempt: 1,
+        });
+        true
+    }
+
+    /// Waits (up to `wait`) for room, then queues the message.
+    async fn push(&self, message: &Arc<Message>, topic: &Arc<str>, wait: Duration) -> Result<()> {
+        let permit = tokio::time::timeout(wait, self.room.acquire())
+            .await
+            .map_err(|_| Error::Timeout {
+                operation: "publishing to a full in-process group",
+                after: wait,
+            })?
+            .map_err(|_| Error::Closed("group"))?;
         permit.forget();
         self.requeue(Entry {
             message: message.clone(),
@@ -320,20 +334,32 @@ struct StreamState {
 
 impl StreamState {
     async fn next(&mut self) -> Option<Delivery> {
-        let closed = self.closed.clone();
-        let wait_closed = async move {
-            let mut closed = closed;
-            let _ = closed.wait_for(|c| *c).await;
+        if *self.closed.borrow() {
+            return None;
+        }
+        // Fast path: a free slot and a queued message, without registering any waker.
+        let taken = match self.in_flight.clone().try_acquire_owned() {
+            Ok(permit) => match self.queue.rx.try_recv() {
+                Ok(entry) => Some((permit, entry)),
+                Err(_) => None,
+            },
+            Err(_) => None,
         };
-        let take = async {
-            let permit = self.in_flight.clone().acquire_owned().await.ok()?;
-            let entry = self.queue.rx.recv().await.ok()?;
-            Some((permit, entry))
-        };
-        let (permit, entry) = tokio::select! {
-            biased;
-            _ = wait_closed => return None,
-            taken = take => taken?,
+        let (permit, entry) = match taken {
+            Some(taken) => taken,
+            None => {
+                let mut closed = self.closed.clone();
+                let take = async {
+                    let permit = self.in_flight.clone().acquire_owned().await.ok()?;
+                    let entry = self.queue.rx.recv().await.ok()?;
+                    Some((permit, entry))
+                };
+                tokio::select! {
+                    biased;
+                    _ = closed.wait_for(|c| *c) => return None,
+                    taken = take => taken?,
+                }
+            }
         };
         let acker = MemoryAcker {
             bus: self.bus.clone(),

@@ -1,0 +1,60 @@
+//! The benchmark harness: throughput and latency of Tidings against the bare
+//! client of each broker, in the same run.
+//!
+//! ```text
+//! cargo run --release -p tidings-bench -- --broker memory --case e2e --count 1000000 --handlers 1,8
+//! ```
+//!
+//! Prints one line per case for scripts, `RESULT <library> <broker> <case> <msgs_per_s> msg/s`,
+//! followed by details (latency percentiles from publish to handler, resident memory).
+//! Cases: `publish` (one at a time, awaiting each), `publish-batch` (batches of 1,000),
+//! `e2e` (publish → runtime → handler → ack). The in-process bus runs on a
+//! single-threaded runtime: one core.
+
+mod amqp;
+mod common;
+mod kafka;
+mod memory;
+mod nats;
+mod redis;
+
+use clap::Parser;
+
+/// Command-line arguments.
+#[derive(Parser, Debug)]
+pub struct Args {
+    /// Brokers to run: memory, redis, amqp, nats, kafka.
+    #[arg(long, value_delimiter = ',', default_value = "memory")]
+    pub broker: Vec<String>,
+    /// Cases to run: publish, publish-batch, e2e.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "publish,publish-batch,e2e"
+    )]
+    pub case: Vec<String>,
+    /// Messages per case.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub count: u64,
+    /// Payload size in bytes (at least 8: the first 8 carry the send time).
+    #[arg(long, default_value_t = 100)]
+    pub payload: usize,
+    /// Handler concurrency for e2e, one run each.
+    #[arg(long, value_delimiter = ',', default_value = "1,8")]
+    pub handlers: Vec<usize>,
+}
+
+fn main() {
+    let args = Args::parse();
+    for broker in &args.broker {
+        let rt = common::runtime(broker);
+        match broker.as_str() {
+            "memory" => rt.block_on(memory::run(&args)),
+            "redis" => rt.block_on(redis::run(&args)),
+            "amqp" => rt.block_on(amqp::run(&args)),
+            "nats" => rt.block_on(nats::run(&args)),
+            "kafka" => rt.block_on(kafka::run(&args)),
+            other => eprintln!("unknown broker `{other}`; known: memory, redis, amqp, nats, kafka"),
+        }
+    }
+}

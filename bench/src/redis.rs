@@ -1,0 +1,9 @@
+//! Redis cases: Tidings and the bare client, same work, same run.
+
+use crate::Args;
+
+/// Runs the selected cases on Redis.
+pub async fn run(args: &Args) {
+    let _ = args;
+    eprintln!("no Redis cases yet");
+}
