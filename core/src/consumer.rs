@@ -431,7 +431,7 @@ impl Route {
                     // No redelivery from the broker: retry here.
                     first_failure.get_or_insert_with(SystemTime::now);
                     tokio::time::sleep(delay).await;
-                    delivery.set_attempt(attempt + 1);
+                    delivery.next_attempt();
                     continue;
                 }
                 Verdict::DeadLetter(reason, error) => {

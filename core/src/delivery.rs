@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
@@ -24,7 +25,7 @@ pub struct Delivery {
     message: Arc<Message>,
     topic: Arc<str>,
     group: Option<Arc<str>>,
-    attempt: u32,
+    attempt: AtomicU32,
     acker: Option<Box<dyn Acker>>,
 }
 
@@ -60,7 +61,7 @@ impl Delivery {
             message,
             topic,
             group,
-            attempt: attempt.max(1),
+            attempt: AtomicU32::new(attempt.max(1)),
             acker: Some(acker),
         }
     }
@@ -92,7 +93,7 @@ impl Delivery {
 
     /// The delivery attempt: 1 on first delivery.
     pub fn attempt(&self) -> u32 {
-        self.attempt
+        self.attempt.load(Ordering::Relaxed)
     }
 
     /// Whether the delivery was settled.
@@ -100,9 +101,11 @@ impl Delivery {
         self.acker.is_none()
     }
 
-    /// Used by the runtime when it retries in process (at-most-once brokers).
-    pub(crate) fn set_attempt(&mut self, attempt: u32) {
-        self.attempt = attempt;
+    /// Counts one more attempt made in process (the message stays in flight):
+    /// used by in-process retries, so handlers see the attempt rise.
+    /// Returns the new attempt number.
+    pub fn next_attempt(&self) -> u32 {
+        self.attempt.fetch_add(1, Ordering::Relaxed) + 1
     }
 
     fn take_acker(&mut self) -> Result<Box<dyn Acker>> {
@@ -133,7 +136,7 @@ impl fmt::Debug for Delivery {
             .field("id", &self.message.id)
             .field("topic", &self.topic)
             .field("group", &self.group)
-            .field("attempt", &self.attempt)
+            .field("attempt", &self.attempt())
             .field("settled", &self.is_settled())
             .finish()
     }
@@ -218,7 +221,15 @@ pub mod header {
     pub const ATTEMPT: &str = "tidings-attempt";
     /// When the first attempt failed, carried on redelivered copies.
     pub const FIRST_FAILURE: &str = "tidings-first-failure";
+    /// How many causes precede this message in its event chain (0 for a
+    /// message caused by nothing); set by [`Message::caused_by`](crate::Message::caused_by).
+    pub const CHAIN_DEPTH: &str = "tidings-chain-depth";
 }
+
+/// The group that reads dead letters: the dead-letter tooling consumes each
+/// dead-letter topic in this group, and adapters that keep nothing for
+/// undeclared groups declare it when they dead-letter.
+pub const DEAD_LETTER_GROUP: &str = "dead-letters";
 
 impl DeadLetter {
     /// The dead letter for `message`: a copy with the same id and payload and

@@ -46,6 +46,8 @@ pub enum Failure {
     Permanent,
     /// The payload could not be decoded.
     Undecodable,
+    /// Retries were made in process (the retry middleware) and every one failed.
+    Exhausted,
 }
 
 impl HandlerError {
@@ -62,6 +64,12 @@ impl HandlerError {
     /// The payload could not be decoded: the message is dead-lettered at once.
     pub fn undecodable(error: impl Into<BoxError>) -> Self {
         Self::of(Failure::Undecodable, error)
+    }
+
+    /// Retries already made (in process) all failed: the message is dead-lettered
+    /// as `attempts-exhausted`.
+    pub fn exhausted(error: impl Into<BoxError>) -> Self {
+        Self::of(Failure::Exhausted, error)
     }
 
     fn of(kind: Failure, error: impl Into<BoxError>) -> Self {
@@ -104,12 +112,20 @@ impl HandlerError {
         self.source
     }
 
+    /// The same error with another class (keeping `retry_after`).
+    #[must_use]
+    pub fn with_kind(mut self, kind: Failure) -> Self {
+        self.kind = kind;
+        self
+    }
+
     /// The dead-letter reason this failure leads to, if it is not retryable.
     pub fn dead_letter_reason(&self) -> Option<DeadLetterReason> {
         match self.kind {
             Failure::Retryable => None,
             Failure::Permanent => Some(DeadLetterReason::Permanent),
             Failure::Undecodable => Some(DeadLetterReason::Undecodable),
+            Failure::Exhausted => Some(DeadLetterReason::AttemptsExhausted),
         }
     }
 }

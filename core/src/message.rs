@@ -146,7 +146,9 @@ impl Message {
         self
     }
 
-    /// In-place form of [`Message::caused_by`].
+    /// In-place form of [`Message::caused_by`]. Also counts the chain's depth
+    /// in the `tidings-chain-depth` header, which the chain-depth middleware
+    /// reads to stop runaway event loops.
     pub fn set_cause(&mut self, parent: &Message) {
         let correlation = parent
             .metadata
@@ -155,6 +157,20 @@ impl Message {
             .unwrap_or(&parent.id);
         self.metadata.correlation_id = Some(correlation.clone());
         self.metadata.causation_id = Some(parent.id.clone());
+        let depth = parent.chain_depth() + 1;
+        self.headers.insert(
+            crate::delivery::header::CHAIN_DEPTH.to_owned(),
+            depth.to_string(),
+        );
+    }
+
+    /// How many causes precede this message in its event chain (the
+    /// `tidings-chain-depth` header; 0 when absent).
+    pub fn chain_depth(&self) -> u32 {
+        self.headers
+            .get(crate::delivery::header::CHAIN_DEPTH)
+            .and_then(|d| d.parse().ok())
+            .unwrap_or(0)
     }
 }
 

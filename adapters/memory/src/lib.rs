@@ -47,8 +47,7 @@ use tidings_core::{
     Result, StartFrom, Subscriber, Subscription,
 };
 
-/// The group that keeps dead letters on a dead-letter topic nobody declared a group on.
-pub const DEAD_LETTER_GROUP: &str = "dead-letters";
+pub use tidings_core::delivery::DEAD_LETTER_GROUP;
 
 /// Settings of the in-process bus.
 #[derive(Debug, Clone)]

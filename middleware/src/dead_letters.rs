@@ -1,0 +1,201 @@
+//! Dead-letter tooling on any adapter: list and inspect dead letters, replay
+//! one or all (filtered by topic or time), purge, and a hook that fires when a
+//! dead-letter destination grows past a threshold.
+//!
+//! The [`DeadLetterInbox`] consumes a dead-letter topic in the
+//! [`DEAD_LETTER_GROUP`] group and **holds** the letters it fetched,
+//! unsettled, while you look at them: replaying or purging settles a letter;
+//! closing the inbox (or dropping it) hands back whatever is left, and the
+//! broker keeps it. Replay publishes the original message — same id,
+//! payload, key and metadata, without the dead-letter headers — to its
+//! original topic, so every group of that topic sees it again; groups that
+//! already handled it skip it when they use the idempotency layer.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures::StreamExt;
+use tidings_core::delivery::{DEAD_LETTER_GROUP, header};
+use tidings_core::{
+    DeadLetter, Delivery, DeliveryStream, Error, Message, Publisher, Result, Subscriber,
+    Subscription,
+};
+
+/// Which letters an operation applies to.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// Only letters from this original topic.
+    pub topic: Option<String>,
+    /// Only letters whose last failure is at or after this time.
+    pub since: Option<SystemTime>,
+    /// Only letters whose last failure is before this time.
+    pub until: Option<SystemTime>,
+}
+
+impl Filter {
+    fn matches(&self, letter: &DeadLetter) -> bool {
+        self.topic.as_ref().is_none_or(|t| *t == letter.topic)
+            && self.since.is_none_or(|s| letter.last_failure >= s)
+            && self.until.is_none_or(|u| letter.last_failure < u)
+    }
+}
+
+type Hook = Box<dyn Fn(usize) + Send + Sync>;
+
+/// Dead letters of one dead-letter topic, held for inspection; see the [module docs](self).
+pub struct DeadLetterInbox {
+    publisher: Arc<dyn Publisher>,
+    stream: Box<dyn DeliveryStream>,
+    held: Vec<(Delivery, DeadLetter)>,
+    threshold: Option<(usize, Hook)>,
+}
+
+impl DeadLetterInbox {
+    /// Opens the inbox of `dead_letter_topic` (from
+    /// [`Subscriber::dead_letter_topic`]); replays go out through `publisher`.
+    /// Holds at most `capacity` letters at once.
+    pub async fn open(
+        subscriber: &dyn Subscriber,
+        publisher: Arc<dyn Publisher>,
+        dead_letter_topic: &str,
+        capacity: usize,
+    ) -> Result<Self> {
+        let stream = subscriber
+            .subscribe(
+                Subscription::group(dead_letter_topic, DEAD_LETTER_GROUP).with_prefetch(capacity),
+            )
+            .await?;
+        Ok(DeadLetterInbox {
+            publisher,
+            stream,
+            held: Vec::new(),
+            threshold: None,
+        })
+    }
+
+    /// Calls `hook` with the number of held letters whenever a fetch leaves
+    /// at least `threshold` of them.
+    pub fn on_threshold(&mut self, threshold: usize, hook: impl Fn(usize) + Send + Sync + 'static) {
+        self.threshold = Some((threshold, Box::new(hook)));
+    }
+
+    /// Takes the letters that arrive until none came for `idle`, and returns
+    /// how many are held now. Messages on the topic that are not dead letters
+    /// are held too, with an empty reason, so nothing is lost.
+    pub async fn fetch(&mut self, idle: Duration) -> usize {
+        while let Ok(Some(item)) = tokio::time::timeout(idle, self.stream.next()).await {
+            match item {
+                Ok(delivery) => {
+                    let letter = DeadLetter::from_message(delivery.message())
+                        .unwrap_or_else(|| unknown(&delivery));
+                    self.held.push((delivery, letter));
+                }
+                Err(error) => tracing::warn!(%error, "reading dead letters"),
+            }
+        }
+        if let Some((threshold, hook)) = &self.threshold
+            && self.held.len() >= *threshold
+        {
+            hook(self.held.len());
+        }
+        self.held.len()
+    }
+
+    /// The held letters: each message with what its dead-letter headers say.
+    pub fn list(&self) -> impl Iterator<Item = (&Message, &DeadLetter)> {
+        self.held.iter().map(|(d, l)| (d.message(), l))
+    }
+
+    /// One held letter by message id.
+    pub fn get(&self, id: &str) -> Option<(&Message, &DeadLetter)> {
+        self.list().find(|(m, _)| m.id == id)
+    }
+
+    fn take(&mut self, id: &str) -> Result<(Delivery, DeadLetter)> {
+        let index = self
+            .held
+            .iter()
+            .position(|(d, _)| d.message().id == id)
+            .ok_or_else(|| Error::Config {
+                key: "id".into(),
+                message: format!("no held dead letter has id {id}; fetch first"),
+            })?;
+        Ok(self.held.swap_remove(index))
+    }
+
+    /// Republishes one letter to its original topic, then removes it.
+    pub async fn replay(&mut self, id: &str) -> Result<()> {
+        let (delivery, letter) = self.take(id)?;
+        self.replay_one(delivery, letter).await
+    }
+
+    async fn replay_one(&mut self, mut delivery: Delivery, letter: DeadLetter) -> Result<()> {
+        let original = restore(delivery.message());
+        match self.publisher.publish(&letter.topic, original).await {
+            Ok(_) => delivery.ack().await,
+            Err(error) => {
+                // Keep the letter: nothing was replayed.
+                self.held.push((delivery, letter));
+                Err(error)
+            }
+        }
+    }
+
+    /// Replays every held letter the filter matches; returns how many.
+    pub async fn replay_all(&mut self, filter: &Filter) -> Result<usize> {
+        let (chosen, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held)
+            .into_iter()
+            .partition(|(_, l)| filter.matches(l));
+        self.held = kept;
+        let mut replayed = 0;
+        let mut chosen = chosen.into_iter();
+        while let Some((delivery, letter)) = chosen.next() {
+            if let Err(error) = self.replay_one(delivery, letter).await {
+                self.held.extend(chosen);
+                return Err(error);
+            }
+            replayed += 1;
+        }
+        Ok(replayed)
+    }
+
+    /// Deletes the held letters the filter matches; returns how many.
+    pub async fn purge(&mut self, filter: &Filter) -> Result<usize> {
+        let (chosen, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held)
+            .into_iter()
+            .partition(|(_, l)| filter.matches(l));
+        self.held = kept;
+        let count = chosen.len();
+        for (mut delivery, _) in chosen {
+            delivery.ack().await?;
+        }
+        Ok(count)
+    }
+
+    /// Stops reading and hands the letters still held back to the broker.
+    pub async fn close(mut self) -> Result<()> {
+        self.stream.close().await
+    }
+}
+
+/// The original message of a dead letter: the same id, key, payload and
+/// metadata, without the dead-letter headers.
+pub fn restore(letter: &Message) -> Message {
+    let mut original = letter.clone();
+    original
+        .headers
+        .retain(|name, _| !name.starts_with("tidings-dlq-") && name != header::ATTEMPT);
+    original
+}
+
+fn unknown(delivery: &Delivery) -> DeadLetter {
+    DeadLetter {
+        reason: tidings_core::DeadLetterReason::Permanent,
+        error: "not a dead letter: no tidings-dlq headers".into(),
+        attempts: 0,
+        first_failure: None,
+        last_failure: SystemTime::now(),
+        topic: delivery.topic().to_owned(),
+        group: delivery.group().map(str::to_owned),
+    }
+}
