@@ -1,0 +1,251 @@
+//! Mapping between [`Message`] and AMQP properties and header tables.
+//!
+//! Metadata travels as CloudEvents AMQP attributes ([`wire::AMQP`]:
+//! `cloudEvents:id`, `cloudEvents:type`, ...) in the header table, as long
+//! strings. The message id, the time (seconds) and the content type are also
+//! set as the AMQP `message-id`, `timestamp` and `content-type` properties, so
+//! plain AMQP tools show them; messages from plain clients get their metadata
+//! from those properties where the headers have none.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use tidings_core::delivery::header;
+use tidings_core::{Message, wire};
+
+/// Header carrying the original topic on copies that travel through retry
+/// queues (their routing key is the queue's name, not the topic).
+pub const TOPIC: &str = "tidings-topic";
+
+/// The broker's delivery counter on quorum queues.
+pub const DELIVERY_COUNT: &str = "x-delivery-count";
+
+/// Why a header or property could not be written.
+#[derive(Debug)]
+pub struct TooLong(pub String);
+
+impl std::fmt::Display for TooLong {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "`{}` is longer than 255 bytes", self.0)
+    }
+}
+
+impl std::error::Error for TooLong {}
+
+pub(crate) fn short(s: &str) -> Result<ShortString, TooLong> {
+    ShortString::try_new(s).map_err(|_| TooLong(s.chars().take(40).collect()))
+}
+
+/// The properties a message is published with: persistent, message id,
+/// timestamp, content type, and every header (metadata included) as a long
+/// string, plus `extra` headers (attempt, topic) that replace same-named ones.
+pub fn properties(message: &Message, extra: &[(&str, &str)]) -> Result<BasicProperties, TooLong> {
+    let mut table = FieldTable::default();
+    let mut error = None;
+    message.write_headers(&wire::AMQP, |k, v| {
+        if extra.iter().any(|(name, _)| *name == k) {
+            return;
+        }
+        match short(k) {
+            Ok(k) => {
+                table.insert(k, AMQPValue::LongString(LongString::from(v)));
+            }
+            Err(e) => error = Some(e),
+        }
+    });
+    if let Some(e) = error {
+        return Err(e);
+    }
+    for (k, v) in extra {
+        table.insert(short(k)?, AMQPValue::LongString(LongString::from(*v)));
+    }
+    let mut props = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_headers(table);
+    if let Ok(id) = short(&message.id) {
+        props = props.with_message_id(id);
+    }
+    if let Some(time) = message.metadata.time
+        && let Ok(since) = time.duration_since(UNIX_EPOCH)
+    {
+        props = props.with_timestamp(since.as_secs());
+    }
+    if let Some(ct) = &message.metadata.content_type {
+        props = props.with_content_type(short(ct)?);
+    }
+    Ok(props)
+}
+
+/// A message read back from a delivery, with what the adapter keeps beside it.
+#[derive(Debug)]
+pub struct Received {
+    /// The message.
+    pub message: Message,
+    /// The attempt header written by the adapter on republished copies.
+    pub attempt: Option<u32>,
+    /// The original topic of a copy that came through a retry queue.
+    pub topic: Option<String>,
+    /// The quorum queue's delivery count (earlier deliveries that were returned).
+    pub delivery_count: Option<u64>,
+}
+
+fn text(value: &AMQPValue) -> Option<String> {
+    Some(match value {
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::ShortString(s) => s.as_str().to_owned(),
+        AMQPValue::Boolean(b) => b.to_string(),
+        AMQPValue::ShortShortInt(n) => n.to_string(),
+        AMQPValue::ShortShortUInt(n) => n.to_string(),
+        AMQPValue::ShortInt(n) => n.to_string(),
+        AMQPValue::ShortUInt(n) => n.to_string(),
+        AMQPValue::LongInt(n) => n.to_string(),
+        AMQPValue::LongUInt(n) => n.to_string(),
+        AMQPValue::LongLongInt(n) => n.to_string(),
+        AMQPValue::Float(n) => n.to_string(),
+        AMQPValue::Double(n) => n.to_string(),
+        AMQPValue::Timestamp(n) => n.to_string(),
+        AMQPValue::ByteArray(b) => String::from_utf8_lossy(b.as_slice()).into_owned(),
+        // Arrays and tables (such as the broker's `x-death`) and decimals are
+        // not string headers: they are left out of the message's headers.
+        _ => return None,
+    })
+}
+
+fn count(value: &AMQPValue) -> Option<u64> {
+    match value {
+        AMQPValue::ShortShortInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::ShortShortUInt(n) => Some(u64::from(*n)),
+        AMQPValue::ShortInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::ShortUInt(n) => Some(u64::from(*n)),
+        AMQPValue::LongInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::LongUInt(n) => Some(u64::from(*n)),
+        AMQPValue::LongLongInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::Timestamp(n) => Some(*n),
+        other => text(other).and_then(|s| s.parse().ok()),
+    }
+}
+
+/// Rebuilds the message from a delivery's properties and body.
+pub fn received(props: &BasicProperties, payload: Bytes) -> Received {
+    let mut attempt = None;
+    let mut topic = None;
+    let mut delivery_count = None;
+    let mut pairs: Vec<(String, String)> = Vec::new();
+    if let Some(table) = props.headers() {
+        for (name, value) in table {
+            let name = name.as_str();
+            match name {
+                header::ATTEMPT => attempt = text(value).and_then(|s| s.parse().ok()),
+                TOPIC => topic = text(value),
+                DELIVERY_COUNT => delivery_count = count(value),
+                _ if name.starts_with("x-death")
+                    || name.starts_with("x-first-death")
+                    || name.starts_with("x-last-death") => {}
+                _ => {
+                    if let Some(v) = text(value) {
+                        pairs.push((name.to_owned(), v));
+                    }
+                }
+            }
+        }
+    }
+    let fallback = props.message_id().as_ref().map(|s| s.as_str().to_owned());
+    let mut message = Message::from_headers(&wire::AMQP, pairs, payload, fallback);
+    if message.metadata.content_type.is_none() {
+        message.metadata.content_type = props.content_type().as_ref().map(|s| s.as_str().into());
+    }
+    if message.metadata.time.is_none() {
+        message.metadata.time = props
+            .timestamp()
+            .map(|secs| UNIX_EPOCH + Duration::from_secs(secs));
+    }
+    Received {
+        message,
+        attempt,
+        topic,
+        delivery_count,
+    }
+}
+
+/// The time now as RFC 3339, for the first-failure header.
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_round_trips_through_properties() {
+        let m = Message::new(Bytes::from_static(&[0, 255]))
+            .with_key("k-ä")
+            .with_header("grüße", "✓")
+            .with_type("order.placed")
+            .with_source("/shop")
+            .with_content_type("application/json");
+        let props = properties(&m, &[]).unwrap();
+        let table = props.headers().clone().unwrap();
+        assert!(table.contains_key("cloudEvents:id"));
+        assert!(table.contains_key("cloudEvents:type"));
+        assert_eq!(props.message_id().as_ref().unwrap().as_str(), m.id);
+        assert_eq!(props.delivery_mode(), &Some(2));
+        let back = received(&props, m.payload.clone());
+        assert_eq!(back.message, m);
+        assert_eq!(back.attempt, None);
+    }
+
+    #[test]
+    fn adapter_headers_are_read_and_removed() {
+        let m = Message::new("x").with_header(header::ATTEMPT, "9");
+        let props = properties(&m, &[(header::ATTEMPT, "3"), (TOPIC, "a.b")]).unwrap();
+        let mut table = props.headers().clone().unwrap();
+        table.insert(DELIVERY_COUNT.into(), AMQPValue::LongLongInt(2));
+        table.insert("x-death".into(), AMQPValue::FieldArray(Default::default()));
+        let props = props.with_headers(table);
+        let back = received(&props, Bytes::new());
+        assert_eq!(back.attempt, Some(3));
+        assert_eq!(back.topic.as_deref(), Some("a.b"));
+        assert_eq!(back.delivery_count, Some(2));
+        assert!(
+            back.message.headers.is_empty(),
+            "{:?}",
+            back.message.headers
+        );
+        assert_eq!(back.message.id, m.id);
+    }
+
+    #[test]
+    fn plain_client_message_gets_defaults_from_properties() {
+        let table: FieldTable = [(ShortString::from("x-app"), AMQPValue::LongInt(7))]
+            .into_iter()
+            .collect::<std::collections::BTreeMap<_, _>>()
+            .into();
+        let props = BasicProperties::default()
+            .with_message_id("plain-1".into())
+            .with_content_type("text/plain".into())
+            .with_timestamp(1_700_000_000)
+            .with_headers(table);
+        let r = received(&props, Bytes::from_static(b"hi"));
+        assert_eq!(r.message.id, "plain-1");
+        assert_eq!(r.message.headers["x-app"], "7");
+        assert_eq!(
+            r.message.metadata.content_type.as_deref(),
+            Some("text/plain")
+        );
+        assert_eq!(
+            r.message.metadata.time,
+            Some(UNIX_EPOCH + Duration::from_secs(1_700_000_000))
+        );
+        let bare = received(&BasicProperties::default(), Bytes::new());
+        assert_eq!(bare.message.id.len(), 36);
+    }
+
+    #[test]
+    fn overlong_header_name_is_an_error() {
+        let m = Message::new("x").with_header("n".repeat(300), "v");
+        assert!(properties(&m, &[]).is_err());
+    }
+}

@@ -1,0 +1,143 @@
+//! Publishing: an idempotent producer that returns after the delivery report.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+use tidings_core::{Error, Message, Publisher, Receipt, Result};
+
+use crate::headers;
+
+/// Publishes to Kafka. Every publish waits for the delivery report (with
+/// `acks=all` by default: every in-sync replica has the message) and returns
+/// the partition and offset as [`Receipt::Offset`].
+#[derive(Clone)]
+pub struct KafkaPublisher {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    producer: FutureProducer,
+    closed: AtomicBool,
+    flush_timeout: Duration,
+}
+
+impl KafkaPublisher {
+    pub(crate) fn new(producer: FutureProducer, flush_timeout: Duration) -> Self {
+        KafkaPublisher {
+            inner: Arc::new(Inner {
+                producer,
+                closed: AtomicBool::new(false),
+                flush_timeout,
+            }),
+        }
+    }
+
+    /// Sends one message; used by publish, batch publish, retries and dead letters.
+    pub(crate) async fn send(&self, topic: &str, message: &Message) -> Result<Receipt> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed("publisher"));
+        }
+        self.send_unchecked(topic, message).await
+    }
+
+    /// Sends even after `close` (retry copies and dead letters of a subscriber
+    /// sharing the producer must not fail because the user closed publishing).
+    pub(crate) async fn send_unchecked(&self, topic: &str, message: &Message) -> Result<Receipt> {
+        let mut record = FutureRecord::to(topic)
+            .payload(&message.payload[..])
+            .headers(headers::to_kafka(message));
+        if let Some(key) = &message.key {
+            record = record.key(key.as_bytes());
+        }
+        // Waits for room in the local queue while it is full; the publish
+        // timeout (message.timeout.ms) bounds the rest.
+        match self.inner.producer.send(record, Timeout::Never).await {
+            Ok(d) => Ok(Receipt::Offset {
+                partition: d.partition,
+                offset: d.offset,
+            }),
+            Err((e, _)) => Err(publish_error(topic, e)),
+        }
+    }
+}
+
+/// Maps a producer error to a typed [`Error`].
+pub(crate) fn publish_error(topic: &str, e: KafkaError) -> Error {
+    let code = e.rdkafka_error_code();
+    let transient = matches!(
+        code,
+        Some(
+            RDKafkaErrorCode::MessageTimedOut
+                | RDKafkaErrorCode::QueueFull
+                | RDKafkaErrorCode::BrokerTransportFailure
+                | RDKafkaErrorCode::AllBrokersDown
+                | RDKafkaErrorCode::NotEnoughReplicas
+                | RDKafkaErrorCode::NotEnoughReplicasAfterAppend
+                | RDKafkaErrorCode::LeaderNotAvailable
+                | RDKafkaErrorCode::NotLeaderForPartition
+                | RDKafkaErrorCode::RequestTimedOut
+                | RDKafkaErrorCode::NetworkException
+                | RDKafkaErrorCode::Retry
+        )
+    );
+    if matches!(
+        code,
+        Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic)
+    ) {
+        return Error::Publish {
+            topic: topic.to_owned(),
+            source: format!(
+                "{e}: the topic does not exist (create it with KafkaAdmin, or enable auto_create_topics)"
+            )
+            .into(),
+            transient: false,
+        };
+    }
+    Error::Publish {
+        topic: topic.to_owned(),
+        source: Box::new(e),
+        transient,
+    }
+}
+
+#[async_trait]
+impl Publisher for KafkaPublisher {
+    async fn publish(&self, topic: &str, message: Message) -> Result<Receipt> {
+        self.send(topic, &message).await
+    }
+
+    async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> Vec<Result<Receipt>> {
+        // All sends are enqueued in the first poll of join_all, so they are in
+        // flight together and batched by the producer; results keep the order.
+        futures::future::join_all(messages.iter().map(|m| self.send(topic, m))).await
+    }
+
+    async fn close(&self) -> Result<()> {
+        if self.inner.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let inner = self.inner.clone();
+        let timeout = inner.flush_timeout;
+        let flushed = tokio::task::spawn_blocking(move || inner.producer.flush(timeout))
+            .await
+            .map_err(|e| Error::Broker {
+                broker: "kafka",
+                source: Box::new(e),
+            })?;
+        flushed.map_err(|e| match e {
+            KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut) => Error::Timeout {
+                operation: "flushing the producer",
+                after: timeout,
+            },
+            other => Error::Broker {
+                broker: "kafka",
+                source: Box::new(other),
+            },
+        })
+    }
+}

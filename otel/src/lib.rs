@@ -1,0 +1,1 @@
+//! OpenTelemetry tracing and metrics for Tidings (work in progress).
