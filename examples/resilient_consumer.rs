@@ -11,9 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use tidings::Backoff;
 use tidings::layers::prelude::*;
 use tidings::prelude::*;
-use tidings::Backoff;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct PaymentRequested {
@@ -36,9 +36,14 @@ impl FlakyApi {
         }
         let first_call = self.lock_seen().insert(p.payment_id.clone());
         if first_call {
-            return Err(HandlerError::retryable("payment API: 503 Service Unavailable"));
+            return Err(HandlerError::retryable(
+                "payment API: 503 Service Unavailable",
+            ));
         }
-        self.charged.lock().unwrap_or_else(|e| e.into_inner()).push(p.payment_id.clone());
+        self.charged
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(p.payment_id.clone());
         Ok(())
     }
     fn lock_seen(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
@@ -66,7 +71,11 @@ async fn main() -> tidings::Result<()> {
         // breaker and the time limit around each single call.
         .layer(MaxChainDepth(8))
         .layer(Idempotency::in_memory(Duration::from_secs(3600)))
-        .layer(Retry::exponential(Duration::from_millis(20)).max_attempts(3).mode(RetryMode::InProcess))
+        .layer(
+            Retry::exponential(Duration::from_millis(20))
+                .max_attempts(3)
+                .mode(RetryMode::InProcess),
+        )
         .layer(breaker.clone())
         .layer(Timeout(Duration::from_secs(2)))
         .handle("payment.requested", move |e: Event<PaymentRequested>| {
@@ -77,7 +86,10 @@ async fn main() -> tidings::Result<()> {
                     "attempt {} for {}: {}",
                     e.attempt(),
                     e.data.payment_id,
-                    match &result { Ok(()) => "charged".to_owned(), Err(err) => format!("failed ({err})") }
+                    match &result {
+                        Ok(()) => "charged".to_owned(),
+                        Err(err) => format!("failed ({err})"),
+                    }
                 );
                 result
             }
@@ -85,14 +97,26 @@ async fn main() -> tidings::Result<()> {
         .start()
         .await?;
 
-    let dlq = bus.subscriber().dead_letter_topic("payment.requested", "payments");
-    let mut inbox = DeadLetterInbox::open(&**bus.subscriber(), bus.publisher().clone(), &dlq, 100).await?;
+    let dlq = bus
+        .subscriber()
+        .dead_letter_topic("payment.requested", "payments");
+    let mut inbox =
+        DeadLetterInbox::open(&**bus.subscriber(), bus.publisher().clone(), &dlq, 100).await?;
 
-    let ok = Event::new(PaymentRequested { payment_id: "pay-1".into(), cents: 1999 });
+    let ok = Event::new(PaymentRequested {
+        payment_id: "pay-1".into(),
+        cents: 1999,
+    });
     let duplicate = ok.message().clone(); // the same id again, as after a redelivery
     bus.publish_event("payment.requested", ok).await?;
-    bus.publish_event("payment.requested", Event::new(PaymentRequested { payment_id: "pay-2".into(), cents: 0 }))
-        .await?;
+    bus.publish_event(
+        "payment.requested",
+        Event::new(PaymentRequested {
+            payment_id: "pay-2".into(),
+            cents: 0,
+        }),
+    )
+    .await?;
 
     let letters = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
@@ -103,9 +127,15 @@ async fn main() -> tidings::Result<()> {
         }
     })
     .await
-    .map_err(|_| tidings::Error::Timeout { operation: "waiting for the dead letter", after: Duration::from_secs(10) })?;
+    .map_err(|_| tidings::Error::Timeout {
+        operation: "waiting for the dead letter",
+        after: Duration::from_secs(10),
+    })?;
     for (message, letter) in inbox.list() {
-        println!("dead letter {} from {}: {} ({})", message.id, letter.topic, letter.reason, letter.error);
+        println!(
+            "dead letter {} from {}: {} ({})",
+            message.id, letter.topic, letter.reason, letter.error
+        );
     }
     bus.publish(
         "payment.requested",
@@ -114,7 +144,8 @@ async fn main() -> tidings::Result<()> {
     .await?;
 
     println!("fixing the validation rule and replaying {letters} dead letter(s)");
-    api.poison_fixed.store(true, std::sync::atomic::Ordering::SeqCst);
+    api.poison_fixed
+        .store(true, std::sync::atomic::Ordering::SeqCst);
     inbox.replay_all(&Filter::default()).await?;
 
     let settled = tokio::time::timeout(Duration::from_secs(10), async {
@@ -125,7 +156,11 @@ async fn main() -> tidings::Result<()> {
     .await;
     consumer.shutdown(Duration::from_secs(5)).await;
     inbox.close().await?;
-    let charged = api.charged.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let charged = api
+        .charged
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
     println!("charged: {charged:?} (each once)");
     if settled.is_err() || charged.len() != 2 {
         std::process::exit(1);
