@@ -157,7 +157,11 @@ pub struct MemoryStore {
 
 /// Keys are message ids from the network; foldhash keeps hashing them cheap
 /// and is seeded per map, so they cannot be chosen to collide.
-type Map = std::collections::HashMap<Arc<str>, (Record, tokio::time::Instant), foldhash::fast::RandomState>;
+type Map = std::collections::HashMap<
+    Arc<str>,
+    (Record, tokio::time::Instant),
+    foldhash::fast::RandomState,
+>;
 
 #[derive(Default)]
 struct Entries {
@@ -361,12 +365,19 @@ mod tests {
         }
         assert_eq!(store.claim("a", lease).await.unwrap(), Claim::Done);
         tokio::time::advance(Duration::from_secs(61)).await;
-        assert_eq!(store.claim("a", lease).await.unwrap(), Claim::Claimed, "expired after the TTL");
+        assert_eq!(
+            store.claim("a", lease).await.unwrap(),
+            Claim::Claimed,
+            "expired after the TTL"
+        );
         store.complete("a", Duration::from_secs(60)).await.unwrap();
         assert_eq!(store.claim("c", lease).await.unwrap(), Claim::Claimed);
         store.complete("c", Duration::from_secs(60)).await.unwrap();
         assert_eq!(store.claim("d", lease).await.unwrap(), Claim::Claimed);
-        assert!(store.lock().map.len() <= 3, "bounded by capacity (plus the newest)");
+        assert!(
+            store.lock().map.len() <= 3,
+            "bounded by capacity (plus the newest)"
+        );
     }
 
     #[tokio::test(start_paused = true)]
