@@ -29,6 +29,10 @@
 //!
 //! # Cargo features
 //! - `memory` (default): the in-process bus, `memory://`.
+//! - `redis`: Redis Streams and Pub/Sub, `redis://` (also the Redis idempotency store).
+//! - `amqp`: RabbitMQ, `amqp://`.
+//! - `kafka`: Kafka, `kafka://` (builds librdkafka from source: needs gcc, g++, make).
+//! - `nats`: NATS JetStream and core, `nats://`.
 //! - `testkit`: the conformance suite, [`RecordingPublisher`](tidings_core::testkit::RecordingPublisher)
 //!   and [`FaultProxy`](tidings_core::testkit::FaultProxy).
 
@@ -36,10 +40,17 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+#[cfg(feature = "amqp")]
+pub use tidings_amqp as amqp;
 pub use tidings_core::*;
+#[cfg(feature = "kafka")]
+pub use tidings_kafka as kafka;
 #[cfg(feature = "memory")]
 pub use tidings_memory as memory;
 pub use tidings_middleware as layers;
+#[cfg(feature = "nats")]
+pub use tidings_nats as nats;
+
 
 /// The names most services use.
 pub mod prelude {
@@ -112,10 +123,15 @@ impl Publisher for Bus {
 /// | URL | broker | cargo feature |
 /// |---|---|---|
 /// | `memory://` | the in-process bus | `memory` (default) |
+/// | `redis://host:6379?mode=streams` (or `mode=pubsub`), `rediss://` | Redis | `redis` |
+/// | `amqp://user:pass@host:5672/%2f?exchange=events`, `amqps://` | RabbitMQ | `amqp` |
+/// | `kafka://host:9092,host2:9092` | Kafka | `kafka` |
+/// | `nats://host:4222?jetstream=true` (or `false` for core NATS) | NATS | `nats` |
 ///
-/// Broker adapters add their schemes behind their own features. An unknown
-/// scheme, or one whose feature is off, is an [`Error::Config`] naming the
-/// allowed values.
+/// Adapter options are query parameters; each adapter's page in `docs/`
+/// lists them. An unknown scheme, or one whose feature is off, is an
+/// [`Error::Config`] naming the allowed values. Credentials in the URL never
+/// appear in errors or logs.
 pub async fn connect(url: &str) -> Result<Bus> {
     let parsed = url::Url::parse(url).map_err(|e| Error::Config {
         key: "url".into(),
@@ -125,6 +141,30 @@ pub async fn connect(url: &str) -> Result<Bus> {
         #[cfg(feature = "memory")]
         "memory" => {
             let bus = tidings_memory::MemoryBus::new();
+            Ok(Bus::new(bus.publisher(), bus.subscriber()))
+        }
+        #[cfg(feature = "redis")]
+        "redis" | "rediss" => {
+            let bus = tidings_redis::RedisBus::connect(tidings_redis::RedisConfig::from_url(url)?)
+                .await?;
+            Ok(Bus::new(bus.publisher(), bus.subscriber()))
+        }
+        #[cfg(feature = "amqp")]
+        "amqp" | "amqps" => {
+            let bus =
+                tidings_amqp::AmqpBus::connect(tidings_amqp::AmqpConfig::from_url(url)?).await?;
+            Ok(Bus::new(bus.publisher(), bus.subscriber()))
+        }
+        #[cfg(feature = "kafka")]
+        "kafka" => {
+            let bus = tidings_kafka::KafkaBus::connect(tidings_kafka::KafkaConfig::from_url(url)?)
+                .await?;
+            Ok(Bus::new(bus.publisher(), bus.subscriber()))
+        }
+        #[cfg(feature = "nats")]
+        "nats" => {
+            let bus =
+                tidings_nats::NatsBus::connect(tidings_nats::NatsConfig::from_url(url)?).await?;
             Ok(Bus::new(bus.publisher(), bus.subscriber()))
         }
         scheme => Err(Error::Config {
@@ -140,6 +180,12 @@ pub async fn connect(url: &str) -> Result<Bus> {
 const SCHEMES: &[&str] = &[
     #[cfg(feature = "memory")]
     "memory://",
+    #[cfg(feature = "amqp")]
+    "amqp://",
+    #[cfg(feature = "kafka")]
+    "kafka://",
+    #[cfg(feature = "nats")]
+    "nats://",
 ];
 
 /// The URL with any password replaced, for errors and logs.

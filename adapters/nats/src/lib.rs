@@ -1,3 +1,309 @@
 //! NATS adapter for Tidings: JetStream and core NATS, on async-nats.
 //!
-//! Work in progress: this crate is a placeholder until its adapter lands.
+//! # Guarantees
+//! - **JetStream** (the default): at least once. Every topic is a subject
+//!   captured by a stream (one stream per topic, created on first use, or one
+//!   shared stream; see [`StreamLayout`]). `publish` returns once the server
+//!   stored the message (PubAck); the message id is sent as `Nats-Msg-Id`, so
+//!   a retried publish inside the duplicate window is stored once
+//!   ([`Receipt::Sequence`](tidings_core::Receipt) says `duplicate`). A group
+//!   is a durable pull consumer with explicit acks; nack is a NAK with delay;
+//!   the attempt number is the server's delivery count; dead letters are
+//!   published to `<topic>.<group>.dlq` (a topic of its own) with the reason
+//!   in headers before the original is acked. Deliveries still being handled
+//!   are reported in progress every [`NatsConfig::progress_interval`], so a
+//!   handler may run longer than `ack_wait` without its message being
+//!   redelivered. A subscription without a group is an ordered consumer
+//!   (no acks, replay from the start or a time).
+//! - **Core NATS** (`?jetstream=false`): at most once. Plain subjects, queue
+//!   groups for the members of a group, nothing stored: a message published
+//!   while nobody is subscribed is gone, and a failed handler is retried in
+//!   process only.
+//!
+//! Both modes carry metadata as CloudEvents headers (`ce_id`, `ce_type`, ...)
+//! and trace context as `traceparent`/`tracestate`; the client reconnects on
+//! its own (unlimited attempts with backoff) and subscriptions resume.
+//!
+//! # Example
+//! ```no_run
+//! use tidings_core::{Consumer, Event, HandlerError, PublisherExt};
+//! use tidings_nats::{NatsBus, NatsConfig};
+//! # async fn f() -> tidings_core::Result<()> {
+//! let bus = NatsBus::connect(NatsConfig::from_url("nats://127.0.0.1:4222")?).await?;
+//! let consumer = Consumer::group(bus.subscriber(), "mailer")
+//!     .handle("user.registered", |e: Event<String>| async move {
+//!         println!("welcome {}", e.data);
+//!         Ok::<_, HandlerError>(())
+//!     })
+//!     .start()
+//!     .await?;
+//! bus.publisher().publish_event("user.registered", Event::new("ada".to_owned())).await?;
+//! consumer.shutdown(std::time::Duration::from_secs(10)).await;
+//! bus.close().await?;
+//! # Ok(()) }
+//! ```
+
+mod config;
+pub mod headers;
+mod publisher;
+mod subscriber;
+mod topology;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+use tidings_core::{Error, Message, Publisher, Receipt, Result, Subscriber};
+
+pub use config::{Mode, NatsConfig, Retention, Storage, StreamLayout};
+pub use publisher::NatsPublisher;
+pub use subscriber::NatsSubscriber;
+
+use topology::Topology;
+
+/// The adapter's name, as `messaging.system` and in errors.
+pub const NAME: &str = "nats";
+
+/// A connection to NATS: hands out a [`Publisher`] and a [`Subscriber`]
+/// sharing it. Clones share the connection.
+#[derive(Clone)]
+pub struct NatsBus {
+    shared: Arc<Shared>,
+}
+
+/// What the publisher, the subscriber and the ackers share.
+pub(crate) struct Shared {
+    pub(crate) client: async_nats::Client,
+    pub(crate) js: jetstream::Context,
+    pub(crate) config: NatsConfig,
+    pub(crate) topology: Topology,
+    /// Streams known to exist (created or checked): the name the topology
+    /// gives to the stream that actually captures the subject.
+    streams: Mutex<HashMap<String, String>>,
+}
+
+impl std::fmt::Debug for NatsBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsBus")
+            .field("config", &self.shared.config)
+            .finish()
+    }
+}
+
+pub(crate) fn connection_error(e: impl Into<tidings_core::BoxError>) -> Error {
+    Error::Connection {
+        broker: NAME,
+        source: e.into(),
+    }
+}
+
+pub(crate) fn broker_error(e: impl Into<tidings_core::BoxError>) -> Error {
+    Error::Broker {
+        broker: NAME,
+        source: e.into(),
+    }
+}
+
+impl NatsBus {
+    /// Connects to the servers of `config`. Fails if none can be reached
+    /// within the connect timeout; after that the client reconnects on its
+    /// own for as long as it lives. In JetStream mode with a shared stream,
+    /// the stream is created or checked here.
+    pub async fn connect(config: NatsConfig) -> Result<Self> {
+        config.validate()?;
+        let mut options = async_nats::ConnectOptions::new()
+            .connection_timeout(config.connect_timeout)
+            .request_timeout(Some(config.request_timeout))
+            .max_reconnects(None)
+            .reconnect_delay_callback(|attempt| {
+                // 0, 50 ms, 100 ms, ... up to 2 s, with a little jitter.
+                let base = (attempt as u64).saturating_mul(50).min(2_000);
+                Duration::from_millis(base + fastrand::u64(0..=base / 4 + 1))
+            });
+        if let Some(name) = &config.connection_name {
+            options = options.name(name);
+        }
+        if let (Some(user), Some(password)) = (&config.user, &config.password) {
+            options = options.user_and_password(user.clone(), password.clone());
+        } else if let Some(token) = &config.token {
+            options = options.token(token.clone());
+        }
+        let client = options
+            .connect(config.servers.as_slice())
+            .await
+            .map_err(connection_error)?;
+        let js = jetstream::ContextBuilder::new()
+            .timeout(config.request_timeout)
+            .build(client.clone());
+        let shared = Arc::new(Shared {
+            client,
+            js,
+            topology: Topology::new(&config),
+            config,
+            streams: Mutex::default(),
+        });
+        if shared.config.mode == Mode::JetStream && shared.topology.is_shared() {
+            shared.ensure_stream("_").await?;
+        }
+        Ok(NatsBus { shared })
+    }
+
+    /// The publisher of this connection.
+    pub fn publisher(&self) -> Arc<dyn Publisher> {
+        Arc::new(NatsPublisher::new(self.shared.clone()))
+    }
+
+    /// The subscriber of this connection.
+    pub fn subscriber(&self) -> Arc<dyn Subscriber> {
+        Arc::new(NatsSubscriber::new(self.shared.clone()))
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &NatsConfig {
+        &self.shared.config
+    }
+
+    /// The underlying async-nats client, for what the adapter does not cover.
+    pub fn client(&self) -> &async_nats::Client {
+        &self.shared.client
+    }
+
+    /// Drains the connection: subscriptions stop taking messages, what is
+    /// pending (acks, publishes) is flushed, then the connection closes.
+    /// Shut consumers down first.
+    pub async fn close(&self) -> Result<()> {
+        self.shared.client.drain().await.map_err(connection_error)
+    }
+}
+
+impl Shared {
+    fn streams(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        self.streams.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes sure a stream captures `topic` (JetStream); returns its name.
+    pub(crate) async fn ensure_stream(&self, topic: &str) -> Result<String> {
+        let (name, subjects) = self.topology.stream(topic)?;
+        if let Some(actual) = self.streams().get(&name) {
+            return Ok(actual.clone());
+        }
+        let c = &self.config;
+        let config = stream::Config {
+            name: name.clone(),
+            subjects: subjects.clone(),
+            retention: match c.retention {
+                Retention::Limits => stream::RetentionPolicy::Limits,
+                Retention::Interest => stream::RetentionPolicy::Interest,
+                Retention::WorkQueue => stream::RetentionPolicy::WorkQueue,
+            },
+            storage: match c.storage {
+                Storage::File => stream::StorageType::File,
+                Storage::Memory => stream::StorageType::Memory,
+            },
+            max_age: c.max_age.unwrap_or_default(),
+            max_bytes: c.max_bytes.unwrap_or(-1),
+            duplicate_window: c.duplicate_window,
+            description: Some("created by tidings-nats".into()),
+            ..Default::default()
+        };
+        let subject_error = |e: &dyn std::fmt::Display| Error::Subscribe {
+            topic: topic.to_owned(),
+            source: format!("creating or checking stream `{name}` failed: {e}").into(),
+        };
+        let created = self.js.get_or_create_stream(config).await;
+        match created {
+            Ok(stream) => {
+                let have = &stream.cached_info().config.subjects;
+                if let Some(missing) = subjects.iter().find(|s| !have.contains(s)) {
+                    return Err(Error::Config {
+                        key: "stream".into(),
+                        message: format!(
+                            "stream `{name}` exists but does not capture `{missing}` (it captures {have:?})"
+                        ),
+                    });
+                }
+            }
+            Err(e) => {
+                // Another stream may already capture the subject (a user's own
+                // stream, say): use it.
+                let subject = &subjects[0];
+                match self.js.stream_by_subject(subject.clone()).await {
+                    Ok(other) if !self.topology.is_shared() => {
+                        self.streams().insert(name, other.clone());
+                        return Ok(other);
+                    }
+                    _ => {
+                        return Err(match e.kind() {
+                            jetstream::context::CreateStreamErrorKind::TimedOut => {
+                                connection_error(e)
+                            }
+                            _ => subject_error(&e),
+                        });
+                    }
+                }
+            }
+        }
+        self.streams().insert(name.clone(), name.clone());
+        Ok(name)
+    }
+
+    /// Forgets that `topic`'s stream exists (it was deleted under us).
+    pub(crate) fn forget_stream(&self, topic: &str) {
+        if let Ok((name, _)) = self.topology.stream(topic) {
+            self.streams().remove(&name);
+        }
+    }
+
+    /// Publishes one message to JetStream and waits for its PubAck.
+    pub(crate) async fn js_publish(
+        &self,
+        topic: &str,
+        message: &Message,
+        msg_id: &str,
+    ) -> Result<Receipt> {
+        let subject = self.topology.subject(topic)?;
+        self.ensure_stream(topic).await?;
+        let mut retried = false;
+        loop {
+            let publish = jetstream::message::PublishMessage::build()
+                .payload(message.payload.clone())
+                .headers(headers::to_nats(message, Some(msg_id)));
+            let result = match self.js.send_publish(subject.clone(), publish).await {
+                Ok(ack) => ack.await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(ack) => {
+                    return Ok(Receipt::Sequence {
+                        stream: ack.stream,
+                        sequence: ack.sequence,
+                        duplicate: ack.duplicate,
+                    });
+                }
+                Err(e)
+                    if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound
+                        && !retried =>
+                {
+                    retried = true;
+                    self.forget_stream(topic);
+                    self.ensure_stream(topic).await?;
+                }
+                Err(e) => return Err(publish_error(topic, e)),
+            }
+        }
+    }
+}
+
+pub(crate) fn publish_error(topic: &str, e: jetstream::context::PublishError) -> Error {
+    use jetstream::context::PublishErrorKind as K;
+    let transient = !matches!(
+        e.kind(),
+        K::MaxPayloadExceeded | K::WrongLastMessageId | K::WrongLastSequence
+    );
+    Error::Publish {
+        topic: topic.to_owned(),
+        source: Box::new(e),
+        transient,
+    }
+}

@@ -1,0 +1,488 @@
+//! Configuration of the NATS adapter.
+
+use std::fmt;
+use std::time::Duration;
+
+use tidings_core::{Error, Result};
+
+/// Which NATS layer the adapter uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// JetStream: messages are stored in streams, groups are durable pull
+    /// consumers with explicit acks. At least once. The default.
+    JetStream,
+    /// Core NATS: plain subjects and queue groups, nothing is stored.
+    /// At most once: a message nobody is subscribed to is gone, and a
+    /// message whose handler fails is not redelivered by the server.
+    Core,
+}
+
+/// How topics map to JetStream streams.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamLayout {
+    /// One stream per topic, created on first use (publish, subscribe,
+    /// declare). The stream is named `<stream_prefix><topic>` with characters
+    /// that stream names cannot hold replaced (and a short hash appended when
+    /// anything was replaced), and captures exactly the topic's subject.
+    /// Dead-letter subjects are topics of their own and get their own streams.
+    PerTopic,
+    /// One stream, created or checked at connect, that captures
+    /// `<subject_prefix>.>`: every topic `t` is the subject `<subject_prefix>.t`,
+    /// and dead letters (`<subject_prefix>.t.<group>.dlq`) land in the same stream.
+    Shared {
+        /// The stream's name.
+        stream: String,
+    },
+}
+
+/// Where stored messages go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Storage {
+    /// On disk (the default): survives a server restart.
+    File,
+    /// In memory: lost when the server restarts.
+    Memory,
+}
+
+/// When the stream drops messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retention {
+    /// Kept until a limit (age, size) is reached, whoever consumed them (the
+    /// default). Needed for replay and for groups created later.
+    Limits,
+    /// Kept while some consumer has not acked them.
+    Interest,
+    /// Removed on the first ack: one group per topic only.
+    WorkQueue,
+}
+
+/// Settings of the NATS adapter.
+///
+/// Build it with [`NatsConfig::default`] (`nats://127.0.0.1:4222`, JetStream)
+/// or [`NatsConfig::from_url`]:
+///
+/// ```
+/// use tidings_nats::{NatsConfig, Mode};
+/// let c = NatsConfig::from_url("nats://127.0.0.1:4222?ack_wait=10s&max_deliver=20").unwrap();
+/// assert_eq!(c.mode, Mode::JetStream);
+/// let core = NatsConfig::from_url("nats://127.0.0.1:4222?jetstream=false").unwrap();
+/// assert_eq!(core.mode, Mode::Core);
+/// ```
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct NatsConfig {
+    /// Server addresses (`host:port` or `nats://host:port`), tried in turn.
+    pub servers: Vec<String>,
+    /// User name, if the server wants one.
+    pub user: Option<String>,
+    /// Password for `user`. Never printed by `Debug`.
+    pub password: Option<String>,
+    /// Authentication token. Never printed by `Debug`.
+    pub token: Option<String>,
+    /// The connection's name, shown by the server's monitoring.
+    pub connection_name: Option<String>,
+    /// JetStream (at least once, the default) or core NATS (at most once).
+    pub mode: Mode,
+    /// How topics map to streams (JetStream).
+    pub layout: StreamLayout,
+    /// Prefix of the streams' names in [`StreamLayout::PerTopic`] (default `TIDINGS_`).
+    pub stream_prefix: String,
+    /// Prefix of every subject, without the trailing dot (default none).
+    /// Required by [`StreamLayout::Shared`] (default there: `tidings`).
+    pub subject_prefix: Option<String>,
+    /// Retention of the streams the adapter creates.
+    pub retention: Retention,
+    /// Storage of the streams the adapter creates.
+    pub storage: Storage,
+    /// Age after which stored messages are dropped (`None`: unlimited).
+    pub max_age: Option<Duration>,
+    /// Size in bytes above which the oldest messages are dropped (`None`: unlimited).
+    pub max_bytes: Option<i64>,
+    /// Window in which a message id published twice is stored once (default 2 min).
+    pub duplicate_window: Duration,
+    /// How long the server waits for an ack before redelivering (default 30 s).
+    pub ack_wait: Duration,
+    /// Deliveries after which the server gives up on a message (`None`:
+    /// unlimited, the default: the consumer runtime's retry policy decides and
+    /// dead-letters; a server limit below it would drop messages silently).
+    pub max_deliver: Option<i64>,
+    /// The group-wide bound on unacked messages of a durable consumer
+    /// (`max_ack_pending`). `None` (the default): the subscription's prefetch.
+    pub max_ack_pending: Option<i64>,
+    /// How often deliveries still being handled are reported as in progress
+    /// (`+WPI`), which restarts their `ack_wait`. `None` disables it: a
+    /// handler running longer than `ack_wait` then sees its message
+    /// redelivered meanwhile. Default: a third of `ack_wait`.
+    pub progress_interval: Option<Duration>,
+    /// How long to wait for a PubAck or another JetStream reply (default 10 s).
+    pub request_timeout: Duration,
+    /// How long to wait for the first connection (default 5 s).
+    pub connect_timeout: Duration,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        NatsConfig {
+            servers: vec!["127.0.0.1:4222".into()],
+            user: None,
+            password: None,
+            token: None,
+            connection_name: None,
+            mode: Mode::JetStream,
+            layout: StreamLayout::PerTopic,
+            stream_prefix: "TIDINGS_".into(),
+            subject_prefix: None,
+            retention: Retention::Limits,
+            storage: Storage::File,
+            max_age: None,
+            max_bytes: None,
+            duplicate_window: Duration::from_secs(120),
+            ack_wait: Duration::from_secs(30),
+            max_deliver: None,
+            max_ack_pending: None,
+            progress_interval: Some(Duration::from_secs(10)),
+            request_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl fmt::Debug for NatsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let hidden = |o: &Option<String>| o.as_ref().map(|_| "<hidden>");
+        f.debug_struct("NatsConfig")
+            .field("servers", &self.servers)
+            .field("user", &self.user)
+            .field("password", &hidden(&self.password))
+            .field("token", &hidden(&self.token))
+            .field("connection_name", &self.connection_name)
+            .field("mode", &self.mode)
+            .field("layout", &self.layout)
+            .field("stream_prefix", &self.stream_prefix)
+            .field("subject_prefix", &self.subject_prefix)
+            .field("retention", &self.retention)
+            .field("storage", &self.storage)
+            .field("max_age", &self.max_age)
+            .field("max_bytes", &self.max_bytes)
+            .field("duplicate_window", &self.duplicate_window)
+            .field("ack_wait", &self.ack_wait)
+            .field("max_deliver", &self.max_deliver)
+            .field("max_ack_pending", &self.max_ack_pending)
+            .field("progress_interval", &self.progress_interval)
+            .field("request_timeout", &self.request_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish()
+    }
+}
+
+fn config_error(key: &str, message: impl Into<String>) -> Error {
+    Error::Config {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+fn duration(key: &str, value: &str) -> Result<Duration> {
+    humantime::parse_duration(value).map_err(|e| {
+        config_error(
+            key,
+            format!("`{value}` is not a duration ({e}); use e.g. `30s`, `500ms`, `2m`"),
+        )
+    })
+}
+
+fn optional_duration(key: &str, value: &str) -> Result<Option<Duration>> {
+    match value {
+        "" | "none" | "off" | "0" => Ok(None),
+        v => duration(key, v).map(Some),
+    }
+}
+
+fn boolean(key: &str, value: &str) -> Result<bool> {
+    match value {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        v => Err(config_error(
+            key,
+            format!("`{v}` is not one of true, false"),
+        )),
+    }
+}
+
+fn positive(key: &str, value: &str) -> Result<Option<i64>> {
+    match value {
+        "" | "none" | "unlimited" | "-1" => Ok(None),
+        v => match v.parse::<i64>() {
+            Ok(n) if n > 0 => Ok(Some(n)),
+            _ => Err(config_error(
+                key,
+                format!("`{v}` is not a positive integer or `unlimited`"),
+            )),
+        },
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    crate::headers::percent_decode(s).unwrap_or_else(|| s.to_owned())
+}
+
+impl NatsConfig {
+    /// Parses `nats://[user:password@|token@]host:port[,host:port...][?options]`.
+    ///
+    /// Options (query parameters):
+    /// - `jetstream=true|false` (default true): false selects core NATS (at most once);
+    /// - `stream=NAME`: one shared stream capturing `<subject_prefix>.>` instead of a stream per topic;
+    /// - `stream_prefix=TIDINGS_`, `subject_prefix=PREFIX`;
+    /// - `retention=limits|interest|workqueue`, `storage=file|memory`;
+    /// - `max_age=7d`, `max_bytes=N`, `duplicate_window=2m`;
+    /// - `ack_wait=30s`, `max_deliver=N|unlimited`, `max_ack_pending=N`;
+    /// - `progress_interval=10s|off`; `request_timeout=10s`, `connect_timeout=5s`;
+    /// - `name=NAME` (connection name), `token=TOKEN`.
+    pub fn from_url(url: &str) -> Result<Self> {
+        let mut config = NatsConfig::default();
+        let rest = url
+            .strip_prefix("nats://")
+            .or_else(|| url.strip_prefix("tls://"))
+            .ok_or_else(|| config_error("url", "must start with nats://"))?;
+        let (authority, query) = match rest.split_once('?') {
+            Some((a, q)) => (a, Some(q)),
+            None => (rest, None),
+        };
+        let authority = authority.trim_end_matches('/');
+        let hosts = match authority.rsplit_once('@') {
+            Some((credentials, hosts)) => {
+                match credentials.split_once(':') {
+                    Some((user, password)) => {
+                        config.user = Some(percent_decode(user));
+                        config.password = Some(percent_decode(password));
+                    }
+                    None => config.token = Some(percent_decode(credentials)),
+                }
+                hosts
+            }
+            None => authority,
+        };
+        if !hosts.is_empty() {
+            config.servers = hosts
+                .split(',')
+                .filter(|h| !h.is_empty())
+                .map(|h| {
+                    if h.contains(':') {
+                        h.to_owned()
+                    } else {
+                        format!("{h}:4222")
+                    }
+                })
+                .collect();
+        }
+        let mut shared_stream = None;
+        let mut progress_set = false;
+        for pair in query
+            .unwrap_or_default()
+            .split('&')
+            .filter(|p| !p.is_empty())
+        {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let value = percent_decode(value);
+            let v = value.as_str();
+            match key {
+                "jetstream" => {
+                    config.mode = if boolean(key, v)? {
+                        Mode::JetStream
+                    } else {
+                        Mode::Core
+                    }
+                }
+                "stream" => shared_stream = Some(v.to_owned()),
+                "stream_prefix" => config.stream_prefix = v.to_owned(),
+                "subject_prefix" => {
+                    config.subject_prefix = Some(v.trim_end_matches('.').to_owned())
+                }
+                "retention" => {
+                    config.retention = match v {
+                        "limits" => Retention::Limits,
+                        "interest" => Retention::Interest,
+                        "workqueue" => Retention::WorkQueue,
+                        _ => {
+                            return Err(config_error(
+                                key,
+                                format!("`{v}` is not one of limits, interest, workqueue"),
+                            ));
+                        }
+                    }
+                }
+                "storage" => {
+                    config.storage = match v {
+                        "file" => Storage::File,
+                        "memory" => Storage::Memory,
+                        _ => {
+                            return Err(config_error(
+                                key,
+                                format!("`{v}` is not one of file, memory"),
+                            ));
+                        }
+                    }
+                }
+                "max_age" => config.max_age = optional_duration(key, v)?,
+                "max_bytes" => config.max_bytes = positive(key, v)?,
+                "duplicate_window" => config.duplicate_window = duration(key, v)?,
+                "ack_wait" => config.ack_wait = duration(key, v)?,
+                "max_deliver" => config.max_deliver = positive(key, v)?,
+                "max_ack_pending" => config.max_ack_pending = positive(key, v)?,
+                "progress_interval" => {
+                    progress_set = true;
+                    config.progress_interval = optional_duration(key, v)?;
+                }
+                "request_timeout" => config.request_timeout = duration(key, v)?,
+                "connect_timeout" => config.connect_timeout = duration(key, v)?,
+                "name" => config.connection_name = Some(v.to_owned()),
+                "token" => config.token = Some(v.to_owned()),
+                _ => {
+                    return Err(config_error(
+                        key,
+                        "unknown option; known: jetstream, stream, stream_prefix, subject_prefix, \
+                         retention, storage, max_age, max_bytes, duplicate_window, ack_wait, \
+                         max_deliver, max_ack_pending, progress_interval, request_timeout, \
+                         connect_timeout, name, token",
+                    ));
+                }
+            }
+        }
+        if !progress_set {
+            config.progress_interval = Some(config.ack_wait / 3);
+        }
+        if let Some(stream) = shared_stream {
+            config = config.with_shared_stream(stream);
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Uses one shared stream named `stream` capturing `<subject_prefix>.>`
+    /// (the subject prefix defaults to `tidings`).
+    #[must_use]
+    pub fn with_shared_stream(mut self, stream: impl Into<String>) -> Self {
+        self.layout = StreamLayout::Shared {
+            stream: stream.into(),
+        };
+        if self.subject_prefix.is_none() {
+            self.subject_prefix = Some("tidings".into());
+        }
+        self
+    }
+
+    /// Selects core NATS (at most once) instead of JetStream.
+    #[must_use]
+    pub fn core(mut self) -> Self {
+        self.mode = Mode::Core;
+        self
+    }
+
+    /// Sets `ack_wait` and the progress interval to a third of it.
+    #[must_use]
+    pub fn with_ack_wait(mut self, ack_wait: Duration) -> Self {
+        self.ack_wait = ack_wait;
+        self.progress_interval = self.progress_interval.map(|_| ack_wait / 3);
+        self
+    }
+
+    /// Checks the settings against each other.
+    pub fn validate(&self) -> Result<()> {
+        if self.servers.is_empty() {
+            return Err(config_error("servers", "at least one server is needed"));
+        }
+        if let StreamLayout::Shared { stream } = &self.layout {
+            if !crate::topology::valid_stream_name(stream) {
+                return Err(config_error(
+                    "stream",
+                    format!(
+                        "`{stream}` is not a valid stream name (no spaces, `.`, `*`, `>`, `/`, `\\`)"
+                    ),
+                ));
+            }
+            if self
+                .subject_prefix
+                .as_deref()
+                .unwrap_or_default()
+                .is_empty()
+            {
+                return Err(config_error(
+                    "subject_prefix",
+                    "a shared stream needs a subject prefix to capture",
+                ));
+            }
+        }
+        if let Some(prefix) = &self.subject_prefix {
+            crate::topology::check_subject("subject_prefix", prefix)?;
+        }
+        if let Some(p) = self.progress_interval
+            && (p.is_zero() || p >= self.ack_wait)
+        {
+            return Err(config_error(
+                "progress_interval",
+                "must be above zero and below ack_wait (or off)",
+            ));
+        }
+        if self.ack_wait < Duration::from_millis(100) {
+            return Err(config_error("ack_wait", "must be at least 100ms"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_with_everything() {
+        let c = NatsConfig::from_url(
+            "nats://ann:s%40cret@h1:4223,h2?jetstream=true&stream=EVENTS&subject_prefix=app.&\
+             retention=interest&storage=memory&max_age=1h&max_bytes=1000&duplicate_window=1m&\
+             ack_wait=20s&max_deliver=5&max_ack_pending=100&progress_interval=5s&name=svc",
+        )
+        .unwrap();
+        assert_eq!(c.servers, ["h1:4223", "h2:4222"]);
+        assert_eq!(c.user.as_deref(), Some("ann"));
+        assert_eq!(c.password.as_deref(), Some("s@cret"));
+        assert_eq!(
+            c.layout,
+            StreamLayout::Shared {
+                stream: "EVENTS".into()
+            }
+        );
+        assert_eq!(c.subject_prefix.as_deref(), Some("app"));
+        assert_eq!(c.retention, Retention::Interest);
+        assert_eq!(c.storage, Storage::Memory);
+        assert_eq!(c.max_age, Some(Duration::from_secs(3600)));
+        assert_eq!(c.max_bytes, Some(1000));
+        assert_eq!(c.max_deliver, Some(5));
+        assert_eq!(c.progress_interval, Some(Duration::from_secs(5)));
+        assert!(!format!("{c:?}").contains("cret"));
+    }
+
+    #[test]
+    fn defaults_and_errors() {
+        let c = NatsConfig::from_url("nats://127.0.0.1:4222").unwrap();
+        assert_eq!(c.mode, Mode::JetStream);
+        assert_eq!(c.layout, StreamLayout::PerTopic);
+        assert_eq!(c.progress_interval, Some(Duration::from_secs(10)));
+        let c = NatsConfig::from_url("nats://tok@localhost?jetstream=false").unwrap();
+        assert_eq!(c.mode, Mode::Core);
+        assert_eq!(c.token.as_deref(), Some("tok"));
+        for (url, key) in [
+            ("nats://h?retention=forever", "retention"),
+            ("nats://h?ack_wait=soon", "ack_wait"),
+            ("nats://h?jetstream=maybe", "jetstream"),
+            ("nats://h?bogus=1", "bogus"),
+            ("nats://h?stream=a.b", "stream"),
+            ("nats://h?max_deliver=-5", "max_deliver"),
+            ("redis://h", "url"),
+        ] {
+            match NatsConfig::from_url(url) {
+                Err(Error::Config { key: k, .. }) => assert_eq!(k, key, "{url}"),
+                other => panic!("{url}: {other:?}"),
+            }
+        }
+    }
+}

@@ -1,0 +1,820 @@
+//! Subscribing: durable pull consumers (JetStream groups), ordered consumers
+//! (JetStream private subscriptions), queue groups and plain subscriptions
+//! (core NATS).
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+use std::time::{Duration, UNIX_EPOCH};
+
+use async_nats::Subject;
+use async_nats::jetstream::AckKind;
+use async_nats::jetstream::consumer::{self, AckPolicy, DeliverPolicy, pull};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::{FutureExt, Stream, StreamExt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::task::JoinHandle;
+use tracing::{debug, warn};
+
+use tidings_core::{
+    Acker, Capabilities, DeadLetter, Delivery, DeliveryStream, Error, Message, Result, StartFrom,
+    Subscriber, Subscription,
+};
+
+use crate::config::Mode;
+use crate::topology::Topology;
+use crate::{NAME, Shared, broker_error, headers};
+
+/// Subscribes to NATS. Made by [`NatsBus::subscriber`](crate::NatsBus::subscriber).
+pub struct NatsSubscriber {
+    shared: Arc<Shared>,
+}
+
+/// The prefetch a declared group's consumer gets until a subscription sets its own.
+const DECLARED_PREFETCH: usize = 64;
+
+impl NatsSubscriber {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        NatsSubscriber { shared }
+    }
+}
+
+fn subscribe_error(topic: &str, e: impl Into<tidings_core::BoxError>) -> Error {
+    Error::Subscribe {
+        topic: topic.to_owned(),
+        source: e.into(),
+    }
+}
+
+fn settle_error(id: &str, e: impl Into<tidings_core::BoxError>) -> Error {
+    Error::Settle {
+        id: id.to_owned(),
+        source: e.into(),
+    }
+}
+
+/// Creates (or checks and updates) the durable pull consumer of `group` on `topic`.
+async fn ensure_consumer(
+    shared: &Shared,
+    topic: &str,
+    group: &str,
+    prefetch: usize,
+    start: StartFrom,
+) -> Result<consumer::Consumer<pull::Config>> {
+    let stream = shared.ensure_stream(topic).await?;
+    let subject = shared.topology.subject(topic)?;
+    let durable = shared.topology.durable(topic, group);
+    let c = &shared.config;
+    let max_ack_pending = c.max_ack_pending.unwrap_or(prefetch as i64).max(1);
+    let max_deliver = c.max_deliver.unwrap_or(-1);
+    let js = &shared.js;
+    match js
+        .get_consumer_from_stream::<pull::Config, _, _>(&durable, &stream)
+        .await
+    {
+        Ok(mut existing) => {
+            let have = existing.cached_info().config.clone();
+            if have.max_ack_pending != max_ack_pending
+                || have.ack_wait != c.ack_wait
+                || have.max_deliver != max_deliver
+            {
+                let wanted = <pull::Config as consumer::FromConsumer>::try_from_consumer_config(
+                    have,
+                )
+                .map(|mut wanted| {
+                    wanted.max_ack_pending = max_ack_pending;
+                    wanted.ack_wait = c.ack_wait;
+                    wanted.max_deliver = max_deliver;
+                    wanted
+                });
+                // Creating an existing durable with changed limits updates it.
+                let updated = match wanted {
+                    Ok(wanted) => js
+                        .create_consumer_on_stream(wanted, &stream)
+                        .await
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                match updated {
+                    Ok(updated) => existing = updated,
+                    Err(e) => {
+                        warn!(%durable, %stream, error = %e, "updating the consumer's limits failed; keeping its settings")
+                    }
+                }
+            }
+            Ok(existing)
+        }
+        Err(_) => {
+            let config = pull::Config {
+                durable_name: Some(durable.clone()),
+                description: Some(format!("tidings group `{group}` on `{topic}`")),
+                filter_subject: subject,
+                ack_policy: AckPolicy::Explicit,
+                ack_wait: c.ack_wait,
+                max_deliver,
+                max_ack_pending,
+                deliver_policy: deliver_policy(start, DeliverPolicy::New)?,
+                ..Default::default()
+            };
+            match js.create_consumer_on_stream(config, &stream).await {
+                Ok(created) => Ok(created),
+                Err(create) => js
+                    .get_consumer_from_stream::<pull::Config, _, _>(&durable, &stream)
+                    .await
+                    .map_err(|_| subscribe_error(topic, create)),
+            }
+        }
+    }
+}
+
+fn deliver_policy(start: StartFrom, latest: DeliverPolicy) -> Result<DeliverPolicy> {
+    Ok(match start {
+        StartFrom::Latest => latest,
+        StartFrom::Earliest => DeliverPolicy::All,
+        StartFrom::Time(t) => {
+            let nanos = t
+                .duration_since(UNIX_EPOCH)
+                .map_err(|_| Error::Config {
+                    key: "start".into(),
+                    message: "a start time before 1970".into(),
+                })?
+                .as_nanos();
+            DeliverPolicy::ByStartTime {
+                start_time: async_nats::datetime::from_nanos(nanos as i128).map_err(|e| {
+                    Error::Config {
+                        key: "start".into(),
+                        message: e.to_string(),
+                    }
+                })?,
+            }
+        }
+    })
+}
+
+#[async_trait]
+impl Subscriber for NatsSubscriber {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        match self.shared.config.mode {
+            Mode::JetStream => Capabilities {
+                persistent: true,
+                consumer_groups: true,
+                private_subscriptions: true,
+                order_per_key: true,
+                redelivery: true,
+                delayed_nack: true,
+                native_dead_letters: false,
+                at_most_once: false,
+                replay: true,
+                retains_for_declared_groups: true,
+            },
+            Mode::Core => Capabilities {
+                persistent: false,
+                consumer_groups: true,
+                private_subscriptions: true,
+                order_per_key: true,
+                redelivery: false,
+                delayed_nack: false,
+                native_dead_letters: false,
+                at_most_once: true,
+                replay: false,
+                retains_for_declared_groups: false,
+            },
+        }
+    }
+
+    async fn subscribe(&self, subscription: Subscription) -> Result<Box<dyn DeliveryStream>> {
+        subscription.check(self.name(), self.capabilities())?;
+        let shared = self.shared.clone();
+        let topic = subscription.topic.clone();
+        let subject = shared.topology.subject(&topic)?;
+        let prefetch = subscription.prefetch.max(1);
+        let group = subscription.group.clone();
+        if let Some(g) = &group
+            && g.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(Error::Config {
+                key: "group".into(),
+                message: format!("`{g}` holds whitespace, which NATS names cannot"),
+            });
+        }
+        let (tx, rx) = mpsc::channel(prefetch.min(1024));
+        let (stop_tx, stop) = watch::channel(false);
+        let pump = Pump {
+            shared: shared.clone(),
+            topic: topic.as_str().into(),
+            group: group.as_deref().map(Arc::from),
+            permits: Arc::new(Semaphore::new(prefetch)),
+            tx,
+            stop,
+        };
+        let task = match (shared.config.mode, &group) {
+            (Mode::JetStream, Some(g)) => {
+                let consumer =
+                    ensure_consumer(&shared, &topic, g, prefetch, subscription.start).await?;
+                let messages = pull_messages(&consumer, prefetch)
+                    .await
+                    .map_err(|e| subscribe_error(&topic, e))?;
+                let tracker = Tracker::start(&shared);
+                tokio::spawn(pump.run_pull(
+                    consumer,
+                    messages,
+                    tracker,
+                    prefetch,
+                    subscription.start,
+                ))
+            }
+            (Mode::JetStream, None) => {
+                let stream = shared.ensure_stream(&topic).await?;
+                let start = deliver_policy(subscription.start, DeliverPolicy::New)?;
+                let messages = ordered_messages(&shared, &stream, &subject, start)
+                    .await
+                    .map_err(|e| subscribe_error(&topic, e))?;
+                tokio::spawn(pump.run_ordered(stream, subject, messages))
+            }
+            (Mode::Core, group) => {
+                let client = &shared.client;
+                let sub = match group {
+                    Some(g) => client.queue_subscribe(subject, g.clone()).await,
+                    None => client.subscribe(subject).await,
+                }
+                .map_err(|e| subscribe_error(&topic, e))?;
+                // The subscription is in place once the server has processed it.
+                client
+                    .flush()
+                    .await
+                    .map_err(|e| subscribe_error(&topic, e))?;
+                tokio::spawn(pump.run_core(sub))
+            }
+        };
+        Ok(Box::new(NatsStream {
+            rx,
+            stop: stop_tx,
+            task: Some(task),
+        }))
+    }
+
+    async fn declare_group(&self, topic: &str, group: &str) -> Result<()> {
+        match self.shared.config.mode {
+            Mode::JetStream => {
+                ensure_consumer(
+                    &self.shared,
+                    topic,
+                    group,
+                    DECLARED_PREFETCH,
+                    StartFrom::Latest,
+                )
+                .await?;
+                Ok(())
+            }
+            Mode::Core => Ok(()),
+        }
+    }
+
+    fn dead_letter_topic(&self, topic: &str, group: &str) -> String {
+        Topology::dead_letter_topic(topic, group)
+    }
+}
+
+async fn pull_messages(
+    consumer: &consumer::Consumer<pull::Config>,
+    prefetch: usize,
+) -> std::result::Result<pull::Stream, async_nats::jetstream::consumer::StreamError> {
+    consumer
+        .stream()
+        .max_messages_per_batch(prefetch.min(10_000))
+        .expires(Duration::from_secs(30))
+        .heartbeat(Duration::from_secs(5))
+        .messages()
+        .await
+}
+
+async fn ordered_messages(
+    shared: &Shared,
+    stream: &str,
+    subject: &str,
+    deliver_policy: DeliverPolicy,
+) -> Result<pull::Ordered> {
+    let stream = shared.js.get_stream(stream).await.map_err(broker_error)?;
+    let consumer = stream
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: subject.to_owned(),
+            deliver_policy,
+            ..Default::default()
+        })
+        .await
+        .map_err(broker_error)?;
+    consumer.messages().await.map_err(broker_error)
+}
+
+/// Deliveries still being handled, reported in progress (`+WPI`) on a timer.
+struct Tracker {
+    next: AtomicU64,
+    inflight: Mutex<HashMap<u64, Subject>>,
+}
+
+impl Tracker {
+    /// A tracker whose timer runs while the tracker lives; `None` when progress reports are off.
+    fn start(shared: &Arc<Shared>) -> Option<Arc<Tracker>> {
+        let interval = shared.config.progress_interval?;
+        let tracker = Arc::new(Tracker {
+            next: AtomicU64::new(0),
+            inflight: Mutex::default(),
+        });
+        let weak: Weak<Tracker> = Arc::downgrade(&tracker);
+        let client = shared.client.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(interval).await;
+                let Some(tracker) = weak.upgrade() else {
+                    return;
+                };
+                let replies: Vec<Subject> = tracker.lock().values().cloned().collect();
+                drop(tracker);
+                for reply in replies {
+                    if let Err(e) = client.publish(reply, Bytes::from(AckKind::Progress)).await {
+                        debug!(error = %e, "progress report failed");
+                    }
+                }
+            }
+        });
+        Some(tracker)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Subject>> {
+        self.inflight.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn track(self: &Arc<Self>, reply: Subject) -> (Arc<Tracker>, u64) {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.lock().insert(id, reply);
+        (self.clone(), id)
+    }
+}
+
+/// Moves messages from the client into the delivery channel, one permit each.
+struct Pump {
+    shared: Arc<Shared>,
+    topic: Arc<str>,
+    group: Option<Arc<str>>,
+    permits: Arc<Semaphore>,
+    tx: mpsc::Sender<Result<Delivery>>,
+    stop: watch::Receiver<bool>,
+}
+
+/// Backoff between attempts to restore a subscription.
+fn backoff(attempt: u32) -> Duration {
+    let ms = 100u64.saturating_mul(1 << attempt.min(5)).min(3_000);
+    Duration::from_millis(ms + fastrand::u64(0..=ms / 4))
+}
+
+impl Pump {
+    /// Waits for a free permit; `None` once stopped.
+    async fn permit(&mut self) -> Option<OwnedSemaphorePermit> {
+        let permits = self.permits.clone();
+        tokio::select! {
+            biased;
+            _ = self.stop.wait_for(|s| *s) => None,
+            p = permits.acquire_owned() => p.ok(),
+        }
+    }
+
+    /// Sleeps unless stopped first; `false` once stopped.
+    async fn pause(&mut self, d: Duration) -> bool {
+        tokio::select! {
+            biased;
+            _ = self.stop.wait_for(|s| *s) => false,
+            _ = tokio::time::sleep(d) => true,
+        }
+    }
+
+    /// Hands a delivery to the stream; `false` when the stream is gone or stopped.
+    async fn hand_over(&mut self, delivery: Delivery) -> bool {
+        let tx = self.tx.clone();
+        tokio::select! {
+            biased;
+            // A delivery dropped here is not acked: it is redelivered.
+            _ = self.stop.wait_for(|s| *s) => false,
+            sent = tx.send(Ok(delivery)) => sent.is_ok(),
+        }
+    }
+
+    async fn run_pull(
+        mut self,
+        mut consumer: consumer::Consumer<pull::Config>,
+        mut messages: pull::Stream,
+        tracker: Option<Arc<Tracker>>,
+        prefetch: usize,
+        start: StartFrom,
+    ) {
+        let group = self.group.clone().unwrap_or_else(|| Arc::from(""));
+        let mut failures = 0u32;
+        'outer: loop {
+            loop {
+                let Some(permit) = self.permit().await else {
+                    break 'outer;
+                };
+                let next = tokio::select! {
+                    biased;
+                    _ = self.stop.wait_for(|s| *s) => break 'outer,
+                    next = messages.next() => next,
+                };
+                match next {
+                    Some(Ok(msg)) => {
+                        failures = 0;
+                        let delivery = self.js_delivery(msg, permit, &group, tracker.as_ref());
+                        if !self.hand_over(delivery).await {
+                            break 'outer;
+                        }
+                    }
+                    Some(Err(e)) => {
+                        warn!(topic = %self.topic, %group, error = %e, "pulling failed; restoring the consumer");
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            // Restore: the consumer may be gone (server restarted without its
+            // state) or the pull loop ended; recreate both with backoff.
+            loop {
+                if !self.pause(backoff(failures)).await {
+                    break 'outer;
+                }
+                failures = failures.saturating_add(1);
+                let restored = match ensure_consumer(
+                    &self.shared,
+                    &self.topic,
+                    &group,
+                    prefetch,
+                    start,
+                )
+                .await
+                {
+                    Ok(c) => match pull_messages(&c, prefetch).await {
+                        Ok(m) => Some((c, m)),
+                        Err(e) => {
+                            warn!(topic = %self.topic, error = %e, "restarting the pull failed");
+                            None
+                        }
+                    },
+                    Err(e) => {
+                        warn!(topic = %self.topic, error = %e, "restoring the consumer failed");
+                        None
+                    }
+                };
+                if let Some((c, m)) = restored {
+                    consumer = c;
+                    messages = m;
+                    break;
+                }
+            }
+        }
+        let _ = &consumer;
+        // Messages the client already received but nobody took: hand them
+        // back at once instead of after ack_wait.
+        while let Some(Some(Ok(msg))) = messages.next().now_or_never() {
+            if let Some(reply) = msg.message.reply.clone() {
+                let _ = self
+                    .shared
+                    .client
+                    .publish(reply, Bytes::from(AckKind::Nak(None)))
+                    .await;
+            }
+        }
+        drop(messages);
+        let _ = self.shared.client.flush().await;
+    }
+
+    fn js_delivery(
+        &self,
+        msg: async_nats::jetstream::Message,
+        permit: OwnedSemaphorePermit,
+        group: &Arc<str>,
+        tracker: Option<&Arc<Tracker>>,
+    ) -> Delivery {
+        let (attempt, fallback) = match msg.info() {
+            Ok(info) => (
+                u32::try_from(info.delivered).unwrap_or(1),
+                Some(format!("{}:{}", info.stream, info.stream_sequence)),
+            ),
+            Err(_) => (1, None),
+        };
+        let async_nats::Message {
+            reply,
+            payload,
+            headers,
+            ..
+        } = msg.message;
+        let message = Arc::new(headers::from_nats(headers.as_ref(), payload, fallback));
+        let reply = reply.unwrap_or_else(|| Subject::from_static(""));
+        let tracked = tracker.map(|t| t.track(reply.clone()));
+        let acker = JsAcker {
+            shared: self.shared.clone(),
+            reply,
+            message: message.clone(),
+            topic: self.topic.clone(),
+            group: group.clone(),
+            settled: false,
+            tracked,
+            _permit: permit,
+        };
+        Delivery::new(
+            message,
+            self.topic.clone(),
+            Some(group.clone()),
+            attempt,
+            Box::new(acker),
+        )
+    }
+
+    async fn run_ordered(mut self, stream: String, subject: String, mut messages: pull::Ordered) {
+        let mut last_sequence = 0u64;
+        let mut failures = 0u32;
+        'outer: loop {
+            loop {
+                let Some(permit) = self.permit().await else {
+                    break 'outer;
+                };
+                let next = tokio::select! {
+                    biased;
+                    _ = self.stop.wait_for(|s| *s) => break 'outer,
+                    next = messages.next() => next,
+                };
+                match next {
+                    Some(Ok(msg)) => {
+                        failures = 0;
+                        let (fallback, sequence) = match msg.info() {
+                            Ok(info) => (
+                                Some(format!("{}:{}", info.stream, info.stream_sequence)),
+                                info.stream_sequence,
+                            ),
+                            Err(_) => (None, last_sequence),
+                        };
+                        last_sequence = sequence;
+                        let async_nats::Message {
+                            payload, headers, ..
+                        } = msg.message;
+                        let message =
+                            Arc::new(headers::from_nats(headers.as_ref(), payload, fallback));
+                        let delivery = Delivery::new(
+                            message,
+                            self.topic.clone(),
+                            None,
+                            1,
+                            Box::new(NoAcker {
+                                what: "a private JetStream subscription (an ordered consumer without acks)",
+                                _permit: permit,
+                            }),
+                        );
+                        if !self.hand_over(delivery).await {
+                            break 'outer;
+                        }
+                    }
+                    Some(Err(e)) => {
+                        // The ordered consumer recreates itself on gaps and
+                        // missed heartbeats; keep reading.
+                        debug!(topic = %self.topic, error = %e, "ordered consumer error");
+                    }
+                    None => break,
+                }
+            }
+            loop {
+                if !self.pause(backoff(failures)).await {
+                    break 'outer;
+                }
+                failures = failures.saturating_add(1);
+                let from = DeliverPolicy::ByStartSequence {
+                    start_sequence: last_sequence + 1,
+                };
+                match ordered_messages(&self.shared, &stream, &subject, from).await {
+                    Ok(m) => {
+                        messages = m;
+                        break;
+                    }
+                    Err(e) => {
+                        warn!(topic = %self.topic, error = %e, "restoring the ordered consumer failed")
+                    }
+                }
+            }
+        }
+    }
+
+    async fn run_core(mut self, mut sub: async_nats::Subscriber) {
+        loop {
+            let Some(permit) = self.permit().await else {
+                break;
+            };
+            let next = tokio::select! {
+                biased;
+                _ = self.stop.wait_for(|s| *s) => break,
+                next = sub.next() => next,
+            };
+            let Some(msg) = next else { break };
+            let message = Arc::new(headers::from_nats(msg.headers.as_ref(), msg.payload, None));
+            let delivery = Delivery::new(
+                message.clone(),
+                self.topic.clone(),
+                self.group.clone(),
+                1,
+                Box::new(CoreAcker {
+                    shared: self.shared.clone(),
+                    message,
+                    topic: self.topic.clone(),
+                    group: self.group.clone(),
+                    _permit: permit,
+                }),
+            );
+            if !self.hand_over(delivery).await {
+                break;
+            }
+        }
+        if let Err(e) = sub.unsubscribe().await {
+            debug!(error = %e, "unsubscribing failed");
+        }
+        let _ = self.shared.client.flush().await;
+    }
+}
+
+/// The stream of deliveries of one subscription.
+struct NatsStream {
+    rx: mpsc::Receiver<Result<Delivery>>,
+    stop: watch::Sender<bool>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Stream for NatsStream {
+    type Item = Result<Delivery>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+impl DeliveryStream for NatsStream {
+    fn close(&mut self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            self.stop.send_replace(true);
+            self.rx.close();
+            // Deliveries queued but not taken are dropped unsettled: handed back.
+            while self.rx.try_recv().is_ok() {}
+            if let Some(task) = self.task.take()
+                && tokio::time::timeout(Duration::from_secs(10), task)
+                    .await
+                    .is_err()
+            {
+                warn!("closing the subscription took longer than 10 s");
+            }
+            Ok(())
+        })
+    }
+}
+
+impl Drop for NatsStream {
+    fn drop(&mut self) {
+        self.stop.send_replace(true);
+    }
+}
+
+/// Settles one JetStream delivery of a durable consumer.
+struct JsAcker {
+    shared: Arc<Shared>,
+    reply: Subject,
+    message: Arc<Message>,
+    topic: Arc<str>,
+    group: Arc<str>,
+    settled: bool,
+    tracked: Option<(Arc<Tracker>, u64)>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl JsAcker {
+    fn untrack(&mut self) {
+        if let Some((tracker, id)) = self.tracked.take() {
+            tracker.lock().remove(&id);
+        }
+    }
+
+    async fn send(mut self: Box<Self>, kind: AckKind) -> Result<()> {
+        self.settled = true;
+        self.untrack();
+        self.shared
+            .client
+            .publish(self.reply.clone(), Bytes::from(kind))
+            .await
+            .map_err(|e| settle_error(&self.message.id, e))
+    }
+}
+
+#[async_trait]
+impl Acker for JsAcker {
+    async fn ack(self: Box<Self>) -> Result<()> {
+        self.send(AckKind::Ack).await
+    }
+
+    async fn nack(self: Box<Self>, delay: Option<Duration>) -> Result<()> {
+        self.send(AckKind::Nak(delay.filter(|d| !d.is_zero())))
+            .await
+    }
+
+    async fn dead_letter(self: Box<Self>, letter: DeadLetter) -> Result<()> {
+        let dead = letter.letter_for(&self.message);
+        let topic = Topology::dead_letter_topic(&self.topic, &self.group);
+        // Its own message id: in a shared stream the original id is taken.
+        let msg_id = format!("{}:dlq:{}", self.message.id, self.group);
+        self.shared
+            .js_publish(&topic, &dead, &msg_id)
+            .await
+            .map_err(|e| settle_error(&self.message.id, e))?;
+        self.send(AckKind::Ack).await
+    }
+}
+
+impl Drop for JsAcker {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        self.untrack();
+        // Unsettled: hand the message back now rather than after ack_wait.
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            let client = self.shared.client.clone();
+            let reply = self.reply.clone();
+            handle.spawn(async move {
+                let _ = client.publish(reply, Bytes::from(AckKind::Nak(None))).await;
+            });
+        }
+    }
+}
+
+/// Settles a core NATS delivery: nothing to ack, nothing redelivered.
+struct CoreAcker {
+    shared: Arc<Shared>,
+    message: Arc<Message>,
+    topic: Arc<str>,
+    group: Option<Arc<str>>,
+    _permit: OwnedSemaphorePermit,
+}
+
+#[async_trait]
+impl Acker for CoreAcker {
+    async fn ack(self: Box<Self>) -> Result<()> {
+        Ok(())
+    }
+
+    async fn nack(self: Box<Self>, _delay: Option<Duration>) -> Result<()> {
+        Err(Error::Unsupported {
+            adapter: NAME,
+            what: "redelivery in core NATS (at most once); use JetStream".into(),
+        })
+    }
+
+    async fn dead_letter(self: Box<Self>, letter: DeadLetter) -> Result<()> {
+        let dead = letter.letter_for(&self.message);
+        let group = self.group.as_deref().unwrap_or("private");
+        let topic = Topology::dead_letter_topic(&self.topic, group);
+        let subject = self.shared.topology.subject(&topic)?;
+        let client = &self.shared.client;
+        client
+            .publish_with_headers(subject, headers::to_nats(&dead, None), dead.payload.clone())
+            .await
+            .map_err(|e| settle_error(&self.message.id, e))?;
+        client
+            .flush()
+            .await
+            .map_err(|e| settle_error(&self.message.id, e))
+    }
+}
+
+/// Settles a delivery of an ordered consumer: acks are not needed.
+struct NoAcker {
+    what: &'static str,
+    _permit: OwnedSemaphorePermit,
+}
+
+#[async_trait]
+impl Acker for NoAcker {
+    async fn ack(self: Box<Self>) -> Result<()> {
+        Ok(())
+    }
+
+    async fn nack(self: Box<Self>, _delay: Option<Duration>) -> Result<()> {
+        Err(Error::Unsupported {
+            adapter: NAME,
+            what: format!("nack on {}; subscribe with a group", self.what),
+        })
+    }
+
+    async fn dead_letter(self: Box<Self>, _letter: DeadLetter) -> Result<()> {
+        Err(Error::Unsupported {
+            adapter: NAME,
+            what: format!("dead letters on {}; subscribe with a group", self.what),
+        })
+    }
+}
