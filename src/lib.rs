@@ -143,12 +143,6 @@ pub async fn connect(url: &str) -> Result<Bus> {
             let bus = tidings_memory::MemoryBus::new();
             Ok(Bus::new(bus.publisher(), bus.subscriber()))
         }
-        #[cfg(feature = "redis")]
-        "redis" | "rediss" => {
-            let bus = tidings_redis::RedisBus::connect(tidings_redis::RedisConfig::from_url(url)?)
-                .await?;
-            Ok(Bus::new(bus.publisher(), bus.subscriber()))
-        }
         #[cfg(feature = "amqp")]
         "amqp" | "amqps" => {
             let bus =
