@@ -51,7 +51,6 @@ pub use tidings_middleware as layers;
 #[cfg(feature = "nats")]
 pub use tidings_nats as nats;
 
-
 /// The names most services use.
 pub mod prelude {
     pub use crate::Bus;
