@@ -33,6 +33,7 @@
 //! - `amqp`: RabbitMQ, `amqp://`.
 //! - `kafka`: Kafka, `kafka://` (builds librdkafka from source: needs gcc, g++, make).
 //! - `nats`: NATS JetStream and core, `nats://`.
+//! - `otel`: OpenTelemetry tracing and metrics layers, [`otel`] (see `docs/observability.md`).
 //! - `testkit`: the conformance suite, [`RecordingPublisher`](tidings_core::testkit::RecordingPublisher)
 //!   and [`FaultProxy`](tidings_core::testkit::FaultProxy).
 
@@ -50,40 +51,57 @@ pub use tidings_memory as memory;
 pub use tidings_middleware as layers;
 #[cfg(feature = "nats")]
 pub use tidings_nats as nats;
+#[cfg(feature = "otel")]
+pub use tidings_otel as otel;
 
 /// The names most services use.
 pub mod prelude {
-    pub use crate::Bus;
+    pub use crate::{Bus, Config};
     pub use tidings_core::{
         Consumer, Delivery, Event, HandlerError, HandlerResult, Message, Publisher, PublisherExt,
         ResultExt, RetryPolicy, Subscriber,
     };
 }
 
-/// A connected broker: a publisher and a subscriber, chosen at run time.
+pub mod config;
+
+pub use config::Config;
+
+/// A connected broker: a publisher and a subscriber, chosen at run time,
+/// and the middleware its configuration describes.
 ///
 /// `Bus` is itself a [`Publisher`], so [`PublisherExt::publish_event`] works on it.
 #[derive(Clone)]
 pub struct Bus {
     publisher: Arc<dyn Publisher>,
     subscriber: Arc<dyn Subscriber>,
+    retry: RetryPolicy,
+    layers: Vec<Arc<dyn Middleware>>,
 }
 
 impl Bus {
-    /// A bus from a publisher and a subscriber (of the same broker, usually).
+    /// A bus from a publisher and a subscriber (of the same broker, usually),
+    /// with the default retry policy and no layers.
     pub fn new(publisher: Arc<dyn Publisher>, subscriber: Arc<dyn Subscriber>) -> Self {
         Bus {
             publisher,
             subscriber,
+            retry: RetryPolicy::default(),
+            layers: Vec::new(),
         }
     }
 
-    /// Starts building a consumer for `group`.
+    /// Starts building a consumer for `group`, with the configured retry
+    /// policy and layers already in place (add more with `.layer(..)`).
     pub fn consumer(&self, group: impl Into<String>) -> ConsumerBuilder {
-        Consumer::group(self.subscriber.clone(), group)
+        let mut builder = Consumer::group(self.subscriber.clone(), group).retry(self.retry);
+        for layer in &self.layers {
+            builder = builder.layer(layer.clone());
+        }
+        builder
     }
 
-    /// The publisher.
+    /// The publisher (with the configured publish layers).
     pub fn publisher(&self) -> &Arc<dyn Publisher> {
         &self.publisher
     }
@@ -98,6 +116,8 @@ impl std::fmt::Debug for Bus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Bus")
             .field("broker", &self.subscriber.name())
+            .field("retry", &self.retry)
+            .field("layers", &self.layers.len())
             .finish()
     }
 }
@@ -117,7 +137,41 @@ impl Publisher for Bus {
     }
 }
 
-/// Connects to the broker a URL names.
+/// What [`connect`] accepts: a URL (`&str`, `String`) or a [`Config`].
+pub trait IntoConfig {
+    /// The configuration, checked.
+    fn into_config(self) -> Result<Config>;
+}
+
+impl IntoConfig for &str {
+    fn into_config(self) -> Result<Config> {
+        let config = Config::from_url(self);
+        config.check()?;
+        Ok(config)
+    }
+}
+
+impl IntoConfig for String {
+    fn into_config(self) -> Result<Config> {
+        self.as_str().into_config()
+    }
+}
+
+impl IntoConfig for Config {
+    fn into_config(self) -> Result<Config> {
+        self.check()?;
+        Ok(self)
+    }
+}
+
+impl IntoConfig for &Config {
+    fn into_config(self) -> Result<Config> {
+        self.clone().into_config()
+    }
+}
+
+/// Connects to the broker a URL or a [`Config`] names, and sets up the
+/// middleware the configuration describes.
 ///
 /// | URL | broker | cargo feature |
 /// |---|---|---|
@@ -127,71 +181,116 @@ impl Publisher for Bus {
 /// | `kafka://host:9092,host2:9092` | Kafka | `kafka` |
 /// | `nats://host:4222?jetstream=true` (or `false` for core NATS) | NATS | `nats` |
 ///
-/// Adapter options are query parameters; each adapter's page in `docs/`
-/// lists them. An unknown scheme, or one whose feature is off, is an
-/// [`Error::Config`] naming the allowed values. Credentials in the URL never
-/// appear in errors or logs.
-pub async fn connect(url: &str) -> Result<Bus> {
-    let parsed = url::Url::parse(url).map_err(|e| Error::Config {
-        key: "url".into(),
-        message: format!("`{}` is not a URL: {e}", redact(url)),
-    })?;
-    match parsed.scheme() {
+/// Adapter options are query parameters (or the `[options]` table of the
+/// configuration); each adapter's page in `docs/` lists them. An unknown
+/// scheme, or one whose feature is off, is an [`Error::Config`] naming the
+/// allowed values. Credentials never appear in errors or logs.
+pub async fn connect(config: impl IntoConfig) -> Result<Bus> {
+    let config = config.into_config()?;
+    let url = config.full_url();
+    let scheme = url.split("://").next().unwrap_or_default();
+    let (publisher, subscriber): (Arc<dyn Publisher>, Arc<dyn Subscriber>) = match scheme {
         #[cfg(feature = "memory")]
         "memory" => {
             let bus = tidings_memory::MemoryBus::new();
-            Ok(Bus::new(bus.publisher(), bus.subscriber()))
+            (bus.publisher(), bus.subscriber())
         }
         #[cfg(feature = "amqp")]
         "amqp" | "amqps" => {
             let bus =
-                tidings_amqp::AmqpBus::connect(tidings_amqp::AmqpConfig::from_url(url)?).await?;
-            Ok(Bus::new(bus.publisher(), bus.subscriber()))
+                tidings_amqp::AmqpBus::connect(tidings_amqp::AmqpConfig::from_url(&url)?).await?;
+            (bus.publisher(), bus.subscriber())
         }
         #[cfg(feature = "kafka")]
         "kafka" => {
-            let bus = tidings_kafka::KafkaBus::connect(tidings_kafka::KafkaConfig::from_url(url)?)
+            let bus = tidings_kafka::KafkaBus::connect(tidings_kafka::KafkaConfig::from_url(&url)?)
                 .await?;
-            Ok(Bus::new(bus.publisher(), bus.subscriber()))
+            (bus.publisher(), bus.subscriber())
         }
         #[cfg(feature = "nats")]
         "nats" => {
             let bus =
-                tidings_nats::NatsBus::connect(tidings_nats::NatsConfig::from_url(url)?).await?;
-            Ok(Bus::new(bus.publisher(), bus.subscriber()))
+                tidings_nats::NatsBus::connect(tidings_nats::NatsConfig::from_url(&url)?).await?;
+            (bus.publisher(), bus.subscriber())
         }
-        scheme => Err(Error::Config {
-            key: "url".into(),
-            message: format!(
-                "unknown or disabled scheme `{scheme}`; this build supports: {}",
-                SCHEMES.join(", ")
-            ),
-        }),
+        other => {
+            return Err(Error::Config {
+                key: "url".into(),
+                message: format!(
+                    "unknown or disabled scheme `{other}`; this build supports: {}",
+                    SCHEMES.join(", ")
+                ),
+            });
+        }
+    };
+    let mut bus = Bus::new(publisher, subscriber);
+    bus.retry = config.retry_policy();
+    bus.layers = layers(&config).await?;
+    if let Some(p) = &config.publish_retry {
+        let retry = tidings_middleware::PublishRetry::exponential(p.initial_backoff)
+            .max_attempts(p.max_attempts);
+        bus.publisher =
+            Arc::new(middleware::LayeredPublisher::new(bus.publisher).layer(Arc::new(retry)));
     }
+    Ok(bus)
 }
 
-const SCHEMES: &[&str] = &[
+/// The handler layers a configuration describes, outermost first.
+async fn layers(config: &Config) -> Result<Vec<Arc<dyn Middleware>>> {
+    use tidings_middleware as mw;
+    let mut layers: Vec<Arc<dyn Middleware>> = Vec::new();
+    if let Some(idem) = &config.idempotency {
+        let layer = match idem.store {
+            config::IdempotencyStoreConfig::Memory => mw::Idempotency::in_memory(idem.ttl),
+            #[cfg(feature = "redis")]
+            config::IdempotencyStoreConfig::Redis => {
+                let url = idem.redis_url.as_deref().unwrap_or_default();
+                let store = mw::idempotency::RedisStore::connect(url)
+                    .await
+                    .map_err(|e| Error::Config {
+                        key: "idempotency.redis_url".into(),
+                        message: format!("cannot connect to {}: {e}", config::redact(url)),
+                    })?;
+                mw::Idempotency::new(store, idem.ttl)
+            }
+            #[cfg(not(feature = "redis"))]
+            config::IdempotencyStoreConfig::Redis => {
+                return Err(Error::Config {
+                    key: "idempotency.store".into(),
+                    message: "\"redis\" needs the cargo feature `redis`".into(),
+                });
+            }
+        };
+        layers.push(Arc::new(layer));
+    }
+    if config.retry.mode == config::RetryModeConfig::InProcess {
+        let retry = mw::Retry::exponential(config.retry.initial_backoff)
+            .max_attempts(config.retry.max_attempts)
+            .max_delay(config.retry.max_backoff)
+            .mode(mw::RetryMode::InProcess);
+        layers.push(Arc::new(retry));
+    }
+    if let Some(b) = &config.breaker {
+        let breaker = mw::CircuitBreaker::new(mw::Threshold::Consecutive(b.failures))
+            .open_for(b.open_for)
+            .probes(b.probes);
+        layers.push(Arc::new(breaker));
+    }
+    Ok(layers)
+}
+
+pub(crate) const SCHEMES: &[&str] = &[
     #[cfg(feature = "memory")]
     "memory://",
     #[cfg(feature = "amqp")]
     "amqp://",
+    #[cfg(feature = "amqp")]
+    "amqps://",
     #[cfg(feature = "kafka")]
     "kafka://",
     #[cfg(feature = "nats")]
     "nats://",
 ];
-
-/// The URL with any password replaced, for errors and logs.
-fn redact(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
-        }
-        Ok(u) => u.to_string(),
-        Err(_) => "<unparsable url>".into(),
-    }
-}
 
 #[cfg(test)]
 mod tests {
@@ -210,7 +309,7 @@ mod tests {
     #[test]
     fn passwords_are_redacted() {
         assert_eq!(
-            redact("amqp://guest:secret@host/"),
+            config::redact("amqp://guest:secret@host/"),
             "amqp://guest:***@host/"
         );
     }

@@ -224,6 +224,9 @@ pub mod header {
     /// How many causes precede this message in its event chain (0 for a
     /// message caused by nothing); set by [`Message::caused_by`](crate::Message::caused_by).
     pub const CHAIN_DEPTH: &str = "tidings-chain-depth";
+    /// When a dead letter was replayed: a replay is a deliberate new publish of
+    /// the same message, so brokers that deduplicate publishes by id must not drop it.
+    pub const REPLAYED_AT: &str = "tidings-replayed-at";
 }
 
 /// The group that reads dead letters: the dead-letter tooling consumes each

@@ -164,6 +164,15 @@ impl Message {
         );
     }
 
+    /// The key a broker deduplicates publishes on (JetStream's `Nats-Msg-Id`):
+    /// the id, made distinct for each deliberate replay of a dead letter.
+    pub fn publish_dedup_key(&self) -> std::borrow::Cow<'_, str> {
+        match self.headers.get(crate::delivery::header::REPLAYED_AT) {
+            Some(at) => format!("{}:replay:{at}", self.id).into(),
+            None => self.id.as_str().into(),
+        }
+    }
+
     /// How many causes precede this message in its event chain (the
     /// `tidings-chain-depth` header; 0 when absent).
     pub fn chain_depth(&self) -> u32 {

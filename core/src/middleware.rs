@@ -39,6 +39,13 @@ pub trait Middleware: Send + Sync + 'static {
     async fn handle(&self, delivery: &Delivery, next: Next<'_>) -> HandlerResult;
 }
 
+#[async_trait]
+impl<M: Middleware + ?Sized> Middleware for Arc<M> {
+    async fn handle(&self, delivery: &Delivery, next: Next<'_>) -> HandlerResult {
+        (**self).handle(delivery, next).await
+    }
+}
+
 /// The rest of a handler stack. `Copy`, so a middleware may run it again.
 #[derive(Clone, Copy)]
 pub struct Next<'a> {

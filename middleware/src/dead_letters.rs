@@ -179,12 +179,18 @@ impl DeadLetterInbox {
 }
 
 /// The original message of a dead letter: the same id, key, payload and
-/// metadata, without the dead-letter headers.
+/// metadata, without the dead-letter headers, marked with the replay time
+/// (`tidings-replayed-at`) so brokers that deduplicate publishes by id
+/// store it again.
 pub fn restore(letter: &Message) -> Message {
     let mut original = letter.clone();
     original
         .headers
         .retain(|name, _| !name.starts_with("tidings-dlq-") && name != header::ATTEMPT);
+    original.headers.insert(
+        header::REPLAYED_AT.to_owned(),
+        humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
+    );
     original
 }
 

@@ -75,7 +75,11 @@ impl Publisher for NatsPublisher {
     async fn publish(&self, topic: &str, message: Message) -> Result<Receipt> {
         self.check_open()?;
         match self.shared.config.mode {
-            Mode::JetStream => self.shared.js_publish(topic, &message, &message.id).await,
+            Mode::JetStream => {
+                self.shared
+                    .js_publish(topic, &message, &message.publish_dedup_key())
+                    .await
+            }
             Mode::Core => {
                 let subject = self.shared.topology.subject(topic)?;
                 self.core_send(&subject, topic, &message).await?;
@@ -118,7 +122,10 @@ impl Publisher for NatsPublisher {
                 for message in &messages {
                     let publish = async_nats::jetstream::message::PublishMessage::build()
                         .payload(message.payload.clone())
-                        .headers(headers::to_nats(message, Some(&message.id)));
+                        .headers(headers::to_nats(
+                            message,
+                            Some(&message.publish_dedup_key()),
+                        ));
                     pending.push(self.shared.js.send_publish(subject.clone(), publish).await);
                 }
                 let acks = join_all(pending.into_iter().map(|sent| async move {

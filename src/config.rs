@@ -1,0 +1,465 @@
+//! Configuration: the broker URL, adapter options and the middleware stack,
+//! from a TOML file and `TIDINGS_*` environment variables.
+//!
+//! ```toml
+//! url = "redis://127.0.0.1:6379"
+//!
+//! [options]            # adapter options, as the URL's query parameters
+//! mode = "streams"
+//!
+//! [retry]              # the consumer runtime's retry policy
+//! max_attempts = 5
+//! initial_backoff = "200ms"
+//! max_backoff = "30s"
+//! mode = "broker"      # or "in-process"
+//!
+//! [idempotency]        # off when absent
+//! store = "memory"     # or "redis"
+//! ttl = "1h"
+//! redis_url = "redis://127.0.0.1:6379"
+//!
+//! [breaker]            # off when absent
+//! failures = 10
+//! open_for = "30s"
+//! probes = 1
+//!
+//! [publish_retry]      # off when absent
+//! max_attempts = 3
+//! ```
+//!
+//! Environment variables override the file: `TIDINGS_URL`,
+//! `TIDINGS_RETRY__MAX_ATTEMPTS`, `TIDINGS_OPTIONS__EXCHANGE`, ... (nested
+//! keys joined by a double underscore). Every value is checked when loaded;
+//! an error names the key and what is allowed. The URL's password never
+//! appears in `Debug` output or in errors.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+use tidings_core::{Error, Result};
+
+/// Everything needed to connect and to build consumers and publishers; see the [module docs](self).
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The broker: `memory://`, `redis://…`, `amqp://…`, `kafka://…`, `nats://…`.
+    pub url: String,
+    /// Adapter options, appended to the URL as query parameters.
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
+    /// The consumer runtime's retry policy.
+    #[serde(default)]
+    pub retry: RetryConfig,
+    /// The idempotency layer (off when absent).
+    #[serde(default)]
+    pub idempotency: Option<IdempotencyConfig>,
+    /// The circuit breaker around handlers (off when absent).
+    #[serde(default)]
+    pub breaker: Option<BreakerConfig>,
+    /// Retrying transient publish failures (off when absent).
+    #[serde(default)]
+    pub publish_retry: Option<PublishRetryConfig>,
+}
+
+/// The consumer runtime's retry policy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Attempts in all, the first included (at least 1).
+    pub max_attempts: u32,
+    /// The delay after the first failure.
+    #[serde(with = "humantime_serde")]
+    pub initial_backoff: Duration,
+    /// The largest delay.
+    #[serde(with = "humantime_serde")]
+    pub max_backoff: Duration,
+    /// `broker` (nack with delay) or `in-process`.
+    pub mode: RetryModeConfig,
+}
+
+/// Where retries happen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum RetryModeConfig {
+    /// The broker redelivers after the delay.
+    #[default]
+    Broker,
+    /// The handler runs again in place.
+    InProcess,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            max_attempts: 5,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(30),
+            mode: RetryModeConfig::Broker,
+        }
+    }
+}
+
+/// The idempotency layer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdempotencyConfig {
+    /// `memory` or `redis`.
+    pub store: IdempotencyStoreConfig,
+    /// How long a handled id is remembered.
+    #[serde(with = "humantime_serde", default = "one_day")]
+    pub ttl: Duration,
+    /// The Redis URL for the `redis` store.
+    #[serde(default)]
+    pub redis_url: Option<String>,
+}
+
+fn one_day() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+
+/// Where handled ids are recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IdempotencyStoreConfig {
+    /// In process memory (one replica).
+    Memory,
+    /// Redis (shared by replicas; needs the `redis` feature).
+    Redis,
+}
+
+/// The circuit breaker around handlers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerConfig {
+    /// Failures in a row that open the breaker.
+    pub failures: u32,
+    /// How long it stays open.
+    #[serde(with = "humantime_serde", default = "thirty_seconds")]
+    pub open_for: Duration,
+    /// Probe calls when half-open.
+    #[serde(default = "one")]
+    pub probes: u32,
+}
+
+fn thirty_seconds() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// Retrying transient publish failures.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishRetryConfig {
+    /// Attempts in all, the first included.
+    pub max_attempts: u32,
+    /// The delay after the first failure.
+    #[serde(with = "humantime_serde", default = "hundred_ms")]
+    pub initial_backoff: Duration,
+}
+
+fn hundred_ms() -> Duration {
+    Duration::from_millis(100)
+}
+
+impl Config {
+    /// A configuration of just a URL, everything else default.
+    pub fn from_url(url: impl Into<String>) -> Self {
+        Config {
+            url: url.into(),
+            options: BTreeMap::new(),
+            retry: RetryConfig::default(),
+            idempotency: None,
+            breaker: None,
+            publish_retry: None,
+        }
+    }
+
+    /// Loads `path` (TOML; skipped if it does not exist), then `TIDINGS_*`
+    /// environment variables over it, and checks the result.
+    pub fn load(path: impl AsRef<Path>) -> Result<Self> {
+        Self::from_figment(
+            Figment::from(Serialized::defaults(Config::from_url("memory://")))
+                .merge(Toml::file(path.as_ref()))
+                .merge(Env::prefixed("TIDINGS_").split("__")),
+        )
+    }
+
+    /// Parses TOML text (no environment), and checks the result.
+    pub fn from_toml(text: &str) -> Result<Self> {
+        Self::from_figment(
+            Figment::from(Serialized::defaults(Config::from_url("memory://")))
+                .merge(Toml::string(text)),
+        )
+    }
+
+    fn from_figment(figment: Figment) -> Result<Self> {
+        let config: Config = figment.extract().map_err(|e| {
+            let key = e.path.join(".");
+            Error::Config {
+                key: if key.is_empty() { "config".into() } else { key },
+                message: redact_text(&e.kind.to_string()),
+            }
+        })?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Checks values that serde alone cannot.
+    pub fn check(&self) -> Result<()> {
+        let bad = |key: &str, message: &str| {
+            Err(Error::Config {
+                key: key.into(),
+                message: message.into(),
+            })
+        };
+        // Only the scheme is checked here: the adapter parses the rest (a Kafka
+        // URL lists several hosts, which is no URL to a URL parser).
+        let scheme = match self.url.split_once("://") {
+            Some((scheme, _)) if !scheme.is_empty() => scheme,
+            _ => {
+                return bad(
+                    "url",
+                    &format!(
+                        "`{}` has no scheme; expected one of {}",
+                        redact(&self.url),
+                        crate::SCHEMES.join(", ")
+                    ),
+                );
+            }
+        };
+        if !crate::SCHEMES
+            .iter()
+            .any(|s| s.trim_end_matches("://") == scheme)
+        {
+            return bad(
+                "url",
+                &format!(
+                    "unknown or disabled scheme `{scheme}`; this build supports: {}",
+                    crate::SCHEMES.join(", ")
+                ),
+            );
+        }
+        if self.retry.max_attempts == 0 {
+            return bad("retry.max_attempts", "must be at least 1");
+        }
+        if self.retry.initial_backoff > self.retry.max_backoff {
+            return bad("retry.initial_backoff", "must not exceed retry.max_backoff");
+        }
+        if let Some(idem) = &self.idempotency {
+            if idem.store == IdempotencyStoreConfig::Redis && idem.redis_url.is_none() {
+                return bad(
+                    "idempotency.redis_url",
+                    "is required when idempotency.store = \"redis\"",
+                );
+            }
+            if idem.store == IdempotencyStoreConfig::Redis && !cfg!(feature = "redis") {
+                return bad(
+                    "idempotency.store",
+                    "\"redis\" needs the cargo feature `redis` of tidings; allowed here: \"memory\"",
+                );
+            }
+        }
+        if let Some(b) = &self.breaker
+            && b.failures == 0
+        {
+            return bad("breaker.failures", "must be at least 1");
+        }
+        if let Some(p) = &self.publish_retry
+            && p.max_attempts == 0
+        {
+            return bad("publish_retry.max_attempts", "must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// The URL with the options appended as query parameters.
+    pub fn full_url(&self) -> String {
+        if self.options.is_empty() {
+            return self.url.clone();
+        }
+        let mut url = self.url.clone();
+        let mut sep = if url.contains('?') { '&' } else { '?' };
+        for (k, v) in &self.options {
+            url.push(sep);
+            url.push_str(&url_encode(k));
+            url.push('=');
+            url.push_str(&url_encode(v));
+            sep = '&';
+        }
+        url
+    }
+
+    /// The retry policy for the consumer runtime.
+    pub fn retry_policy(&self) -> tidings_core::RetryPolicy {
+        tidings_core::RetryPolicy::new(self.retry.max_attempts).with_backoff(
+            tidings_core::Backoff::exponential(self.retry.initial_backoff)
+                .with_max(self.retry.max_backoff),
+        )
+    }
+}
+
+fn url_encode(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+/// The URL with any password replaced, for errors and logs.
+pub(crate) fn redact(url: &str) -> String {
+    // By hand rather than with a URL parser: it must also work on URLs a
+    // parser rejects (several hosts), and never echo a password it could not parse.
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+/// Replaces anything that looks like `scheme://user:password@` in free text.
+fn redact_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for word in text.split_inclusive(|c: char| c.is_whitespace() || c == '"' || c == '`') {
+        let trimmed = word.trim_end_matches(|c: char| c.is_whitespace() || c == '"' || c == '`');
+        if trimmed.contains("://") && trimmed.contains('@') {
+            out.push_str(&redact(trimmed));
+            out.push_str(&word[trimmed.len()..]);
+        } else {
+            out.push_str(word);
+        }
+    }
+    out
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let secret = |k: &str| {
+            let k = k.to_ascii_lowercase();
+            ["password", "secret", "token", "key"]
+                .iter()
+                .any(|s| k.contains(s))
+        };
+        let options: BTreeMap<&str, &str> = self
+            .options
+            .iter()
+            .map(|(k, v)| (k.as_str(), if secret(k) { "***" } else { v.as_str() }))
+            .collect();
+        f.debug_struct("Config")
+            .field("url", &redact(&self.url))
+            .field("options", &options)
+            .field("retry", &self.retry)
+            .field(
+                "idempotency",
+                &self
+                    .idempotency
+                    .as_ref()
+                    .map(|i| (i.store, i.ttl, i.redis_url.as_deref().map(redact))),
+            )
+            .field("breaker", &self.breaker)
+            .field("publish_retry", &self.publish_retry)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(toml: &str) -> (String, String) {
+        match Config::from_toml(toml) {
+            Err(Error::Config { key, message }) => (key, message),
+            other => panic!("expected a config error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_full_file_loads() {
+        let c = Config::from_toml(
+            r#"
+            url = "memory://"
+            [options]
+            exchange = "events"
+            [retry]
+            max_attempts = 7
+            initial_backoff = "250ms"
+            max_backoff = "1m"
+            mode = "in-process"
+            [idempotency]
+            store = "memory"
+            ttl = "2h"
+            [breaker]
+            failures = 3
+            [publish_retry]
+            max_attempts = 4
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.retry.max_attempts, 7);
+        assert_eq!(c.retry.initial_backoff, Duration::from_millis(250));
+        assert_eq!(c.retry.mode, RetryModeConfig::InProcess);
+        assert_eq!(
+            c.idempotency.as_ref().unwrap().ttl,
+            Duration::from_secs(7200)
+        );
+        assert_eq!(
+            c.breaker.as_ref().unwrap().open_for,
+            Duration::from_secs(30)
+        );
+        assert_eq!(c.full_url(), "memory://?exchange=events");
+    }
+
+    #[test]
+    fn invalid_values_name_the_key_and_the_allowed_values() {
+        let (key, message) = err("url = \"memory://\"\n[retry]\nmode = \"sometimes\"");
+        assert_eq!(key, "retry.mode");
+        assert!(
+            message.contains("broker") && message.contains("in-process"),
+            "{message}"
+        );
+
+        let (key, message) = err("url = \"pigeon://coop\"");
+        assert_eq!(key, "url");
+        assert!(message.contains("memory://"), "{message}");
+
+        let (key, _) = err("url = \"memory://\"\n[retry]\nmax_attempts = 0");
+        assert_eq!(key, "retry.max_attempts");
+
+        let (key, message) = err("url = \"memory://\"\n[retry]\ninitial_backoff = \"soon\"");
+        assert_eq!(key, "retry.initial_backoff");
+        assert!(!message.is_empty());
+
+        let (key, _) = err("url = \"memory://\"\n[idempotency]\nstore = \"redis\"");
+        assert_eq!(key, "idempotency.redis_url");
+
+        let (key, message) = err("url = \"memory://\"\ncolour = \"blue\"");
+        assert!(message.contains("colour"), "{key}: {message}");
+    }
+
+    #[test]
+    fn credentials_never_show() {
+        let mut c = Config::from_url("amqp://guest:hunter2@127.0.0.1:5672/%2f");
+        c.options.insert("sasl_password".into(), "hunter3".into());
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("hunter3"),
+            "{shown}"
+        );
+        assert_eq!(
+            redact_text("bad url \"amqp://u:pw@h/\" here"),
+            "bad url \"amqp://u:***@h/\" here"
+        );
+    }
+}

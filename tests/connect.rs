@@ -1,0 +1,96 @@
+//! Every URL form connects to its broker; invalid ones fail with the key named.
+#![allow(clippy::unwrap_used)]
+
+use tidings::{Config, Error};
+use tidings_tests::kafka_mock;
+
+async fn broker_of(url: &str) -> &'static str {
+    match tidings::connect(url).await {
+        Ok(bus) => bus.subscriber().name(),
+        Err(e) => panic!("cannot connect to {url}: {e}; start the brokers with scripts/brokers.sh"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_url_form_reaches_its_adapter() {
+    assert_eq!(broker_of("memory://").await, "memory");
+    assert_eq!(
+        broker_of("amqp://guest:guest@127.0.0.1:5672/%2f?exchange=tidings.connect-test").await,
+        "amqp"
+    );
+    assert_eq!(
+        broker_of("nats://127.0.0.1:4222?jetstream=true").await,
+        "nats"
+    );
+    assert_eq!(
+        broker_of("nats://127.0.0.1:4222?jetstream=false").await,
+        "nats"
+    );
+    assert_eq!(
+        broker_of(&format!("kafka://{}", kafka_mock())).await,
+        "kafka"
+    );
+}
+
+async fn config_error(url: &str) -> (String, String) {
+    match tidings::connect(url).await {
+        Err(Error::Config { key, message }) => (key, message),
+        Err(other) => panic!("{url}: expected a configuration error, got {other}"),
+        Ok(_) => panic!("{url}: expected a configuration error, got a connection"),
+    }
+}
+
+#[tokio::test]
+async fn invalid_urls_name_the_key() {
+    let (key, message) = config_error("carrier-pigeon://coop").await;
+    assert_eq!(key, "url");
+    assert!(
+        message.contains("memory://") && message.contains("amqp://"),
+        "{message}"
+    );
+
+    let (key, _) = config_error("amqp://guest:guest@127.0.0.1:5672/%2f?queue_type=fancy").await;
+    assert_eq!(key, "queue_type");
+
+    let (key, _) = config_error("nats://127.0.0.1:4222?jetstream=maybe").await;
+    assert_eq!(key, "jetstream");
+
+    let (key, _) = config_error("kafka://127.0.0.1:9092?acks=some").await;
+    assert_eq!(key, "acks");
+}
+
+#[tokio::test]
+async fn credentials_stay_out_of_errors() {
+    let err = tidings::connect("amqp://guest:hunter2@127.0.0.1:5672/%2f?queue_type=fancy")
+        .await
+        .err()
+        .unwrap();
+    assert!(!err.to_string().contains("hunter2"), "{err}");
+    let config = Config::from_url("amqp://guest:hunter2@127.0.0.1:5672/%2f");
+    assert!(!format!("{config:?}").contains("hunter2"));
+}
+
+#[tokio::test]
+async fn a_config_file_with_middleware_connects() {
+    let config = Config::from_toml(
+        r#"
+        url = "memory://"
+        [retry]
+        max_attempts = 3
+        mode = "in-process"
+        [idempotency]
+        store = "memory"
+        ttl = "10m"
+        [breaker]
+        failures = 5
+        [publish_retry]
+        max_attempts = 2
+        "#,
+    )
+    .unwrap();
+    let bus = tidings::connect(&config).await.unwrap();
+    assert_eq!(
+        format!("{bus:?}"),
+        "Bus { broker: \"memory\", retry: RetryPolicy { max_attempts: 3, backoff: Backoff { initial: 100ms, max: 30s, multiplier: 2.0, jitter: true } }, layers: 3 }"
+    );
+}
