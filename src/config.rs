@@ -448,6 +448,33 @@ mod tests {
         assert!(message.contains("colour"), "{key}: {message}");
     }
 
+    /// The reference in docs/configuration.md parses as it is.
+    #[test]
+    fn the_documented_example_is_valid() {
+        let doc = include_str!("../docs/configuration.md");
+        let start = doc.find("```toml\n").expect("a toml block") + "```toml\n".len();
+        let end = start + doc[start..].find("```").expect("the block's end");
+        let c = Config::from_toml(&doc[start..end]).unwrap();
+        assert_eq!(c, {
+            let mut expected = Config::from_url("memory://");
+            expected.idempotency = Some(IdempotencyConfig {
+                store: IdempotencyStoreConfig::Memory,
+                ttl: Duration::from_secs(24 * 3600),
+                redis_url: None,
+            });
+            expected.breaker = Some(BreakerConfig {
+                failures: 10,
+                open_for: Duration::from_secs(30),
+                probes: 1,
+            });
+            expected.publish_retry = Some(PublishRetryConfig {
+                max_attempts: 3,
+                initial_backoff: Duration::from_millis(100),
+            });
+            expected
+        });
+    }
+
     #[test]
     fn credentials_never_show() {
         let mut c = Config::from_url("amqp://guest:hunter2@127.0.0.1:5672/%2f");

@@ -65,6 +65,12 @@ pub mod prelude {
 
 pub mod config;
 
+#[doc = include_str!("../docs/guide.md")]
+pub mod guide {}
+
+#[doc = include_str!("../docs/middleware.md")]
+pub mod middleware_guide {}
+
 pub use config::Config;
 
 /// A connected broker: a publisher and a subscriber, chosen at run time,

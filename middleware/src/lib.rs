@@ -12,6 +12,7 @@
 //! | [`idempotency`] | [`Idempotency`] with an in-memory or Redis store |
 //! | [`limit`] | [`Timeout`], [`ConcurrencyLimit`], [`RateLimit`], [`MaxChainDepth`] |
 //! | [`dead_letters`] | [`DeadLetterInbox`]: list, inspect, replay, purge, threshold hook |
+//! | [`handled`] | [`NotifyHandled`](handled::NotifyHandled) and [`publish_and_wait`](handled::publish_and_wait) |
 //!
 //! A stack in the recommended order (outermost first) — see `docs/middleware.md` for why:
 //!
@@ -31,6 +32,7 @@
 
 pub mod breaker;
 pub mod dead_letters;
+pub mod handled;
 pub mod idempotency;
 pub mod limit;
 pub mod retry;
@@ -46,6 +48,7 @@ pub use tidings_core::middleware::{Middleware, PublishMiddleware};
 pub mod prelude {
     pub use crate::breaker::{BreakerState, CircuitBreaker, Threshold};
     pub use crate::dead_letters::{DeadLetterInbox, Filter};
+    pub use crate::handled::{NotifyHandled, publish_and_wait};
     pub use crate::idempotency::Idempotency;
     pub use crate::limit::{ConcurrencyLimit, MaxChainDepth, RateLimit, Timeout};
     pub use crate::retry::{PublishRetry, Retry, RetryMode};
