@@ -311,23 +311,7 @@ fn url_encode(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
-/// The URL with any password replaced, for errors and logs.
-pub(crate) fn redact(url: &str) -> String {
-    // By hand rather than with a URL parser: it must also work on URLs a
-    // parser rejects (several hosts), and never echo a password it could not parse.
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
-            None => url.to_owned(),
-        },
-        None => url.to_owned(),
-    }
-}
+pub(crate) use tidings_core::params::redact_url as redact;
 
 /// Replaces anything that looks like `scheme://user:password@` in free text.
 fn redact_text(text: &str) -> String {

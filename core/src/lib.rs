@@ -27,6 +27,7 @@ pub mod event;
 pub mod handler;
 pub mod message;
 pub mod middleware;
+pub mod params;
 pub mod publisher;
 pub mod retry;
 pub mod subscriber;

@@ -55,6 +55,23 @@ impl Capabilities {
             retains_for_declared_groups: true,
         }
     }
+
+    /// The capabilities of an at-most-once broker (NATS core, Redis Pub/Sub):
+    /// groups share the load, nothing is kept, nothing is redelivered.
+    pub const fn at_most_once() -> Self {
+        Capabilities {
+            persistent: false,
+            consumer_groups: true,
+            private_subscriptions: true,
+            order_per_key: true,
+            redelivery: false,
+            delayed_nack: false,
+            native_dead_letters: false,
+            at_most_once: true,
+            replay: false,
+            retains_for_declared_groups: false,
+        }
+    }
 }
 
 /// Where a subscription starts reading.

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use tidings_core::{Error, Result};
+use tidings_core::Result;
 
 /// The type of the queues the adapter declares for groups.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -109,40 +109,7 @@ impl fmt::Debug for AmqpConfig {
     }
 }
 
-fn redact(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
-        }
-        Ok(u) => u.to_string(),
-        Err(_) => "<unparsable url>".into(),
-    }
-}
-
-fn invalid(key: &str, message: impl Into<String>) -> Error {
-    Error::Config {
-        key: key.into(),
-        message: message.into(),
-    }
-}
-
-fn duration(key: &str, value: &str) -> Result<Duration> {
-    humantime::parse_duration(value).map_err(|e| {
-        invalid(
-            key,
-            format!("`{value}` is not a duration ({e}); use e.g. `500ms`, `30s`"),
-        )
-    })
-}
-
-fn boolean(key: &str, value: &str) -> Result<bool> {
-    match value {
-        "true" | "1" | "yes" => Ok(true),
-        "false" | "0" | "no" => Ok(false),
-        _ => Err(invalid(key, format!("`{value}`: use `true` or `false`"))),
-    }
-}
+use tidings_core::params::{boolean, duration, invalid, redact_url as redact};
 
 impl AmqpConfig {
     /// Parses `amqp://user:password@host:port/vhost?option=value&...`
@@ -252,6 +219,7 @@ impl AmqpConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tidings_core::Error;
 
     #[test]
     fn parses_options_and_keeps_lapin_params() {

@@ -155,11 +155,7 @@ impl KafkaConfig {
                 .map(Duration::from_millis)
                 .map_err(|_| bad("expected milliseconds (a whole number)"))
         };
-        let boolean = || match value {
-            "true" | "1" | "yes" | "on" => Ok(true),
-            "false" | "0" | "no" | "off" => Ok(false),
-            _ => Err(bad("expected true or false")),
-        };
+        let boolean = || tidings_core::params::boolean(key, value);
         let int = || value.parse::<i32>().map_err(|_| bad("expected a number"));
         match key {
             "client_id" => self.client_id = value.to_owned(),

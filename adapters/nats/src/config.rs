@@ -3,7 +3,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use tidings_core::{Error, Result};
+use tidings_core::Result;
 
 /// Which NATS layer the adapter uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -175,39 +175,7 @@ impl fmt::Debug for NatsConfig {
     }
 }
 
-fn config_error(key: &str, message: impl Into<String>) -> Error {
-    Error::Config {
-        key: key.into(),
-        message: message.into(),
-    }
-}
-
-fn duration(key: &str, value: &str) -> Result<Duration> {
-    humantime::parse_duration(value).map_err(|e| {
-        config_error(
-            key,
-            format!("`{value}` is not a duration ({e}); use e.g. `30s`, `500ms`, `2m`"),
-        )
-    })
-}
-
-fn optional_duration(key: &str, value: &str) -> Result<Option<Duration>> {
-    match value {
-        "" | "none" | "off" | "0" => Ok(None),
-        v => duration(key, v).map(Some),
-    }
-}
-
-fn boolean(key: &str, value: &str) -> Result<bool> {
-    match value {
-        "true" | "1" | "yes" | "on" => Ok(true),
-        "false" | "0" | "no" | "off" => Ok(false),
-        v => Err(config_error(
-            key,
-            format!("`{v}` is not one of true, false"),
-        )),
-    }
-}
+use tidings_core::params::{boolean, duration, invalid as config_error, optional_duration};
 
 fn positive(key: &str, value: &str) -> Result<Option<i64>> {
     match value {
@@ -433,6 +401,7 @@ impl NatsConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tidings_core::Error;
 
     #[test]
     fn url_with_everything() {

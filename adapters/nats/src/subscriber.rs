@@ -175,18 +175,7 @@ impl Subscriber for NatsSubscriber {
                 replay: true,
                 retains_for_declared_groups: true,
             },
-            Mode::Core => Capabilities {
-                persistent: false,
-                consumer_groups: true,
-                private_subscriptions: true,
-                order_per_key: true,
-                redelivery: false,
-                delayed_nack: false,
-                native_dead_letters: false,
-                at_most_once: true,
-                replay: false,
-                retains_for_declared_groups: false,
-            },
+            Mode::Core => Capabilities::at_most_once(),
         }
     }
 
