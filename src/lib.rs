@@ -53,6 +53,8 @@ pub use tidings_middleware as layers;
 pub use tidings_nats as nats;
 #[cfg(feature = "otel")]
 pub use tidings_otel as otel;
+#[cfg(feature = "redis")]
+pub use tidings_redis as redis;
 
 /// The names most services use.
 pub mod prelude {
@@ -182,7 +184,7 @@ impl IntoConfig for &Config {
 /// | URL | broker | cargo feature |
 /// |---|---|---|
 /// | `memory://` | the in-process bus | `memory` (default) |
-/// | `redis://host:6379?mode=streams` (or `mode=pubsub`), `rediss://` | Redis | `redis` |
+/// | `redis://host:6379?mode=streams` (or `mode=pubsub`) | Redis | `redis` |
 /// | `amqp://user:pass@host:5672/%2f?exchange=events`, `amqps://` | RabbitMQ | `amqp` |
 /// | `kafka://host:9092,host2:9092` | Kafka | `kafka` |
 /// | `nats://host:4222?jetstream=true` (or `false` for core NATS) | NATS | `nats` |
@@ -199,6 +201,12 @@ pub async fn connect(config: impl IntoConfig) -> Result<Bus> {
         #[cfg(feature = "memory")]
         "memory" => {
             let bus = tidings_memory::MemoryBus::new();
+            (bus.publisher(), bus.subscriber())
+        }
+        #[cfg(feature = "redis")]
+        "redis" => {
+            let bus = tidings_redis::RedisBus::connect(tidings_redis::RedisConfig::from_url(&url)?)
+                .await?;
             (bus.publisher(), bus.subscriber())
         }
         #[cfg(feature = "amqp")]
@@ -288,6 +296,8 @@ async fn layers(config: &Config) -> Result<Vec<Arc<dyn Middleware>>> {
 pub(crate) const SCHEMES: &[&str] = &[
     #[cfg(feature = "memory")]
     "memory://",
+    #[cfg(feature = "redis")]
+    "redis://",
     #[cfg(feature = "amqp")]
     "amqp://",
     #[cfg(feature = "amqp")]

@@ -15,6 +15,14 @@ async fn broker_of(url: &str) -> &'static str {
 async fn every_url_form_reaches_its_adapter() {
     assert_eq!(broker_of("memory://").await, "memory");
     assert_eq!(
+        broker_of("redis://127.0.0.1:6379?mode=streams").await,
+        "redis"
+    );
+    assert_eq!(
+        broker_of("redis://127.0.0.1:6379?mode=pubsub").await,
+        "redis"
+    );
+    assert_eq!(
         broker_of("amqp://guest:guest@127.0.0.1:5672/%2f?exchange=tidings.connect-test").await,
         "amqp"
     );
@@ -51,6 +59,9 @@ async fn invalid_urls_name_the_key() {
 
     let (key, _) = config_error("amqp://guest:guest@127.0.0.1:5672/%2f?queue_type=fancy").await;
     assert_eq!(key, "queue_type");
+
+    let (key, _) = config_error("redis://127.0.0.1:6379?mode=carrier").await;
+    assert_eq!(key, "mode");
 
     let (key, _) = config_error("nats://127.0.0.1:4222?jetstream=maybe").await;
     assert_eq!(key, "jetstream");

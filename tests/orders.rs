@@ -39,6 +39,15 @@ async fn memory() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_streams() {
+    outcome_on(
+        "redis://127.0.0.1:6379",
+        "start Redis with scripts/brokers.sh",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq() {
     outcome_on(
         "amqp://guest:guest@127.0.0.1:5672/%2f",

@@ -16,6 +16,7 @@ use std::collections::BTreeMap;
 use tidings_tests::{kafka_mock, namespace};
 
 const NATS: &str = "nats://127.0.0.1:4222";
+const REDIS: &str = "redis://127.0.0.1:6379";
 const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 async fn bus(url: &str) -> tidings::Bus {
@@ -26,7 +27,7 @@ async fn bus(url: &str) -> tidings::Bus {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schema_versions_are_upcast() {
-    for url in ["memory://", NATS, AMQP] {
+    for url in ["memory://", NATS, AMQP, REDIS] {
         let seen = schema_upcast::demo(&bus(url).await, &namespace("upcast"))
             .await
             .unwrap();
@@ -53,7 +54,7 @@ async fn projector_builds_and_rebuilds_by_replay() {
     assert_eq!(live, expected_balances());
     assert_eq!(rebuilt, None, "the in-process bus keeps no history");
     let kafka = format!("kafka://{}?auto_create_topics=true", kafka_mock());
-    for url in [NATS, kafka.as_str()] {
+    for url in [NATS, REDIS, kafka.as_str()] {
         let (live, rebuilt) = projector::demo(&bus(url).await, &namespace("proj"))
             .await
             .unwrap();

@@ -16,6 +16,8 @@ pub async fn run(args: &Args) {
     for case in &args.case {
         match case.as_str() {
             "publish" | "publish-batch" => memory_publish(args, &clock, case).await,
+            "e2e-stack" => memory_stack(args, &clock).await,
+            "e2e-otel" => memory_otel(args, &clock).await,
             "e2e" => {
                 for &handlers in &args.handlers {
                     memory_e2e(args, &clock, handlers).await;
@@ -144,5 +146,269 @@ async fn mpsc_e2e(args: &Args, clock: &Arc<Clock>, handlers: usize) {
         args.count,
         elapsed,
         &detail,
+    );
+}
+
+/// The full middleware stack (chain depth, in-memory idempotency, retry,
+/// circuit breaker, timeout, concurrency limit) around a no-op handler,
+/// against the same handler with no layers, in the same run.
+async fn memory_stack(args: &Args, clock: &Arc<Clock>) {
+    use tidings::layers::prelude::*;
+    let mut rates = Vec::new();
+    for layered in [false, true] {
+        let bus = MemoryBus::with_config(MemoryConfig {
+            group_capacity: 1024,
+            ..MemoryConfig::default()
+        });
+        let sink = Sink::new(args.count, clock.clone());
+        let s = sink.clone();
+        let mut builder = Consumer::group(bus.subscriber(), "bench").concurrency(1).prefetch(256);
+        if layered {
+            builder = builder
+                .layer(MaxChainDepth(16))
+                .layer(Idempotency::in_memory(Duration::from_secs(3600)))
+                .layer(Retry::exponential(Duration::from_millis(100)).mode(RetryMode::InProcess))
+                .layer(CircuitBreaker::new(Threshold::Consecutive(100)))
+                .layer(Timeout(Duration::from_secs(30)))
+                .layer(ConcurrencyLimit::new(64));
+        }
+        let consumer = builder
+            .handle("bench", move |e: Event<Bytes, Raw>| {
+                s.record(&e.data);
+                std::future::ready(Ok(()))
+            })
+            .start()
+            .await
+            .expect("start");
+        let start = Instant::now();
+        for _ in 0..args.count {
+            bus.publish("bench", Message::new(clock.payload(args.payload)))
+                .await
+                .expect("publish");
+        }
+        wait_done(&sink, 600).await;
+        let elapsed = start.elapsed();
+        consumer.shutdown(Duration::from_secs(10)).await;
+        let case = if layered { "e2e-stack" } else { "e2e-no-layers" };
+        report("tidings", "memory", case, args.count, elapsed, &sink.summary());
+        rates.push(elapsed.as_nanos() as f64 / args.count as f64);
+    }
+    println!("  middleware stack adds {:.0} ns per message", rates[1] - rates[0]);
+}
+
+/// The OpenTelemetry layers (publish and process) around a no-op handler,
+/// against no layers, in the same run: once with the global no-op providers
+/// (nothing installed), once with SDK providers that record every span and
+/// metric and hand them (batch span processor, periodic metric reader) to
+/// exporters that drop them.
+async fn memory_otel(args: &Args, clock: &Arc<Clock>) {
+    use opentelemetry::metrics::MeterProvider as _;
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_sdk::error::OTelSdkResult;
+    use opentelemetry_sdk::metrics::data::ResourceMetrics;
+    use opentelemetry_sdk::metrics::exporter::PushMetricExporter;
+    use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider, Temporality};
+    use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
+    use tidings::middleware::LayeredPublisher;
+    use tidings::otel::Telemetry;
+
+    #[derive(Debug)]
+    struct DropSpans;
+    impl SpanExporter for DropSpans {
+        async fn export(&self, _batch: Vec<SpanData>) -> OTelSdkResult {
+            Ok(())
+        }
+    }
+    struct DropMetrics;
+    impl PushMetricExporter for DropMetrics {
+        async fn export(&self, _metrics: &ResourceMetrics) -> OTelSdkResult {
+            Ok(())
+        }
+        fn force_flush(&self) -> OTelSdkResult {
+            Ok(())
+        }
+        fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
+            Ok(())
+        }
+        fn temporality(&self) -> Temporality {
+            Temporality::Cumulative
+        }
+    }
+
+    let mut rates = Vec::new();
+    for variant in ["e2e-no-layers", "e2e-otel-noop-global", "e2e-otel-sdk-drop"] {
+        let tracer_provider = SdkTracerProvider::builder()
+            .with_batch_exporter(DropSpans)
+            .build();
+        let meter_provider = SdkMeterProvider::builder()
+            .with_reader(PeriodicReader::builder(DropMetrics).build())
+            .build();
+        let telemetry = match variant {
+            "e2e-otel-sdk-drop" => Some(
+                Telemetry::builder()
+                    .tracer(tracer_provider.tracer("bench"))
+                    .meter(meter_provider.meter("bench"))
+                    .build(),
+            ),
+            "e2e-otel-noop-global" => Some(Telemetry::builder().build()),
+            _ => None,
+        };
+        let bus = MemoryBus::with_config(MemoryConfig {
+            group_capacity: 1024,
+            ..MemoryConfig::default()
+        });
+        let publisher: Arc<dyn Publisher> = match &telemetry {
+            Some(t) => Arc::new(
+                LayeredPublisher::new(bus.publisher()).layer(Arc::new(t.publish_layer("memory"))),
+            ),
+            None => bus.publisher(),
+        };
+        let sink = Sink::new(args.count, clock.clone());
+        let s = sink.clone();
+        let mut builder = Consumer::group(bus.subscriber(), "bench")
+            .concurrency(1)
+            .prefetch(256);
+        if let Some(t) = &telemetry {
+            builder = builder.layer(t.process_layer("memory"));
+        }
+        let consumer = builder
+            .handle("bench", move |e: Event<Bytes, Raw>| {
+                s.record(&e.data);
+                std::future::ready(Ok(()))
+            })
+            .start()
+            .await
+            .expect("start");
+        let start = Instant::now();
+        for _ in 0..args.count {
+            publisher
+                .publish("bench", Message::new(clock.payload(args.payload)))
+                .await
+                .expect("publish");
+        }
+        wait_done(&sink, 600).await;
+        let elapsed = start.elapsed();
+        consumer.shutdown(Duration::from_secs(10)).await;
+        report(
+            "tidings",
+            "memory",
+            variant,
+            args.count,
+            elapsed,
+            &sink.summary(),
+        );
+        rates.push(elapsed.as_nanos() as f64 / args.count as f64);
+        let _ = tracer_provider.shutdown();
+        let _ = meter_provider.shutdown();
+    }
+    println!(
+        "  otel layers add {:.0} ns per message with the global no-op providers, {:.0} ns with SDK providers and dropping exporters (e2e, wall clock)",
+        rates[1] - rates[0],
+        rates[2] - rates[0]
+    );
+
+    // The same layers called directly, one task, no bus: publish through the
+    // publish layer into a slot, then run the handler stack on a delivery of
+    // that message. This is the CPU the layers cost per message.
+    use tidings::handler::Endpoint;
+    use tidings::middleware::{Middleware, Next};
+    use tidings::{Acker, DeadLetter, Delivery, HandlerResult, Receipt};
+    struct Slot(std::sync::Mutex<Option<Message>>);
+    #[async_trait::async_trait]
+    impl Publisher for Slot {
+        async fn publish(&self, _topic: &str, message: Message) -> tidings::Result<Receipt> {
+            *self.0.lock().expect("slot") = Some(message);
+            Ok(Receipt::Accepted)
+        }
+        async fn close(&self) -> tidings::Result<()> {
+            Ok(())
+        }
+    }
+    struct NoAck;
+    #[async_trait::async_trait]
+    impl Acker for NoAck {
+        async fn ack(self: Box<Self>) -> tidings::Result<()> {
+            Ok(())
+        }
+        async fn nack(self: Box<Self>, _delay: Option<Duration>) -> tidings::Result<()> {
+            Ok(())
+        }
+        async fn dead_letter(self: Box<Self>, _letter: DeadLetter) -> tidings::Result<()> {
+            Ok(())
+        }
+    }
+    struct Noop;
+    impl Endpoint for Noop {
+        fn call(&self, _d: &Delivery) -> futures::future::BoxFuture<'static, HandlerResult> {
+            Box::pin(std::future::ready(Ok(())))
+        }
+    }
+    let mut direct = Vec::new();
+    for variant in [
+        "direct-no-layers",
+        "direct-otel-noop-global",
+        "direct-otel-sdk-drop",
+    ] {
+        let tracer_provider = SdkTracerProvider::builder()
+            .with_batch_exporter(DropSpans)
+            .build();
+        let meter_provider = SdkMeterProvider::builder()
+            .with_reader(PeriodicReader::builder(DropMetrics).build())
+            .build();
+        let telemetry = match variant {
+            "direct-otel-sdk-drop" => Some(
+                Telemetry::builder()
+                    .tracer(tracer_provider.tracer("bench"))
+                    .meter(meter_provider.meter("bench"))
+                    .build(),
+            ),
+            "direct-otel-noop-global" => Some(Telemetry::builder().build()),
+            _ => None,
+        };
+        let slot = Arc::new(Slot(std::sync::Mutex::new(None)));
+        let mut publisher = LayeredPublisher::new(slot.clone());
+        let mut stack: Vec<Arc<dyn Middleware>> = Vec::new();
+        if let Some(t) = &telemetry {
+            publisher = publisher.layer(Arc::new(t.publish_layer("memory")));
+            stack.push(Arc::new(t.process_layer("memory")));
+        }
+        let topic: Arc<str> = "bench".into();
+        let group: Arc<str> = "bench".into();
+        let start = Instant::now();
+        for _ in 0..args.count {
+            publisher
+                .publish("bench", Message::new(clock.payload(args.payload)))
+                .await
+                .expect("publish");
+            let message = slot.0.lock().expect("slot").take().expect("published");
+            let delivery = Delivery::new(
+                Arc::new(message),
+                topic.clone(),
+                Some(group.clone()),
+                1,
+                Box::new(NoAck),
+            );
+            Next::new(&stack, &Noop)
+                .run(&delivery)
+                .await
+                .expect("handled");
+        }
+        let elapsed = start.elapsed();
+        report(
+            "tidings",
+            "memory",
+            variant,
+            args.count,
+            elapsed,
+            "one task, no bus",
+        );
+        direct.push(elapsed.as_nanos() as f64 / args.count as f64);
+        let _ = tracer_provider.shutdown();
+        let _ = meter_provider.shutdown();
+    }
+    println!(
+        "  otel layers cost {:.0} ns per message (publish + handle) with the global no-op providers, {:.0} ns with SDK providers and dropping exporters (direct)",
+        direct[1] - direct[0],
+        direct[2] - direct[0]
     );
 }

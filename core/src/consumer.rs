@@ -424,7 +424,14 @@ impl Route {
             let settled = match verdict {
                 Verdict::Ack => delivery.ack().await,
                 Verdict::Nack(delay) if self.caps.redelivery => {
-                    debug!(id = %delivery.message().id, attempt, ?delay, "handler failed; redelivering");
+                    debug!(
+                        id = %delivery.message().id,
+                        topic = delivery.topic(),
+                        group = delivery.group(),
+                        attempt,
+                        ?delay,
+                        "handler failed; redelivering"
+                    );
                     delivery.nack(Some(delay)).await
                 }
                 Verdict::Nack(delay) => {
@@ -436,8 +443,11 @@ impl Route {
                 }
                 Verdict::DeadLetter(reason, error) => {
                     let now = SystemTime::now();
+                    let m = delivery.message();
                     warn!(
-                        id = %delivery.message().id,
+                        id = %m.id,
+                        event_type = m.metadata.event_type.as_deref(),
+                        correlation_id = m.metadata.correlation_id.as_deref(),
                         topic = delivery.topic(),
                         group = delivery.group(),
                         attempt,

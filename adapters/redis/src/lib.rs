@@ -1,3 +1,160 @@
-//! Redis Streams (consumer groups) and Pub/Sub adapter for Tidings.
+//! Redis adapter for Tidings: Redis Streams with consumer groups
+//! (at-least-once, the default) and Redis Pub/Sub (at-most-once).
 //!
-//! Work in progress: this crate is a placeholder until its adapter lands.
+//! # Streams mode (default)
+//! - A topic is a stream key. `publish` is `XADD` (payload and headers as
+//!   binary-safe fields, see [`headers`]); it returns the entry id once Redis
+//!   replied. `publish_batch` pipelines. An approximate `MAXLEN ~` can be set
+//!   for all or single topics.
+//! - A group is a consumer group, created on demand (`XGROUP CREATE ... MKSTREAM`)
+//!   at the stream's end (or where [`StartFrom`](tidings_core::StartFrom)
+//!   says); [`declare_group`](tidings_core::Subscriber::declare_group) creates
+//!   it ahead of the first consumer. Consumers read with `XREADGROUP` with a
+//!   `COUNT` that never exceeds the free prefetch slots, and `BLOCK`.
+//! - Ack is `XACK`. A nack claims the entry back to the same consumer after
+//!   the delay (`XCLAIM`), with the attempt one higher. An entry whose
+//!   consumer crashed stays pending and is reclaimed by another member with
+//!   `XAUTOCLAIM` once it was idle for the visibility timeout; the attempt is
+//!   the entry's delivery count.
+//! - Dead letters are added to the stream `<topic>:<group>:dlq` with the
+//!   reason as fields; then the original is acked.
+//! - A subscription without a group reads with `XREAD` from the end of the
+//!   stream, or from the beginning or a time (replay).
+//! - Guarantee: at-least-once. Redis keeps streams in memory; they survive a
+//!   restart only with RDB/AOF persistence configured on the server.
+//!
+//! # Pub/Sub mode (`?mode=pubsub`)
+//! `PUBLISH`/`SUBSCRIBE` (a topic with `*`, `?` or `[` is a pattern:
+//! `PSUBSCRIBE`). **At most once**: a message published while nobody
+//! listens, or while a connection is down, is lost; a failed handler is
+//! retried in process only. Groups are emulated: every member receives every
+//! message and one member takes it with a `SET NX` claim key.
+//!
+//! # Recovery
+//! Connections reconnect with backoff; subscriptions resume (a group that
+//! vanished with a restarted server is created again).
+//!
+//! ```no_run
+//! use tidings_core::{Consumer, Event, HandlerError, PublisherExt};
+//! use tidings_redis::{RedisBus, RedisConfig};
+//! # #[tokio::main] async fn main() -> tidings_core::Result<()> {
+//! let bus = RedisBus::connect(RedisConfig::from_url("redis://127.0.0.1:6379")?).await?;
+//! let consumer = Consumer::group(bus.subscriber(), "greeter")
+//!     .handle("user.registered", |e: Event<String>| async move {
+//!         println!("hello {}", e.data);
+//!         Ok::<_, HandlerError>(())
+//!     })
+//!     .start()
+//!     .await?;
+//! bus.publisher().publish_event("user.registered", Event::new("ada".to_owned())).await?;
+//! consumer.shutdown(std::time::Duration::from_secs(5)).await;
+//! # Ok(()) }
+//! ```
+
+mod config;
+pub mod headers;
+mod publisher;
+mod pubsub;
+mod subscriber;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Client, RedisError};
+use tidings_core::{Error, Publisher, Result, Subscriber};
+
+pub use config::{RedisConfig, RedisMode};
+pub use headers::ForeignEntry;
+pub use publisher::RedisPublisher;
+pub use subscriber::RedisSubscriber;
+
+/// The adapter's name in errors and telemetry.
+pub const NAME: &str = "redis";
+
+/// A connected Redis bus: a publisher and a subscriber on their own connections.
+#[derive(Clone)]
+pub struct RedisBus {
+    publisher: Arc<RedisPublisher>,
+    subscriber: Arc<RedisSubscriber>,
+}
+
+impl std::fmt::Debug for RedisBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBus").finish_non_exhaustive()
+    }
+}
+
+impl RedisBus {
+    /// Connects to Redis. Fails if Redis cannot be reached.
+    pub async fn connect(config: RedisConfig) -> Result<Self> {
+        config.validate()?;
+        let client = Client::open(config.url.as_str()).map_err(|e| Error::Config {
+            key: "url".into(),
+            message: e.to_string(),
+        })?;
+        let config = Arc::new(config);
+        let publish = manager(&client, &config, Some(config.response_timeout)).await?;
+        let control = manager(&client, &config, Some(config.response_timeout)).await?;
+        Ok(RedisBus {
+            publisher: Arc::new(RedisPublisher::new(publish, config.clone())),
+            subscriber: Arc::new(RedisSubscriber::new(client, control, config)),
+        })
+    }
+
+    /// The publisher, shared.
+    pub fn publisher(&self) -> Arc<dyn Publisher> {
+        self.publisher.clone()
+    }
+
+    /// The subscriber, shared.
+    pub fn subscriber(&self) -> Arc<dyn Subscriber> {
+        self.subscriber.clone()
+    }
+}
+
+/// A reconnecting multiplexed connection.
+pub(crate) async fn manager(
+    client: &Client,
+    config: &RedisConfig,
+    response_timeout: Option<Duration>,
+) -> Result<ConnectionManager> {
+    let settings = ConnectionManagerConfig::new()
+        .set_response_timeout(response_timeout)
+        .set_connection_timeout(Some(config.connect_timeout))
+        .set_number_of_retries(3)
+        .set_min_delay(Duration::from_millis(20))
+        .set_max_delay(config.max_backoff);
+    client
+        .get_connection_manager_with_config(settings)
+        .await
+        .map_err(connection_error)
+}
+
+/// Whether the error means the connection (not the command) failed.
+pub(crate) fn is_connection_error(e: &RedisError) -> bool {
+    e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+        || e.is_unrecoverable_error()
+}
+
+pub(crate) fn connection_error(e: RedisError) -> Error {
+    Error::Connection {
+        broker: NAME,
+        source: Box::new(e),
+    }
+}
+
+/// Maps a client error: connection trouble or another broker error.
+pub(crate) fn broker_error(e: RedisError) -> Error {
+    if is_connection_error(&e) {
+        connection_error(e)
+    } else {
+        Error::Broker {
+            broker: NAME,
+            source: Box::new(e),
+        }
+    }
+}

@@ -1,0 +1,284 @@
+//! Configuration of the Redis adapter.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::time::Duration;
+
+use tidings_core::Result;
+
+/// How topics map to Redis.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RedisMode {
+    /// Redis Streams with consumer groups: at-least-once (the default).
+    #[default]
+    Streams,
+    /// Redis Pub/Sub channels: at-most-once, nothing is kept.
+    PubSub,
+}
+
+/// Settings of the Redis adapter.
+///
+/// Build it with [`RedisConfig::from_url`] (query parameters for the
+/// options) or from [`RedisConfig::default`] and field updates.
+/// The URL's password never appears in `Debug` output.
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct RedisConfig {
+    /// The Redis URL without the Tidings query parameters,
+    /// e.g. `redis://user:secret@127.0.0.1:6379/0`.
+    pub url: String,
+    /// Streams (default) or Pub/Sub. URL: `mode=streams|pubsub`.
+    pub mode: RedisMode,
+    /// How long an entry may stay pending (delivered, unsettled) with a
+    /// consumer before another consumer of the group reclaims it
+    /// (`XAUTOCLAIM` min-idle-time). Must exceed the longest handler run.
+    /// Default 30 s. URL: `visibility_timeout=30s`.
+    pub visibility_timeout: Duration,
+    /// How often a subscription looks for entries to reclaim. Default: half
+    /// the visibility timeout, between 50 ms and 5 s. URL: `reclaim_interval=1s`.
+    pub reclaim_interval: Option<Duration>,
+    /// How long one blocking read waits for new entries before it checks for
+    /// reclaims and shutdown. Default 1 s. URL: `block=1s`.
+    pub block: Duration,
+    /// Approximate `MAXLEN ~` for every stream published to; `None` keeps
+    /// everything (the default). URL: `maxlen=100000`.
+    pub max_len: Option<usize>,
+    /// Per-topic `MAXLEN ~`, overriding [`max_len`](Self::max_len).
+    /// URL: `maxlen.<topic>=1000`.
+    pub topic_max_len: HashMap<String, usize>,
+    /// Prefix of the consumer names in consumer groups; each subscription adds
+    /// a unique suffix. Default `tidings-<pid>-<random>`. URL: `consumer=orders-7`.
+    pub consumer_name: Option<String>,
+    /// How long a command may wait for its reply. Default 10 s. URL: `response_timeout=10s`.
+    pub response_timeout: Duration,
+    /// How long connecting may take. Default 5 s. URL: `connect_timeout=5s`.
+    pub connect_timeout: Duration,
+    /// Pub/Sub mode only: how long the claim key that makes one member of a
+    /// group take a message is kept. Default 60 s. URL: `claim_ttl=60s`.
+    pub claim_ttl: Duration,
+    /// Longest pause between reconnection attempts. Default 2 s. URL: `max_backoff=2s`.
+    pub max_backoff: Duration,
+    /// Whether [`ack`](tidings_core::Delivery::ack) waits for Redis to confirm
+    /// the `XACK`. Default `false`: acks are queued and sent in batches (one
+    /// `XACK` per round trip for all acks queued meanwhile), and a lost ack
+    /// means the entry is delivered again after the visibility timeout
+    /// (at-least-once either way). URL: `confirm_acks=true`.
+    pub confirm_acks: bool,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: "redis://127.0.0.1:6379".to_owned(),
+            mode: RedisMode::Streams,
+            visibility_timeout: Duration::from_secs(30),
+            reclaim_interval: None,
+            block: Duration::from_secs(1),
+            max_len: None,
+            topic_max_len: HashMap::new(),
+            consumer_name: None,
+            response_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+            claim_ttl: Duration::from_secs(60),
+            max_backoff: Duration::from_secs(2),
+            confirm_acks: false,
+        }
+    }
+}
+
+impl fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &redact(&self.url))
+            .field("mode", &self.mode)
+            .field("visibility_timeout", &self.visibility_timeout)
+            .field("reclaim_interval", &self.reclaim_interval)
+            .field("block", &self.block)
+            .field("max_len", &self.max_len)
+            .field("topic_max_len", &self.topic_max_len)
+            .field("consumer_name", &self.consumer_name)
+            .field("response_timeout", &self.response_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("claim_ttl", &self.claim_ttl)
+            .field("max_backoff", &self.max_backoff)
+            .field("confirm_acks", &self.confirm_acks)
+            .finish()
+    }
+}
+
+use tidings_core::params::{duration, invalid as config_error, redact_url as redact};
+
+fn positive(key: &str, value: &str) -> Result<usize> {
+    match value.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(config_error(
+            key,
+            format!("`{value}` is not a positive whole number"),
+        )),
+    }
+}
+
+impl RedisConfig {
+    /// Parses `redis://[user:password@]host[:port][/db][?option=value&...]`.
+    ///
+    /// Options: `mode` (`streams` or `pubsub`), `visibility_timeout`,
+    /// `reclaim_interval`, `block`, `response_timeout`, `connect_timeout`,
+    /// `claim_ttl`, `max_backoff` (durations such as `500ms` or `30s`),
+    /// `maxlen` and `maxlen.<topic>` (positive numbers), `consumer` (a name),
+    /// `confirm_acks` (`true` or `false`).
+    /// An unknown option or a bad value is an [`Error::Config`](tidings_core::Error::Config) naming the key.
+    ///
+    /// ```
+    /// use tidings_redis::{RedisConfig, RedisMode};
+    /// let c = RedisConfig::from_url("redis://127.0.0.1:6379/0?mode=pubsub&claim_ttl=10s")?;
+    /// assert_eq!(c.mode, RedisMode::PubSub);
+    /// assert_eq!(c.url, "redis://127.0.0.1:6379/0");
+    /// # Ok::<(), tidings_core::Error>(())
+    /// ```
+    pub fn from_url(url: &str) -> Result<Self> {
+        let mut parsed =
+            url::Url::parse(url).map_err(|e| config_error("url", format!("not a URL: {e}")))?;
+        if !matches!(parsed.scheme(), "redis" | "redis+unix" | "unix") {
+            return Err(config_error(
+                "url",
+                format!(
+                    "scheme `{}` is not supported; use `redis://` (TLS `rediss://` is not built in)",
+                    parsed.scheme()
+                ),
+            ));
+        }
+        let pairs: Vec<(String, String)> = parsed
+            .query_pairs()
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        parsed.set_query(None);
+        let mut config = RedisConfig {
+            url: parsed.to_string(),
+            ..RedisConfig::default()
+        };
+        for (key, value) in pairs {
+            match key.as_str() {
+                "mode" => {
+                    config.mode = match value.as_str() {
+                        "streams" | "stream" => RedisMode::Streams,
+                        "pubsub" => RedisMode::PubSub,
+                        _ => {
+                            return Err(config_error(
+                                "mode",
+                                format!("`{value}` is not a mode; use `streams` or `pubsub`"),
+                            ));
+                        }
+                    }
+                }
+                "visibility_timeout" => {
+                    config.visibility_timeout = duration(&key, &value)?;
+                }
+                "reclaim_interval" => config.reclaim_interval = Some(duration(&key, &value)?),
+                "block" => config.block = duration(&key, &value)?,
+                "response_timeout" => config.response_timeout = duration(&key, &value)?,
+                "connect_timeout" => config.connect_timeout = duration(&key, &value)?,
+                "claim_ttl" => config.claim_ttl = duration(&key, &value)?,
+                "max_backoff" => config.max_backoff = duration(&key, &value)?,
+                "maxlen" => config.max_len = Some(positive(&key, &value)?),
+                "confirm_acks" => {
+                    config.confirm_acks = match value.as_str() {
+                        "true" | "1" | "yes" => true,
+                        "false" | "0" | "no" => false,
+                        _ => {
+                            return Err(config_error(
+                                "confirm_acks",
+                                format!("`{value}` is not a boolean; use `true` or `false`"),
+                            ));
+                        }
+                    }
+                }
+                "consumer" if value.is_empty() => {
+                    return Err(config_error("consumer", "must not be empty"));
+                }
+                "consumer" => config.consumer_name = Some(value),
+                k if k.starts_with("maxlen.") && k.len() > "maxlen.".len() => {
+                    let n = positive(&key, &value)?;
+                    config
+                        .topic_max_len
+                        .insert(k["maxlen.".len()..].to_owned(), n);
+                }
+                _ => {
+                    return Err(config_error(
+                        &key,
+                        "unknown option; known: mode, visibility_timeout, reclaim_interval, block, \
+                         response_timeout, connect_timeout, claim_ttl, max_backoff, maxlen, \
+                         maxlen.<topic>, consumer, confirm_acks",
+                    ));
+                }
+            }
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the values against each other.
+    pub fn validate(&self) -> Result<()> {
+        if self.visibility_timeout < Duration::from_millis(10) {
+            return Err(config_error("visibility_timeout", "must be at least 10ms"));
+        }
+        if self.block < Duration::from_millis(1) {
+            return Err(config_error("block", "must be at least 1ms"));
+        }
+        if self.response_timeout < Duration::from_millis(10) {
+            return Err(config_error("response_timeout", "must be at least 10ms"));
+        }
+        Ok(())
+    }
+
+    /// The approximate MAXLEN for `topic`, if any.
+    pub fn max_len_for(&self, topic: &str) -> Option<usize> {
+        self.topic_max_len.get(topic).copied().or(self.max_len)
+    }
+
+    /// The effective reclaim interval.
+    pub fn effective_reclaim_interval(&self) -> Duration {
+        self.reclaim_interval.unwrap_or_else(|| {
+            (self.visibility_timeout / 2).clamp(Duration::from_millis(50), Duration::from_secs(5))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tidings_core::Error;
+
+    #[test]
+    fn url_options_parse() {
+        let c = RedisConfig::from_url(
+            "redis://u:secret@localhost:6380/2?visibility_timeout=5s&block=200ms&maxlen=1000&maxlen.orders=10&consumer=c1",
+        )
+        .expect("valid");
+        assert_eq!(c.mode, RedisMode::Streams);
+        assert_eq!(c.visibility_timeout, Duration::from_secs(5));
+        assert_eq!(c.block, Duration::from_millis(200));
+        assert_eq!(c.max_len_for("orders"), Some(10));
+        assert_eq!(c.max_len_for("other"), Some(1000));
+        assert_eq!(c.consumer_name.as_deref(), Some("c1"));
+        assert_eq!(c.url, "redis://u:secret@localhost:6380/2");
+        let debug = format!("{c:?}");
+        assert!(!debug.contains("secret"), "{debug}");
+        assert!(debug.contains("***"), "{debug}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        for (url, key) in [
+            ("redis://h?mode=kafka", "mode"),
+            ("redis://h?visibility_timeout=soon", "visibility_timeout"),
+            ("redis://h?maxlen=0", "maxlen"),
+            ("redis://h?colour=blue", "colour"),
+            ("http://h", "url"),
+        ] {
+            match RedisConfig::from_url(url) {
+                Err(Error::Config { key: k, .. }) => assert_eq!(k, key, "{url}"),
+                other => panic!("{url}: {other:?}"),
+            }
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! Publishing: `XADD` (Streams) or `PUBLISH` (Pub/Sub).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use async_trait::async_trait;
+use redis::aio::ConnectionManager;
+use redis::{RedisError, RedisResult, Value};
+use tidings_core::{Error, Message, Publisher, Receipt, Result};
+
+use crate::config::{RedisConfig, RedisMode};
+use crate::{headers, is_connection_error};
+
+/// Publishes to Redis streams (`XADD`) or channels (`PUBLISH`).
+///
+/// `publish` returns once Redis replied: the entry id
+/// ([`Receipt::EntryId`]) in Streams mode, [`Receipt::Accepted`] in Pub/Sub mode.
+pub struct RedisPublisher {
+    conn: ConnectionManager,
+    config: Arc<RedisConfig>,
+    closed: AtomicBool,
+}
+
+impl std::fmt::Debug for RedisPublisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisPublisher")
+            .field("mode", &self.config.mode)
+            .field("closed", &self.closed.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+/// The `XADD` command for `message` on `topic`.
+pub(crate) fn xadd(config: &RedisConfig, topic: &str, message: &Message) -> redis::Cmd {
+    // Sized up front: growing the buffer argument by argument is measurable.
+    let headers: usize = message.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+    let fields = 2 * (message.headers.len() + 10);
+    let mut cmd = redis::Cmd::with_capacity(
+        fields + 6,
+        message.payload.len() + headers + topic.len() + 192,
+    );
+    cmd.arg("XADD").arg(topic);
+    if let Some(n) = config.max_len_for(topic) {
+        cmd.arg("MAXLEN").arg("~").arg(n);
+    }
+    cmd.arg("*");
+    headers::add_fields(&mut cmd, message);
+    cmd
+}
+
+/// The `PUBLISH` command for `message` on `channel`.
+pub(crate) fn publish_cmd(channel: &str, message: &Message) -> redis::Cmd {
+    let mut cmd = redis::cmd("PUBLISH");
+    cmd.arg(channel).arg(headers::encode_frame(message));
+    cmd
+}
+
+fn publish_error(topic: &str, e: RedisError) -> Error {
+    Error::Publish {
+        topic: topic.to_owned(),
+        transient: is_connection_error(&e),
+        source: Box::new(e),
+    }
+}
+
+fn receipt(topic: &str, value: Value) -> Result<Receipt> {
+    match value {
+        Value::BulkString(id) => Ok(Receipt::EntryId(
+            String::from_utf8(id)
+                .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+        )),
+        Value::SimpleString(id) => Ok(Receipt::EntryId(id)),
+        Value::Int(_) | Value::Okay => Ok(Receipt::Accepted),
+        Value::ServerError(e) => Err(publish_error(topic, e.into())),
+        other => Err(Error::Publish {
+            topic: topic.to_owned(),
+            source: format!("unexpected reply {other:?}").into(),
+            transient: false,
+        }),
+    }
+}
+
+impl RedisPublisher {
+    pub(crate) fn new(conn: ConnectionManager, config: Arc<RedisConfig>) -> Self {
+        RedisPublisher {
+            conn,
+            config,
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    fn command(&self, topic: &str, message: &Message) -> redis::Cmd {
+        match self.config.mode {
+            RedisMode::Streams => xadd(&self.config, topic, message),
+            RedisMode::PubSub => publish_cmd(topic, message),
+        }
+    }
+
+    fn check(&self, topic: &str) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed("publisher"));
+        }
+        if topic.is_empty() {
+            return Err(Error::Config {
+                key: "topic".into(),
+                message: "must not be empty".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Publisher for RedisPublisher {
+    async fn publish(&self, topic: &str, message: Message) -> Result<Receipt> {
+        self.check(topic)?;
+        let cmd = self.command(topic, &message);
+        drop(message);
+        let reply: Value = cmd
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(|e| publish_error(topic, e))?;
+        receipt(topic, reply)
+    }
+
+    async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> Vec<Result<Receipt>> {
+        if let Err(e) = self.check(topic) {
+            return messages
+                .iter()
+                .map(|_| match &e {
+                    Error::Closed(what) => Err(Error::Closed(what)),
+                    other => Err(Error::Config {
+                        key: "topic".into(),
+                        message: other.to_string(),
+                    }),
+                })
+                .collect();
+        }
+        if messages.is_empty() {
+            return Vec::new();
+        }
+        let mut pipe = redis::Pipeline::with_capacity(messages.len());
+        pipe.ignore_errors();
+        for message in &messages {
+            pipe.add_command(self.command(topic, message));
+        }
+        let count = messages.len();
+        drop(messages);
+        // With `ignore_errors`, a rejected command is a `Value::ServerError` in its slot.
+        let replies: RedisResult<Vec<Value>> = pipe.query_async(&mut self.conn.clone()).await;
+        match replies {
+            Ok(replies) if replies.len() == count => {
+                replies.into_iter().map(|v| receipt(topic, v)).collect()
+            }
+            Ok(replies) => (0..count)
+                .map(|_| {
+                    Err(Error::Publish {
+                        topic: topic.to_owned(),
+                        source: format!("{} replies for {count} commands", replies.len()).into(),
+                        transient: true,
+                    })
+                })
+                .collect(),
+            Err(e) => {
+                let transient = is_connection_error(&e);
+                let text = e.to_string();
+                (0..count)
+                    .map(|_| {
+                        Err(Error::Publish {
+                            topic: topic.to_owned(),
+                            source: text.clone().into(),
+                            transient,
+                        })
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.closed.store(true, Ordering::Release);
+        Ok(())
+    }
+}

@@ -1,0 +1,1114 @@
+//! Subscribing: consumer groups and private reads on streams; the stream of
+//! deliveries and the per-delivery ackers shared with Pub/Sub mode.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use futures::future::BoxFuture;
+use redis::aio::ConnectionManager;
+use redis::{Client, RedisResult, Value};
+use tidings_core::{
+    Acker, Capabilities, DeadLetter, DeadLetterReason, Delivery, DeliveryStream, Error, Message,
+    Result, StartFrom, Subscriber, Subscription,
+};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
+use tracing::{debug, warn};
+
+use crate::config::{RedisConfig, RedisMode};
+use crate::headers::{self, ForeignEntry};
+use crate::publisher::{publish_cmd, xadd};
+use crate::{NAME, broker_error, manager, pubsub};
+
+/// Most entries asked for by one read.
+const MAX_BATCH: usize = 1000;
+
+/// How long a read waits for more free in-flight slots under load.
+const GATHER: Duration = Duration::from_millis(2);
+
+/// Subscribes to Redis streams (consumer groups or private reads) or channels.
+pub struct RedisSubscriber {
+    client: Client,
+    control: ConnectionManager,
+    config: Arc<RedisConfig>,
+    consumer_base: String,
+    counter: AtomicU64,
+}
+
+impl std::fmt::Debug for RedisSubscriber {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisSubscriber")
+            .field("mode", &self.config.mode)
+            .field("consumer", &self.consumer_base)
+            .finish()
+    }
+}
+
+impl RedisSubscriber {
+    pub(crate) fn new(
+        client: Client,
+        control: ConnectionManager,
+        config: Arc<RedisConfig>,
+    ) -> Self {
+        let consumer_base = config
+            .consumer_name
+            .clone()
+            .unwrap_or_else(|| format!("tidings-{}-{:08x}", std::process::id(), fastrand::u32(..)));
+        RedisSubscriber {
+            client,
+            control,
+            config,
+            consumer_base,
+            counter: AtomicU64::new(0),
+        }
+    }
+
+    fn shared(&self, subscription: &Subscription, consumer: String) -> Arc<Shared> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let group: Option<Arc<str>> = subscription.group.as_deref().map(Arc::from);
+        let dead_letters = self.dead_letter_topic(
+            &subscription.topic,
+            subscription.group.as_deref().unwrap_or(""),
+        );
+        Arc::new(Shared {
+            topic: Arc::from(subscription.topic.as_str()),
+            group,
+            consumer,
+            dead_letters,
+            control: self.control.clone(),
+            config: self.config.clone(),
+            permits: Arc::new(Semaphore::new(subscription.prefetch.max(1))),
+            prefetch: subscription.prefetch.max(1),
+            closed: watch::channel(false).0,
+            tx,
+            rx: std::sync::Mutex::new(Some(rx)),
+            acks: match (&subscription.group, self.config.mode) {
+                (Some(group), RedisMode::Streams) => Some(spawn_acker(
+                    self.control.clone(),
+                    subscription.topic.clone(),
+                    group.clone(),
+                )),
+                _ => None,
+            },
+        })
+    }
+
+    async fn subscribe_streams(
+        &self,
+        subscription: Subscription,
+    ) -> Result<Box<dyn DeliveryStream>> {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let consumer = format!("{}-{n}", self.consumer_base);
+        let shared = self.shared(&subscription, consumer);
+        let subscribe_error = |e: redis::RedisError| Error::Subscribe {
+            topic: subscription.topic.clone(),
+            source: Box::new(e),
+        };
+        // Blocking reads need their own connection, with a reply timeout above BLOCK.
+        let read_timeout = self.config.block + self.config.response_timeout;
+        let mut conn = manager(&self.client, &self.config, Some(read_timeout)).await?;
+        let position = match &subscription.group {
+            Some(group) => {
+                create_group(
+                    &mut conn,
+                    &subscription.topic,
+                    group,
+                    &start_id(subscription.start, "$"),
+                )
+                .await
+                .map_err(subscribe_error)?;
+                None
+            }
+            None => Some(match subscription.start {
+                StartFrom::Latest => last_entry_id(&mut conn, &subscription.topic)
+                    .await
+                    .map_err(subscribe_error)?,
+                other => start_id(other, "0-0"),
+            }),
+        };
+        let stream = RedisStream::new(shared.clone());
+        tokio::spawn(read_loop(shared, conn, position));
+        Ok(Box::new(stream))
+    }
+}
+
+#[async_trait]
+impl Subscriber for RedisSubscriber {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        match self.config.mode {
+            RedisMode::Streams => Capabilities {
+                persistent: true,
+                consumer_groups: true,
+                private_subscriptions: true,
+                order_per_key: true,
+                redelivery: true,
+                delayed_nack: true,
+                native_dead_letters: false,
+                at_most_once: false,
+                replay: true,
+                retains_for_declared_groups: true,
+            },
+            RedisMode::PubSub => Capabilities::at_most_once(),
+        }
+    }
+
+    async fn subscribe(&self, subscription: Subscription) -> Result<Box<dyn DeliveryStream>> {
+        subscription.check(self.name(), self.capabilities())?;
+        match self.config.mode {
+            RedisMode::Streams => self.subscribe_streams(subscription).await,
+            RedisMode::PubSub => {
+                let n = self.counter.fetch_add(1, Ordering::Relaxed);
+                let shared = self.shared(&subscription, format!("{}-{n}", self.consumer_base));
+                pubsub::subscribe(&self.client, shared).await
+            }
+        }
+    }
+
+    async fn declare_group(&self, topic: &str, group: &str) -> Result<()> {
+        if self.config.mode == RedisMode::PubSub {
+            return Ok(());
+        }
+        create_group(&mut self.control.clone(), topic, group, "$")
+            .await
+            .map_err(|e| Error::Subscribe {
+                topic: topic.to_owned(),
+                source: Box::new(e),
+            })
+    }
+
+    fn dead_letter_topic(&self, topic: &str, group: &str) -> String {
+        if group.is_empty() {
+            format!("{topic}:dlq")
+        } else {
+            format!("{topic}:{group}:dlq")
+        }
+    }
+}
+
+/// The id a group or a private read starts after.
+fn start_id(start: StartFrom, latest: &str) -> String {
+    match start {
+        StartFrom::Latest => latest.to_owned(),
+        StartFrom::Earliest => "0-0".to_owned(),
+        StartFrom::Time(t) => {
+            let ms = t
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            if ms == 0 {
+                "0-0".to_owned()
+            } else {
+                format!("{}-{}", ms - 1, u64::MAX)
+            }
+        }
+    }
+}
+
+/// `XGROUP CREATE topic group id MKSTREAM`; an existing group is kept as it is.
+async fn create_group(
+    conn: &mut ConnectionManager,
+    topic: &str,
+    group: &str,
+    id: &str,
+) -> RedisResult<()> {
+    let created: RedisResult<Value> = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(topic)
+        .arg(group)
+        .arg(id)
+        .arg("MKSTREAM")
+        .query_async(conn)
+        .await;
+    match created {
+        Ok(_) => Ok(()),
+        Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// The id of the newest entry, or `0-0` for an empty or missing stream.
+async fn last_entry_id(conn: &mut ConnectionManager, topic: &str) -> RedisResult<String> {
+    let reply: Value = redis::cmd("XREVRANGE")
+        .arg(topic)
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(conn)
+        .await?;
+    Ok(entries(reply)
+        .into_iter()
+        .next()
+        .map_or_else(|| "0-0".to_owned(), |(id, _)| id))
+}
+
+/// What one subscription's reader, its stream and its ackers share.
+pub(crate) struct Shared {
+    pub(crate) topic: Arc<str>,
+    pub(crate) group: Option<Arc<str>>,
+    pub(crate) consumer: String,
+    pub(crate) dead_letters: String,
+    pub(crate) control: ConnectionManager,
+    pub(crate) config: Arc<RedisConfig>,
+    /// Free in-flight slots (prefetch); a delivery holds one until settled.
+    pub(crate) permits: Arc<Semaphore>,
+    /// The subscription's prefetch.
+    prefetch: usize,
+    pub(crate) closed: watch::Sender<bool>,
+    pub(crate) tx: mpsc::UnboundedSender<Result<Delivery>>,
+    rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<Result<Delivery>>>>,
+    /// The ack batcher of a consumer group subscription.
+    acks: Option<mpsc::UnboundedSender<AckRequest>>,
+}
+
+/// One entry to `XACK`, and where to report the result if the caller waits.
+struct AckRequest {
+    entry_id: String,
+    done: Option<oneshot::Sender<RedisResult<()>>>,
+}
+
+/// Starts the task that acks entries in batches: every ack queued while the
+/// previous `XACK` was in flight goes out in the next one. It ends when the
+/// subscription and all its deliveries are gone.
+fn spawn_acker(
+    mut conn: ConnectionManager,
+    topic: String,
+    group: String,
+) -> mpsc::UnboundedSender<AckRequest> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<AckRequest>();
+    tokio::spawn(async move {
+        let mut batch = Vec::new();
+        while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+            let mut cmd = redis::cmd("XACK");
+            cmd.arg(&topic).arg(&group);
+            for request in &batch {
+                cmd.arg(&request.entry_id);
+            }
+            let result: RedisResult<Value> = cmd.query_async(&mut conn).await;
+            if let Err(error) = &result {
+                warn!(%error, topic, group, entries = batch.len(), "XACK failed; the entries are reclaimed after the visibility timeout");
+            }
+            for request in batch.drain(..) {
+                if let Some(done) = request.done {
+                    let _ = done.send(match &result {
+                        Ok(_) => Ok(()),
+                        Err(e) => Err(e.clone()),
+                    });
+                }
+            }
+        }
+    });
+    tx
+}
+
+impl Shared {
+    pub(crate) fn is_closed(&self) -> bool {
+        *self.closed.borrow()
+    }
+
+    /// Resolves once the subscription is closed.
+    pub(crate) async fn wait_closed(&self) {
+        let mut rx = self.closed.subscribe();
+        let _ = rx.wait_for(|c| *c).await;
+    }
+
+    fn close(&self) {
+        self.closed.send_replace(true);
+        self.permits.close();
+    }
+
+    /// One in-flight slot, or `None` once closed.
+    pub(crate) async fn permit(&self) -> Option<OwnedSemaphorePermit> {
+        tokio::select! {
+            biased;
+            _ = self.wait_closed() => None,
+            p = self.permits.clone().acquire_owned() => p.ok(),
+        }
+    }
+
+    /// Sleeps, returning `false` if the subscription closed meanwhile.
+    pub(crate) async fn sleep(&self, d: Duration) -> bool {
+        tokio::select! {
+            biased;
+            _ = self.wait_closed() => false,
+            _ = tokio::time::sleep(d) => !self.is_closed(),
+        }
+    }
+
+    pub(crate) fn report(&self, error: Error) {
+        let _ = self.tx.send(Err(error));
+    }
+
+    pub(crate) fn send(&self, delivery: Delivery) {
+        // If the stream is gone the delivery is dropped here, and its acker
+        // leaves the entry to be reclaimed.
+        let _ = self.tx.send(Ok(delivery));
+    }
+
+    fn group_name(&self) -> &str {
+        self.group.as_deref().unwrap_or_default()
+    }
+
+    fn millis(d: Duration) -> u64 {
+        d.as_millis().min(u64::MAX as u128) as u64
+    }
+
+    /// Makes a pending entry available to every member at once: idle for the
+    /// full visibility timeout, delivery count set to `count`.
+    async fn release(&self, entry_id: &str, count: u32) {
+        let result: RedisResult<Value> = redis::cmd("XCLAIM")
+            .arg(&*self.topic)
+            .arg(self.group_name())
+            .arg(&self.consumer)
+            .arg(0)
+            .arg(entry_id)
+            .arg("IDLE")
+            .arg(Self::millis(self.config.visibility_timeout))
+            .arg("RETRYCOUNT")
+            .arg(count)
+            .arg("JUSTID")
+            .query_async(&mut self.control.clone())
+            .await;
+        if let Err(error) = result {
+            debug!(%error, entry_id, "releasing a pending entry failed; it is reclaimed after the visibility timeout");
+        }
+    }
+
+    /// Resets the idle time of a pending entry we hold, so nobody reclaims it.
+    async fn touch(&self, entry_id: &str) {
+        let _: RedisResult<Value> = redis::cmd("XCLAIM")
+            .arg(&*self.topic)
+            .arg(self.group_name())
+            .arg(&self.consumer)
+            .arg(0)
+            .arg(entry_id)
+            .arg("JUSTID")
+            .query_async(&mut self.control.clone())
+            .await;
+    }
+}
+
+/// Where a delivery came from, and so how it is settled.
+#[derive(Clone)]
+pub(crate) enum Origin {
+    /// A stream entry pending in a consumer group.
+    Group { entry_id: String },
+    /// A private stream read or a Pub/Sub message: nothing to settle on the broker.
+    Local,
+}
+
+/// Settles one delivery.
+pub(crate) struct RedisAcker {
+    shared: Arc<Shared>,
+    origin: Origin,
+    message: Arc<Message>,
+    topic: Arc<str>,
+    attempt: u32,
+    permit: Option<OwnedSemaphorePermit>,
+    settled: bool,
+}
+
+impl RedisAcker {
+    pub(crate) fn delivery(
+        shared: &Arc<Shared>,
+        origin: Origin,
+        message: Message,
+        attempt: u32,
+        permit: OwnedSemaphorePermit,
+    ) -> Delivery {
+        let topic = shared.topic.clone();
+        Self::delivery_shared(shared, origin, Arc::new(message), topic, attempt, permit)
+    }
+
+    /// A delivery whose topic is `topic` (the channel a pattern matched).
+    pub(crate) fn delivery_shared(
+        shared: &Arc<Shared>,
+        origin: Origin,
+        message: Arc<Message>,
+        topic: Arc<str>,
+        attempt: u32,
+        permit: OwnedSemaphorePermit,
+    ) -> Delivery {
+        let acker = RedisAcker {
+            shared: shared.clone(),
+            origin,
+            message: message.clone(),
+            topic: topic.clone(),
+            attempt,
+            permit: Some(permit),
+            settled: false,
+        };
+        Delivery::new(
+            message,
+            topic,
+            shared.group.clone(),
+            attempt,
+            Box::new(acker),
+        )
+    }
+
+    fn settle_error(&self, e: redis::RedisError) -> Error {
+        Error::Settle {
+            id: self.message.id.clone(),
+            source: Box::new(e),
+        }
+    }
+
+    /// Delivers the message again to this subscription, not before `delay`.
+    fn redeliver(&mut self, delay: Option<Duration>, attempt: u32) {
+        self.settled = true;
+        self.permit = None;
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let shared = self.shared.clone();
+        let origin = self.origin.clone();
+        let message = self.message.clone();
+        let topic = self.topic.clone();
+        runtime.spawn(async move {
+            redeliver(shared, origin, message, topic, delay, attempt).await;
+        });
+    }
+}
+
+async fn redeliver(
+    shared: Arc<Shared>,
+    origin: Origin,
+    message: Arc<Message>,
+    topic: Arc<str>,
+    delay: Option<Duration>,
+    attempt: u32,
+) {
+    let mut touched = Instant::now();
+    if let Some(delay) = delay.filter(|d| !d.is_zero()) {
+        let deadline = touched + delay;
+        // Keep the entry ours during long delays: others reclaim it only
+        // after it was idle for the visibility timeout.
+        let keep_alive = (shared.config.visibility_timeout / 2).max(Duration::from_millis(5));
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            if !shared.sleep((deadline - now).min(keep_alive)).await {
+                break;
+            }
+            if Instant::now() < deadline
+                && let Origin::Group { entry_id } = &origin
+            {
+                shared.touch(entry_id).await;
+                touched = Instant::now();
+            }
+        }
+    }
+    let permit = match shared.permit().await {
+        Some(permit) => permit,
+        None => {
+            // Closed: leave it to the other members, at once.
+            if let Origin::Group { entry_id } = &origin {
+                shared.release(entry_id, attempt.saturating_sub(1)).await;
+            }
+            return;
+        }
+    };
+    match &origin {
+        Origin::Local => {
+            let d = RedisAcker::delivery_shared(
+                &shared,
+                Origin::Local,
+                message,
+                topic,
+                attempt,
+                permit,
+            );
+            shared.send(d);
+        }
+        Origin::Group { entry_id } => {
+            // Claim it back only if nobody else claimed it since we last held it.
+            let margin = (shared.config.visibility_timeout / 4).min(Duration::from_millis(100));
+            let min_idle = touched.elapsed().saturating_sub(margin);
+            let reply: RedisResult<Value> = redis::cmd("XCLAIM")
+                .arg(&*shared.topic)
+                .arg(shared.group_name())
+                .arg(&shared.consumer)
+                .arg(Shared::millis(min_idle))
+                .arg(entry_id)
+                .arg("RETRYCOUNT")
+                .arg(attempt)
+                .query_async(&mut shared.control.clone())
+                .await;
+            match reply {
+                Ok(reply) => {
+                    let mut permit = Some(permit);
+                    for (id, fields) in entries(reply) {
+                        if let Some(permit) = permit.take() {
+                            deliver(&shared, id, fields, attempt, permit).await;
+                        }
+                    }
+                }
+                Err(error) => {
+                    warn!(%error, entry_id, "claiming a nacked entry back failed; it is reclaimed after the visibility timeout");
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Acker for RedisAcker {
+    async fn ack(mut self: Box<Self>) -> Result<()> {
+        self.settled = true;
+        self.permit = None;
+        let Origin::Group { entry_id } = &self.origin else {
+            return Ok(());
+        };
+        let Some(acks) = &self.shared.acks else {
+            return Ok(());
+        };
+        let confirm = self.shared.config.confirm_acks;
+        let (done, confirmed) = if confirm {
+            let (tx, rx) = oneshot::channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        let request = AckRequest {
+            entry_id: entry_id.clone(),
+            done,
+        };
+        if acks.send(request).is_err() {
+            return Err(Error::Closed("ack batcher"));
+        }
+        match confirmed {
+            None => Ok(()),
+            Some(rx) => match rx.await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(self.settle_error(e)),
+                Err(_) => Err(Error::Closed("ack batcher")),
+            },
+        }
+    }
+
+    async fn nack(mut self: Box<Self>, delay: Option<Duration>) -> Result<()> {
+        let attempt = self.attempt.saturating_add(1);
+        self.redeliver(delay, attempt);
+        Ok(())
+    }
+
+    async fn dead_letter(mut self: Box<Self>, letter: DeadLetter) -> Result<()> {
+        self.settled = true;
+        let dead = letter.letter_for(&self.message);
+        let shared = self.shared.clone();
+        let mut conn = shared.control.clone();
+        match &self.origin {
+            Origin::Group { entry_id } => {
+                let added: RedisResult<Value> = xadd(&shared.config, &shared.dead_letters, &dead)
+                    .query_async(&mut conn)
+                    .await;
+                added.map_err(|e| self.settle_error(e))?;
+                let acked: RedisResult<Value> = redis::cmd("XACK")
+                    .arg(&*shared.topic)
+                    .arg(shared.group_name())
+                    .arg(entry_id)
+                    .query_async(&mut conn)
+                    .await;
+                acked.map(drop).map_err(|e| self.settle_error(e))
+            }
+            Origin::Local => {
+                let cmd = match shared.config.mode {
+                    RedisMode::Streams => xadd(&shared.config, &shared.dead_letters, &dead),
+                    RedisMode::PubSub => publish_cmd(&shared.dead_letters, &dead),
+                };
+                let sent: RedisResult<Value> = cmd.query_async(&mut conn).await;
+                sent.map(drop).map_err(|e| self.settle_error(e))
+            }
+        }
+    }
+}
+
+impl Drop for RedisAcker {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        match (&self.origin, self.shared.is_closed()) {
+            // Still running: hand it to this subscription again, same attempt.
+            (_, false) => {
+                let attempt = self.attempt;
+                self.redeliver(None, attempt);
+            }
+            // Closed: make it available to the other members at once.
+            (Origin::Group { entry_id }, true) => {
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    let shared = self.shared.clone();
+                    let entry_id = entry_id.clone();
+                    let count = self.attempt.saturating_sub(1);
+                    runtime.spawn(async move { shared.release(&entry_id, count).await });
+                }
+            }
+            (Origin::Local, true) => {}
+        }
+    }
+}
+
+/// The stream of deliveries handed to the caller.
+pub(crate) struct RedisStream {
+    shared: Arc<Shared>,
+    rx: Option<mpsc::UnboundedReceiver<Result<Delivery>>>,
+}
+
+impl RedisStream {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        let rx = shared.rx.lock().unwrap_or_else(|e| e.into_inner()).take();
+        RedisStream { shared, rx }
+    }
+
+    fn shut(&mut self) {
+        self.shared.close();
+        if let Some(mut rx) = self.rx.take() {
+            rx.close();
+            // Deliveries never handed out: their ackers release them.
+            while rx.try_recv().is_ok() {}
+        }
+    }
+}
+
+impl futures::Stream for RedisStream {
+    type Item = Result<Delivery>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        match self.rx.as_mut() {
+            Some(rx) => rx.poll_recv(cx),
+            None => Poll::Ready(None),
+        }
+    }
+}
+
+impl DeliveryStream for RedisStream {
+    fn close(&mut self) -> BoxFuture<'_, Result<()>> {
+        self.shut();
+        Box::pin(std::future::ready(Ok(())))
+    }
+}
+
+impl Drop for RedisStream {
+    fn drop(&mut self) {
+        self.shut();
+    }
+}
+
+/// `(entry id, fields)` pairs from a reply holding a list of entries
+/// (`XRANGE`, `XCLAIM`, one stream of `XREADGROUP`).
+pub(crate) fn entries(reply: Value) -> Vec<(String, Vec<Value>)> {
+    let Value::Array(items) = reply else {
+        return Vec::new();
+    };
+    items
+        .into_iter()
+        .filter_map(|item| {
+            let Value::Array(pair) = item else {
+                return None;
+            };
+            let mut pair = pair.into_iter();
+            let id = match pair.next()? {
+                Value::BulkString(b) => String::from_utf8(b).ok()?,
+                Value::SimpleString(s) => s,
+                _ => return None,
+            };
+            match pair.next() {
+                Some(Value::Array(fields)) => Some((id, fields)),
+                Some(Value::Map(map)) => {
+                    Some((id, map.into_iter().flat_map(|(k, v)| [k, v]).collect()))
+                }
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// The entries of the one stream in an `XREAD`/`XREADGROUP` reply (RESP2 or RESP3).
+fn read_reply(reply: Value) -> Vec<(String, Vec<Value>)> {
+    match reply {
+        Value::Array(streams) => streams
+            .into_iter()
+            .flat_map(|s| match s {
+                Value::Array(kv) => kv.into_iter().nth(1).map(entries).unwrap_or_default(),
+                _ => Vec::new(),
+            })
+            .collect(),
+        Value::Map(streams) => streams.into_iter().flat_map(|(_, v)| entries(v)).collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn bulk_string(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+/// Hands one entry to the caller, or dead-letters it if it is not ours.
+async fn deliver(
+    shared: &Arc<Shared>,
+    entry_id: String,
+    fields: Vec<Value>,
+    attempt: u32,
+    permit: OwnedSemaphorePermit,
+) {
+    if let Err(foreign) = headers::check_fields(&entry_id, &fields) {
+        dead_letter_foreign(shared, &entry_id, &fields, attempt, foreign).await;
+        return;
+    }
+    let message = match headers::read_fields(&entry_id, fields) {
+        Ok(message) => message,
+        Err(foreign) => {
+            shared.report(Error::Broker {
+                broker: NAME,
+                source: Box::new(foreign),
+            });
+            return;
+        }
+    };
+    let origin = match shared.group {
+        Some(_) => Origin::Group { entry_id },
+        None => Origin::Local,
+    };
+    let d = RedisAcker::delivery(shared, origin, message, attempt, permit);
+    shared.send(d);
+}
+
+/// An entry that is not one of ours: to the dead-letter stream (in a group),
+/// then acked; reported on the stream as an error either way.
+async fn dead_letter_foreign(
+    shared: &Arc<Shared>,
+    entry_id: &str,
+    fields: &[Value],
+    attempt: u32,
+    foreign: ForeignEntry,
+) {
+    warn!(topic = %shared.topic, group = ?shared.group, %foreign, "dead-lettering a foreign stream entry");
+    if let Some(group) = &shared.group {
+        let now = SystemTime::now();
+        let letter = DeadLetter {
+            reason: DeadLetterReason::Undecodable,
+            error: foreign.to_string(),
+            attempts: attempt,
+            first_failure: Some(now),
+            last_failure: now,
+            topic: shared.topic.to_string(),
+            group: Some(group.to_string()),
+        };
+        let dead = letter.letter_for(&headers::salvage(entry_id, fields));
+        let mut conn = shared.control.clone();
+        let added: RedisResult<Value> = xadd(&shared.config, &shared.dead_letters, &dead)
+            .query_async(&mut conn)
+            .await;
+        match added {
+            Ok(_) => {
+                let _: RedisResult<Value> = redis::cmd("XACK")
+                    .arg(&*shared.topic)
+                    .arg(&**group)
+                    .arg(entry_id)
+                    .query_async(&mut conn)
+                    .await;
+            }
+            Err(error) => {
+                warn!(%error, entry_id, "dead-lettering a foreign entry failed; it stays pending");
+            }
+        }
+    }
+    shared.report(Error::Broker {
+        broker: NAME,
+        source: Box::new(foreign),
+    });
+}
+
+/// Reads a stream for one subscription until it is closed: `XREADGROUP`
+/// (and reclaims with `XAUTOCLAIM`) for a group, `XREAD` after `position`
+/// for a private subscription.
+async fn read_loop(shared: Arc<Shared>, mut conn: ConnectionManager, mut position: Option<String>) {
+    let config = shared.config.clone();
+    let reclaim_every = config.effective_reclaim_interval();
+    let mut last_reclaim: Option<Instant> = None;
+    let mut cursor = "0-0".to_owned();
+    let mut backoff = Duration::from_millis(20);
+    let mut failing = false;
+    loop {
+        let Some(first) = shared.permit().await else {
+            break;
+        };
+        let permits = gather(&shared, first).await;
+        let mut permits = permits;
+        let result = match &mut position {
+            None => {
+                let due = last_reclaim.is_none_or(|t| t.elapsed() >= reclaim_every);
+                let reclaimed = if due {
+                    match reclaim(&shared, &mut conn, &mut cursor, &mut permits).await {
+                        Ok(done) => {
+                            if done {
+                                last_reclaim = Some(Instant::now());
+                            }
+                            Ok(())
+                        }
+                        Err(e) => Err(e),
+                    }
+                } else {
+                    Ok(())
+                };
+                match reclaimed {
+                    Ok(()) if permits.is_empty() => Ok(()),
+                    Ok(()) => read_group(&shared, &mut conn, &mut permits).await,
+                    Err(e) => Err(e),
+                }
+            }
+            Some(last_id) => read_private(&shared, &mut conn, last_id, &mut permits).await,
+        };
+        drop(permits);
+        match result {
+            Ok(()) => {
+                if failing {
+                    debug!(topic = %shared.topic, "subscription recovered");
+                }
+                failing = false;
+                backoff = Duration::from_millis(20);
+            }
+            Err(e) if e.code() == Some("NOGROUP") => {
+                // The stream or group vanished (a restarted server without
+                // persistence, a deleted key): create it again from the start.
+                let group = shared.group_name().to_owned();
+                if let Err(error) = create_group(&mut conn, &shared.topic, &group, "0").await {
+                    warn!(%error, topic = %shared.topic, "recreating the consumer group failed");
+                    if !shared.sleep(backoff).await {
+                        break;
+                    }
+                }
+            }
+            Err(e) => {
+                if !failing {
+                    warn!(error = %e, topic = %shared.topic, "reading the stream failed; retrying with backoff");
+                    shared.report(broker_error(e));
+                }
+                failing = true;
+                if !shared.sleep(backoff).await {
+                    break;
+                }
+                backoff = (backoff * 2).min(config.max_backoff);
+            }
+        }
+        if shared.is_closed() {
+            break;
+        }
+    }
+}
+
+/// The free in-flight slots for one read. Under load slots come back one by
+/// one; rather than reading one entry per round trip, wait up to
+/// [`GATHER`] for a quarter of the prefetch to be free.
+async fn gather(shared: &Shared, first: OwnedSemaphorePermit) -> Vec<OwnedSemaphorePermit> {
+    let mut permits = vec![first];
+    let target = (shared.prefetch / 4).clamp(1, MAX_BATCH);
+    let until = tokio::time::Instant::now() + GATHER;
+    loop {
+        while permits.len() < MAX_BATCH {
+            match shared.permits.clone().try_acquire_owned() {
+                Ok(p) => permits.push(p),
+                Err(_) => break,
+            }
+        }
+        if permits.len() >= target {
+            return permits;
+        }
+        match tokio::time::timeout_at(until, shared.permits.clone().acquire_owned()).await {
+            Ok(Ok(p)) => permits.push(p),
+            _ => return permits,
+        }
+    }
+}
+
+async fn read_group(
+    shared: &Arc<Shared>,
+    conn: &mut ConnectionManager,
+    permits: &mut Vec<OwnedSemaphorePermit>,
+) -> RedisResult<()> {
+    let block = shared
+        .config
+        .block
+        .min(shared.config.effective_reclaim_interval());
+    let reply: Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(shared.group_name())
+        .arg(&shared.consumer)
+        .arg("COUNT")
+        .arg(permits.len())
+        .arg("BLOCK")
+        .arg(Shared::millis(block).max(1))
+        .arg("STREAMS")
+        .arg(&*shared.topic)
+        .arg(">")
+        .query_async(conn)
+        .await?;
+    for (id, fields) in read_reply(reply) {
+        if shared.is_closed() {
+            // Read after close: not handed out, so not an attempt.
+            shared.release(&id, 0).await;
+            continue;
+        }
+        match permits.pop() {
+            Some(permit) => deliver(shared, id, fields, 1, permit).await,
+            None => shared.release(&id, 0).await,
+        }
+    }
+    Ok(())
+}
+
+/// `XAUTOCLAIM` entries idle for the visibility timeout; returns whether
+/// the scan of the pending list is complete.
+async fn reclaim(
+    shared: &Arc<Shared>,
+    conn: &mut ConnectionManager,
+    cursor: &mut String,
+    permits: &mut Vec<OwnedSemaphorePermit>,
+) -> RedisResult<bool> {
+    let reply: Value = redis::cmd("XAUTOCLAIM")
+        .arg(&*shared.topic)
+        .arg(shared.group_name())
+        .arg(&shared.consumer)
+        .arg(Shared::millis(shared.config.visibility_timeout))
+        .arg(&*cursor)
+        .arg("COUNT")
+        .arg(permits.len())
+        .query_async(conn)
+        .await?;
+    let Value::Array(mut parts) = reply else {
+        return Ok(true);
+    };
+    if parts.len() < 2 {
+        return Ok(true);
+    }
+    let claimed = entries(parts.swap_remove(1));
+    let next = bulk_string(&parts[0]).unwrap_or_else(|| "0-0".to_owned());
+    let done = next == "0-0";
+    *cursor = next;
+    if claimed.is_empty() {
+        return Ok(done);
+    }
+    // The attempt is the entry's delivery count.
+    let mut pipe = redis::pipe();
+    for (id, _) in &claimed {
+        pipe.cmd("XPENDING")
+            .arg(&*shared.topic)
+            .arg(shared.group_name())
+            .arg(id)
+            .arg(id)
+            .arg(1)
+            .arg(&shared.consumer);
+    }
+    let counts: Vec<Value> = pipe.query_async(conn).await?;
+    for ((id, fields), count) in claimed.into_iter().zip(counts) {
+        let attempt = delivery_count(count).unwrap_or(2);
+        debug!(topic = %shared.topic, entry_id = %id, attempt, "reclaimed an idle pending entry");
+        match permits.pop() {
+            Some(permit) => deliver(shared, id, fields, attempt, permit).await,
+            None => shared.release(&id, attempt.saturating_sub(1)).await,
+        }
+    }
+    Ok(done)
+}
+
+/// The delivery count from an `XPENDING key group id id 1 consumer` reply.
+fn delivery_count(reply: Value) -> Option<u32> {
+    let Value::Array(rows) = reply else {
+        return None;
+    };
+    let Some(Value::Array(row)) = rows.into_iter().next() else {
+        return None;
+    };
+    match row.get(3)? {
+        Value::Int(n) => u32::try_from(*n).ok(),
+        _ => None,
+    }
+}
+
+async fn read_private(
+    shared: &Arc<Shared>,
+    conn: &mut ConnectionManager,
+    last_id: &mut String,
+    permits: &mut Vec<OwnedSemaphorePermit>,
+) -> RedisResult<()> {
+    let reply: Value = redis::cmd("XREAD")
+        .arg("COUNT")
+        .arg(permits.len())
+        .arg("BLOCK")
+        .arg(Shared::millis(shared.config.block).max(1))
+        .arg("STREAMS")
+        .arg(&*shared.topic)
+        .arg(&*last_id)
+        .query_async(conn)
+        .await?;
+    for (id, fields) in read_reply(reply) {
+        let Some(permit) = permits.pop() else { break };
+        last_id.clone_from(&id);
+        if shared.is_closed() {
+            break;
+        }
+        deliver(shared, id, fields, 1, permit).await;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_ids() {
+        assert_eq!(start_id(StartFrom::Latest, "$"), "$");
+        assert_eq!(start_id(StartFrom::Earliest, "$"), "0-0");
+        let t = UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+        assert_eq!(
+            start_id(StartFrom::Time(t), "$"),
+            format!("1700000000122-{}", u64::MAX)
+        );
+    }
+
+    #[test]
+    fn replies_parse_in_resp2_and_resp3_shapes() {
+        let entry = |id: &str| {
+            Value::Array(vec![
+                Value::BulkString(id.as_bytes().to_vec()),
+                Value::Array(vec![
+                    Value::BulkString(b"payload".to_vec()),
+                    Value::BulkString(b"x".to_vec()),
+                ]),
+            ])
+        };
+        let resp2 = Value::Array(vec![Value::Array(vec![
+            Value::BulkString(b"s".to_vec()),
+            Value::Array(vec![entry("1-0"), entry("2-0")]),
+        ])]);
+        let ids: Vec<_> = read_reply(resp2).into_iter().map(|(id, _)| id).collect();
+        assert_eq!(ids, ["1-0", "2-0"]);
+        let resp3 = Value::Map(vec![(
+            Value::BulkString(b"s".to_vec()),
+            Value::Array(vec![entry("3-0"), Value::Nil]),
+        )]);
+        let ids: Vec<_> = read_reply(resp3).into_iter().map(|(id, _)| id).collect();
+        assert_eq!(ids, ["3-0"]);
+        assert!(read_reply(Value::Nil).is_empty());
+        let pending = Value::Array(vec![Value::Array(vec![
+            Value::BulkString(b"1-0".to_vec()),
+            Value::BulkString(b"c".to_vec()),
+            Value::Int(5),
+            Value::Int(3),
+        ])]);
+        assert_eq!(delivery_count(pending), Some(3));
+    }
+}
