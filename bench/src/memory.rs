@@ -162,7 +162,9 @@ async fn memory_stack(args: &Args, clock: &Arc<Clock>) {
         });
         let sink = Sink::new(args.count, clock.clone());
         let s = sink.clone();
-        let mut builder = Consumer::group(bus.subscriber(), "bench").concurrency(1).prefetch(256);
+        let mut builder = Consumer::group(bus.subscriber(), "bench")
+            .concurrency(1)
+            .prefetch(256);
         if layered {
             builder = builder
                 .layer(MaxChainDepth(16))
@@ -189,11 +191,25 @@ async fn memory_stack(args: &Args, clock: &Arc<Clock>) {
         wait_done(&sink, 600).await;
         let elapsed = start.elapsed();
         consumer.shutdown(Duration::from_secs(10)).await;
-        let case = if layered { "e2e-stack" } else { "e2e-no-layers" };
-        report("tidings", "memory", case, args.count, elapsed, &sink.summary());
+        let case = if layered {
+            "e2e-stack"
+        } else {
+            "e2e-no-layers"
+        };
+        report(
+            "tidings",
+            "memory",
+            case,
+            args.count,
+            elapsed,
+            &sink.summary(),
+        );
         rates.push(elapsed.as_nanos() as f64 / args.count as f64);
     }
-    println!("  middleware stack adds {:.0} ns per message", rates[1] - rates[0]);
+    println!(
+        "  middleware stack adds {:.0} ns per message",
+        rates[1] - rates[0]
+    );
 }
 
 /// The OpenTelemetry layers (publish and process) around a no-op handler,
