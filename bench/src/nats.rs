@@ -137,6 +137,23 @@ fn msg_id() -> String {
     tidings::Message::new(Bytes::new()).id
 }
 
+/// The metadata a hand-written service would send too (an id, a source, a
+/// time), under the same names and of the same length as Tidings writes, so
+/// both sides move the same bytes.
+fn bare_headers() -> async_nats::HeaderMap {
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("ce_id", msg_id().as_str());
+    h.insert("ce_specversion", "1.0");
+    h.insert("ce_source", "/tidings");
+    h.insert(
+        "ce_time",
+        humantime::format_rfc3339_micros(std::time::SystemTime::now())
+            .to_string()
+            .as_str(),
+    );
+    h
+}
+
 async fn bare_publish(
     args: &Args,
     clock: &Arc<Clock>,
@@ -152,6 +169,7 @@ async fn bare_publish(
     let publish = |payload: Bytes| {
         jetstream::message::PublishMessage::build()
             .payload(payload)
+            .headers(bare_headers())
             .message_id(msg_id())
     };
     let start = Instant::now();
@@ -160,7 +178,7 @@ async fn bare_publish(
             let payload = clock.payload(args.payload);
             if core {
                 client
-                    .publish(subject.clone(), payload)
+                    .publish_with_headers(subject.clone(), bare_headers(), payload)
                     .await
                     .expect("publish");
                 client.flush().await.expect("flush");
@@ -179,7 +197,11 @@ async fn bare_publish(
             if core {
                 for _ in 0..n {
                     client
-                        .publish(subject.clone(), clock.payload(args.payload))
+                        .publish_with_headers(
+                            subject.clone(),
+                            bare_headers(),
+                            clock.payload(args.payload),
+                        )
                         .await
                         .expect("publish");
                 }
@@ -341,7 +363,11 @@ async fn bare_e2e(
         if core {
             for _ in 0..n {
                 client
-                    .publish(subject.clone(), clock.payload(args.payload))
+                    .publish_with_headers(
+                        subject.clone(),
+                        bare_headers(),
+                        clock.payload(args.payload),
+                    )
                     .await
                     .expect("publish");
             }
@@ -351,6 +377,7 @@ async fn bare_e2e(
             for _ in 0..n {
                 let publish = jetstream::message::PublishMessage::build()
                     .payload(clock.payload(args.payload))
+                    .headers(bare_headers())
                     .message_id(msg_id());
                 acks.push(
                     js.send_publish(subject.clone(), publish)

@@ -411,7 +411,12 @@ impl Shared {
             queued: AtomicUsize::new(0),
             closing: AtomicBool::new(false),
             abandon: AtomicBool::new(false),
-            buffer: prefetch.clamp(16, 4096),
+            // Records fetched but not yet handed out. Pausing is costly
+            // (librdkafka drops a paused partition's prefetched records and
+            // fetches them again on resume), so the buffer is kept well above
+            // the prefetch: measured, a buffer equal to a prefetch of 1,000
+            // stalled intake to 0.3 of bare rdkafka, 4,096 reached parity.
+            buffer: (prefetch * 4).clamp(4096, 16384),
         }
     }
 
