@@ -33,9 +33,9 @@
 //! - `amqp`: RabbitMQ, `amqp://`.
 //! - `kafka`: Kafka, `kafka://` (builds librdkafka from source: needs gcc, g++, make).
 //! - `nats`: NATS JetStream and core, `nats://`.
-//! - `otel`: OpenTelemetry tracing and metrics layers, [`otel`] (see `docs/observability.md`).
-//! - `testkit`: the conformance suite, [`RecordingPublisher`](tidings_core::testkit::RecordingPublisher)
-//!   and [`FaultProxy`](tidings_core::testkit::FaultProxy).
+//! - `otel`: OpenTelemetry tracing and metrics layers, `tidings::otel` (see `docs/observability.md`).
+//! - `testkit`: the conformance suite, `RecordingPublisher`
+//!   and `FaultProxy`.
 
 use std::sync::Arc;
 

@@ -9,6 +9,7 @@ use async_trait::async_trait;
 
 use crate::error::{Error, Result};
 use crate::message::Message;
+use crate::publisher::Receipt;
 
 /// A received message, its attempt number, and the means to settle it:
 /// [`ack`](Delivery::ack), [`nack`](Delivery::nack) or
@@ -27,6 +28,7 @@ pub struct Delivery {
     group: Option<Arc<str>>,
     attempt: AtomicU32,
     acker: Option<Box<dyn Acker>>,
+    position: Option<Receipt>,
 }
 
 /// The adapter's side of a delivery: how to settle this one message.
@@ -63,7 +65,26 @@ impl Delivery {
             group,
             attempt: AtomicU32::new(attempt.max(1)),
             acker: Some(acker),
+            position: None,
         }
+    }
+
+    /// Records where the broker stored the message: a Kafka partition and
+    /// offset ([`Receipt::Offset`]), a Redis stream entry id
+    /// ([`Receipt::EntryId`]), a JetStream stream and stream sequence
+    /// ([`Receipt::Sequence`], `duplicate` always `false`). Used by adapters
+    /// that know it; observability layers put it on the consumer span.
+    #[must_use]
+    pub fn with_position(mut self, position: Receipt) -> Self {
+        self.position = Some(position);
+        self
+    }
+
+    /// Where the broker stored the message, when the adapter knows it (see
+    /// [`with_position`](Delivery::with_position)); `None` for the in-process
+    /// bus, AMQP, core NATS and Redis Pub/Sub.
+    pub fn position(&self) -> Option<&Receipt> {
+        self.position.as_ref()
     }
 
     /// The message.
@@ -138,6 +159,7 @@ impl fmt::Debug for Delivery {
             .field("group", &self.group)
             .field("attempt", &self.attempt())
             .field("settled", &self.is_settled())
+            .field("position", &self.position)
             .finish()
     }
 }
@@ -285,6 +307,40 @@ impl DeadLetter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    struct Noop;
+
+    #[async_trait]
+    impl Acker for Noop {
+        async fn ack(self: Box<Self>) -> Result<()> {
+            Ok(())
+        }
+        async fn nack(self: Box<Self>, _delay: Option<Duration>) -> Result<()> {
+            Ok(())
+        }
+        async fn dead_letter(self: Box<Self>, _letter: DeadLetter) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn position_is_none_until_set() {
+        let delivery = || {
+            Delivery::new(
+                Arc::new(Message::new("{}")),
+                "t".into(),
+                None,
+                1,
+                Box::new(Noop),
+            )
+        };
+        assert_eq!(delivery().position(), None);
+        let entry = Receipt::EntryId("1-0".into());
+        assert_eq!(
+            delivery().with_position(entry.clone()).position(),
+            Some(&entry)
+        );
+    }
 
     #[test]
     fn letter_headers_round_trip() {

@@ -15,8 +15,8 @@
 //! idempotent (or use the idempotency middleware).
 //!
 //! # Feature flags
-//! - `testkit`: the conformance suite every adapter runs, a [`RecordingPublisher`](testkit::RecordingPublisher)
-//!   for users' unit tests, and a TCP [`FaultProxy`](testkit::FaultProxy) for connection faults.
+//! - `testkit`: the conformance suite every adapter runs, a `RecordingPublisher`
+//!   for users' unit tests, and a TCP `FaultProxy` for connection faults.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod codec;

@@ -10,7 +10,7 @@
 //! once, and a crashed replica's marker expires with its lease.
 //!
 //! Stores: [`MemoryStore`] (TTL and size bound, one process) and,
-//! with the `redis` feature, [`RedisStore`] (`SET NX PX`, shared by replicas).
+//! with the `redis` feature, `RedisStore` (`SET NX PX`, shared by replicas).
 
 use std::sync::Arc;
 use std::time::Duration;

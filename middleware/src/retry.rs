@@ -14,7 +14,7 @@
 //! the error becomes final and the runtime dead-letters the message.
 //!
 //! On the publish path, [`PublishRetry`] retries transient failures
-//! ([`Error::is_transient`]) and never a rejected message.
+//! ([`Error::is_transient`](tidings_core::Error::is_transient)) and never a rejected message.
 
 use std::sync::Arc;
 

@@ -429,3 +429,33 @@ pub(crate) fn metadata_attributes(
         attrs.push(KeyValue::new(attr::KAFKA_KEY, key.clone()));
     }
 }
+
+/// The attributes of a broker position (a publish receipt or a delivery's
+/// position): the conventions' Kafka partition and offset, and `tidings.*`
+/// ones where the conventions have none.
+pub(crate) fn position_attributes(
+    attrs: &mut Vec<opentelemetry::KeyValue>,
+    position: &tidings_core::Receipt,
+) {
+    use names::attr;
+    use opentelemetry::KeyValue;
+    use tidings_core::Receipt;
+    match position {
+        Receipt::Offset { partition, offset } => {
+            attrs.push(KeyValue::new(attr::PARTITION_ID, partition.to_string()));
+            attrs.push(KeyValue::new(attr::KAFKA_OFFSET, *offset));
+        }
+        Receipt::EntryId(id) => attrs.push(KeyValue::new(attr::REDIS_ENTRY_ID, id.clone())),
+        Receipt::Sequence {
+            stream, sequence, ..
+        } => {
+            attrs.push(KeyValue::new(attr::NATS_STREAM, stream.clone()));
+            // Attribute integers are i64; a sequence above i64::MAX is out of reach in practice.
+            attrs.push(KeyValue::new(
+                attr::NATS_STREAM_SEQUENCE,
+                i64::try_from(*sequence).unwrap_or(i64::MAX),
+            ));
+        }
+        _ => {}
+    }
+}

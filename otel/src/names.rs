@@ -22,10 +22,18 @@ pub mod attr {
     pub const CONVERSATION_ID: &str = "messaging.message.conversation_id";
     /// The consumer group.
     pub const CONSUMER_GROUP: &str = "messaging.consumer.group.name";
-    /// The Kafka partition (from the publish receipt).
+    /// The Kafka partition (from the publish receipt on `send`, the delivery's position on `process`).
     pub const PARTITION_ID: &str = "messaging.destination.partition.id";
-    /// The Kafka offset (from the publish receipt).
+    /// The Kafka offset (from the publish receipt on `send`, the delivery's position on `process`).
     pub const KAFKA_OFFSET: &str = "messaging.kafka.offset";
+    /// The Redis stream entry id of a delivery (`1700000000000-0`). The
+    /// conventions define no Redis attribute, hence the `tidings.` namespace.
+    pub const REDIS_ENTRY_ID: &str = "tidings.redis.stream.entry_id";
+    /// The JetStream stream a delivery was read from. The conventions define
+    /// no NATS attribute, hence the `tidings.` namespace.
+    pub const NATS_STREAM: &str = "tidings.nats.stream.name";
+    /// The delivery's sequence in its JetStream stream (the counterpart of the Kafka offset).
+    pub const NATS_STREAM_SEQUENCE: &str = "tidings.nats.stream.sequence";
     /// The Kafka message key.
     pub const KAFKA_KEY: &str = "messaging.kafka.message.key";
     /// The class of the error: the failure kind on the handle path, the error variant on the publish path.

@@ -206,7 +206,7 @@ impl Middleware for OtelProcess {
         // Attributes cost allocations: only for spans that record.
         let recording = span.is_recording();
         if recording {
-            let mut attrs = Vec::with_capacity(14);
+            let mut attrs = Vec::with_capacity(16);
             attrs.extend(labels.iter().cloned());
             attrs.push(KeyValue::new(attr::OPERATION_TYPE, "process"));
             attrs.push(KeyValue::new(attr::OPERATION_NAME, "process"));
@@ -214,6 +214,9 @@ impl Middleware for OtelProcess {
             attrs.push(KeyValue::new(attr::BODY_SIZE, message.payload.len() as i64));
             attrs.push(KeyValue::new(attr::ATTEMPT, i64::from(attempt)));
             crate::metadata_attributes(&mut attrs, self.system, message);
+            if let Some(position) = delivery.position() {
+                crate::position_attributes(&mut attrs, position);
+            }
             span.set_attributes(attrs);
         }
         let m = &message.metadata;

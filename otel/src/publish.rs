@@ -115,9 +115,12 @@ impl PublishMiddleware for OtelPublish {
         let span = cx.span();
         let outcome = match &result {
             Ok(receipt) => {
-                if recording && let Receipt::Offset { partition, offset } = receipt {
-                    span.set_attribute(KeyValue::new(attr::PARTITION_ID, partition.to_string()));
-                    span.set_attribute(KeyValue::new(attr::KAFKA_OFFSET, *offset));
+                if recording {
+                    let mut attrs = Vec::new();
+                    crate::position_attributes(&mut attrs, receipt);
+                    if !attrs.is_empty() {
+                        span.set_attributes(attrs);
+                    }
                 }
                 SendOutcome::Ok
             }

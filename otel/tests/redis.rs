@@ -8,7 +8,9 @@ use std::time::Duration;
 use common::{assert_span, attr_str, otel};
 use opentelemetry::trace::SpanKind;
 use tidings_core::middleware::LayeredPublisher;
-use tidings_core::{Backoff, Consumer, Event, HandlerError, Message, Publisher, RetryPolicy};
+use tidings_core::{
+    Backoff, Consumer, Event, HandlerError, Message, Publisher, Receipt, RetryPolicy,
+};
 use tidings_otel::names::{attr as a, metric as m};
 use tidings_redis::{RedisBus, RedisConfig};
 
@@ -105,5 +107,43 @@ async fn trace_continues_through_redis() {
         ),
         1
     );
+    consumer.shutdown(Duration::from_secs(5)).await;
+}
+
+/// The consumer span carries the delivery's stream entry id, the one the
+/// publish receipt named (and the `send` span carries it too).
+#[tokio::test]
+async fn consumer_span_carries_the_stream_entry_id() {
+    let o = otel(|b| b);
+    let bus = redis().await;
+    let name = bus.subscriber().name();
+    let topic = format!("otel-pos-{}", tidings_core::message::new_id());
+    let publisher =
+        LayeredPublisher::new(bus.publisher()).layer(Arc::new(o.telemetry.publish_layer(name)));
+    let consumer = Consumer::group(bus.subscriber(), "otel-position")
+        .layer(o.telemetry.process_layer(name))
+        .handle(topic.clone(), |_: Event<Json>| async {
+            Ok::<_, HandlerError>(())
+        })
+        .start()
+        .await
+        .expect("start consumer");
+
+    let receipt = publisher
+        .publish(&topic, Message::new(r#"{"n":1}"#))
+        .await
+        .expect("publish");
+    let Receipt::EntryId(entry_id) = receipt else {
+        panic!("Redis Streams publish returns an entry id, got {receipt:?}");
+    };
+
+    let process = o.wait_spans(&format!("process {topic}"), 1).await.remove(0);
+    assert_eq!(attr_str(&process, a::REDIS_ENTRY_ID), entry_id);
+    assert!(
+        common::attr(&process, a::KAFKA_OFFSET).is_none(),
+        "no Kafka offset on a Redis span"
+    );
+    let send = o.wait_spans(&format!("send {topic}"), 1).await.remove(0);
+    assert_eq!(attr_str(&send, a::REDIS_ENTRY_ID), entry_id);
     consumer.shutdown(Duration::from_secs(5)).await;
 }

@@ -21,8 +21,8 @@ use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
 use tidings_core::{
-    Acker, Capabilities, DeadLetter, Delivery, DeliveryStream, Error, Message, Result, StartFrom,
-    Subscriber, Subscription,
+    Acker, Capabilities, DeadLetter, Delivery, DeliveryStream, Error, Message, Receipt, Result,
+    StartFrom, Subscriber, Subscription,
 };
 
 use crate::config::Mode;
@@ -488,12 +488,13 @@ impl Pump {
         group: &Arc<str>,
         tracker: Option<&Arc<Tracker>>,
     ) -> Delivery {
-        let (attempt, fallback) = match msg.info() {
+        let (attempt, fallback, position) = match msg.info() {
             Ok(info) => (
                 u32::try_from(info.delivered).unwrap_or(1),
                 Some(format!("{}:{}", info.stream, info.stream_sequence)),
+                Some(stream_position(info.stream, info.stream_sequence)),
             ),
-            Err(_) => (1, None),
+            Err(_) => (1, None, None),
         };
         let async_nats::Message {
             reply,
@@ -514,13 +515,17 @@ impl Pump {
             tracked,
             _permit: permit,
         };
-        Delivery::new(
+        let delivery = Delivery::new(
             message,
             self.topic.clone(),
             Some(group.clone()),
             attempt,
             Box::new(acker),
-        )
+        );
+        match position {
+            Some(position) => delivery.with_position(position),
+            None => delivery,
+        }
     }
 
     async fn run_ordered(mut self, stream: String, subject: String, mut messages: pull::Ordered) {
@@ -539,12 +544,13 @@ impl Pump {
                 match next {
                     Some(Ok(msg)) => {
                         failures = 0;
-                        let (fallback, sequence) = match msg.info() {
+                        let (fallback, sequence, position) = match msg.info() {
                             Ok(info) => (
                                 Some(format!("{}:{}", info.stream, info.stream_sequence)),
                                 info.stream_sequence,
+                                Some(stream_position(info.stream, info.stream_sequence)),
                             ),
-                            Err(_) => (None, last_sequence),
+                            Err(_) => (None, last_sequence, None),
                         };
                         last_sequence = sequence;
                         let async_nats::Message {
@@ -562,6 +568,10 @@ impl Pump {
                                 _permit: permit,
                             }),
                         );
+                        let delivery = match position {
+                            Some(position) => delivery.with_position(position),
+                            None => delivery,
+                        };
                         if !self.hand_over(delivery).await {
                             break 'outer;
                         }
@@ -805,5 +815,14 @@ impl Acker for NoAcker {
             adapter: NAME,
             what: format!("dead letters on {}; subscribe with a group", self.what),
         })
+    }
+}
+
+/// A JetStream delivery's position: its stream and stream sequence.
+fn stream_position(stream: &str, sequence: u64) -> Receipt {
+    Receipt::Sequence {
+        stream: stream.to_owned(),
+        sequence,
+        duplicate: false,
     }
 }

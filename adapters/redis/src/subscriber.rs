@@ -13,7 +13,7 @@ use redis::aio::ConnectionManager;
 use redis::{Client, RedisResult, Value};
 use tidings_core::{
     Acker, Capabilities, DeadLetter, DeadLetterReason, Delivery, DeliveryStream, Error, Message,
-    Result, StartFrom, Subscriber, Subscription,
+    Receipt, Result, StartFrom, Subscriber, Subscription,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tracing::{debug, warn};
@@ -435,6 +435,10 @@ impl RedisAcker {
         attempt: u32,
         permit: OwnedSemaphorePermit,
     ) -> Delivery {
+        let position = match &origin {
+            Origin::Group { entry_id } => Some(Receipt::EntryId(entry_id.clone())),
+            Origin::Local => None,
+        };
         let acker = RedisAcker {
             shared: shared.clone(),
             origin,
@@ -444,13 +448,17 @@ impl RedisAcker {
             permit: Some(permit),
             settled: false,
         };
-        Delivery::new(
+        let delivery = Delivery::new(
             message,
             topic,
             shared.group.clone(),
             attempt,
             Box::new(acker),
-        )
+        );
+        match position {
+            Some(position) => delivery.with_position(position),
+            None => delivery,
+        }
     }
 
     fn settle_error(&self, e: redis::RedisError) -> Error {
@@ -777,11 +785,16 @@ async fn deliver(
             return;
         }
     };
-    let origin = match shared.group {
-        Some(_) => Origin::Group { entry_id },
-        None => Origin::Local,
+    let (origin, position) = match shared.group {
+        Some(_) => (Origin::Group { entry_id }, None),
+        // A private stream read: the entry id is the position, nothing to settle.
+        None => (Origin::Local, Some(Receipt::EntryId(entry_id))),
     };
     let d = RedisAcker::delivery(shared, origin, message, attempt, permit);
+    let d = match position {
+        Some(position) => d.with_position(position),
+        None => d,
+    };
     shared.send(d);
 }
 
