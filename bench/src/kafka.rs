@@ -10,8 +10,10 @@
 //!   rdkafka: one `StreamConsumer::recv` loop storing each offset, auto-commit).
 //!
 //! Both producers use the adapter's defaults: idempotent, `acks=all`,
-//! `linger.ms=5`, `batch.size=1000000`. No keys. The bare producer sends the
-//! payload only; Tidings adds its CloudEvents headers.
+//! `linger.ms=5`, `batch.size=1000000`. No keys. Both sides send the same
+//! metadata headers: Tidings writes `ce_id`, `ce_specversion`, `ce_source`
+//! and `ce_time` for a plain message, and the bare producer sends the same
+//! four (`bare_headers`).
 //!
 //! Each new consumer group waits about 3 s for the mock's initial rebalance
 //! delay. The clock starts after the group is assigned: one warm-up message
@@ -33,7 +35,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{Consumer as _, StreamConsumer};
-use rdkafka::message::Message as _;
+use rdkafka::message::{Header, Message as _, OwnedHeaders};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
@@ -196,6 +198,24 @@ fn timeline(sink: &Arc<Sink>) -> Option<tokio::task::JoinHandle<()>> {
     }))
 }
 
+/// The metadata a hand-written service would send too (an id, a spec
+/// version, a source, a time), under the names and of the lengths Tidings
+/// writes for a plain message, so both sides move the same bytes.
+fn bare_headers() -> OwnedHeaders {
+    let id = Message::new(Bytes::new()).id;
+    let time = humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string();
+    let header = |h: OwnedHeaders, key: &str, value: &str| {
+        h.insert(Header {
+            key,
+            value: Some(value.as_bytes()),
+        })
+    };
+    let h = header(OwnedHeaders::new_with_capacity(4), "ce_id", &id);
+    let h = header(h, "ce_specversion", "1.0");
+    let h = header(h, "ce_source", "/tidings");
+    header(h, "ce_time", &time)
+}
+
 /// The bare producer: the adapter's producer settings.
 fn bare_producer(config: &KafkaConfig) -> FutureProducer {
     let mut c = ClientConfig::new();
@@ -324,7 +344,9 @@ async fn bare_publish(args: &Args, clock: &Clock, mock: &Mock, config: &KafkaCon
             let payload = clock.payload(args.payload);
             producer
                 .send(
-                    FutureRecord::<(), [u8]>::to(&topic).payload(&payload[..]),
+                    FutureRecord::<(), [u8]>::to(&topic)
+                        .payload(&payload[..])
+                        .headers(bare_headers()),
                     Timeout::Never,
                 )
                 .await
@@ -356,7 +378,9 @@ async fn bare_batch(producer: &FutureProducer, clock: &Clock, topic: &str, n: u6
     let payloads: Vec<Bytes> = (0..n).map(|_| clock.payload(size)).collect();
     let mut reports = Vec::with_capacity(payloads.len());
     for payload in &payloads {
-        let mut record = FutureRecord::<(), [u8]>::to(topic).payload(&payload[..]);
+        let mut record = FutureRecord::<(), [u8]>::to(topic)
+            .payload(&payload[..])
+            .headers(bare_headers());
         loop {
             match producer.send_result(record) {
                 Ok(f) => {

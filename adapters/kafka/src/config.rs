@@ -27,6 +27,38 @@ impl Acks {
     }
 }
 
+/// How a subscription orders the records of one partition.
+///
+/// Kafka keeps order per partition. Records of different partitions are
+/// always handed out concurrently; this chooses what may run concurrently
+/// inside one partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PartitionOrder {
+    /// At most one unsettled record per partition (`ordering=partition`,
+    /// the default): a partition's next record is handed out only once the
+    /// previous one was settled (acked, nacked or dead-lettered) or dropped.
+    #[default]
+    Partition,
+    /// At most one unsettled record per key and partition (`ordering=key`):
+    /// records with different keys run concurrently, each key in order.
+    /// Records without a key are not held back.
+    Key,
+    /// No hold-back (`ordering=none`): records are handed out as fetched, up
+    /// to the prefetch, and may be handled in any order.
+    None,
+}
+
+impl PartitionOrder {
+    fn parse(value: &str) -> Option<Self> {
+        match value {
+            "partition" => Some(PartitionOrder::Partition),
+            "key" => Some(PartitionOrder::Key),
+            "none" => Some(PartitionOrder::None),
+            _ => None,
+        }
+    }
+}
+
 /// Settings of the Kafka adapter.
 ///
 /// Build it with [`KafkaConfig::new`] (brokers, defaults for the rest) or
@@ -73,6 +105,9 @@ pub struct KafkaConfig {
     pub close_timeout: Duration,
     /// How often settled offsets are committed (default 100 ms).
     pub commit_interval: Duration,
+    /// What may run concurrently inside one partition (default
+    /// [`PartitionOrder::Partition`]: one record at a time per partition).
+    pub ordering: PartitionOrder,
     /// Time limit of metadata, offset and admin calls (default 10 s).
     pub operation_timeout: Duration,
     /// Partitions of topics created by the adapter (auto-creation, admin helper); default 3.
@@ -107,6 +142,7 @@ impl KafkaConfig {
             revoke_timeout: Duration::from_secs(10),
             close_timeout: Duration::from_secs(30),
             commit_interval: Duration::from_millis(100),
+            ordering: PartitionOrder::Partition,
             operation_timeout: Duration::from_secs(10),
             partitions: 3,
             replication: 1,
@@ -119,8 +155,8 @@ impl KafkaConfig {
     /// Options: `client_id`, `acks` (`all`, `1`, `0`), `idempotent` (bool),
     /// `linger_ms`, `batch_size`, `max_message_bytes`, `publish_timeout_ms`, `auto_create_topics` (bool),
     /// `session_timeout_ms`, `heartbeat_interval_ms`, `revoke_timeout_ms`,
-    /// `close_timeout_ms`, `commit_interval_ms`, `operation_timeout_ms`,
-    /// `partitions`, `replication`; any option starting with `rdkafka.` is
+    /// `close_timeout_ms`, `commit_interval_ms`, `ordering` (`partition`,
+    /// `key`, `none`), `operation_timeout_ms`, `partitions`, `replication`; any option starting with `rdkafka.` is
     /// passed to librdkafka without the prefix (`rdkafka.security.protocol=ssl`).
     pub fn from_url(url: &str) -> Result<Self> {
         let rest = url.strip_prefix("kafka://").ok_or_else(|| Error::Config {
@@ -186,6 +222,10 @@ impl KafkaConfig {
             "revoke_timeout_ms" => self.revoke_timeout = ms()?,
             "close_timeout_ms" => self.close_timeout = ms()?,
             "commit_interval_ms" => self.commit_interval = ms()?,
+            "ordering" => {
+                self.ordering = PartitionOrder::parse(value)
+                    .ok_or_else(|| bad("allowed: partition, key, none"))?
+            }
             "operation_timeout_ms" => self.operation_timeout = ms()?,
             "partitions" => self.partitions = int()?,
             "replication" => self.replication = int()?,
@@ -199,7 +239,7 @@ impl KafkaConfig {
                         message: "unknown option; allowed: client_id, acks, idempotent, linger_ms, \
                                   batch_size, max_message_bytes, publish_timeout_ms, auto_create_topics, \
                                   session_timeout_ms, heartbeat_interval_ms, revoke_timeout_ms, \
-                                  close_timeout_ms, commit_interval_ms, operation_timeout_ms, \
+                                  close_timeout_ms, commit_interval_ms, ordering, operation_timeout_ms, \
                                   partitions, replication, rdkafka.<property>"
                             .into(),
                     });
@@ -320,6 +360,7 @@ impl fmt::Debug for KafkaConfig {
             .field("revoke_timeout", &self.revoke_timeout)
             .field("close_timeout", &self.close_timeout)
             .field("commit_interval", &self.commit_interval)
+            .field("ordering", &self.ordering)
             .field("operation_timeout", &self.operation_timeout)
             .field("partitions", &self.partitions)
             .field("replication", &self.replication)
@@ -354,5 +395,23 @@ mod tests {
         assert!(KafkaConfig::from_url("kafka://a:1?acks=1&idempotent=false").is_ok());
         assert!(KafkaConfig::from_url("kafka://a:1?nope=1").is_err());
         assert!(KafkaConfig::from_url("redis://a").is_err());
+        match KafkaConfig::from_url("kafka://a:1?ordering=total") {
+            Err(Error::Config { key, .. }) => assert_eq!(key, "ordering"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn ordering_defaults_to_partition() {
+        let c = KafkaConfig::from_url("kafka://a:1").expect("parse");
+        assert_eq!(c.ordering, PartitionOrder::Partition);
+        for (v, want) in [
+            ("partition", PartitionOrder::Partition),
+            ("key", PartitionOrder::Key),
+            ("none", PartitionOrder::None),
+        ] {
+            let c = KafkaConfig::from_url(&format!("kafka://a:1?ordering={v}")).expect("parse");
+            assert_eq!(c.ordering, want);
+        }
     }
 }

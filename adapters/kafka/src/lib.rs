@@ -8,6 +8,10 @@
 //! - Consuming: a consumer group per Tidings group with manual offsets. The
 //!   committed offset of a partition is the lowest offset not settled yet:
 //!   never past an unsettled message, whatever order handlers finish in.
+//!   Partitions run concurrently; inside one, a record is handed out only
+//!   once the previous one is settled ([`PartitionOrder::Partition`], the
+//!   default), or once the previous one with the same key is
+//!   ([`PartitionOrder::Key`], `ordering=key`), or at once (`ordering=none`).
 //!   Partitions revoked in a rebalance stop yielding, their in-flight
 //!   deliveries get `revoke_timeout` to settle, then their offsets are
 //!   committed and they are released.
@@ -52,7 +56,7 @@ use rdkafka::producer::FutureProducer;
 use tidings_core::{Error, Publisher, Result, Subscriber};
 
 pub use admin::KafkaAdmin;
-pub use config::{Acks, KafkaConfig};
+pub use config::{Acks, KafkaConfig, PartitionOrder};
 pub use publisher::KafkaPublisher;
 pub use subscriber::{CAPABILITIES, KafkaSubscriber, dead_letter_topic, retry_topic};
 

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use rdkafka::util::Timeout;
+use rdkafka::producer::future_producer::OwnedDeliveryResult;
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use tidings_core::{Error, Message, Publisher, Receipt, Result};
 
 use crate::headers;
@@ -48,21 +48,58 @@ impl KafkaPublisher {
     /// Sends even after `close` (retry copies and dead letters of a subscriber
     /// sharing the producer must not fail because the user closed publishing).
     pub(crate) async fn send_unchecked(&self, topic: &str, message: &Message) -> Result<Receipt> {
+        match self.enqueue(topic, message).await {
+            Ok(report) => delivered(topic, report.await),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Hands one message to librdkafka's queue and returns its delivery
+    /// report. While the local queue is full it waits for room, up to the
+    /// publish timeout (`message.timeout.ms` bounds the rest).
+    async fn enqueue(&self, topic: &str, message: &Message) -> Result<DeliveryFuture> {
         let mut record = FutureRecord::to(topic)
             .payload(&message.payload[..])
             .headers(headers::to_kafka(message));
         if let Some(key) = &message.key {
             record = record.key(key.as_bytes());
         }
-        // Waits for room in the local queue while it is full; the publish
-        // timeout (message.timeout.ms) bounds the rest.
-        match self.inner.producer.send(record, Timeout::Never).await {
-            Ok(d) => Ok(Receipt::Offset {
-                partition: d.partition,
-                offset: d.offset,
-            }),
-            Err((e, _)) => Err(publish_error(topic, e)),
+        let mut waited = Duration::ZERO;
+        let mut backoff = Duration::from_millis(1);
+        loop {
+            match self.inner.producer.send_result(record) {
+                Ok(report) => return Ok(report),
+                Err((e, r))
+                    if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull)
+                        && waited < self.inner.flush_timeout =>
+                {
+                    record = r;
+                    tokio::time::sleep(backoff).await;
+                    waited += backoff;
+                    backoff = (backoff * 2).min(Duration::from_millis(100));
+                }
+                Err((e, _)) => return Err(publish_error(topic, e)),
+            }
         }
+    }
+}
+
+/// The outcome of one delivery report.
+fn delivered(
+    topic: &str,
+    report: std::result::Result<OwnedDeliveryResult, futures::channel::oneshot::Canceled>,
+) -> Result<Receipt> {
+    match report {
+        Ok(Ok(d)) => Ok(Receipt::Offset {
+            partition: d.partition,
+            offset: d.offset,
+        }),
+        Ok(Err((e, _))) => Err(publish_error(topic, e)),
+        Err(_) => Err(Error::Publish {
+            topic: topic.to_owned(),
+            source: "the producer was dropped before the delivery report".into(),
+            transient: true,
+        }),
     }
 }
 
@@ -112,9 +149,28 @@ impl Publisher for KafkaPublisher {
     }
 
     async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> Vec<Result<Receipt>> {
-        // All sends are enqueued in the first poll of join_all, so they are in
-        // flight together and batched by the producer; results keep the order.
-        futures::future::join_all(messages.iter().map(|m| self.send(topic, m))).await
+        if self.inner.closed.load(Ordering::Acquire) {
+            return messages
+                .iter()
+                .map(|_| Err(Error::Closed("publisher")))
+                .collect();
+        }
+        // Every message is handed to librdkafka first (in flight together,
+        // batched by the producer), then the reports are awaited in order.
+        // Enqueuing directly, rather than polling one send future per message
+        // (join_all), keeps the batch as cheap as bare rdkafka's own loop.
+        let mut reports = Vec::with_capacity(messages.len());
+        for m in &messages {
+            reports.push(self.enqueue(topic, m).await);
+        }
+        let mut out = Vec::with_capacity(reports.len());
+        for report in reports {
+            out.push(match report {
+                Ok(report) => delivered(topic, report.await),
+                Err(e) => Err(e),
+            });
+        }
+        out
     }
 
     async fn close(&self) -> Result<()> {

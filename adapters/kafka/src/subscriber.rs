@@ -3,7 +3,10 @@
 //! Each subscription runs one librdkafka consumer on its own thread (the
 //! "engine"). The engine polls, turns records into deliveries and hands them
 //! to the [`DeliveryStream`] through a channel; it pauses partitions when the
-//! channel is full or when a retried copy must wait. Settlements update a
+//! channel is full or when a retried copy must wait. The stream passes each
+//! record through a gate that holds it back while an earlier record of its
+//! lane (its partition, or its key in the partition, per
+//! [`PartitionOrder`]) is unsettled; the acker releases the lane. Settlements update a
 //! per-partition ledger behind a mutex; the engine commits, for each
 //! partition, the lowest offset that is not settled yet (everything below it
 //! is settled), never past an unsettled message, whatever order handlers
@@ -18,10 +21,11 @@
 //! recorded when the subscription was made for partitions without one.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::hash::{Hash, Hasher};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -34,14 +38,14 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, TopicPartitionList as Tpl};
 use tidings_core::{
-    Acker, Capabilities, DeadLetter, Delivery, DeliveryStream, Error, Message, Result, StartFrom,
-    Subscriber, Subscription,
+    Acker, Capabilities, DeadLetter, Delivery, DeliveryStream, Error, Message, Receipt, Result,
+    StartFrom, Subscriber, Subscription,
 };
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::PollSemaphore;
 use tracing::{debug, warn};
 
-use crate::config::KafkaConfig;
+use crate::config::{KafkaConfig, PartitionOrder};
 use crate::headers;
 use crate::publisher::KafkaPublisher;
 
@@ -99,7 +103,7 @@ impl Subscriber for KafkaSubscriber {
         subscription.check(self.name(), self.capabilities())?;
         let config = self.config.clone();
         let (ready_tx, ready_rx) = oneshot::channel();
-        let shared = Arc::new(Shared::new(subscription.prefetch));
+        let shared = Arc::new(Shared::new(subscription.prefetch, config.ordering));
         let (tx, rx) = mpsc::unbounded_channel();
         let setup = Setup {
             config: config.clone(),
@@ -399,10 +403,12 @@ struct Shared {
     /// Past the close deadline: revokes no longer wait.
     abandon: AtomicBool,
     buffer: usize,
+    /// Holds back records whose lane has an unsettled delivery.
+    gate: Gate,
 }
 
 impl Shared {
-    fn new(prefetch: usize) -> Self {
+    fn new(prefetch: usize, order: PartitionOrder) -> Self {
         Shared {
             state: Mutex::default(),
             settled: Condvar::new(),
@@ -417,6 +423,10 @@ impl Shared {
             // the prefetch: measured, a buffer equal to a prefetch of 1,000
             // stalled intake to 0.3 of bare rdkafka, 4,096 reached parity.
             buffer: (prefetch * 4).clamp(4096, 16384),
+            gate: Gate {
+                order,
+                state: Mutex::default(),
+            },
         }
     }
 
@@ -525,6 +535,109 @@ impl Shared {
     }
 }
 
+/// An ordering lane: a partition, or a key inside a partition (by hash: a
+/// collision only makes two keys wait for each other).
+type Lane = ((Arc<str>, i32), Option<u64>);
+
+/// Per-partition ordering ([`PartitionOrder`]): a record whose lane has an
+/// unsettled delivery is parked here (still counted in `Shared::queued`, so
+/// intake back-pressure covers it) until the acker of that delivery releases
+/// the lane; records of other lanes pass. Only the stream reserves a lane;
+/// only the acker (or the stream, for a record it discards) releases it.
+struct Gate {
+    order: PartitionOrder,
+    state: Mutex<GateState>,
+}
+
+#[derive(Default)]
+struct GateState {
+    /// Lanes with a delivery out, or with a record released to `ready`.
+    busy: HashSet<Lane>,
+    /// Records waiting for their lane, in fetch order. Non-empty only for busy lanes.
+    parked: HashMap<Lane, VecDeque<Item>>,
+    /// Records whose lane was released to them, for the stream to take.
+    ready: VecDeque<Item>,
+    /// The stream's waker, woken when `ready` gains a record.
+    waker: Option<Waker>,
+}
+
+impl Gate {
+    fn lock(&self) -> MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The lane of a record of partition `key` with message key `message_key`.
+    fn lane(&self, key: &(Arc<str>, i32), message_key: Option<&str>) -> Option<Lane> {
+        match self.order {
+            PartitionOrder::None => None,
+            PartitionOrder::Partition => Some((key.clone(), None)),
+            PartitionOrder::Key => message_key.map(|k| {
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                k.hash(&mut h);
+                (key.clone(), Some(h.finish()))
+            }),
+        }
+    }
+
+    /// A record released to the stream (its lane is reserved for it), or
+    /// none, with the stream's waker registered under the same lock.
+    fn ready(&self, waker: &Waker) -> Option<Item> {
+        let mut st = self.lock();
+        let item = st.ready.pop_front();
+        if item.is_none() && !st.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            st.waker = Some(waker.clone());
+        }
+        item
+    }
+
+    /// A record from the channel: returned with its lane reserved if the lane
+    /// is free (or it has none), parked otherwise.
+    fn enter(&self, item: Item) -> Option<Item> {
+        let Some(lane) = &item.lane else {
+            return Some(item);
+        };
+        let mut st = self.lock();
+        if st.busy.contains(lane) {
+            let lane = lane.clone();
+            st.parked.entry(lane).or_default().push_back(item);
+            None
+        } else {
+            st.busy.insert(lane.clone());
+            Some(item)
+        }
+    }
+
+    /// The delivery holding `lane` was settled or dropped: the lane's next
+    /// parked record is released to the stream, or the lane becomes free.
+    fn release(&self, lane: &Lane) {
+        let mut st = self.lock();
+        let next = match st.parked.get_mut(lane) {
+            Some(queue) => {
+                let next = queue.pop_front();
+                if queue.is_empty() {
+                    st.parked.remove(lane);
+                }
+                next
+            }
+            None => None,
+        };
+        let waker = match next {
+            Some(item) => {
+                st.ready.push_back(item);
+                st.waker.take()
+            }
+            None => {
+                st.busy.remove(lane);
+                None
+            }
+        };
+        drop(st);
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+}
+
 /// The consumer context: rebalances on the engine thread.
 struct Ctx {
     shared: Arc<Shared>,
@@ -614,6 +727,8 @@ struct Setup {
 /// A record on its way to the stream.
 struct Item {
     key: (Arc<str>, i32),
+    /// Its ordering lane; none when nothing needs to wait for it.
+    lane: Option<Lane>,
     generation: u64,
     offset: i64,
     message: Message,
@@ -795,8 +910,10 @@ impl Engine {
         let fallback = format!("{}-{}-{}", m.topic(), m.partition(), m.offset());
         let (message, received) =
             headers::from_kafka(m.headers(), m.key(), payload, fallback, retried);
+        let lane = self.shared.gate.lane(&key, message.key.as_deref());
         let item = Item {
             key: key.clone(),
+            lane,
             generation,
             offset: m.offset(),
             message,
@@ -933,38 +1050,63 @@ impl Stream for KafkaStream {
                 Poll::Pending => return Poll::Pending,
             }
         }
+        let gate = &this.ctx.shared.gate;
         loop {
-            match this.rx.poll_recv(cx) {
-                Poll::Ready(Some(item)) => {
-                    this.ctx.shared.queued.fetch_sub(1, Ordering::AcqRel);
-                    if !admit(&this.ctx, &item) {
-                        continue;
-                    }
-                    let Some(permit) = this.permit.take() else {
-                        continue;
-                    };
-                    let message = Arc::new(item.message);
-                    let acker = KafkaAcker {
-                        ctx: this.ctx.clone(),
-                        key: item.key,
-                        generation: item.generation,
-                        offset: item.offset,
-                        attempt: item.attempt,
-                        message: message.clone(),
-                        settled: false,
-                        _permit: permit,
-                    };
-                    return Poll::Ready(Some(Ok(Delivery::new(
-                        message,
-                        this.ctx.topic.clone(),
-                        this.ctx.group.clone(),
-                        item.attempt,
-                        Box::new(acker),
-                    ))));
+            // Records released by a settlement first, then the channel; a
+            // record whose lane is busy is parked in the gate.
+            let item = match gate.ready(cx.waker()) {
+                Some(item) => item,
+                None => match this.rx.poll_recv(cx) {
+                    Poll::Ready(Some(item)) => match gate.enter(item) {
+                        Some(item) => item,
+                        None => continue,
+                    },
+                    Poll::Ready(None) => return Poll::Ready(None),
+                    Poll::Pending => return Poll::Pending,
+                },
+            };
+            // The item's lane (if any) is reserved for it now.
+            this.ctx.shared.queued.fetch_sub(1, Ordering::AcqRel);
+            let Some(permit) = this.permit.take() else {
+                // Unreachable: the permit was acquired above.
+                if let Some(lane) = &item.lane {
+                    gate.release(lane);
                 }
-                Poll::Ready(None) => return Poll::Ready(None),
-                Poll::Pending => return Poll::Pending,
+                continue;
+            };
+            if !admit(&this.ctx, &item) {
+                // Its partition was revoked meanwhile: discarded.
+                this.permit = Some(permit);
+                if let Some(lane) = &item.lane {
+                    gate.release(lane);
+                }
+                continue;
             }
+            let message = Arc::new(item.message);
+            // For a retried message: the copy's place in the retry topic.
+            let position = Receipt::Offset {
+                partition: item.key.1,
+                offset: item.offset,
+            };
+            let acker = KafkaAcker {
+                ctx: this.ctx.clone(),
+                lane: item.lane,
+                key: item.key,
+                generation: item.generation,
+                offset: item.offset,
+                attempt: item.attempt,
+                message: message.clone(),
+                settled: false,
+                _permit: permit,
+            };
+            return Poll::Ready(Some(Ok(Delivery::new(
+                message,
+                this.ctx.topic.clone(),
+                this.ctx.group.clone(),
+                item.attempt,
+                Box::new(acker),
+            )
+            .with_position(position))));
         }
     }
 }
@@ -1003,6 +1145,8 @@ impl Drop for KafkaStream {
 
 struct KafkaAcker {
     ctx: Arc<StreamCtx>,
+    /// The ordering lane this delivery holds; released when it is settled or dropped.
+    lane: Option<Lane>,
     key: (Arc<str>, i32),
     generation: u64,
     offset: i64,
@@ -1053,6 +1197,7 @@ impl Acker for KafkaAcker {
                 // in process and handed out again after the delay.
                 let item = Item {
                     key: self.key.clone(),
+                    lane: self.lane.clone(),
                     generation: self.generation,
                     offset: self.offset,
                     message: (*self.message).clone(),
@@ -1093,6 +1238,10 @@ impl Drop for KafkaAcker {
             self.ctx
                 .shared
                 .settle(&self.key, self.generation, self.offset, true);
+        }
+        // After the ledger: the lane's next record goes out once this one counts as settled.
+        if let Some(lane) = self.lane.take() {
+            self.ctx.shared.gate.release(&lane);
         }
     }
 }

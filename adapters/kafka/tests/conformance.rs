@@ -14,13 +14,25 @@ use async_trait::async_trait;
 use common::{BROKERS, Target};
 use tidings_core::testkit::Harness;
 use tidings_core::{Publisher, Subscriber};
+use tidings_kafka::PartitionOrder;
 
 struct Kafka(Target);
 
 #[async_trait]
 impl Harness for Kafka {
     async fn connect(&self) -> (Arc<dyn Publisher>, Arc<dyn Subscriber>) {
-        let bus = self.0.bus().await;
+        // `ordering=key`, not the adapter's default `partition`: the suite's
+        // `in_flight_bound` publishes six unkeyed messages and expects three
+        // unsettled deliveries at once (prefetch 3), which per-partition
+        // order allows only if they happened to land on three different
+        // partitions (seen failing with the default: "timed out waiting for
+        // a delivery within the bound"). With `key`, records without a key
+        // are not held back, so the suite checks the concurrent path, and
+        // keyed records (`order_per_key`) still keep their order.
+        // `tests/kafka_ordering.rs` proves the default.
+        let mut config = self.0.config();
+        config.ordering = PartitionOrder::Key;
+        let bus = self.0.bus_with(config).await;
         (bus.publisher(), bus.subscriber())
     }
 
