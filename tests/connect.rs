@@ -23,7 +23,10 @@ async fn every_url_form_reaches_its_adapter() {
         "redis"
     );
     assert_eq!(
-        broker_of("amqp://guest:guest@127.0.0.1:5672/%2f?exchange=tidings.connect-test").await,
+        broker_of(
+            "amqp://guest:guest@127.0.0.1:5672/%2f?exchange=tidings.connect-test&queue_expires=5m"
+        )
+        .await,
         "amqp"
     );
     assert_eq!(

@@ -50,7 +50,7 @@ async fn redis_streams() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq() {
     outcome_on(
-        "amqp://guest:guest@127.0.0.1:5672/%2f",
+        "amqp://guest:guest@127.0.0.1:5672/%2f?queue_expires=5m",
         "start RabbitMQ with scripts/brokers.sh",
     )
     .await;

@@ -17,7 +17,8 @@ use tidings_tests::{kafka_mock, namespace};
 
 const NATS: &str = "nats://127.0.0.1:4222";
 const REDIS: &str = "redis://127.0.0.1:6379";
-const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+/// Test queues expire 5 minutes after their last use, so runs leave nothing behind.
+const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f?queue_expires=5m";
 
 async fn bus(url: &str) -> tidings::Bus {
     tidings::connect(url).await.unwrap_or_else(|e| {

@@ -102,7 +102,7 @@ async fn breaker_on(url: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn breaker_pauses_intake_on_rabbitmq() {
-    breaker_on("amqp://guest:guest@127.0.0.1:5672/%2f").await;
+    breaker_on("amqp://guest:guest@127.0.0.1:5672/%2f?queue_expires=5m").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

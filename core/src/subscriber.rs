@@ -40,8 +40,10 @@ pub struct Capabilities {
 }
 
 impl Capabilities {
-    /// The capabilities of an at-least-once broker with every feature.
-    pub const fn full() -> Self {
+    /// The capabilities of an at-least-once broker that keeps history
+    /// (Redis Streams, Kafka, NATS JetStream): everything but dead letters
+    /// managed by the broker itself.
+    pub const fn at_least_once() -> Self {
         Capabilities {
             persistent: true,
             consumer_groups: true,
@@ -49,10 +51,18 @@ impl Capabilities {
             order_per_key: true,
             redelivery: true,
             delayed_nack: true,
-            native_dead_letters: true,
+            native_dead_letters: false,
             at_most_once: false,
             replay: true,
             retains_for_declared_groups: true,
+        }
+    }
+
+    /// Every capability of an at-least-once broker, native dead letters included.
+    pub const fn full() -> Self {
+        Capabilities {
+            native_dead_letters: true,
+            ..Capabilities::at_least_once()
         }
     }
 

@@ -9,7 +9,7 @@ use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
     QueueDeclareOptions,
 };
-use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use lapin::{Confirmation, PublisherConfirm};
 use tidings_core::{Error, Receipt, Result};
@@ -123,24 +123,29 @@ impl Connector {
         payload: &[u8],
         properties: BasicProperties,
     ) -> Result<PublisherConfirm> {
-        let (ex, key) = match (short(exchange), short(routing_key)) {
-            (Ok(ex), Ok(key)) => (ex, key),
-            (Err(e), _) | (_, Err(e)) => {
-                return Err(Error::Publish {
-                    topic: routing_key.to_owned(),
-                    source: e.into(),
-                    transient: false,
-                });
-            }
-        };
+        let (ex, key) = route(exchange, routing_key)?;
         let ch = self.confirm_channel().await?;
-        let options = BasicPublishOptions {
-            mandatory: true,
-            immediate: false,
+        publish_on(&ch, ex, key, routing_key, payload, properties).await
+    }
+
+    /// Like [`Connector::send`] on a channel the caller keeps between
+    /// publishes (`slot`), which saves taking the shared channel (a lock and
+    /// a clone of the channel's handles) per message. A closed channel in the
+    /// slot is replaced by the live one (reconnecting if needed).
+    pub(crate) async fn send_kept(
+        &self,
+        slot: &mut Option<Channel>,
+        exchange: &str,
+        routing_key: &str,
+        payload: &[u8],
+        properties: BasicProperties,
+    ) -> Result<PublisherConfirm> {
+        let (ex, key) = route(exchange, routing_key)?;
+        let ch = match slot {
+            Some(ch) if ch.status().connected() => ch,
+            _ => slot.insert(self.confirm_channel().await?),
         };
-        ch.basic_publish(ex, key, options, payload, properties)
-            .await
-            .map_err(|e| publish_error(routing_key, e))
+        publish_on(ch, ex, key, routing_key, payload, properties).await
     }
 
     /// Waits for a confirm: `Ok` on ack, [`Error::Unroutable`] when the broker
@@ -148,7 +153,15 @@ impl Connector {
     /// channel closed before the confirm came.
     pub(crate) async fn confirm(&self, confirm: PublisherConfirm, topic: &str) -> Result<Receipt> {
         let after = self.config.publish_timeout;
-        match tokio::time::timeout(after, confirm).await {
+        let mut confirm = std::pin::pin!(confirm);
+        // In a batch most confirms have already arrived (the broker acks many
+        // at once) by the time they are awaited: take those without setting
+        // up a timer (a clock read and a runtime lookup per message).
+        let outcome = match futures::poll!(confirm.as_mut()) {
+            std::task::Poll::Ready(outcome) => Ok(outcome),
+            std::task::Poll::Pending => tokio::time::timeout(after, confirm).await,
+        };
+        match outcome {
             Err(_) => Err(Error::Timeout {
                 operation: "waiting for a publisher confirm",
                 after,
@@ -195,6 +208,35 @@ impl Connector {
             let _ = conn.close(200, "OK".into()).await;
         }
     }
+}
+
+/// The exchange and routing key as AMQP short strings.
+fn route(exchange: &str, routing_key: &str) -> Result<(ShortString, ShortString)> {
+    match (short(exchange), short(routing_key)) {
+        (Ok(ex), Ok(key)) => Ok((ex, key)),
+        (Err(e), _) | (_, Err(e)) => Err(Error::Publish {
+            topic: routing_key.to_owned(),
+            source: e.into(),
+            transient: false,
+        }),
+    }
+}
+
+async fn publish_on(
+    ch: &Channel,
+    exchange: ShortString,
+    key: ShortString,
+    topic: &str,
+    payload: &[u8],
+    properties: BasicProperties,
+) -> Result<PublisherConfirm> {
+    let options = BasicPublishOptions {
+        mandatory: true,
+        immediate: false,
+    };
+    ch.basic_publish(exchange, key, options, payload, properties)
+        .await
+        .map_err(|e| publish_error(topic, e))
 }
 
 fn long(s: &str) -> AMQPValue {

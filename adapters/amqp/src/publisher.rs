@@ -62,14 +62,21 @@ impl Publisher for AmqpPublisher {
         let window = c.config.confirm_window.max(1);
         let mut results: Vec<Option<Result<Receipt>>> = Vec::with_capacity(messages.len());
         let mut pending = VecDeque::with_capacity(window.min(messages.len()));
+        let mut channel = None;
         for (i, message) in messages.into_iter().enumerate() {
             let sent = match self.check_open() {
                 Err(e) => Err(e),
                 Ok(()) => match Self::properties(topic, &message) {
                     Err(e) => Err(e),
                     Ok(props) => {
-                        c.send(&c.config.exchange, topic, &message.payload, props)
-                            .await
+                        c.send_kept(
+                            &mut channel,
+                            &c.config.exchange,
+                            topic,
+                            &message.payload,
+                            props,
+                        )
+                        .await
                     }
                 },
             };

@@ -19,32 +19,47 @@ const PUBLISHERS: usize = 8;
 #[derive(Default)]
 struct Seen {
     ids: Mutex<HashSet<String>>,
+    /// Handler calls, duplicates included.
+    handled: std::sync::atomic::AtomicUsize,
     changed: Notify,
 }
 
-/// Publishes `TOTAL` messages from `PUBLISHERS` concurrent tasks (so many
-/// confirms are outstanding when the fault hits), retrying failed publishes
-/// as a caller would, while `disrupt` runs once in the middle. Returns the
-/// confirmed ids and how many publishes failed with an error.
-async fn stream_with_fault(
-    bus: &AmqpBus,
-    topic: &str,
-    disrupt: impl AsyncFnOnce(),
-) -> (Vec<String>, usize) {
+/// What a stream with a fault in the middle did.
+struct Outcome {
+    /// Every publish that was confirmed (ids), before, during and after the fault.
+    confirmed: Vec<String>,
+    /// How many were confirmed once the fault was over (`disrupt` returned).
+    confirmed_after: usize,
+    /// Publishes that failed with an error (and were retried).
+    failures: usize,
+}
+
+/// Publishes at least `TOTAL` messages from `PUBLISHERS` concurrent tasks (so
+/// many confirms are outstanding when the fault hits), retrying failed
+/// publishes as a caller would, while `disrupt` runs once in the middle. The
+/// publishers keep going until `disrupt` has returned and another `TOTAL / 2`
+/// messages were sent after it, so the fault always hits a running stream
+/// (even when `disrupt` takes seconds to start, like `rabbitmqctl`).
+async fn stream_with_fault(bus: &AmqpBus, topic: &str, disrupt: impl AsyncFnOnce()) -> Outcome {
+    use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
     let publisher = bus.publisher();
-    let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let failures = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let sent = Arc::new(AtomicUsize::new(0));
+    let limit = Arc::new(AtomicUsize::new(usize::MAX));
+    let confirmed_count = Arc::new(AtomicUsize::new(0));
+    let failures = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for _ in 0..PUBLISHERS {
-        let (p, topic, sent, failures) = (
+        let (p, topic, sent, limit, confirmed_count, failures) = (
             publisher.clone(),
             topic.to_owned(),
             sent.clone(),
+            limit.clone(),
+            confirmed_count.clone(),
             failures.clone(),
         );
         tasks.push(tokio::spawn(async move {
             let mut confirmed = Vec::new();
-            while sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < TOTAL {
+            while sent.fetch_add(1, Relaxed) < limit.load(Relaxed) {
                 let mut tries = 0;
                 loop {
                     let event = Event::<Bytes, Raw>::with_codec(Bytes::from_static(b"payload"));
@@ -52,13 +67,15 @@ async fn stream_with_fault(
                     match p.publish_event(&topic, event).await {
                         Ok(_) => {
                             confirmed.push(id);
+                            confirmed_count.fetch_add(1, Relaxed);
                             break;
                         }
                         Err(e) => {
                             assert!(e.is_transient(), "a fault is a transient error: {e}");
-                            failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            failures.fetch_add(1, Relaxed);
                             tries += 1;
-                            assert!(tries < 200, "publishing kept failing: {e}");
+                            assert!(tries < 300, "publishing kept failing: {e}");
+                            // A caller's retry pause, not synchronisation.
                             tokio::time::sleep(Duration::from_millis(100)).await;
                         }
                     }
@@ -68,12 +85,14 @@ async fn stream_with_fault(
         }));
     }
     within(60, "the first half", async {
-        while sent.load(std::sync::atomic::Ordering::Relaxed) < TOTAL / 2 {
+        while sent.load(Relaxed) < TOTAL / 2 {
             tokio::task::yield_now().await;
         }
     })
     .await;
     disrupt().await;
+    let confirmed_before_end = confirmed_count.load(Relaxed);
+    limit.store(TOTAL.max(sent.load(Relaxed) + TOTAL / 2), Relaxed);
     let mut confirmed = Vec::new();
     for t in tasks {
         confirmed.extend(
@@ -82,17 +101,20 @@ async fn stream_with_fault(
                 .expect("publisher task"),
         );
     }
-    (
+    Outcome {
+        confirmed_after: confirmed.len() - confirmed_before_end,
         confirmed,
-        failures.load(std::sync::atomic::Ordering::Relaxed),
-    )
+        failures: failures.load(Relaxed),
+    }
 }
 
+/// Runs the stream with the fault against a consumer group, waits until
+/// every confirmed message was handled, and returns what happened.
 async fn every_confirmed_message_is_handled(
     bus: AmqpBus,
     topic: String,
     disrupt: impl AsyncFnOnce(),
-) {
+) -> Outcome {
     let seen = Arc::new(Seen::default());
     let record = seen.clone();
     let consumer = Consumer::group(bus.subscriber(), "faults")
@@ -105,6 +127,9 @@ async fn every_confirmed_message_is_handled(
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .insert(e.id().to_owned());
+                record
+                    .handled
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 record.changed.notify_waiters();
                 Ok(())
             }
@@ -112,11 +137,13 @@ async fn every_confirmed_message_is_handled(
         .start()
         .await
         .expect("start consumer");
-    let (confirmed, failures) = stream_with_fault(&bus, &topic, disrupt).await;
+    let outcome = stream_with_fault(&bus, &topic, disrupt).await;
+    let confirmed = &outcome.confirmed;
     assert!(confirmed.len() >= TOTAL, "confirmed {}", confirmed.len());
-    eprintln!(
-        "{} confirmed, {failures} publishes failed with an error during the fault",
-        confirmed.len()
+    assert!(
+        outcome.confirmed_after >= TOTAL / 2,
+        "confirmed after the fault: {}",
+        outcome.confirmed_after
     );
     within(120, "every confirmed message to be handled", async {
         loop {
@@ -137,6 +164,19 @@ async fn every_confirmed_message_is_handled(
     let report = consumer.shutdown(Duration::from_secs(10)).await;
     assert!(report.drained);
     bus.close().await;
+    let distinct = seen.ids.lock().unwrap_or_else(|e| e.into_inner()).len();
+    let handled = seen.handled.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!(
+        "{} confirmed ({} after the fault), {} publishes failed with an error and were retried; \
+         {handled} handler calls for {distinct} distinct messages ({} duplicates; \
+         {} handled but never confirmed, from failed publishes that reached the queue)",
+        confirmed.len(),
+        outcome.confirmed_after,
+        outcome.failures,
+        handled - distinct,
+        distinct.saturating_sub(confirmed.len()),
+    );
+    outcome
 }
 
 async fn cut_through_proxy(queue_type: QueueType) {
@@ -196,7 +236,7 @@ async fn broker_restart_mid_stream() {
         .declare_group(&topic, "faults")
         .await
         .expect("declare");
-    every_confirmed_message_is_handled(bus, topic, async || {
+    let outcome = every_confirmed_message_is_handled(bus, topic, async || {
         for action in ["stop_app", "start_app"] {
             let status = tokio::task::spawn_blocking(move || {
                 std::process::Command::new("rabbitmqctl")
@@ -210,6 +250,11 @@ async fn broker_restart_mid_stream() {
         }
     })
     .await;
+    assert!(
+        outcome.failures > 0,
+        "the restart did not hit the stream: no publish failed ({} confirmed)",
+        outcome.confirmed.len()
+    );
 }
 
 /// Publishing never outlives its timeout: with the proxy stalled, a publish

@@ -76,18 +76,7 @@ impl KafkaSubscriber {
 }
 
 /// The capabilities of the Kafka adapter.
-pub const CAPABILITIES: Capabilities = Capabilities {
-    persistent: true,
-    consumer_groups: true,
-    private_subscriptions: true,
-    order_per_key: true,
-    redelivery: true,
-    delayed_nack: true,
-    native_dead_letters: false,
-    at_most_once: false,
-    replay: true,
-    retains_for_declared_groups: true,
-};
+pub const CAPABILITIES: Capabilities = Capabilities::at_least_once();
 
 #[async_trait]
 impl Subscriber for KafkaSubscriber {

@@ -163,18 +163,7 @@ impl Subscriber for NatsSubscriber {
 
     fn capabilities(&self) -> Capabilities {
         match self.shared.config.mode {
-            Mode::JetStream => Capabilities {
-                persistent: true,
-                consumer_groups: true,
-                private_subscriptions: true,
-                order_per_key: true,
-                redelivery: true,
-                delayed_nack: true,
-                native_dead_letters: false,
-                at_most_once: false,
-                replay: true,
-                retains_for_declared_groups: true,
-            },
+            Mode::JetStream => Capabilities::at_least_once(),
             Mode::Core => Capabilities::at_most_once(),
         }
     }

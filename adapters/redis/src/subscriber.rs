@@ -143,18 +143,7 @@ impl Subscriber for RedisSubscriber {
 
     fn capabilities(&self) -> Capabilities {
         match self.config.mode {
-            RedisMode::Streams => Capabilities {
-                persistent: true,
-                consumer_groups: true,
-                private_subscriptions: true,
-                order_per_key: true,
-                redelivery: true,
-                delayed_nack: true,
-                native_dead_letters: false,
-                at_most_once: false,
-                replay: true,
-                retains_for_declared_groups: true,
-            },
+            RedisMode::Streams => Capabilities::at_least_once(),
             RedisMode::PubSub => Capabilities::at_most_once(),
         }
     }
