@@ -25,6 +25,9 @@
 //!
 //! [publish_retry]      # off when absent
 //! max_attempts = 3
+//!
+//! [tls]                # NATS only; off when absent
+//! ca_file = "/etc/tidings/ca.pem"
 //! ```
 //!
 //! Environment variables override the file: `TIDINGS_URL`,
@@ -65,6 +68,44 @@ pub struct Config {
     /// Retrying transient publish failures (off when absent).
     #[serde(default)]
     pub publish_retry: Option<PublishRetryConfig>,
+    /// TLS files and names, passed to the adapter as the `tls_*` query
+    /// parameters (only the NATS adapter takes them; off when absent).
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+/// TLS options, passed to the adapter as the query parameters `tls_ca_file`,
+/// `tls_cert_file`, `tls_key_file` and `tls_server_name`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file of the certificate authorities to trust for the server.
+    #[serde(default)]
+    pub ca_file: Option<String>,
+    /// PEM file of the client certificate (needs `key_file`).
+    #[serde(default)]
+    pub cert_file: Option<String>,
+    /// PEM file of the client certificate's private key (needs `cert_file`).
+    #[serde(default)]
+    pub key_file: Option<String>,
+    /// The name the server's certificate must carry, when it differs from the host.
+    #[serde(default)]
+    pub server_name: Option<String>,
+}
+
+impl TlsConfig {
+    /// The options as `(query parameter, value)` pairs, the unset ones left out.
+    pub fn params(&self) -> Vec<(&'static str, &str)> {
+        [
+            ("tls_ca_file", &self.ca_file),
+            ("tls_cert_file", &self.cert_file),
+            ("tls_key_file", &self.key_file),
+            ("tls_server_name", &self.server_name),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.as_deref().map(|v| (k, v)))
+        .collect()
+    }
 }
 
 /// The consumer runtime's retry policy.
@@ -180,6 +221,7 @@ impl Config {
             idempotency: None,
             breaker: None,
             publish_retry: None,
+            tls: None,
         }
     }
 
@@ -221,6 +263,14 @@ impl Config {
                 message: message.into(),
             })
         };
+        if let Some(tls) = &self.tls {
+            if tls.cert_file.is_some() && tls.key_file.is_none() {
+                return bad("tls.key_file", "is required when tls.cert_file is set");
+            }
+            if tls.key_file.is_some() && tls.cert_file.is_none() {
+                return bad("tls.cert_file", "is required when tls.key_file is set");
+            }
+        }
         // Only the scheme is checked here: the adapter parses the rest (a Kafka
         // URL lists several hosts, which is no URL to a URL parser).
         let scheme = match self.url.split_once("://") {
@@ -278,17 +328,29 @@ impl Config {
         {
             return bad("publish_retry.max_attempts", "must be at least 1");
         }
+        if self.tls.is_some() && scheme != "nats" {
+            return bad(
+                "tls",
+                &format!(
+                    "TLS options are supported by nats:// only, not by {scheme}:// \
+                     (amqps:// uses the system's trusted certificates)"
+                ),
+            );
+        }
         Ok(())
     }
 
-    /// The URL with the options appended as query parameters.
+    /// The URL with the options, then the TLS options (as `tls_*`),
+    /// appended as query parameters.
     pub fn full_url(&self) -> String {
-        if self.options.is_empty() {
+        let tls = self.tls.as_ref().map(TlsConfig::params).unwrap_or_default();
+        if self.options.is_empty() && tls.is_empty() {
             return self.url.clone();
         }
         let mut url = self.url.clone();
         let mut sep = if url.contains('?') { '&' } else { '?' };
-        for (k, v) in &self.options {
+        let options = self.options.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+        for (k, v) in options.chain(tls) {
             url.push(sep);
             url.push_str(&url_encode(k));
             url.push('=');
@@ -307,8 +369,12 @@ impl Config {
     }
 }
 
+/// Percent-encodes a query key or value; a space is `%20` rather than `+`
+/// (not every adapter's parser reads `+` as a space; a literal `+` is `%2B`).
 fn url_encode(s: &str) -> String {
-    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+    url::form_urlencoded::byte_serialize(s.as_bytes())
+        .collect::<String>()
+        .replace('+', "%20")
 }
 
 pub(crate) use tidings_core::params::redact_url as redact;
@@ -354,6 +420,7 @@ impl fmt::Debug for Config {
             )
             .field("breaker", &self.breaker)
             .field("publish_retry", &self.publish_retry)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -457,6 +524,72 @@ mod tests {
             });
             expected
         });
+
+        // The commented-out [tls] table is valid too, once uncommented.
+        let tls_start = doc[start..end].find("# [tls]").expect("a [tls] example") + start;
+        let mut text = String::from("url = \"nats://h\"\n");
+        for line in doc[tls_start..end].lines() {
+            text.push_str(line.trim_start_matches("# "));
+            text.push('\n');
+        }
+        let c: Config = Figment::from(Toml::string(&text))
+            .extract()
+            .unwrap_or_else(|e| panic!("{e}: {text}"));
+        let tls = c.tls.clone().expect("a tls table");
+        assert!(tls.ca_file.is_some() && tls.cert_file.is_some() && tls.key_file.is_some());
+        assert!(c.full_url().contains("&tls_key_file="), "{}", c.full_url());
+    }
+
+    #[test]
+    fn tls_options_become_query_parameters() {
+        let mut c = Config::from_url("nats://127.0.0.1:4222?jetstream=false");
+        c.tls = Some(TlsConfig {
+            ca_file: Some("/etc/ca dir/ca.pem".into()),
+            cert_file: Some("client.pem".into()),
+            key_file: Some("client.key".into()),
+            server_name: Some("nats.internal".into()),
+        });
+        assert_eq!(
+            c.full_url(),
+            "nats://127.0.0.1:4222?jetstream=false&tls_ca_file=%2Fetc%2Fca%20dir%2Fca.pem\
+             &tls_cert_file=client.pem&tls_key_file=client.key&tls_server_name=nats.internal"
+        );
+        c.url = "nats://h".into();
+        c.options.insert("name".into(), "svc".into());
+        c.tls = Some(TlsConfig {
+            ca_file: Some("ca.pem".into()),
+            ..TlsConfig::default()
+        });
+        assert_eq!(c.full_url(), "nats://h?name=svc&tls_ca_file=ca.pem");
+        c.options.clear();
+        c.tls = Some(TlsConfig::default());
+        assert_eq!(c.full_url(), "nats://h");
+    }
+
+    #[test]
+    fn invalid_tls_options_name_the_key() {
+        let (key, _) = err("url = \"memory://\"\n[tls]\ncert_file = \"c.pem\"");
+        assert_eq!(key, "tls.key_file");
+        let (key, _) = err("url = \"memory://\"\n[tls]\nkey_file = \"c.key\"");
+        assert_eq!(key, "tls.cert_file");
+        let (key, message) = err("url = \"memory://\"\n[tls]\nca = \"c.pem\"");
+        assert!(message.contains("ca"), "{key}: {message}");
+        let (key, message) = err("url = \"memory://\"\n[tls]\nca_file = \"c.pem\"");
+        assert_eq!(key, "tls");
+        assert!(message.contains("nats://"), "{message}");
+    }
+
+    #[cfg(feature = "nats")]
+    #[test]
+    fn a_nats_tls_table_loads() {
+        let c = Config::from_toml(
+            "url = \"nats://h\"\n[tls]\nca_file = \"ca.pem\"\ncert_file = \"c.pem\"\nkey_file = \"c.key\"",
+        )
+        .unwrap();
+        assert_eq!(
+            c.full_url(),
+            "nats://h?tls_ca_file=ca.pem&tls_cert_file=c.pem&tls_key_file=c.key"
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Configuration of the NATS adapter.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use tidings_core::Result;
@@ -118,6 +119,17 @@ pub struct NatsConfig {
     pub request_timeout: Duration,
     /// How long to wait for the first connection (default 5 s).
     pub connect_timeout: Duration,
+    /// PEM file of the certificate authorities trusted for the server
+    /// (`tls_ca_file`). When set, only these are trusted, not the system's.
+    pub tls_ca_file: Option<PathBuf>,
+    /// PEM file of the client certificate (`tls_cert_file`), sent to servers
+    /// that verify clients. Needs [`tls_key_file`](Self::tls_key_file).
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM file of the client certificate's private key (`tls_key_file`).
+    pub tls_key_file: Option<PathBuf>,
+    /// Refuse servers without TLS. Set by a `tls://` URL and by any of the
+    /// `tls_*` files; otherwise TLS is used only when the server requires it.
+    pub tls_required: bool,
 }
 
 impl Default for NatsConfig {
@@ -143,6 +155,10 @@ impl Default for NatsConfig {
             progress_interval: Some(Duration::from_secs(10)),
             request_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_required: false,
         }
     }
 }
@@ -171,6 +187,10 @@ impl fmt::Debug for NatsConfig {
             .field("progress_interval", &self.progress_interval)
             .field("request_timeout", &self.request_timeout)
             .field("connect_timeout", &self.connect_timeout)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("tls_cert_file", &self.tls_cert_file)
+            .field("tls_key_file", &self.tls_key_file)
+            .field("tls_required", &self.tls_required)
             .finish()
     }
 }
@@ -190,6 +210,13 @@ fn positive(key: &str, value: &str) -> Result<Option<i64>> {
     }
 }
 
+fn path(key: &str, value: &str) -> Result<PathBuf> {
+    if value.is_empty() {
+        return Err(config_error(key, "must be the path of a PEM file"));
+    }
+    Ok(PathBuf::from(value))
+}
+
 fn percent_decode(s: &str) -> String {
     crate::headers::percent_decode(s).unwrap_or_else(|| s.to_owned())
 }
@@ -205,13 +232,22 @@ impl NatsConfig {
     /// - `max_age=7d`, `max_bytes=N`, `duplicate_window=2m`;
     /// - `ack_wait=30s`, `max_deliver=N|unlimited`, `max_ack_pending=N`;
     /// - `progress_interval=10s|off`; `request_timeout=10s`, `connect_timeout=5s`;
-    /// - `name=NAME` (connection name), `token=TOKEN`.
+    /// - `name=NAME` (connection name), `token=TOKEN`;
+    /// - `tls_ca_file=PATH`, `tls_cert_file=PATH`, `tls_key_file=PATH` (PEM
+    ///   files, read at connect; any of them makes TLS required, as does a
+    ///   `tls://` URL). `tls_server_name` is rejected: async-nats always checks
+    ///   the certificate against the URL's host and cannot override the name.
     pub fn from_url(url: &str) -> Result<Self> {
         let mut config = NatsConfig::default();
-        let rest = url
-            .strip_prefix("nats://")
-            .or_else(|| url.strip_prefix("tls://"))
-            .ok_or_else(|| config_error("url", "must start with nats://"))?;
+        let rest = match url.strip_prefix("tls://") {
+            Some(rest) => {
+                config.tls_required = true;
+                rest
+            }
+            None => url
+                .strip_prefix("nats://")
+                .ok_or_else(|| config_error("url", "must start with nats:// or tls://"))?,
+        };
         let (authority, query) = match rest.split_once('?') {
             Some((a, q)) => (a, Some(q)),
             None => (rest, None),
@@ -305,16 +341,33 @@ impl NatsConfig {
                 "connect_timeout" => config.connect_timeout = duration(key, v)?,
                 "name" => config.connection_name = Some(v.to_owned()),
                 "token" => config.token = Some(v.to_owned()),
+                "tls_ca_file" => config.tls_ca_file = Some(path(key, v)?),
+                "tls_cert_file" => config.tls_cert_file = Some(path(key, v)?),
+                "tls_key_file" => config.tls_key_file = Some(path(key, v)?),
+                "tls_server_name" => {
+                    return Err(config_error(
+                        key,
+                        "not supported by the NATS client (async-nats checks the server's \
+                         certificate against the URL's host); connect to the host name the \
+                         certificate carries instead",
+                    ));
+                }
                 _ => {
                     return Err(config_error(
                         key,
                         "unknown option; known: jetstream, stream, stream_prefix, subject_prefix, \
                          retention, storage, max_age, max_bytes, duplicate_window, ack_wait, \
                          max_deliver, max_ack_pending, progress_interval, request_timeout, \
-                         connect_timeout, name, token",
+                         connect_timeout, name, token, tls_ca_file, tls_cert_file, tls_key_file",
                     ));
                 }
             }
+        }
+        if config.tls_ca_file.is_some()
+            || config.tls_cert_file.is_some()
+            || config.tls_key_file.is_some()
+        {
+            config.tls_required = true;
         }
         if !progress_set {
             config.progress_interval = Some(config.ack_wait / 3);
@@ -394,6 +447,21 @@ impl NatsConfig {
         if self.ack_wait < Duration::from_millis(100) {
             return Err(config_error("ack_wait", "must be at least 100ms"));
         }
+        match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(_), None) => {
+                return Err(config_error(
+                    "tls_key_file",
+                    "is required when tls_cert_file is set",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(config_error(
+                    "tls_cert_file",
+                    "is required when tls_key_file is set",
+                ));
+            }
+            _ => {}
+        }
         Ok(())
     }
 }
@@ -428,6 +496,22 @@ mod tests {
         assert_eq!(c.max_deliver, Some(5));
         assert_eq!(c.progress_interval, Some(Duration::from_secs(5)));
         assert!(!format!("{c:?}").contains("cret"));
+        assert!(!c.tls_required);
+    }
+
+    #[test]
+    fn tls_options() {
+        let c = NatsConfig::from_url(
+            "nats://h?tls_ca_file=%2Fetc%2Fca%20dir%2Fca.pem&tls_cert_file=c.pem&tls_key_file=c.key",
+        )
+        .unwrap();
+        assert_eq!(c.tls_ca_file, Some(PathBuf::from("/etc/ca dir/ca.pem")));
+        assert_eq!(c.tls_cert_file, Some(PathBuf::from("c.pem")));
+        assert_eq!(c.tls_key_file, Some(PathBuf::from("c.key")));
+        assert!(c.tls_required);
+        let c = NatsConfig::from_url("tls://h:4222").unwrap();
+        assert!(c.tls_required && c.tls_ca_file.is_none());
+        assert_eq!(c.servers, ["h:4222"]);
     }
 
     #[test]
@@ -446,6 +530,10 @@ mod tests {
             ("nats://h?bogus=1", "bogus"),
             ("nats://h?stream=a.b", "stream"),
             ("nats://h?max_deliver=-5", "max_deliver"),
+            ("nats://h?tls_server_name=n", "tls_server_name"),
+            ("nats://h?tls_cert_file=c.pem", "tls_key_file"),
+            ("nats://h?tls_key_file=c.key", "tls_cert_file"),
+            ("nats://h?tls_ca_file=", "tls_ca_file"),
             ("redis://h", "url"),
         ] {
             match NatsConfig::from_url(url) {
