@@ -63,6 +63,13 @@ async fn invalid_urls_name_the_key() {
     let (key, _) = config_error("amqp://guest:guest@127.0.0.1:5672/%2f?queue_type=fancy").await;
     assert_eq!(key, "queue_type");
 
+    let (key, _) =
+        config_error("amqp://guest:guest@127.0.0.1:5672/%2f?tls_ca_file=/etc/ca.pem").await;
+    assert_eq!(
+        key, "tls_ca_file",
+        "custom TLS files are refused, not ignored"
+    );
+
     let (key, _) = config_error("redis://127.0.0.1:6379?mode=carrier").await;
     assert_eq!(key, "mode");
 

@@ -168,6 +168,13 @@ impl AmqpConfig {
                 "connect_timeout" => config.connect_timeout = duration(&key, &value)?,
                 "reconnect_min" => config.reconnect_min = duration(&key, &value)?,
                 "reconnect_max" => config.reconnect_max = duration(&key, &value)?,
+                tls if tls.starts_with("tls_") => {
+                    return Err(invalid(
+                        tls,
+                        "custom TLS files are not supported by this adapter yet; use amqps:// \
+                         with a certificate the system trusts",
+                    ));
+                }
                 _ => rest.push((key, value)),
             }
         }
