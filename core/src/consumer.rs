@@ -416,6 +416,7 @@ impl Route {
     }
 
     async fn process(&self, delivery: &mut Delivery) {
+        delivery.set_max_attempts(self.retry.max_attempts);
         let mut first_failure = first_failure_of(delivery);
         loop {
             let result = self.run_once(delivery).await;

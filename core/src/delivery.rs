@@ -27,6 +27,7 @@ pub struct Delivery {
     topic: Arc<str>,
     group: Option<Arc<str>>,
     attempt: AtomicU32,
+    max_attempts: Option<u32>,
     acker: Option<Box<dyn Acker>>,
     position: Option<Receipt>,
 }
@@ -64,6 +65,7 @@ impl Delivery {
             topic,
             group,
             attempt: AtomicU32::new(attempt.max(1)),
+            max_attempts: None,
             acker: Some(acker),
             position: None,
         }
@@ -115,6 +117,17 @@ impl Delivery {
     /// The delivery attempt: 1 on first delivery.
     pub fn attempt(&self) -> u32 {
         self.attempt.load(Ordering::Relaxed)
+    }
+
+    /// The most attempts this message gets before it is dead-lettered, when
+    /// the consumer runtime handles it (its `RetryPolicy`): lets layers tell a
+    /// last attempt from one that will be retried.
+    pub fn max_attempts(&self) -> Option<u32> {
+        self.max_attempts
+    }
+
+    pub(crate) fn set_max_attempts(&mut self, max_attempts: u32) {
+        self.max_attempts = Some(max_attempts);
     }
 
     /// Whether the delivery was settled.

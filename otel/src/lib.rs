@@ -348,18 +348,21 @@ impl TelemetryBuilder {
         self
     }
 
-    /// The consumer's `RetryPolicy::max_attempts`, so that a retryable failure
-    /// on the last attempt is counted as `dead_letter` (reason
-    /// `attempts-exhausted`) rather than `retry`. The layer cannot see the
-    /// runtime's policy: keep the two equal. Default 5, the runtime's default.
+    /// The attempt limit assumed when the delivery does not carry one, so
+    /// that a retryable failure on the last attempt is counted as
+    /// `dead_letter` (reason `attempts-exhausted`) rather than `retry`.
+    /// Under the consumer runtime the delivery carries the runtime's own
+    /// `RetryPolicy::max_attempts` ([`Delivery::max_attempts`](tidings_core::Delivery::max_attempts)),
+    /// which wins; this matters only for deliveries handled some other way.
+    /// Default 5, the runtime's default.
     pub fn max_attempts(mut self, max_attempts: u32) -> Self {
         self.max_attempts = Some(max_attempts.max(1));
         self
     }
 
-    /// Do not guess the last attempt: count every retryable failure as
-    /// `failed` (the runtime decides between retry and dead letter). Dead
-    /// letters of retryable failures are then not counted by this layer.
+    /// Do not guess the last attempt for deliveries that carry no limit
+    /// (handled outside the consumer runtime): count their retryable failures
+    /// as `failed`.
     pub fn unknown_max_attempts(mut self) -> Self {
         self.max_attempts = None;
         self

@@ -266,7 +266,8 @@ impl Middleware for OtelProcess {
             Ok(()) => Outcome::Ack,
             Err(error) => match error.dead_letter_reason() {
                 Some(reason) => Outcome::DeadLetter(reason),
-                None => match shared.max_attempts {
+                // The runtime's own limit when it handles the delivery.
+                None => match delivery.max_attempts().or(shared.max_attempts) {
                     Some(max) if attempt >= max => {
                         Outcome::DeadLetter(DeadLetterReason::AttemptsExhausted)
                     }

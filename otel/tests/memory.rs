@@ -373,8 +373,9 @@ async fn retries_and_dead_letters_show_in_metrics() {
 
 /// Without a known last attempt, retryable failures are counted as `failed`.
 #[tokio::test]
-async fn unknown_max_attempts_counts_failed() {
-    let o = otel(|b| b.unknown_max_attempts());
+async fn the_runtimes_retry_limit_wins_over_the_layers_guess() {
+    // The layer guesses 10 attempts; the runtime allows 2 and says so on the delivery.
+    let o = otel(|b| b.max_attempts(10));
     let bus = MemoryBus::new();
     let publisher = publisher(&bus, &o);
     let consumer = Consumer::group(bus.subscriber(), "g")
@@ -390,9 +391,10 @@ async fn unknown_max_attempts_counts_failed() {
         .publish("t", Message::new("{}"))
         .await
         .expect("publish");
-    o.wait_sum(m::CONSUMED_MESSAGES, &[(a::OUTCOME, "failed")], 2)
+    o.wait_sum(m::CONSUMED_MESSAGES, &[(a::OUTCOME, "dead_letter")], 1)
         .await;
-    assert_eq!(o.sum(m::DEAD_LETTERS, &[]), 0);
+    assert_eq!(o.sum(m::CONSUMED_MESSAGES, &[(a::OUTCOME, "retry")]), 1);
+    assert_eq!(o.sum(m::CONSUMED_MESSAGES, &[(a::OUTCOME, "failed")]), 0);
     consumer.shutdown(Duration::from_secs(5)).await;
 }
 
