@@ -183,7 +183,7 @@ impl IntoConfig for &Config {
 ///
 /// | URL | broker | cargo feature |
 /// |---|---|---|
-/// | `memory://` | the in-process bus | `memory` (default) |
+/// | `memory://` (`?history=N` keeps N messages per topic for replay) | the in-process bus | `memory` (default) |
 /// | `redis://host:6379?mode=streams` (or `mode=pubsub`) | Redis | `redis` |
 /// | `amqp://user:pass@host:5672/%2f?exchange=events`, `amqps://` | RabbitMQ | `amqp` |
 /// | `kafka://host:9092,host2:9092` | Kafka | `kafka` |
@@ -200,7 +200,9 @@ pub async fn connect(config: impl IntoConfig) -> Result<Bus> {
     let (publisher, subscriber): (Arc<dyn Publisher>, Arc<dyn Subscriber>) = match scheme {
         #[cfg(feature = "memory")]
         "memory" => {
-            let bus = tidings_memory::MemoryBus::new();
+            let bus = tidings_memory::MemoryBus::with_config(
+                tidings_memory::MemoryConfig::from_url(&url)?,
+            );
             (bus.publisher(), bus.subscriber())
         }
         #[cfg(feature = "redis")]

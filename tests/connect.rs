@@ -70,6 +70,9 @@ async fn invalid_urls_name_the_key() {
         "custom TLS files are refused, not ignored"
     );
 
+    let (key, _) = config_error("memory://?colour=blue").await;
+    assert_eq!(key, "colour");
+
     let (key, _) = config_error("redis://127.0.0.1:6379?mode=carrier").await;
     assert_eq!(key, "mode");
 

@@ -53,9 +53,12 @@ async fn projector_builds_and_rebuilds_by_replay() {
         .await
         .unwrap();
     assert_eq!(live, expected_balances());
-    assert_eq!(rebuilt, None, "the in-process bus keeps no history");
+    assert_eq!(
+        rebuilt, None,
+        "the in-process bus keeps no history by default"
+    );
     let kafka = format!("kafka://{}?auto_create_topics=true", kafka_mock());
-    for url in [NATS, REDIS, kafka.as_str()] {
+    for url in ["memory://?history=100", NATS, REDIS, kafka.as_str()] {
         let (live, rebuilt) = projector::demo(&bus(url).await, &namespace("proj"))
             .await
             .unwrap();

@@ -9,7 +9,9 @@
 //!
 //! What it does not have: persistence. Messages live as long as the process;
 //! a group keeps messages published after it was declared (by its first
-//! subscription or [`declare_group`](Subscriber::declare_group)).
+//! subscription or [`declare_group`](Subscriber::declare_group)). With
+//! [`MemoryConfig::history`] set it keeps the last messages of each topic, and a
+//! new group or private subscription can start from the beginning or a time.
 //!
 //! ```
 //! use tidings_core::{Consumer, Event, HandlerError, PublisherExt};
@@ -30,7 +32,7 @@
 //! # Ok(()) }
 //! ```
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
@@ -56,6 +58,9 @@ pub struct MemoryConfig {
     pub group_capacity: usize,
     /// How long a publish waits for room before it fails with a timeout.
     pub publish_timeout: Duration,
+    /// Messages kept per topic for replay (`StartFrom::Earliest` or a time);
+    /// 0, the default, keeps none and replay is not offered.
+    pub history: usize,
 }
 
 impl Default for MemoryConfig {
@@ -63,7 +68,38 @@ impl Default for MemoryConfig {
         MemoryConfig {
             group_capacity: 100_000,
             publish_timeout: Duration::from_secs(30),
+            history: 0,
         }
+    }
+}
+
+impl MemoryConfig {
+    /// Parses `memory://[?history=N&group_capacity=N&publish_timeout=30s]`.
+    ///
+    /// ```
+    /// let config = tidings_memory::MemoryConfig::from_url("memory://?history=1000")?;
+    /// assert_eq!(config.history, 1000);
+    /// # Ok::<(), tidings_core::Error>(())
+    /// ```
+    pub fn from_url(url: &str) -> Result<Self> {
+        use tidings_core::params::{duration, invalid, number};
+        let mut config = MemoryConfig::default();
+        let query = url.split_once('?').map_or("", |(_, q)| q);
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            match key {
+                "history" => config.history = number(key, value)?,
+                "group_capacity" => config.group_capacity = number::<usize>(key, value)?.max(1),
+                "publish_timeout" => config.publish_timeout = duration(key, value)?,
+                other => {
+                    return Err(invalid(
+                        other,
+                        "unknown option; the in-process bus knows history, group_capacity, publish_timeout",
+                    ));
+                }
+            }
+        }
+        Ok(config)
     }
 }
 
@@ -86,6 +122,19 @@ struct Topic {
     name: Arc<str>,
     groups: HashMap<String, Arc<Queue>>,
     private: Vec<Arc<Queue>>,
+    /// The last messages published, for replay (bounded by `MemoryConfig::history`).
+    history: VecDeque<Arc<Message>>,
+}
+
+impl Topic {
+    fn new(name: &str) -> Topic {
+        Topic {
+            name: name.into(),
+            groups: HashMap::new(),
+            private: Vec::new(),
+            history: VecDeque::new(),
+        }
+    }
 }
 
 /// One group's (or one private subscription's) queue.
@@ -148,26 +197,35 @@ impl Inner {
         self.topics.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn queue(&self, topic: &str, group: Option<&str>) -> (Arc<Queue>, Arc<str>) {
+    /// The queue of `group` (or a new private one), created if needed; a
+    /// queue created now starts with the history `start` asks for.
+    fn queue(&self, topic: &str, group: Option<&str>, start: StartFrom) -> (Arc<Queue>, Arc<str>) {
         let mut topics = self.topics();
-        let t = topics.entry(topic.to_owned()).or_insert_with(|| Topic {
-            name: topic.into(),
-            groups: HashMap::new(),
-            private: Vec::new(),
-        });
+        let t = topics
+            .entry(topic.to_owned())
+            .or_insert_with(|| Topic::new(topic));
         let capacity = self.config.group_capacity;
-        let queue = match group {
-            Some(g) => t
-                .groups
-                .entry(g.to_owned())
-                .or_insert_with(|| Queue::new(capacity, Some(g.into())))
-                .clone(),
-            None => {
-                let q = Queue::new(capacity, None);
-                t.private.push(q.clone());
-                q
+        let existing = group.and_then(|g| t.groups.get(g)).cloned();
+        if let Some(queue) = existing {
+            return (queue, t.name.clone());
+        }
+        let queue = Queue::new(capacity, group.map(Into::into));
+        let replay = t.history.iter().filter(|m| match start {
+            StartFrom::Latest => false,
+            StartFrom::Earliest => true,
+            StartFrom::Time(from) => m.metadata.time.is_some_and(|at| at >= from),
+        });
+        for message in replay {
+            if !queue.try_push(message, &t.name) {
+                break;
             }
-        };
+        }
+        match group {
+            Some(g) => {
+                t.groups.insert(g.to_owned(), queue.clone());
+            }
+            None => t.private.push(queue.clone()),
+        }
         (queue, t.name.clone())
     }
 
@@ -185,10 +243,21 @@ impl Inner {
         // Fast path under the lock: every queue with room takes the message
         // at once; only full queues (rare) are waited for, outside the lock.
         let (full, name) = {
-            let topics = self.topics();
-            let Some(t) = topics.get(topic) else {
-                return Ok(Receipt::Accepted);
+            let mut topics = self.topics();
+            let history = self.config.history;
+            let t = match topics.get_mut(topic) {
+                Some(t) => t,
+                None if history > 0 => topics
+                    .entry(topic.to_owned())
+                    .or_insert_with(|| Topic::new(topic)),
+                None => return Ok(Receipt::Accepted),
             };
+            if history > 0 {
+                if t.history.len() == history {
+                    t.history.pop_front();
+                }
+                t.history.push_back(message.clone());
+            }
             let full: Vec<Arc<Queue>> = t
                 .groups
                 .values()
@@ -281,17 +350,18 @@ impl Subscriber for MemoryBus {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             persistent: false,
-            replay: false,
+            replay: self.inner.config.history > 0,
             ..Capabilities::full()
         }
     }
 
     async fn subscribe(&self, subscription: Subscription) -> Result<Box<dyn DeliveryStream>> {
         subscription.check(self.name(), self.capabilities())?;
-        debug_assert_eq!(subscription.start, StartFrom::Latest);
-        let (queue, _) = self
-            .inner
-            .queue(&subscription.topic, subscription.group.as_deref());
+        let (queue, _) = self.inner.queue(
+            &subscription.topic,
+            subscription.group.as_deref(),
+            subscription.start,
+        );
         let (close, closed) = watch::channel(false);
         let state = StreamState {
             bus: self.inner.clone(),
@@ -315,7 +385,7 @@ impl Subscriber for MemoryBus {
     }
 
     async fn declare_group(&self, topic: &str, group: &str) -> Result<()> {
-        self.inner.queue(topic, Some(group));
+        self.inner.queue(topic, Some(group), StartFrom::Latest);
         Ok(())
     }
 
@@ -477,7 +547,8 @@ impl Acker for MemoryAcker {
             .get(&topic)
             .is_some_and(|t| !t.groups.is_empty());
         if !has_group {
-            self.bus.queue(&topic, Some(DEAD_LETTER_GROUP));
+            self.bus
+                .queue(&topic, Some(DEAD_LETTER_GROUP), StartFrom::Latest);
         }
         self.bus.publish(&topic, letter.letter_for(message)).await?;
         self.entry = None;

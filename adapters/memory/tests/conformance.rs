@@ -5,7 +5,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tidings_core::testkit::Harness;
 use tidings_core::{Publisher, Subscriber};
-use tidings_memory::MemoryBus;
+use tidings_memory::{MemoryBus, MemoryConfig};
 
 /// Each test gets its own bus; `connect` hands out the same bus each time,
 /// as every connection to one broker sees the same topics.
@@ -18,4 +18,8 @@ impl Harness for Memory {
     }
 }
 
-tidings_core::conformance_tests!(Memory(MemoryBus::new()));
+// With a history, so that replay (from the beginning) is tested too.
+tidings_core::conformance_tests!(Memory(MemoryBus::with_config(MemoryConfig {
+    history: 1_000,
+    ..MemoryConfig::default()
+})));
