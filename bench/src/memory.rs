@@ -251,24 +251,34 @@ async fn memory_otel(args: &Args, clock: &Arc<Clock>) {
         }
     }
 
-    let mut rates = Vec::new();
-    for variant in ["e2e-no-layers", "e2e-otel-noop-global", "e2e-otel-sdk-drop"] {
+    /// SDK providers with exporters that drop everything, and the telemetry a
+    /// variant uses: none, the global no-op providers, or the SDK providers.
+    fn telemetry_for(variant: &str) -> (SdkTracerProvider, SdkMeterProvider, Option<Telemetry>) {
         let tracer_provider = SdkTracerProvider::builder()
             .with_batch_exporter(DropSpans)
             .build();
         let meter_provider = SdkMeterProvider::builder()
             .with_reader(PeriodicReader::builder(DropMetrics).build())
             .build();
-        let telemetry = match variant {
-            "e2e-otel-sdk-drop" => Some(
+        let telemetry = if variant.ends_with("otel-sdk-drop") {
+            Some(
                 Telemetry::builder()
                     .tracer(tracer_provider.tracer("bench"))
                     .meter(meter_provider.meter("bench"))
                     .build(),
-            ),
-            "e2e-otel-noop-global" => Some(Telemetry::builder().build()),
-            _ => None,
+            )
+        } else if variant.ends_with("otel-noop-global") {
+            Some(Telemetry::builder().build())
+        } else {
+            None
         };
+        (tracer_provider, meter_provider, telemetry)
+    }
+
+    let mut rates = Vec::new();
+    for variant in ["e2e-no-layers", "e2e-otel-noop-global", "e2e-otel-sdk-drop"] {
+        // The providers live for the run (they own the exporters), then shut down.
+        let (tracer_provider, meter_provider, telemetry) = telemetry_for(variant);
         let bus = MemoryBus::with_config(MemoryConfig {
             group_capacity: 1024,
             ..MemoryConfig::default()
@@ -365,22 +375,8 @@ async fn memory_otel(args: &Args, clock: &Arc<Clock>) {
         "direct-otel-noop-global",
         "direct-otel-sdk-drop",
     ] {
-        let tracer_provider = SdkTracerProvider::builder()
-            .with_batch_exporter(DropSpans)
-            .build();
-        let meter_provider = SdkMeterProvider::builder()
-            .with_reader(PeriodicReader::builder(DropMetrics).build())
-            .build();
-        let telemetry = match variant {
-            "direct-otel-sdk-drop" => Some(
-                Telemetry::builder()
-                    .tracer(tracer_provider.tracer("bench"))
-                    .meter(meter_provider.meter("bench"))
-                    .build(),
-            ),
-            "direct-otel-noop-global" => Some(Telemetry::builder().build()),
-            _ => None,
-        };
+        // The providers live for the run (they own the exporters), then shut down.
+        let (tracer_provider, meter_provider, telemetry) = telemetry_for(variant);
         let slot = Arc::new(Slot(std::sync::Mutex::new(None)));
         let mut publisher = LayeredPublisher::new(slot.clone());
         let mut stack: Vec<Arc<dyn Middleware>> = Vec::new();

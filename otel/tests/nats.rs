@@ -2,16 +2,12 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use common::{attr_str, otel};
-use tidings_core::middleware::LayeredPublisher;
-use tidings_core::{Consumer, Event, HandlerError, Message, Publisher, Receipt};
+use common::{attr_str, otel, traced_round_trip};
+use tidings_core::Receipt;
 use tidings_nats::{NatsBus, NatsConfig};
 use tidings_otel::names::attr as a;
-
-type Json = serde_json::Value;
 
 async fn nats() -> NatsBus {
     let config = NatsConfig::from_url("nats://127.0.0.1:4222?max_age=1h").expect("valid URL");
@@ -29,23 +25,7 @@ async fn nats() -> NatsBus {
 async fn consumer_span_carries_the_stream_sequence() {
     let o = otel(|b| b);
     let bus = nats().await;
-    let name = bus.subscriber().name();
-    let topic = format!("otel-pos-{}", tidings_core::message::new_id());
-    let publisher =
-        LayeredPublisher::new(bus.publisher()).layer(Arc::new(o.telemetry.publish_layer(name)));
-    let consumer = Consumer::group(bus.subscriber(), "otel-position")
-        .layer(o.telemetry.process_layer(name))
-        .handle(topic.clone(), |_: Event<Json>| async {
-            Ok::<_, HandlerError>(())
-        })
-        .start()
-        .await
-        .expect("start consumer");
-
-    let receipt = publisher
-        .publish(&topic, Message::new(r#"{"n":1}"#))
-        .await
-        .expect("publish");
+    let (topic, receipt, consumer) = traced_round_trip(&o, bus.publisher(), bus.subscriber()).await;
     let Receipt::Sequence {
         stream, sequence, ..
     } = receipt

@@ -5,7 +5,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{assert_span, attr_str, otel};
+use common::{assert_span, attr_str, otel, traced_round_trip};
 use opentelemetry::trace::SpanKind;
 use tidings_core::middleware::LayeredPublisher;
 use tidings_core::{
@@ -116,23 +116,7 @@ async fn trace_continues_through_redis() {
 async fn consumer_span_carries_the_stream_entry_id() {
     let o = otel(|b| b);
     let bus = redis().await;
-    let name = bus.subscriber().name();
-    let topic = format!("otel-pos-{}", tidings_core::message::new_id());
-    let publisher =
-        LayeredPublisher::new(bus.publisher()).layer(Arc::new(o.telemetry.publish_layer(name)));
-    let consumer = Consumer::group(bus.subscriber(), "otel-position")
-        .layer(o.telemetry.process_layer(name))
-        .handle(topic.clone(), |_: Event<Json>| async {
-            Ok::<_, HandlerError>(())
-        })
-        .start()
-        .await
-        .expect("start consumer");
-
-    let receipt = publisher
-        .publish(&topic, Message::new(r#"{"n":1}"#))
-        .await
-        .expect("publish");
+    let (topic, receipt, consumer) = traced_round_trip(&o, bus.publisher(), bus.subscriber()).await;
     let Receipt::EntryId(entry_id) = receipt else {
         panic!("Redis Streams publish returns an entry id, got {receipt:?}");
     };

@@ -207,3 +207,31 @@ pub fn assert_span(span: &SpanData, name: &str, kind: SpanKind) {
     assert_eq!(span.name, name);
     assert_eq!(span.span_kind, kind, "kind of {name}");
 }
+
+/// Through `bus`'s broker: a traced consumer in a group, and one traced
+/// message published to a fresh topic. Returns the topic, the publish
+/// receipt and the running consumer.
+pub async fn traced_round_trip(
+    o: &Otel,
+    publisher: std::sync::Arc<dyn tidings_core::Publisher>,
+    subscriber: std::sync::Arc<dyn tidings_core::Subscriber>,
+) -> (String, tidings_core::Receipt, tidings_core::Consumer) {
+    use tidings_core::{Consumer, Event, HandlerError, Message, Publisher as _};
+    let name = subscriber.name();
+    let topic = format!("otel-pos-{}", tidings_core::message::new_id());
+    let publisher = tidings_core::middleware::LayeredPublisher::new(publisher)
+        .layer(std::sync::Arc::new(o.telemetry.publish_layer(name)));
+    let consumer = Consumer::group(subscriber, "otel-position")
+        .layer(o.telemetry.process_layer(name))
+        .handle(topic.clone(), |_: Event<serde_json::Value>| async {
+            Ok::<_, HandlerError>(())
+        })
+        .start()
+        .await
+        .expect("start consumer");
+    let receipt = publisher
+        .publish(&topic, Message::new(r#"{"n":1}"#))
+        .await
+        .expect("publish");
+    (topic, receipt, consumer)
+}
