@@ -5,12 +5,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The Kafka adapter builds librdkafka from source.
-if ! command -v cc >/dev/null || ! command -v c++ >/dev/null || ! command -v make >/dev/null; then
-  echo "test: installing a C/C++ toolchain for librdkafka (build-essential)" >&2
+# The Kafka adapter builds librdkafka from source, with OpenSSL for TLS.
+missing=()
+command -v cc >/dev/null && command -v c++ >/dev/null && command -v make >/dev/null \
+  || missing+=(build-essential)
+command -v pkg-config >/dev/null || missing+=(pkg-config)
+pkg-config --exists openssl 2>/dev/null || missing+=(libssl-dev)
+if ((${#missing[@]})); then
+  echo "test: installing ${missing[*]} for librdkafka" >&2
   DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq build-essential >/dev/null \
-    || { echo "test: ERROR: could not install build-essential (gcc, g++, make)" >&2; exit 1; }
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null \
+    || { echo "test: ERROR: could not install ${missing[*]} (apt-get install ${missing[*]})" >&2; exit 1; }
 fi
 
 scripts/brokers.sh

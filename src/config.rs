@@ -26,7 +26,7 @@
 //! [publish_retry]      # off when absent
 //! max_attempts = 3
 //!
-//! [tls]                # NATS only; off when absent
+//! [tls]                # off when absent; see TlsConfig for each broker
 //! ca_file = "/etc/tidings/ca.pem"
 //! ```
 //!
@@ -69,13 +69,19 @@ pub struct Config {
     #[serde(default)]
     pub publish_retry: Option<PublishRetryConfig>,
     /// TLS files and names, passed to the adapter as the `tls_*` query
-    /// parameters (only the NATS adapter takes them; off when absent).
+    /// parameters (off when absent).
     #[serde(default)]
     pub tls: Option<TlsConfig>,
 }
 
 /// TLS options, passed to the adapter as the query parameters `tls_ca_file`,
 /// `tls_cert_file`, `tls_key_file` and `tls_server_name`.
+///
+/// With `nats://` (or `tls://`) they make TLS required; RabbitMQ and Redis
+/// need the TLS scheme (`amqps://`, `rediss://`); with `kafka://` they turn
+/// on `security.protocol=ssl`. `server_name` works with NATS and RabbitMQ;
+/// the Redis and Kafka clients check the certificate against the host they
+/// connect to, and refuse it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
@@ -328,12 +334,12 @@ impl Config {
         {
             return bad("publish_retry.max_attempts", "must be at least 1");
         }
-        if self.tls.is_some() && scheme != "nats" {
+        if self.tls.is_some() && !matches!(scheme, "nats" | "tls" | "amqps" | "rediss" | "kafka") {
             return bad(
                 "tls",
                 &format!(
-                    "TLS options are supported by nats:// only, not by {scheme}:// \
-                     (amqps:// uses the system's trusted certificates)"
+                    "TLS options need nats://, tls://, amqps://, rediss:// or kafka://, \
+                     not {scheme}://"
                 ),
             );
         }
@@ -576,7 +582,9 @@ mod tests {
         assert!(message.contains("ca"), "{key}: {message}");
         let (key, message) = err("url = \"memory://\"\n[tls]\nca_file = \"c.pem\"");
         assert_eq!(key, "tls");
-        assert!(message.contains("nats://"), "{message}");
+        assert!(message.contains("amqps://"), "{message}");
+        let (key, _) = err("url = \"amqp://h\"\n[tls]\nca_file = \"c.pem\"");
+        assert_eq!(key, "tls", "TLS with RabbitMQ is chosen by amqps://");
     }
 
     #[cfg(feature = "nats")]

@@ -184,10 +184,13 @@ impl IntoConfig for &Config {
 /// | URL | broker | cargo feature |
 /// |---|---|---|
 /// | `memory://` (`?history=N` keeps N messages per topic for replay) | the in-process bus | `memory` (default) |
-/// | `redis://host:6379?mode=streams` (or `mode=pubsub`) | Redis | `redis` |
+/// | `redis://host:6379?mode=streams` (or `mode=pubsub`), `rediss://` | Redis | `redis` |
 /// | `amqp://user:pass@host:5672/%2f?exchange=events`, `amqps://` | RabbitMQ | `amqp` |
 /// | `kafka://host:9092,host2:9092` | Kafka | `kafka` |
-/// | `nats://host:4222?jetstream=true` (or `false` for core NATS) | NATS | `nats` |
+/// | `nats://host:4222?jetstream=true` (or `false` for core NATS), `tls://` | NATS | `nats` |
+///
+/// TLS files and a server name are the `tls_*` parameters (or the `[tls]`
+/// table): see [`TlsConfig`](config::TlsConfig).
 ///
 /// Adapter options are query parameters (or the `[options]` table of the
 /// configuration); each adapter's page in `docs/` lists them. An unknown
@@ -206,7 +209,7 @@ pub async fn connect(config: impl IntoConfig) -> Result<Bus> {
             (bus.publisher(), bus.subscriber())
         }
         #[cfg(feature = "redis")]
-        "redis" => {
+        "redis" | "rediss" => {
             let bus = tidings_redis::RedisBus::connect(tidings_redis::RedisConfig::from_url(&url)?)
                 .await?;
             (bus.publisher(), bus.subscriber())
@@ -224,7 +227,7 @@ pub async fn connect(config: impl IntoConfig) -> Result<Bus> {
             (bus.publisher(), bus.subscriber())
         }
         #[cfg(feature = "nats")]
-        "nats" => {
+        "nats" | "tls" => {
             let bus =
                 tidings_nats::NatsBus::connect(tidings_nats::NatsConfig::from_url(&url)?).await?;
             (bus.publisher(), bus.subscriber())
@@ -300,6 +303,8 @@ pub(crate) const SCHEMES: &[&str] = &[
     "memory://",
     #[cfg(feature = "redis")]
     "redis://",
+    #[cfg(feature = "redis")]
+    "rediss://",
     #[cfg(feature = "amqp")]
     "amqp://",
     #[cfg(feature = "amqp")]
@@ -308,6 +313,8 @@ pub(crate) const SCHEMES: &[&str] = &[
     "kafka://",
     #[cfg(feature = "nats")]
     "nats://",
+    #[cfg(feature = "nats")]
+    "tls://",
 ];
 
 #[cfg(test)]

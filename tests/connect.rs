@@ -63,12 +63,20 @@ async fn invalid_urls_name_the_key() {
     let (key, _) = config_error("amqp://guest:guest@127.0.0.1:5672/%2f?queue_type=fancy").await;
     assert_eq!(key, "queue_type");
 
-    let (key, _) =
+    let (key, message) =
         config_error("amqp://guest:guest@127.0.0.1:5672/%2f?tls_ca_file=/etc/ca.pem").await;
     assert_eq!(
-        key, "tls_ca_file",
-        "custom TLS files are refused, not ignored"
+        key, "url",
+        "TLS files without amqps:// are refused, not ignored"
     );
+    assert!(message.contains("amqps://"), "{message}");
+
+    let (key, _) = config_error("rediss://127.0.0.1:6379?tls_server_name=redis.internal").await;
+    assert_eq!(key, "tls_server_name");
+
+    let (key, message) = config_error("kafka://127.0.0.1:9092?tls_ca_file=/nowhere/ca.pem").await;
+    assert_eq!(key, "tls_ca_file");
+    assert!(message.contains("/nowhere/ca.pem"), "{message}");
 
     let (key, _) = config_error("memory://?colour=blue").await;
     assert_eq!(key, "colour");

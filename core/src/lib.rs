@@ -17,6 +17,10 @@
 //! # Feature flags
 //! - `testkit`: the conformance suite every adapter runs, a `RecordingPublisher`
 //!   for users' unit tests, and a TCP `FaultProxy` for connection faults.
+//! - `tls`: [`TlsOptions::client_config`](tls::TlsOptions), the TLS settings
+//!   the adapters share (CA file, client certificate, server name) as rustls
+//!   configuration.
+//! - `testkit-tls`: `testkit::Pki`, certificates made for a test.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod codec;
@@ -33,6 +37,7 @@ pub mod retry;
 pub mod subscriber;
 #[cfg(feature = "testkit")]
 pub mod testkit;
+pub mod tls;
 
 pub use codec::{Codec, CodecError, Json, Raw};
 pub use consumer::{Consumer, ConsumerBuilder, ShutdownReport};

@@ -4,6 +4,7 @@ use std::fmt;
 use std::time::Duration;
 
 use tidings_core::Result;
+use tidings_core::tls::TlsOptions;
 
 /// The type of the queues the adapter declares for groups.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -67,6 +68,9 @@ pub struct AmqpConfig {
     pub reconnect_min: Duration,
     /// Longest wait between reconnect attempts (`reconnect_max`).
     pub reconnect_max: Duration,
+    /// TLS settings of an `amqps://` connection (`tls_ca_file`,
+    /// `tls_cert_file`, `tls_key_file`, `tls_server_name`).
+    pub tls: TlsOptions,
 }
 
 impl Default for AmqpConfig {
@@ -85,6 +89,7 @@ impl Default for AmqpConfig {
             connect_timeout: Duration::from_secs(10),
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(5),
+            tls: TlsOptions::default(),
         }
     }
 }
@@ -105,6 +110,7 @@ impl fmt::Debug for AmqpConfig {
             .field("connect_timeout", &self.connect_timeout)
             .field("reconnect_min", &self.reconnect_min)
             .field("reconnect_max", &self.reconnect_max)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -116,8 +122,10 @@ impl AmqpConfig {
     /// (or `amqps://`). Options: `exchange`, `dead_letter_exchange`,
     /// `dead_letter_prefix`, `queue_type` (`quorum`|`classic`), `passive`,
     /// `single_active_consumer`, `queue_expires`, `confirm_window`, `publish_timeout`,
-    /// `connect_timeout`, `reconnect_min`, `reconnect_max`. Other query
-    /// parameters (lapin's `heartbeat`, `frame_max`, ...) are passed on.
+    /// `connect_timeout`, `reconnect_min`, `reconnect_max`, and with
+    /// `amqps://` the TLS options `tls_ca_file`, `tls_cert_file`,
+    /// `tls_key_file`, `tls_server_name`. Other query parameters (lapin's
+    /// `heartbeat`, `frame_max`, ...) are passed on.
     ///
     /// ```
     /// use tidings_amqp::{AmqpConfig, QueueType};
@@ -168,16 +176,17 @@ impl AmqpConfig {
                 "connect_timeout" => config.connect_timeout = duration(&key, &value)?,
                 "reconnect_min" => config.reconnect_min = duration(&key, &value)?,
                 "reconnect_max" => config.reconnect_max = duration(&key, &value)?,
-                tls if tls.starts_with("tls_") => {
-                    return Err(invalid(
-                        tls,
-                        "custom TLS files are not supported by this adapter yet; use amqps:// \
-                         with a certificate the system trusts",
-                    ));
-                }
+                _ if config.tls.set(&key, &value)? => {}
                 _ => rest.push((key, value)),
             }
         }
+        if config.tls.is_set() && parsed.scheme() != "amqps" {
+            return Err(invalid(
+                "url",
+                "TLS options need an `amqps://` URL (TLS is chosen by the scheme)",
+            ));
+        }
+        config.tls.validate()?;
         if config.exchange.is_empty() {
             return Err(invalid(
                 "exchange",

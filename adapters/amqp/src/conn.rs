@@ -9,7 +9,9 @@ use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
     QueueDeclareOptions,
 };
+use lapin::tcp::{AMQPUriTcpExt, RustlsConnector};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use lapin::{Confirmation, PublisherConfirm};
 use tidings_core::{Error, Receipt, Result};
@@ -33,6 +35,35 @@ pub(crate) fn publish_error(topic: &str, e: impl Into<tidings_core::BoxError>) -
         source: e.into(),
         transient: true,
     }
+}
+
+/// Opens a connection. `amqps://` goes through our own TLS setup rather
+/// than lapin's, so the CA file, client certificate and server name of
+/// [`TlsOptions`](tidings_core::tls::TlsOptions) apply, with the same rustls
+/// configuration every adapter uses.
+async fn connect(config: &AmqpConfig) -> Result<Connection> {
+    let options = ConnectionProperties::default();
+    let uri: AMQPUri = config
+        .url
+        .parse()
+        .map_err(|e: String| tidings_core::params::invalid("url", e))?;
+    if uri.scheme != AMQPScheme::AMQPS {
+        return Connection::connect_uri(uri, options)
+            .await
+            .map_err(connection_error);
+    }
+    let tls = RustlsConnector::from(config.tls.client_config()?);
+    let server_name = config.tls.server_name_for(&uri.authority.host).to_owned();
+    let runtime = lapin::runtime::default_runtime().map_err(connection_error)?;
+    // Called again by lapin on each reconnect of its own.
+    let open = async move |mut uri: AMQPUri, runtime| {
+        uri.scheme = AMQPScheme::AMQP; // the TCP part; TLS is added below
+        let tcp = uri.connect_async(&runtime).await?;
+        Ok(tcp.into_rustls(&tls, &server_name).await?)
+    };
+    Connection::connector(uri, runtime, open, options)
+        .await
+        .map_err(|e| connection_error(format!("{e} (TLS: {})", config.tls.describe())))
 }
 
 /// Owns the connection: hands out the live one, or connects again.
@@ -67,16 +98,12 @@ impl Connector {
             return Ok(c.clone());
         }
         let after = self.config.connect_timeout;
-        let conn = tokio::time::timeout(
-            after,
-            Connection::connect(&self.config.url, ConnectionProperties::default()),
-        )
-        .await
-        .map_err(|_| Error::Timeout {
-            operation: "connecting to RabbitMQ",
-            after,
-        })?
-        .map_err(connection_error)?;
+        let conn = tokio::time::timeout(after, connect(&self.config))
+            .await
+            .map_err(|_| Error::Timeout {
+                operation: "connecting to RabbitMQ",
+                after,
+            })??;
         let ch = conn.create_channel().await.map_err(connection_error)?;
         declare_exchanges(&ch, &self.config).await?;
         let _ = ch.close(200, "OK".into()).await;

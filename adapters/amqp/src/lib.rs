@@ -68,6 +68,14 @@ pub struct AmqpBus {
     connector: Arc<conn::Connector>,
 }
 
+impl std::fmt::Debug for AmqpBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpBus")
+            .field("config", &self.connector.config)
+            .finish_non_exhaustive()
+    }
+}
+
 impl AmqpBus {
     /// Connects and declares the exchanges (or checks them, when `passive`).
     pub async fn connect(config: AmqpConfig) -> Result<Self> {

@@ -3,6 +3,7 @@
 use std::fmt;
 use std::time::Duration;
 
+use tidings_core::tls::TlsOptions;
 use tidings_core::{Error, Result};
 
 /// How many replicas must have a message before a publish counts as accepted.
@@ -116,6 +117,13 @@ pub struct KafkaConfig {
     pub replication: i32,
     /// Further librdkafka properties (SASL, TLS, ...), applied last.
     pub properties: Vec<(String, String)>,
+    /// TLS files (`tls_ca_file`, `tls_cert_file`, `tls_key_file`), handed to
+    /// librdkafka as `ssl.ca.location`, `ssl.certificate.location` and
+    /// `ssl.key.location`; any of them turns on `security.protocol=ssl`
+    /// (unless `rdkafka.security.protocol` says otherwise, e.g. `sasl_ssl`).
+    /// `tls_server_name` is not supported: librdkafka checks each broker's
+    /// certificate against the host name that broker advertises.
+    pub tls: TlsOptions,
 }
 
 impl Default for KafkaConfig {
@@ -147,6 +155,7 @@ impl KafkaConfig {
             partitions: 3,
             replication: 1,
             properties: Vec::new(),
+            tls: TlsOptions::default(),
         }
     }
 
@@ -156,8 +165,11 @@ impl KafkaConfig {
     /// `linger_ms`, `batch_size`, `max_message_bytes`, `publish_timeout_ms`, `auto_create_topics` (bool),
     /// `session_timeout_ms`, `heartbeat_interval_ms`, `revoke_timeout_ms`,
     /// `close_timeout_ms`, `commit_interval_ms`, `ordering` (`partition`,
-    /// `key`, `none`), `operation_timeout_ms`, `partitions`, `replication`; any option starting with `rdkafka.` is
-    /// passed to librdkafka without the prefix (`rdkafka.security.protocol=ssl`).
+    /// `key`, `none`), `operation_timeout_ms`, `partitions`, `replication`,
+    /// the TLS files `tls_ca_file`, `tls_cert_file`, `tls_key_file` (PEM; any
+    /// of them turns TLS on); any option starting with `rdkafka.` is
+    /// passed to librdkafka without the prefix (`rdkafka.security.protocol=ssl`
+    /// for TLS with the system's CAs).
     pub fn from_url(url: &str) -> Result<Self> {
         let rest = url.strip_prefix("kafka://").ok_or_else(|| Error::Config {
             key: "url".into(),
@@ -229,6 +241,15 @@ impl KafkaConfig {
             "operation_timeout_ms" => self.operation_timeout = ms()?,
             "partitions" => self.partitions = int()?,
             "replication" => self.replication = int()?,
+            "tls_server_name" => {
+                return Err(Error::Config {
+                    key: key.to_owned(),
+                    message: "not supported by librdkafka, which checks each broker's \
+                              certificate against the host name the broker advertises"
+                        .into(),
+                });
+            }
+            _ if self.tls.set(key, value)? => {}
             other => match other.strip_prefix("rdkafka.") {
                 Some(prop) if !prop.is_empty() => {
                     self.properties.push((prop.to_owned(), value.to_owned()))
@@ -240,7 +261,8 @@ impl KafkaConfig {
                                   batch_size, max_message_bytes, publish_timeout_ms, auto_create_topics, \
                                   session_timeout_ms, heartbeat_interval_ms, revoke_timeout_ms, \
                                   close_timeout_ms, commit_interval_ms, ordering, operation_timeout_ms, \
-                                  partitions, replication, rdkafka.<property>"
+                                  partitions, replication, tls_ca_file, tls_cert_file, tls_key_file, \
+                                  rdkafka.<property>"
                             .into(),
                     });
                 }
@@ -251,6 +273,13 @@ impl KafkaConfig {
 
     /// Checks combinations of settings.
     pub fn validate(&self) -> Result<()> {
+        if self.tls.server_name.is_some() {
+            return Err(Error::Config {
+                key: "tls_server_name".into(),
+                message: "not supported by librdkafka".into(),
+            });
+        }
+        self.tls.validate()?;
         if self.idempotent && self.acks != Acks::All {
             return Err(Error::Config {
                 key: "idempotent".into(),
@@ -281,6 +310,18 @@ impl KafkaConfig {
                 },
             )
             .set("log_level", "3");
+        if self.tls.is_set() {
+            c.set("security.protocol", "ssl");
+            for (property, file) in [
+                ("ssl.ca.location", &self.tls.ca_file),
+                ("ssl.certificate.location", &self.tls.cert_file),
+                ("ssl.key.location", &self.tls.key_file),
+            ] {
+                if let Some(file) = file {
+                    c.set(property, file.display().to_string());
+                }
+            }
+        }
         c
     }
 
@@ -363,6 +404,7 @@ impl fmt::Debug for KafkaConfig {
             .field("ordering", &self.ordering)
             .field("operation_timeout", &self.operation_timeout)
             .field("partitions", &self.partitions)
+            .field("tls", &self.tls)
             .field("replication", &self.replication)
             .field("properties", &properties)
             .finish()

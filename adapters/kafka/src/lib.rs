@@ -68,11 +68,21 @@ pub struct KafkaBus {
     publisher: KafkaPublisher,
 }
 
+impl std::fmt::Debug for KafkaBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaBus")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
 impl KafkaBus {
     /// Creates the producer and checks that the cluster answers (within the
     /// configured `operation_timeout`).
     pub async fn connect(config: KafkaConfig) -> Result<Self> {
         config.validate()?;
+        // librdkafka reads the files itself; a missing one is named here.
+        config.tls.check_files()?;
         let config = Arc::new(config);
         let producer: FutureProducer =
             config.producer().create().map_err(|e| Error::Connection {

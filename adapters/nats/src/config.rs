@@ -1,10 +1,10 @@
 //! Configuration of the NATS adapter.
 
 use std::fmt;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use tidings_core::Result;
+use tidings_core::tls::TlsOptions;
 
 /// Which NATS layer the adapter uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,14 +119,9 @@ pub struct NatsConfig {
     pub request_timeout: Duration,
     /// How long to wait for the first connection (default 5 s).
     pub connect_timeout: Duration,
-    /// PEM file of the certificate authorities trusted for the server
-    /// (`tls_ca_file`). When set, only these are trusted, not the system's.
-    pub tls_ca_file: Option<PathBuf>,
-    /// PEM file of the client certificate (`tls_cert_file`), sent to servers
-    /// that verify clients. Needs [`tls_key_file`](Self::tls_key_file).
-    pub tls_cert_file: Option<PathBuf>,
-    /// PEM file of the client certificate's private key (`tls_key_file`).
-    pub tls_key_file: Option<PathBuf>,
+    /// TLS settings (`tls_ca_file`, `tls_cert_file`, `tls_key_file`,
+    /// `tls_server_name`); any of them makes TLS required.
+    pub tls: TlsOptions,
     /// Refuse servers without TLS. Set by a `tls://` URL and by any of the
     /// `tls_*` files; otherwise TLS is used only when the server requires it.
     pub tls_required: bool,
@@ -155,9 +150,7 @@ impl Default for NatsConfig {
             progress_interval: Some(Duration::from_secs(10)),
             request_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
-            tls_ca_file: None,
-            tls_cert_file: None,
-            tls_key_file: None,
+            tls: TlsOptions::default(),
             tls_required: false,
         }
     }
@@ -187,9 +180,7 @@ impl fmt::Debug for NatsConfig {
             .field("progress_interval", &self.progress_interval)
             .field("request_timeout", &self.request_timeout)
             .field("connect_timeout", &self.connect_timeout)
-            .field("tls_ca_file", &self.tls_ca_file)
-            .field("tls_cert_file", &self.tls_cert_file)
-            .field("tls_key_file", &self.tls_key_file)
+            .field("tls", &self.tls)
             .field("tls_required", &self.tls_required)
             .finish()
     }
@@ -210,13 +201,6 @@ fn positive(key: &str, value: &str) -> Result<Option<i64>> {
     }
 }
 
-fn path(key: &str, value: &str) -> Result<PathBuf> {
-    if value.is_empty() {
-        return Err(config_error(key, "must be the path of a PEM file"));
-    }
-    Ok(PathBuf::from(value))
-}
-
 fn percent_decode(s: &str) -> String {
     crate::headers::percent_decode(s).unwrap_or_else(|| s.to_owned())
 }
@@ -234,9 +218,9 @@ impl NatsConfig {
     /// - `progress_interval=10s|off`; `request_timeout=10s`, `connect_timeout=5s`;
     /// - `name=NAME` (connection name), `token=TOKEN`;
     /// - `tls_ca_file=PATH`, `tls_cert_file=PATH`, `tls_key_file=PATH` (PEM
-    ///   files, read at connect; any of them makes TLS required, as does a
-    ///   `tls://` URL). `tls_server_name` is rejected: async-nats always checks
-    ///   the certificate against the URL's host and cannot override the name.
+    ///   files, read at connect), `tls_server_name=NAME` (the name the
+    ///   server's certificate must carry, when it is not the URL's host); any
+    ///   of them makes TLS required, as does a `tls://` URL.
     pub fn from_url(url: &str) -> Result<Self> {
         let mut config = NatsConfig::default();
         let rest = match url.strip_prefix("tls://") {
@@ -341,32 +325,20 @@ impl NatsConfig {
                 "connect_timeout" => config.connect_timeout = duration(key, v)?,
                 "name" => config.connection_name = Some(v.to_owned()),
                 "token" => config.token = Some(v.to_owned()),
-                "tls_ca_file" => config.tls_ca_file = Some(path(key, v)?),
-                "tls_cert_file" => config.tls_cert_file = Some(path(key, v)?),
-                "tls_key_file" => config.tls_key_file = Some(path(key, v)?),
-                "tls_server_name" => {
-                    return Err(config_error(
-                        key,
-                        "not supported by the NATS client (async-nats checks the server's \
-                         certificate against the URL's host); connect to the host name the \
-                         certificate carries instead",
-                    ));
-                }
+                _ if config.tls.set(key, v)? => {}
                 _ => {
                     return Err(config_error(
                         key,
                         "unknown option; known: jetstream, stream, stream_prefix, subject_prefix, \
                          retention, storage, max_age, max_bytes, duplicate_window, ack_wait, \
                          max_deliver, max_ack_pending, progress_interval, request_timeout, \
-                         connect_timeout, name, token, tls_ca_file, tls_cert_file, tls_key_file",
+                         connect_timeout, name, token, tls_ca_file, tls_cert_file, tls_key_file, \
+                         tls_server_name",
                     ));
                 }
             }
         }
-        if config.tls_ca_file.is_some()
-            || config.tls_cert_file.is_some()
-            || config.tls_key_file.is_some()
-        {
+        if config.tls.is_set() {
             config.tls_required = true;
         }
         if !progress_set {
@@ -447,21 +419,7 @@ impl NatsConfig {
         if self.ack_wait < Duration::from_millis(100) {
             return Err(config_error("ack_wait", "must be at least 100ms"));
         }
-        match (&self.tls_cert_file, &self.tls_key_file) {
-            (Some(_), None) => {
-                return Err(config_error(
-                    "tls_key_file",
-                    "is required when tls_cert_file is set",
-                ));
-            }
-            (None, Some(_)) => {
-                return Err(config_error(
-                    "tls_cert_file",
-                    "is required when tls_key_file is set",
-                ));
-            }
-            _ => {}
-        }
+        self.tls.validate()?;
         Ok(())
     }
 }
@@ -501,16 +459,20 @@ mod tests {
 
     #[test]
     fn tls_options() {
+        use std::path::PathBuf;
         let c = NatsConfig::from_url(
             "nats://h?tls_ca_file=%2Fetc%2Fca%20dir%2Fca.pem&tls_cert_file=c.pem&tls_key_file=c.key",
         )
         .unwrap();
-        assert_eq!(c.tls_ca_file, Some(PathBuf::from("/etc/ca dir/ca.pem")));
-        assert_eq!(c.tls_cert_file, Some(PathBuf::from("c.pem")));
-        assert_eq!(c.tls_key_file, Some(PathBuf::from("c.key")));
+        assert_eq!(c.tls.ca_file, Some(PathBuf::from("/etc/ca dir/ca.pem")));
+        assert_eq!(c.tls.cert_file, Some(PathBuf::from("c.pem")));
+        assert_eq!(c.tls.key_file, Some(PathBuf::from("c.key")));
+        assert!(c.tls_required);
+        let c = NatsConfig::from_url("nats://10.0.0.7?tls_server_name=nats.internal").unwrap();
+        assert_eq!(c.tls.server_name.as_deref(), Some("nats.internal"));
         assert!(c.tls_required);
         let c = NatsConfig::from_url("tls://h:4222").unwrap();
-        assert!(c.tls_required && c.tls_ca_file.is_none());
+        assert!(c.tls_required && !c.tls.is_set());
         assert_eq!(c.servers, ["h:4222"]);
     }
 
@@ -530,7 +492,7 @@ mod tests {
             ("nats://h?bogus=1", "bogus"),
             ("nats://h?stream=a.b", "stream"),
             ("nats://h?max_deliver=-5", "max_deliver"),
-            ("nats://h?tls_server_name=n", "tls_server_name"),
+            ("nats://h?tls_server_name=", "tls_server_name"),
             ("nats://h?tls_cert_file=c.pem", "tls_key_file"),
             ("nats://h?tls_key_file=c.key", "tls_cert_file"),
             ("nats://h?tls_ca_file=", "tls_ca_file"),

@@ -135,7 +135,7 @@ impl NatsBus {
             .await
             .map_err(|e| {
                 if config.tls_required || e.kind() == async_nats::ConnectErrorKind::Tls {
-                    connection_error(format!("{e} (TLS: {})", tls_summary(&config)))
+                    connection_error(format!("{e} (TLS: {})", config.tls.describe()))
                 } else {
                     connection_error(e)
                 }
@@ -302,53 +302,18 @@ impl Shared {
     }
 }
 
-/// Applies the TLS settings, after checking that their files can be read
-/// (an [`Error::Config`] naming the parameter and the file otherwise).
+/// Applies the TLS settings. The files are read here, so a missing one is
+/// an [`Error::Config`] naming its parameter before any connection attempt.
 fn tls_options(
     config: &NatsConfig,
-    mut options: async_nats::ConnectOptions,
+    options: async_nats::ConnectOptions,
 ) -> Result<async_nats::ConnectOptions> {
-    let readable = |key: &str, path: &std::path::Path| {
-        std::fs::File::open(path)
-            .map(drop)
-            .map_err(|e| Error::Config {
-                key: key.into(),
-                message: format!("cannot read `{}`: {e}", path.display()),
-            })
+    let options = if config.tls.is_set() {
+        options.tls_client_config(config.tls.client_config()?)
+    } else {
+        options
     };
-    if let Some(ca) = &config.tls_ca_file {
-        readable("tls_ca_file", ca)?;
-        options = options.add_root_certificates(ca.clone());
-    }
-    match (&config.tls_cert_file, &config.tls_key_file) {
-        (Some(cert), Some(key)) => {
-            readable("tls_cert_file", cert)?;
-            readable("tls_key_file", key)?;
-            options = options.add_client_certificate(cert.clone(), key.clone());
-        }
-        (None, None) => {}
-        _ => {
-            return Err(Error::Config {
-                key: "tls_cert_file".into(),
-                message: "tls_cert_file and tls_key_file go together".into(),
-            });
-        }
-    }
     Ok(options.require_tls(config.tls_required))
-}
-
-/// The TLS files in use, for errors.
-fn tls_summary(config: &NatsConfig) -> String {
-    let show = |p: &Option<std::path::PathBuf>, none: &str| {
-        p.as_ref()
-            .map_or_else(|| none.to_owned(), |p| format!("`{}`", p.display()))
-    };
-    format!(
-        "tls_ca_file: {}, tls_cert_file: {}, tls_key_file: {}",
-        show(&config.tls_ca_file, "none (the system's CAs)"),
-        show(&config.tls_cert_file, "none"),
-        show(&config.tls_key_file, "none")
-    )
 }
 
 pub(crate) fn publish_error(topic: &str, e: jetstream::context::PublishError) -> Error {

@@ -1,88 +1,31 @@
 //! TLS: a nats-server of the test's own with a certificate from a CA made in
 //! the test; connecting with `tls_ca_file` works, without it fails, a client
 //! certificate is sent to a server that verifies clients, and a missing file
-//! is a configuration error naming it.
-
-use std::path::{Path, PathBuf};
+//! is a configuration error naming it, and `tls_server_name` checks the
+//! certificate against a name other than the host connected to.
 
 use futures::StreamExt;
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-use tidings_core::testkit::{unique, within};
+use tidings_core::testkit::{Pki, unique, within};
 use tidings_core::{Error, Message, Subscription};
 use tidings_nats::{NatsBus, NatsConfig};
 
 mod support;
 
-/// A CA, a server certificate for 127.0.0.1/localhost and a client
-/// certificate, as PEM files in a directory of their own.
-struct Pki {
-    dir: PathBuf,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let dir = std::env::temp_dir().join(format!(
-            "tidings-nats-tls-{}-{:08x}",
-            std::process::id(),
-            fastrand::u32(..)
+/// A nats-server config with TLS; `verify` makes it require client certificates.
+fn server_conf(pki: &Pki, verify: bool) -> String {
+    let mut conf = format!(
+        "tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n  timeout: 5\n",
+        pki.path("server.pem").display(),
+        pki.path("server.key").display()
+    );
+    if verify {
+        conf.push_str(&format!(
+            "  ca_file: \"{}\"\n  verify: true\n",
+            pki.path("ca.pem").display()
         ));
-        std::fs::create_dir_all(&dir).expect("creating the certificate directory");
-
-        let ca_key = KeyPair::generate().expect("CA key");
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, "tidings test CA");
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca_cert = ca_params.self_signed(&ca_key).expect("CA certificate");
-        let issuer = Issuer::new(ca_params, ca_key);
-
-        let leaf = |names: Vec<String>, stem: &str| {
-            let key = KeyPair::generate().expect("key");
-            let mut params = CertificateParams::new(names).expect("params");
-            params.distinguished_name.push(DnType::CommonName, stem);
-            let cert = params.signed_by(&key, &issuer).expect("certificate");
-            std::fs::write(dir.join(format!("{stem}.pem")), cert.pem()).expect("writing");
-            std::fs::write(dir.join(format!("{stem}.key")), key.serialize_pem()).expect("writing");
-        };
-        leaf(vec!["127.0.0.1".into(), "localhost".into()], "server");
-        leaf(vec!["client.tidings.test".into()], "client");
-        std::fs::write(dir.join("ca.pem"), ca_cert.pem()).expect("writing the CA");
-        Pki { dir }
     }
-
-    fn path(&self, file: &str) -> String {
-        self.dir.join(file).display().to_string()
-    }
-
-    /// A nats-server config with TLS; `verify` makes it require client certificates.
-    fn server_conf(&self, verify: bool) -> String {
-        let mut conf = format!(
-            "tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n  timeout: 5\n",
-            self.path("server.pem"),
-            self.path("server.key")
-        );
-        if verify {
-            conf.push_str(&format!(
-                "  ca_file: \"{}\"\n  verify: true\n",
-                self.path("ca.pem")
-            ));
-        }
-        conf.push_str("}\n");
-        conf
-    }
-}
-
-impl Drop for Pki {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn encode(path: &str) -> String {
-    path.replace('%', "%25")
-        .replace('&', "%26")
-        .replace(' ', "%20")
+    conf.push_str("}\n");
+    conf
 }
 
 async fn connect(url: &str) -> tidings_core::Result<NatsBus> {
@@ -114,17 +57,14 @@ async fn round_trip(bus: &NatsBus) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connects_with_the_ca_file_and_fails_without_it() {
-    let pki = Pki::new();
-    let mut server = support::Server::start(Some(&pki.server_conf(false))).await;
+    let pki = Pki::new(&["127.0.0.1", "localhost"]);
+    let mut server = support::Server::start(Some(&server_conf(&pki, false))).await;
     let base = format!("nats://127.0.0.1:{}?jetstream=false", server.port);
 
     let bus = within(
         20,
         "a TLS connection",
-        connect(&format!(
-            "{base}&tls_ca_file={}",
-            encode(&pki.path("ca.pem"))
-        )),
+        connect(&format!("{base}&tls_ca_file={}", pki.param("ca.pem"))),
     )
     .await
     .expect("connects with the test CA");
@@ -149,12 +89,12 @@ async fn connects_with_the_ca_file_and_fails_without_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sends_the_client_certificate() {
-    let pki = Pki::new();
-    let mut server = support::Server::start(Some(&pki.server_conf(true))).await;
+    let pki = Pki::new(&["127.0.0.1", "localhost"]);
+    let mut server = support::Server::start(Some(&server_conf(&pki, true))).await;
     let base = format!(
         "nats://127.0.0.1:{}?jetstream=false&connect_timeout=3s&tls_ca_file={}",
         server.port,
-        encode(&pki.path("ca.pem"))
+        pki.param("ca.pem")
     );
 
     let bus = within(
@@ -162,8 +102,8 @@ async fn sends_the_client_certificate() {
         "a TLS connection with a client certificate",
         connect(&format!(
             "{base}&tls_cert_file={}&tls_key_file={}",
-            encode(&pki.path("client.pem")),
-            encode(&pki.path("client.key"))
+            pki.param("client.pem"),
+            pki.param("client.key")
         )),
     )
     .await
@@ -184,21 +124,18 @@ async fn sends_the_client_certificate() {
 
 #[tokio::test]
 async fn a_missing_file_is_a_config_error_naming_it() {
-    let pki = Pki::new();
-    let missing = Path::new(&pki.dir)
-        .join("nowhere.pem")
-        .display()
-        .to_string();
+    let pki = Pki::new(&["127.0.0.1", "localhost"]);
+    let missing = pki.param("nowhere.pem");
     for (url, key) in [
         (
-            format!("nats://127.0.0.1:1?tls_ca_file={}", encode(&missing)),
+            format!("nats://127.0.0.1:1?tls_ca_file={}", missing),
             "tls_ca_file",
         ),
         (
             format!(
                 "nats://127.0.0.1:1?tls_cert_file={}&tls_key_file={}",
-                encode(&missing),
-                encode(&pki.path("client.key"))
+                missing,
+                pki.param("client.key")
             ),
             "tls_cert_file",
         ),
@@ -211,4 +148,41 @@ async fn a_missing_file_is_a_config_error_naming_it() {
             other => panic!("{url}: {other:?}"),
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checks_the_certificate_against_the_configured_server_name() {
+    // The certificate names a host that is not the address connected to.
+    let pki = Pki::new(&["nats.tidings.test"]);
+    let mut server = support::Server::start(Some(&server_conf(&pki, false))).await;
+    let base = format!(
+        "nats://127.0.0.1:{}?jetstream=false&connect_timeout=3s&tls_ca_file={}",
+        server.port,
+        pki.param("ca.pem")
+    );
+
+    let err = within(20, "a refused connection", connect(&base))
+        .await
+        .expect_err("127.0.0.1 is not a name of the certificate");
+    assert!(matches!(err, Error::Connection { .. }), "{err:?}");
+
+    let err = within(
+        20,
+        "a refused connection",
+        connect(&format!("{base}&tls_server_name=other.tidings.test")),
+    )
+    .await
+    .expect_err("nor is other.tidings.test");
+    assert!(matches!(err, Error::Connection { .. }), "{err:?}");
+
+    let bus = within(
+        20,
+        "a TLS connection checked against the server name",
+        connect(&format!("{base}&tls_server_name=nats.tidings.test")),
+    )
+    .await
+    .expect("the certificate carries nats.tidings.test");
+    round_trip(&bus).await;
+
+    server.kill();
 }

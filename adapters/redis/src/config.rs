@@ -5,6 +5,7 @@ use std::fmt;
 use std::time::Duration;
 
 use tidings_core::Result;
+use tidings_core::tls::TlsOptions;
 
 /// How topics map to Redis.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -64,6 +65,10 @@ pub struct RedisConfig {
     /// means the entry is delivered again after the visibility timeout
     /// (at-least-once either way). URL: `confirm_acks=true`.
     pub confirm_acks: bool,
+    /// TLS files of a `rediss://` connection (`tls_ca_file`, `tls_cert_file`,
+    /// `tls_key_file`). `server_name` is not supported: the redis client
+    /// checks the certificate against the URL's host.
+    pub tls: TlsOptions,
 }
 
 impl Default for RedisConfig {
@@ -82,6 +87,7 @@ impl Default for RedisConfig {
             claim_ttl: Duration::from_secs(60),
             max_backoff: Duration::from_secs(2),
             confirm_acks: false,
+            tls: TlsOptions::default(),
         }
     }
 }
@@ -102,6 +108,7 @@ impl fmt::Debug for RedisConfig {
             .field("claim_ttl", &self.claim_ttl)
             .field("max_backoff", &self.max_backoff)
             .field("confirm_acks", &self.confirm_acks)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -125,7 +132,8 @@ impl RedisConfig {
     /// `reclaim_interval`, `block`, `response_timeout`, `connect_timeout`,
     /// `claim_ttl`, `max_backoff` (durations such as `500ms` or `30s`),
     /// `maxlen` and `maxlen.<topic>` (positive numbers), `consumer` (a name),
-    /// `confirm_acks` (`true` or `false`).
+    /// `confirm_acks` (`true` or `false`); with `rediss://`, the TLS files
+    /// `tls_ca_file`, `tls_cert_file` and `tls_key_file` (PEM).
     /// An unknown option or a bad value is an [`Error::Config`](tidings_core::Error::Config) naming the key.
     ///
     /// ```
@@ -138,11 +146,11 @@ impl RedisConfig {
     pub fn from_url(url: &str) -> Result<Self> {
         let mut parsed =
             url::Url::parse(url).map_err(|e| config_error("url", format!("not a URL: {e}")))?;
-        if !matches!(parsed.scheme(), "redis" | "redis+unix" | "unix") {
+        if !matches!(parsed.scheme(), "redis" | "rediss" | "redis+unix" | "unix") {
             return Err(config_error(
                 "url",
                 format!(
-                    "scheme `{}` is not supported; use `redis://` (TLS `rediss://` is not built in)",
+                    "scheme `{}` is not supported; use `redis://` or `rediss://` (TLS)",
                     parsed.scheme()
                 ),
             ));
@@ -196,6 +204,15 @@ impl RedisConfig {
                     return Err(config_error("consumer", "must not be empty"));
                 }
                 "consumer" => config.consumer_name = Some(value),
+                "tls_server_name" => {
+                    return Err(config_error(
+                        &key,
+                        "not supported by the Redis client, which checks the server's \
+                         certificate against the URL's host: use a host name the certificate \
+                         carries in the URL (an /etc/hosts entry if need be)",
+                    ));
+                }
+                _ if config.tls.set(&key, &value)? => {}
                 k if k.starts_with("maxlen.") && k.len() > "maxlen.".len() => {
                     let n = positive(&key, &value)?;
                     config
@@ -207,7 +224,8 @@ impl RedisConfig {
                         &key,
                         "unknown option; known: mode, visibility_timeout, reclaim_interval, block, \
                          response_timeout, connect_timeout, claim_ttl, max_backoff, maxlen, \
-                         maxlen.<topic>, consumer, confirm_acks",
+                         maxlen.<topic>, consumer, confirm_acks, tls_ca_file, tls_cert_file, \
+                         tls_key_file",
                     ));
                 }
             }
@@ -218,6 +236,19 @@ impl RedisConfig {
 
     /// Checks the values against each other.
     pub fn validate(&self) -> Result<()> {
+        if self.tls.is_set() && !self.url.starts_with("rediss://") {
+            return Err(config_error(
+                "url",
+                "TLS options need a `rediss://` URL (TLS is chosen by the scheme)",
+            ));
+        }
+        if self.tls.server_name.is_some() {
+            return Err(config_error(
+                "tls_server_name",
+                "not supported by the Redis client; use a host name the certificate carries",
+            ));
+        }
+        self.tls.validate()?;
         if self.visibility_timeout < Duration::from_millis(10) {
             return Err(config_error("visibility_timeout", "must be at least 10ms"));
         }

@@ -89,10 +89,7 @@ impl RedisBus {
     /// Connects to Redis. Fails if Redis cannot be reached.
     pub async fn connect(config: RedisConfig) -> Result<Self> {
         config.validate()?;
-        let client = Client::open(config.url.as_str()).map_err(|e| Error::Config {
-            key: "url".into(),
-            message: e.to_string(),
-        })?;
+        let client = client(&config)?;
         let config = Arc::new(config);
         let publish = manager(&client, &config, Some(config.response_timeout)).await?;
         let control = manager(&client, &config, Some(config.response_timeout)).await?;
@@ -111,6 +108,40 @@ impl RedisBus {
     pub fn subscriber(&self) -> Arc<dyn Subscriber> {
         self.subscriber.clone()
     }
+}
+
+/// The client for the URL, with the TLS files when there are any.
+fn client(config: &RedisConfig) -> Result<Client> {
+    let config_error = |key: &str, e: &dyn std::fmt::Display| Error::Config {
+        key: key.into(),
+        message: e.to_string(),
+    };
+    if !config.tls.is_set() {
+        return Client::open(config.url.as_str()).map_err(|e| config_error("url", &e));
+    }
+    // Built once only to check the files, with errors naming them; the
+    // redis crate takes the PEM bytes and builds its own.
+    config.tls.client_config()?;
+    let read = |key: &str, path: &Option<std::path::PathBuf>| -> Result<Option<Vec<u8>>> {
+        path.as_ref()
+            .map(|p| std::fs::read(p).map_err(|e| config_error(key, &e)))
+            .transpose()
+    };
+    let client_tls = match (
+        read("tls_cert_file", &config.tls.cert_file)?,
+        read("tls_key_file", &config.tls.key_file)?,
+    ) {
+        (Some(client_cert), Some(client_key)) => Some(redis::ClientTlsConfig {
+            client_cert,
+            client_key,
+        }),
+        _ => None,
+    };
+    let certificates = redis::TlsCertificates {
+        client_tls,
+        root_cert: read("tls_ca_file", &config.tls.ca_file)?,
+    };
+    Client::build_with_tls(config.url.as_str(), certificates).map_err(|e| config_error("tls", &e))
 }
 
 /// A reconnecting multiplexed connection.

@@ -6,11 +6,17 @@
 //!   for the service's own unit tests.
 //! - [`FaultProxy`]: a TCP proxy between a client and a broker that cuts,
 //!   refuses or stalls connections on command.
+//! - `Pki` (feature `testkit-tls`): a CA and certificates made for a test,
+//!   for brokers the test starts with TLS.
 
 pub mod conformance;
+#[cfg(feature = "testkit-tls")]
+mod pki;
 mod proxy;
 mod recording;
 
+#[cfg(feature = "testkit-tls")]
+pub use pki::Pki;
 pub use proxy::FaultProxy;
 pub use recording::RecordingPublisher;
 

@@ -1,0 +1,187 @@
+//! TLS against a redis-server of the test's own (`--tls-port`) that requires
+//! client certificates: `rediss://` with a CA made in the test, in both
+//! modes; the wrong CA or no client certificate is refused, and bad TLS
+//! options are configuration errors before any connection.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use futures::StreamExt;
+use tidings_core::testkit::{Pki, unique, within};
+use tidings_core::{Error, Message, Subscription};
+use tidings_redis::{RedisBus, RedisConfig};
+
+/// A redis-server with only a TLS port, requiring client certificates.
+struct TlsServer {
+    port: u16,
+    child: Child,
+}
+
+impl TlsServer {
+    async fn start(pki: &Pki) -> TlsServer {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        let file = |name: &str| pki.path(name).display().to_string();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                "0",
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .args(["--tls-port", &port.to_string()])
+            .args(["--tls-cert-file", &file("server.pem")])
+            .args(["--tls-key-file", &file("server.key")])
+            .args(["--tls-ca-cert-file", &file("ca.pem")])
+            .args(["--tls-auth-clients", "yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("starting redis-server failed: {e}; install Debian's `redis-server`")
+            });
+        let server = TlsServer { port, child };
+        within(10, "redis-server to listen", async {
+            while tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_err()
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        server
+    }
+
+    fn url(&self, mode: &str, params: &str) -> String {
+        format!(
+            "rediss://127.0.0.1:{}/?mode={mode}&connect_timeout=3s{params}",
+            self.port
+        )
+    }
+}
+
+impl Drop for TlsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn connect(url: &str) -> tidings_core::Result<RedisBus> {
+    RedisBus::connect(RedisConfig::from_url(url)?).await
+}
+
+/// Publishes one message and receives, checks and acks it.
+async fn round_trip(bus: &RedisBus, subscription: impl Fn(&str) -> Subscription) {
+    let topic = unique("tls");
+    let mut stream = bus
+        .subscriber()
+        .subscribe(subscription(&topic))
+        .await
+        .expect("subscribe over TLS");
+    let message = Message::new("over tls");
+    bus.publisher()
+        .publish(&topic, message.clone())
+        .await
+        .expect("publish over TLS");
+    let mut delivery = within(10, "the message over TLS", stream.next())
+        .await
+        .expect("stream open")
+        .expect("delivery");
+    assert_eq!(delivery.message().id, message.id);
+    assert_eq!(&delivery.message().payload[..], b"over tls");
+    delivery.ack().await.expect("ack");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_with_ca_and_client_certificate() {
+    let pki = Pki::new(&["127.0.0.1", "localhost"]);
+    let server = TlsServer::start(&pki).await;
+    let ca = format!("&tls_ca_file={}", pki.param("ca.pem"));
+    let client = format!(
+        "&tls_cert_file={}&tls_key_file={}",
+        pki.param("client.pem"),
+        pki.param("client.key")
+    );
+
+    let bus = within(
+        20,
+        "a TLS connection",
+        connect(&server.url("streams", &format!("{ca}{client}"))),
+    )
+    .await
+    .expect("connects over TLS");
+    round_trip(&bus, |t| Subscription::group(t, "tls")).await;
+
+    let bus = within(
+        20,
+        "a TLS connection in Pub/Sub mode",
+        connect(&server.url("pubsub", &format!("{ca}{client}"))),
+    )
+    .await
+    .expect("connects over TLS");
+    round_trip(&bus, |t| Subscription::private(t)).await;
+
+    for (params, why) in [
+        (client.clone(), "the system's CAs do not know the test CA"),
+        (
+            format!("&tls_ca_file={}{client}", pki.param("other-ca.pem")),
+            "another CA",
+        ),
+        (ca.clone(), "the server requires a client certificate"),
+    ] {
+        let err = within(20, why, connect(&server.url("streams", &params)))
+            .await
+            .expect_err(why);
+        assert!(matches!(err, Error::Connection { .. }), "{why}: {err:?}");
+    }
+}
+
+#[tokio::test]
+async fn tls_options_are_checked_before_connecting() {
+    let pki = Pki::new(&["127.0.0.1"]);
+    let missing = pki.param("nowhere.pem");
+    for (url, key) in [
+        // A refused port: an error here proves no connection was tried.
+        (
+            format!("rediss://127.0.0.1:1/?tls_ca_file={missing}"),
+            "tls_ca_file",
+        ),
+        (
+            format!(
+                "rediss://127.0.0.1:1/?tls_cert_file={missing}&tls_key_file={}",
+                pki.param("client.key")
+            ),
+            "tls_cert_file",
+        ),
+        (
+            format!(
+                "rediss://127.0.0.1:1/?tls_cert_file={}",
+                pki.param("client.pem")
+            ),
+            "tls_key_file",
+        ),
+        (
+            "rediss://127.0.0.1:1/?tls_server_name=redis.internal".to_owned(),
+            "tls_server_name",
+        ),
+        (
+            format!("redis://127.0.0.1:1/?tls_ca_file={}", pki.param("ca.pem")),
+            "url",
+        ),
+    ] {
+        match within(10, "a config error", connect(&url)).await {
+            Err(Error::Config { key: k, .. }) => assert_eq!(k, key, "{url}"),
+            Err(other) => panic!("{url}: {other:?}"),
+            Ok(_) => panic!("{url}: connected"),
+        }
+    }
+}
