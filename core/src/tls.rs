@@ -5,7 +5,7 @@
 //! Every adapter reads the same four query parameters (`tls_ca_file`,
 //! `tls_cert_file`, `tls_key_file`, `tls_server_name`) into a [`TlsOptions`]
 //! and builds its client from [`TlsOptions::client_config`], so a wrong path
-//! or a key without its certificate is the same [`Error::Config`] on every
+//! or a key without its certificate is the same [`Error::Config`](crate::Error::Config) on every
 //! broker, raised at connect before any network traffic.
 //!
 //! [`TlsOptions::client_config`] (feature `tls`) builds the rustls
