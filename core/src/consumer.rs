@@ -365,7 +365,12 @@ async fn intake(
     if let Err(error) = stream.close().await {
         warn!(%error, "closing the subscription failed");
     }
-    // Dropping `dispatch` here lets the workers drain their queues and end.
+    // Workers drain their queues and end once `dispatch` is gone; the
+    // adapter then finishes its close (Kafka's final commit and leaving the
+    // group), so that when `shutdown` returns the next member of the group
+    // starts after what this one settled, not before.
+    drop(dispatch);
+    stream.closed().await;
 }
 
 struct Route {

@@ -184,6 +184,16 @@ impl Subscription {
 pub trait DeliveryStream: Stream<Item = Result<Delivery>> + Send + Unpin {
     /// Stops intake: no new deliveries are taken from the broker.
     fn close(&mut self) -> BoxFuture<'_, Result<()>>;
+
+    /// Resolves once the adapter has finished what follows the last
+    /// settlement after [`close`](DeliveryStream::close): Kafka commits the
+    /// final offsets and leaves the group. Await it after closing and
+    /// settling (or dropping) every delivery taken, before another member
+    /// takes over; the consumer runtime does. Adapters bound the wait
+    /// themselves. Resolves at once by default.
+    fn closed(&mut self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
 }
 
 /// Subscribes to topics.

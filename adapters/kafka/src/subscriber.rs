@@ -135,6 +135,9 @@ impl Subscriber for KafkaSubscriber {
             shared: shared.clone(),
             sender: self.sender.clone(),
             tx,
+            // The engine waits up to close_timeout for settlements, then the
+            // consumer's close makes a revoke commit and leaves the group.
+            close_wait: config.close_timeout + config.revoke_timeout + config.operation_timeout,
         });
         Ok(Box::new(KafkaStream {
             rx,
@@ -394,6 +397,18 @@ struct Shared {
     buffer: usize,
     /// Holds back records whose lane has an unsettled delivery.
     gate: Gate,
+    /// Set when the engine thread ended: final commit made, consumer
+    /// closed, group left.
+    done: tokio::sync::watch::Sender<bool>,
+}
+
+/// Sets [`Shared::done`] when dropped, after everything else of the engine thread.
+struct Done(Arc<Shared>);
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        self.0.done.send_replace(true);
+    }
 }
 
 impl Shared {
@@ -416,6 +431,7 @@ impl Shared {
                 order,
                 state: Mutex::default(),
             },
+            done: tokio::sync::watch::channel(false).0,
         }
     }
 
@@ -733,6 +749,9 @@ fn engine(setup: Setup, ready: oneshot::Sender<Result<()>>) {
         shared,
         tx,
     } = setup;
+    // Declared first, so dropped last: after the consumer's drop has made
+    // the revoke commit and left the group.
+    let _done = Done(shared.clone());
     let topic = subscription.topic.clone();
     let group = subscription.group.clone();
     let retry = group.as_deref().map(|g| retry_topic(&topic, g));
@@ -813,6 +832,9 @@ fn engine(setup: Setup, ready: oneshot::Sender<Result<()>>) {
         commit_interval: config.commit_interval,
     };
     engine.run(config.close_timeout);
+    // Closes the consumer: the revoke callback commits once more, then the
+    // member leaves the group; `_done` is set after that.
+    drop(engine);
 }
 
 struct Engine {
@@ -868,8 +890,6 @@ impl Engine {
             }
         }
         self.commit(CommitMode::Sync);
-        // Dropping the consumer closes it: the revoke callback commits once
-        // more, then the member leaves the group.
     }
 
     fn commit(&mut self, mode: CommitMode) {
@@ -1013,6 +1033,8 @@ struct StreamCtx {
     shared: Arc<Shared>,
     sender: KafkaPublisher,
     tx: mpsc::UnboundedSender<Item>,
+    /// The longest [`DeliveryStream::closed`] waits for the engine thread.
+    close_wait: Duration,
 }
 
 /// The stream of one subscription.
@@ -1123,6 +1145,19 @@ impl DeliveryStream for KafkaStream {
         self.ctx.shared.closing.store(true, Ordering::Release);
         self.rx.close();
         Box::pin(async { Ok(()) })
+    }
+
+    fn closed(&mut self) -> BoxFuture<'_, ()> {
+        let mut done = self.ctx.shared.done.subscribe();
+        let limit = self.ctx.close_wait;
+        Box::pin(async move {
+            if tokio::time::timeout(limit, done.wait_for(|done| *done))
+                .await
+                .is_err()
+            {
+                warn!(?limit, "the consumer did not finish closing in time");
+            }
+        })
     }
 }
 

@@ -362,3 +362,72 @@ async fn broker_outage_publishes_wait_or_fail_none_vanish() {
     .await;
     stream.close().await.expect("close");
 }
+
+/// `Consumer::shutdown` returns after the final commit: the offsets are
+/// committed the moment it returns (no periodic commit ran: the interval is
+/// an hour), and the next member of the group starts after them. Before the
+/// runtime awaited `DeliveryStream::closed`, shutdown returned while the
+/// commit was still to come; a member joining at once could then put the
+/// group into a rebalance that rejected that commit, and be handed an older
+/// offset. That race rarely loses here (the engine thread commits within one
+/// 50 ms poll); `core/tests/consumer_close.rs` proves the runtime's side
+/// deterministically, and this test pins the guarantee on a real consumer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_returns_after_the_final_commit() {
+    use bytes::Bytes;
+    use tidings_core::{Consumer, Event, Raw};
+
+    let target = Target::from_env();
+    let topic = unique("handoff");
+    target.create_topic(&topic, 1).await;
+    let mut config = target.config();
+    config.ordering = PartitionOrder::Partition;
+    config.commit_interval = Duration::from_secs(3600);
+    let bus = target.bus_with(config).await;
+    let (p, admin) = (bus.publisher(), bus.admin());
+    let group = "handoff";
+
+    let start = |seen: tokio::sync::mpsc::UnboundedSender<Bytes>| {
+        Consumer::group(bus.subscriber(), group)
+            .handle(&topic, move |e: Event<Bytes, Raw>| {
+                let seen = seen.clone();
+                async move {
+                    let _ = seen.send(e.data);
+                    Ok(())
+                }
+            })
+            .start()
+    };
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    let first = start(seen_tx).await.expect("first member");
+    for n in 0..5 {
+        p.publish(&topic, Message::new(format!("{n}")))
+            .await
+            .expect("publish");
+    }
+    for _ in 0..5 {
+        within(60, "the first member handles all five", seen.recv())
+            .await
+            .expect("handled");
+    }
+    let report = within(60, "shutdown", first.shutdown(Duration::from_secs(30))).await;
+    assert!(report.drained);
+    let committed = admin.committed(&topic, group).await.expect("committed");
+    assert_eq!(
+        committed[0].1,
+        Some(5),
+        "shutdown returned before the final commit"
+    );
+
+    // The next member starts after what the first settled.
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    let second = start(seen_tx).await.expect("second member");
+    p.publish(&topic, Message::new("marker"))
+        .await
+        .expect("publish");
+    let first_seen = within(60, "the marker", seen.recv())
+        .await
+        .expect("handled");
+    assert_eq!(&first_seen[..], b"marker", "a settled message came back");
+    within(60, "shutdown", second.shutdown(Duration::from_secs(30))).await;
+}
