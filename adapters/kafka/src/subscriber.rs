@@ -523,6 +523,15 @@ impl Shared {
         (tpl.count() > 0).then_some(tpl)
     }
 
+    /// Makes the next [`due`](Shared::due) send every settled position again.
+    fn recommit(&self) {
+        let mut st = self.lock();
+        for p in st.parts.values_mut() {
+            p.committed = -1;
+        }
+        st.dirty = true;
+    }
+
     fn settle(&self, key: &(Arc<str>, i32), generation: u64, offset: i64, abandoned: bool) {
         let mut st = self.lock();
         if let Some(p) = st.parts.get_mut(key)
@@ -830,6 +839,8 @@ fn engine(setup: Setup, ready: oneshot::Sender<Result<()>>) {
         seen_assignment: 0,
         last_commit: Instant::now(),
         commit_interval: config.commit_interval,
+        last_refresh: Instant::now(),
+        refresh_every: (config.commit_interval * 10).max(Duration::from_secs(1)),
     };
     engine.run(config.close_timeout);
     // Closes the consumer: the revoke callback commits once more, then the
@@ -848,6 +859,8 @@ struct Engine {
     seen_assignment: u64,
     last_commit: Instant,
     commit_interval: Duration,
+    last_refresh: Instant,
+    refresh_every: Duration,
 }
 
 impl Engine {
@@ -894,6 +907,15 @@ impl Engine {
 
     fn commit(&mut self, mode: CommitMode) {
         self.last_commit = Instant::now();
+        // An asynchronous commit the broker rejects (a group in rebalance, a
+        // coordinator moving) is not reported back: librdkafka posts commit
+        // results only to an `offset_commit_cb`, which rdkafka does not set.
+        // So the settled positions are sent again now and then, whether or
+        // not they changed: a lost commit is repaired within `refresh_every`.
+        if self.last_refresh.elapsed() >= self.refresh_every {
+            self.last_refresh = Instant::now();
+            self.shared.recommit();
+        }
         if let Some(tpl) = self.shared.due()
             && let Err(e) = self.consumer.commit(&tpl, mode)
         {

@@ -431,3 +431,50 @@ async fn shutdown_returns_after_the_final_commit() {
     assert_eq!(&first_seen[..], b"marker", "a settled message came back");
     within(60, "shutdown", second.shutdown(Duration::from_secs(30))).await;
 }
+
+/// An asynchronous commit the broker rejects is sent again: the committed
+/// offset still reaches the settled prefix, though nothing is settled after
+/// the rejection. (Always on the mock cluster: it can be told to reject a
+/// commit.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_commit_is_sent_again() {
+    let target = Target::Mock(common::Mock::start());
+    let Target::Mock(mock) = &target else {
+        unreachable!()
+    };
+    let topic = unique("rejected");
+    target.create_topic(&topic, 1).await;
+    let mut config = target.config();
+    config.ordering = PartitionOrder::None;
+    let bus = target.bus_with(config).await;
+    let (p, s, admin) = (bus.publisher(), bus.subscriber(), bus.admin());
+    let mut stream = s
+        .subscribe(Subscription::group(&topic, "rejected"))
+        .await
+        .expect("subscribe");
+    for n in 0..3 {
+        p.publish(&topic, Message::new(format!("{n}")))
+            .await
+            .expect("publish");
+    }
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(next(&mut stream).await);
+    }
+    held[0].ack().await.expect("ack");
+    assert_eq!(
+        committed_until(&admin, &topic, "rejected", |o| o == Some(1)).await,
+        Some(1)
+    );
+
+    mock.fail_commits(1);
+    held[1].ack().await.expect("ack");
+    held[2].ack().await.expect("ack");
+    // The first commit of offset 3 is rejected; nothing else is settled
+    // after it, so only a re-sent commit (within a second) gets the group to 3.
+    assert_eq!(
+        committed_until(&admin, &topic, "rejected", |o| o == Some(3)).await,
+        Some(3)
+    );
+    stream.close().await.expect("close");
+}

@@ -8,12 +8,14 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use rdkafka::mocking::MockCluster;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use tidings_kafka::{KafkaBus, KafkaConfig};
 
 enum Cmd {
     CreateTopic(String, i32, mpsc::Sender<Result<(), String>>),
     Down(i32, mpsc::Sender<Result<(), String>>),
     Up(i32, mpsc::Sender<Result<(), String>>),
+    FailCommits(usize, mpsc::Sender<Result<(), String>>),
 }
 
 /// A mock cluster of three brokers living on its own thread (the handle is
@@ -42,6 +44,14 @@ impl Mock {
                     }
                     Cmd::Up(b, r) => {
                         let _ = r.send(cluster.broker_up(b).map_err(|e| e.to_string()));
+                    }
+                    Cmd::FailCommits(n, r) => {
+                        // A permanent per-partition error: librdkafka reports
+                        // it to the commit callback and does not retry.
+                        let errors =
+                            vec![RDKafkaRespErr::RD_KAFKA_RESP_ERR_OFFSET_METADATA_TOO_LARGE; n];
+                        cluster.request_errors(RDKafkaApiKey::OffsetCommit, &errors);
+                        let _ = r.send(Ok(()));
                     }
                 }
             }
@@ -77,6 +87,11 @@ impl Mock {
 
     pub fn up(&self, broker: i32) {
         self.call(|r| Cmd::Up(broker, r));
+    }
+
+    /// The next `n` offset commits fail.
+    pub fn fail_commits(&self, n: usize) {
+        self.call(|r| Cmd::FailCommits(n, r));
     }
 }
 
