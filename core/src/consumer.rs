@@ -101,8 +101,11 @@ impl Consumer {
     }
 
     /// Phased shutdown: stops intake, lets in-flight handlers finish and
-    /// settle within `deadline`, then drops what is left unsettled (the
-    /// broker redelivers it later).
+    /// settle, and waits for the adapter to finish closing
+    /// ([`DeliveryStream::closed`](crate::DeliveryStream::closed): Kafka's
+    /// final commit and leaving the group), all within `deadline`. Past it,
+    /// what is left unsettled is dropped (the broker redelivers it later) and
+    /// the report says `drained: false`.
     pub async fn shutdown(mut self, deadline: Duration) -> ShutdownReport {
         self.stop.send_replace(true);
         let tasks = std::mem::take(&mut self.tasks);

@@ -185,12 +185,15 @@ pub trait DeliveryStream: Stream<Item = Result<Delivery>> + Send + Unpin {
     /// Stops intake: no new deliveries are taken from the broker.
     fn close(&mut self) -> BoxFuture<'_, Result<()>>;
 
-    /// Resolves once the adapter has finished what follows the last
-    /// settlement after [`close`](DeliveryStream::close): Kafka commits the
-    /// final offsets and leaves the group. Await it after closing and
-    /// settling (or dropping) every delivery taken, before another member
-    /// takes over; the consumer runtime does. Adapters bound the wait
-    /// themselves. Resolves at once by default.
+    /// Resolves once the adapter has finished closing after
+    /// [`close`](DeliveryStream::close): the deliveries it handed out are
+    /// settled or dropped, and what follows is done (Kafka commits the final
+    /// offsets and leaves the group). It may be awaited while deliveries are
+    /// still being settled elsewhere; adapters that must wait for them do,
+    /// within a bound of their own. The consumer runtime awaits it in
+    /// [`Consumer::shutdown`](crate::Consumer::shutdown), so that another
+    /// member taking over starts after what this one settled. Resolves at
+    /// once by default.
     fn closed(&mut self) -> BoxFuture<'_, ()> {
         Box::pin(async {})
     }

@@ -15,7 +15,6 @@
 //! make the choice ambiguous. The Kafka adapter hands the files to
 //! librdkafka (OpenSSL) instead.
 
-use std::fmt;
 use std::path::PathBuf;
 
 use crate::error::Result;
@@ -41,7 +40,7 @@ pub const PARAMS: [&str; 4] = [
 /// assert_eq!(tls.server_name.as_deref(), Some("broker.internal"));
 /// # Ok::<(), tidings_core::Error>(())
 /// ```
-#[derive(Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TlsOptions {
     /// PEM file of the certificate authorities trusted for the server
     /// (`tls_ca_file`). When set, only these are trusted, not the system's.
@@ -55,18 +54,6 @@ pub struct TlsOptions {
     /// when it differs from the host the client connects to: a broker
     /// reached by IP address, through a tunnel or a load balancer.
     pub server_name: Option<String>,
-}
-
-impl fmt::Debug for TlsOptions {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // Paths, not contents: a key file's path is not a secret, its bytes are.
-        f.debug_struct("TlsOptions")
-            .field("ca_file", &self.ca_file)
-            .field("cert_file", &self.cert_file)
-            .field("key_file", &self.key_file)
-            .field("server_name", &self.server_name)
-            .finish()
-    }
 }
 
 impl TlsOptions {
@@ -137,29 +124,43 @@ impl TlsOptions {
         }
     }
 
-    /// The server name to verify and send (SNI): the configured one, else `host`.
+    /// The name to check the server's certificate against: the configured
+    /// one, else `host`. Adapters that open the TLS connection themselves
+    /// (RabbitMQ) also send it as SNI.
     pub fn server_name_for<'a>(&'a self, host: &'a str) -> &'a str {
         self.server_name.as_deref().unwrap_or(host)
     }
 
-    /// Checks that the files can be read (an [`Error::Config`](crate::Error::Config)
-    /// naming the parameter and the file otherwise), for clients that read
-    /// them later themselves.
+    /// Checks that each file can be read and holds what it should, a PEM
+    /// certificate or private key (an
+    /// [`Error::Config`](crate::Error::Config) naming the parameter and the
+    /// file otherwise), for clients that read the files themselves later.
     pub fn check_files(&self) -> Result<()> {
         self.validate()?;
-        for (key, file) in [
-            ("tls_ca_file", &self.ca_file),
-            ("tls_cert_file", &self.cert_file),
-            ("tls_key_file", &self.key_file),
+        const CERTIFICATE: (&str, &[u8]) = ("certificate", b"-----BEGIN CERTIFICATE-----");
+        const KEY: (&str, &[u8]) = ("private key", b"PRIVATE KEY-----");
+        for (key, file, (what, marker)) in [
+            ("tls_ca_file", &self.ca_file, CERTIFICATE),
+            ("tls_cert_file", &self.cert_file, CERTIFICATE),
+            ("tls_key_file", &self.key_file, KEY),
         ] {
             if let Some(file) = file {
-                std::fs::File::open(file)
+                let text = std::fs::read(file)
                     .map_err(|e| invalid(key, format!("cannot read `{}`: {e}", file.display())))?;
+                if !text.windows(marker.len()).any(|w| w == marker) {
+                    return Err(invalid(
+                        key,
+                        format!("`{}` holds no PEM {what}", file.display()),
+                    ));
+                }
             }
         }
         Ok(())
     }
 }
+
+#[cfg(feature = "tls")]
+pub use rustls_config::install_default_provider;
 
 #[cfg(feature = "tls")]
 mod rustls_config {
@@ -178,6 +179,16 @@ mod rustls_config {
     use super::TlsOptions;
     use crate::error::{Error, Result};
     use crate::params::invalid;
+
+    /// Makes *ring* the process-wide rustls crypto provider unless one is
+    /// already installed. For client libraries that build their rustls
+    /// configuration from the process default (the redis crate does): with
+    /// two providers linked into an application and none installed, rustls
+    /// would not know which to use and panic.
+    pub fn install_default_provider() {
+        // An error means a provider is installed already: that one stays.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
 
     impl TlsOptions {
         /// Reads the files and builds a rustls client configuration.
@@ -359,6 +370,20 @@ mod tests {
             ..TlsOptions::default()
         };
         assert_eq!(key_of(tls.check_files()), "tls_key_file");
+
+        let not_pem =
+            std::env::temp_dir().join(format!("tidings-not-pem-{}.pem", std::process::id()));
+        std::fs::write(&not_pem, "not pem").unwrap();
+        let tls = TlsOptions {
+            ca_file: Some(not_pem.clone()),
+            ..TlsOptions::default()
+        };
+        let err = tls.check_files().unwrap_err();
+        std::fs::remove_file(&not_pem).unwrap();
+        assert!(
+            err.to_string().contains("holds no PEM certificate"),
+            "{err}"
+        );
     }
 
     #[cfg(feature = "tls")]

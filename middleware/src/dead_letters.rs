@@ -172,9 +172,14 @@ impl DeadLetterInbox {
         Ok(count)
     }
 
-    /// Stops reading and hands the letters still held back to the broker.
+    /// Stops reading, hands the letters still held back to the broker, and
+    /// returns once the adapter finished closing (Kafka: the acks of replayed
+    /// and purged letters are committed), so they are not read again.
     pub async fn close(mut self) -> Result<()> {
-        self.stream.close().await
+        drop(std::mem::take(&mut self.held));
+        self.stream.close().await?;
+        self.stream.closed().await;
+        Ok(())
     }
 }
 

@@ -118,6 +118,19 @@ impl fmt::Debug for AmqpConfig {
 use tidings_core::params::{boolean, duration, invalid, redact_url as redact};
 
 impl AmqpConfig {
+    /// Checks settings that go together: TLS options need an `amqps://` URL,
+    /// a client certificate its key. [`AmqpBus::connect`](crate::AmqpBus::connect)
+    /// calls it, so a configuration built in code is checked too.
+    pub fn validate(&self) -> Result<()> {
+        if self.tls.is_set() && !self.url.starts_with("amqps://") {
+            return Err(invalid(
+                "url",
+                "TLS options need an `amqps://` URL (TLS is chosen by the scheme)",
+            ));
+        }
+        self.tls.validate()
+    }
+
     /// Parses `amqp://user:password@host:port/vhost?option=value&...`
     /// (or `amqps://`). Options: `exchange`, `dead_letter_exchange`,
     /// `dead_letter_prefix`, `queue_type` (`quorum`|`classic`), `passive`,
@@ -180,13 +193,6 @@ impl AmqpConfig {
                 _ => rest.push((key, value)),
             }
         }
-        if config.tls.is_set() && parsed.scheme() != "amqps" {
-            return Err(invalid(
-                "url",
-                "TLS options need an `amqps://` URL (TLS is chosen by the scheme)",
-            ));
-        }
-        config.tls.validate()?;
         if config.exchange.is_empty() {
             return Err(invalid(
                 "exchange",
@@ -206,6 +212,7 @@ impl AmqpConfig {
             parsed.query_pairs_mut().clear().extend_pairs(rest);
         }
         config.url = parsed.to_string();
+        config.validate()?;
         Ok(config)
     }
 

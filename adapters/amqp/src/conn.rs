@@ -37,17 +37,18 @@ pub(crate) fn publish_error(topic: &str, e: impl Into<tidings_core::BoxError>) -
     }
 }
 
-/// Opens a connection. `amqps://` goes through our own TLS setup rather
-/// than lapin's, so the CA file, client certificate and server name of
-/// [`TlsOptions`](tidings_core::tls::TlsOptions) apply, with the same rustls
-/// configuration every adapter uses.
+/// Opens a connection. With TLS options, `amqps://` goes through our own TLS
+/// setup rather than lapin's, so the CA file, client certificate and server
+/// name of [`TlsOptions`](tidings_core::tls::TlsOptions) apply, with the
+/// same rustls configuration every adapter uses. Without them, lapin's own
+/// (the platform's certificate verifier) serves.
 async fn connect(config: &AmqpConfig) -> Result<Connection> {
     let options = ConnectionProperties::default();
     let uri: AMQPUri = config
         .url
         .parse()
         .map_err(|e: String| tidings_core::params::invalid("url", e))?;
-    if uri.scheme != AMQPScheme::AMQPS {
+    if !config.tls.is_set() {
         return Connection::connect_uri(uri, options)
             .await
             .map_err(connection_error);

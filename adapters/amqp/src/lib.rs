@@ -79,6 +79,7 @@ impl std::fmt::Debug for AmqpBus {
 impl AmqpBus {
     /// Connects and declares the exchanges (or checks them, when `passive`).
     pub async fn connect(config: AmqpConfig) -> Result<Self> {
+        config.validate()?;
         let connector = Arc::new(conn::Connector::new(config));
         connector.connection().await?;
         Ok(AmqpBus { connector })

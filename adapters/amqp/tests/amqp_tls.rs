@@ -264,4 +264,12 @@ async fn tls_options_are_checked_before_connecting() {
             other => panic!("{url}: {other:?}"),
         }
     }
+
+    // A configuration built in code is checked the same way.
+    let mut config = AmqpConfig::default();
+    config.tls.ca_file = Some(pki.path("ca.pem"));
+    match within(10, "a config error", AmqpBus::connect(config)).await {
+        Err(Error::Config { key, .. }) => assert_eq!(key, "url"),
+        other => panic!("TLS options with amqp:// in code: {other:?}"),
+    }
 }

@@ -137,7 +137,10 @@ impl Subscriber for KafkaSubscriber {
             tx,
             // The engine waits up to close_timeout for settlements, then the
             // consumer's close makes a revoke commit and leaves the group.
-            close_wait: config.close_timeout + config.revoke_timeout + config.operation_timeout,
+            close_wait: config
+                .close_timeout
+                .saturating_add(config.revoke_timeout)
+                .saturating_add(config.operation_timeout.saturating_mul(2)),
         });
         Ok(Box::new(KafkaStream {
             rx,
@@ -840,7 +843,10 @@ fn engine(setup: Setup, ready: oneshot::Sender<Result<()>>) {
         last_commit: Instant::now(),
         commit_interval: config.commit_interval,
         last_refresh: Instant::now(),
-        refresh_every: (config.commit_interval * 10).max(Duration::from_secs(1)),
+        refresh_every: config
+            .commit_interval
+            .saturating_mul(10)
+            .max(Duration::from_secs(1)),
     };
     engine.run(config.close_timeout);
     // Closes the consumer: the revoke callback commits once more, then the
@@ -908,8 +914,9 @@ impl Engine {
     fn commit(&mut self, mode: CommitMode) {
         self.last_commit = Instant::now();
         // An asynchronous commit the broker rejects (a group in rebalance, a
-        // coordinator moving) is not reported back: librdkafka posts commit
-        // results only to an `offset_commit_cb`, which rdkafka does not set.
+        // coordinator moving) is not reported back here: rdkafka enables
+        // offset-commit events, but `ConsumerContext::commit_callback` was
+        // never called for these commits (checked with librdkafka 2.12.1).
         // So the settled positions are sent again now and then, whether or
         // not they changed: a lost commit is repaired within `refresh_every`.
         if self.last_refresh.elapsed() >= self.refresh_every {
@@ -920,11 +927,7 @@ impl Engine {
             && let Err(e) = self.consumer.commit(&tpl, mode)
         {
             debug!(%e, "commit failed; retried with the next one");
-            let mut st = self.shared.lock();
-            st.dirty = true;
-            for p in st.parts.values_mut() {
-                p.committed = -1;
-            }
+            self.shared.recommit();
         }
     }
 

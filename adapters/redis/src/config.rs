@@ -242,6 +242,12 @@ impl RedisConfig {
                 "TLS options need a `rediss://` URL (TLS is chosen by the scheme)",
             ));
         }
+        if self.tls.is_set() && self.url.contains("#insecure") {
+            return Err(config_error(
+                "url",
+                "`#insecure` turns certificate checks off; it cannot go with TLS files",
+            ));
+        }
         if self.tls.server_name.is_some() {
             return Err(config_error(
                 "tls_server_name",

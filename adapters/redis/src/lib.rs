@@ -116,12 +116,16 @@ fn client(config: &RedisConfig) -> Result<Client> {
         key: key.into(),
         message: e.to_string(),
     };
+    if !config.url.starts_with("rediss://") {
+        return Client::open(config.url.as_str()).map_err(|e| config_error("url", &e));
+    }
+    // The redis crate builds its rustls configuration from the process's
+    // default crypto provider.
+    tidings_core::tls::install_default_provider();
     if !config.tls.is_set() {
         return Client::open(config.url.as_str()).map_err(|e| config_error("url", &e));
     }
-    // Built once only to check the files, with errors naming them; the
-    // redis crate takes the PEM bytes and builds its own.
-    config.tls.client_config()?;
+    config.tls.check_files()?;
     let read = |key: &str, path: &Option<std::path::PathBuf>| -> Result<Option<Vec<u8>>> {
         path.as_ref()
             .map(|p| std::fs::read(p).map_err(|e| config_error(key, &e)))
@@ -141,7 +145,7 @@ fn client(config: &RedisConfig) -> Result<Client> {
         client_tls,
         root_cert: read("tls_ca_file", &config.tls.ca_file)?,
     };
-    Client::build_with_tls(config.url.as_str(), certificates).map_err(|e| config_error("tls", &e))
+    Client::build_with_tls(config.url.as_str(), certificates).map_err(|e| config_error("url", &e))
 }
 
 /// A reconnecting multiplexed connection.

@@ -174,6 +174,20 @@ async fn tls_options_are_checked_before_connecting() {
             "tls_server_name",
         ),
         (
+            format!(
+                "rediss://127.0.0.1:1/?tls_ca_file={}#insecure",
+                pki.param("ca.pem")
+            ),
+            "url",
+        ),
+        (
+            format!(
+                "rediss://127.0.0.1:1/?tls_ca_file={}",
+                pki.param("client.key")
+            ),
+            "tls_ca_file",
+        ),
+        (
             format!("redis://127.0.0.1:1/?tls_ca_file={}", pki.param("ca.pem")),
             "url",
         ),
