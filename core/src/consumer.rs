@@ -102,7 +102,7 @@ impl Consumer {
 
     /// Phased shutdown: stops intake, lets in-flight handlers finish and
     /// settle, and waits for the adapter to finish closing
-    /// ([`DeliveryStream::closed`](crate::DeliveryStream::closed): Kafka's
+    /// ([`DeliveryStream::closed`]: Kafka's
     /// final commit and leaving the group), all within `deadline`. Past it,
     /// what is left unsettled is dropped (the broker redelivers it later) and
     /// the report says `drained: false`.
