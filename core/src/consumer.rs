@@ -68,6 +68,54 @@ pub struct ConsumerBuilder {
     ordered_by_key: bool,
     retry: RetryPolicy,
     start: StartFrom,
+    observers: Vec<Observer>,
+}
+
+/// A settlement observer: see [`ConsumerBuilder::on_settle`].
+type Observer = Arc<dyn Fn(&Settlement<'_>) + Send + Sync>;
+
+/// What the runtime did with a delivery once its handler was done, and
+/// whether the broker took it: given to the observers of
+/// [`ConsumerBuilder::on_settle`].
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Settlement<'a> {
+    /// The delivery, as settled.
+    pub delivery: &'a Delivery,
+    /// What the runtime asked of the broker.
+    pub action: SettleAction,
+    /// `Err` when settling failed (the connection dropped, the broker
+    /// refused): the message is delivered again later.
+    pub result: std::result::Result<(), &'a Error>,
+}
+
+/// How the runtime settled a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SettleAction {
+    /// Acked: handled.
+    Ack,
+    /// Nacked, to be delivered again after `delay`.
+    Nack {
+        /// The backoff before the next attempt.
+        delay: Duration,
+    },
+    /// Sent to the dead-letter destination, then removed.
+    DeadLetter {
+        /// Why.
+        reason: DeadLetterReason,
+    },
+}
+
+impl SettleAction {
+    /// `ack`, `nack` or `dead_letter`, for metric labels and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SettleAction::Ack => "ack",
+            SettleAction::Nack { .. } => "nack",
+            SettleAction::DeadLetter { .. } => "dead_letter",
+        }
+    }
 }
 
 /// A running consumer. Stop it with [`shutdown`](Consumer::shutdown) or
@@ -179,6 +227,7 @@ impl ConsumerBuilder {
             ordered_by_key: false,
             retry: RetryPolicy::default(),
             start: StartFrom::Latest,
+            observers: Vec::new(),
         }
     }
 
@@ -227,6 +276,35 @@ impl ConsumerBuilder {
         self
     }
 
+    /// Calls `observer` after every settlement the runtime makes, with what
+    /// it did and the broker's answer, so metrics and logs can count what a
+    /// middleware layer cannot see: the settlement itself, and settlements
+    /// that failed (the message then comes back). Observers run on the
+    /// worker, between two messages: keep them quick and never blocking.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use std::sync::atomic::{AtomicU64, Ordering};
+    /// use tidings_core::{Consumer, Event, HandlerError};
+    /// # async fn f(subscriber: Arc<dyn tidings_core::Subscriber>) -> tidings_core::Result<()> {
+    /// let failed = Arc::new(AtomicU64::new(0));
+    /// let count = failed.clone();
+    /// let consumer = Consumer::group(subscriber, "billing")
+    ///     .handle("order.placed", |_: Event<String>| async { Ok::<_, HandlerError>(()) })
+    ///     .on_settle(move |s| {
+    ///         if s.result.is_err() {
+    ///             count.fetch_add(1, Ordering::Relaxed);
+    ///         }
+    ///     })
+    ///     .start()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn on_settle(mut self, observer: impl Fn(&Settlement<'_>) + Send + Sync + 'static) -> Self {
+        self.observers.push(Arc::new(observer));
+        self
+    }
+
     /// Where subscriptions start (replay). Applies when the group is created.
     pub fn start_from(mut self, start: StartFrom) -> Self {
         self.start = start;
@@ -259,6 +337,7 @@ impl ConsumerBuilder {
             subscriptions.push(subscription);
         }
         let stack: Arc<[Arc<dyn Middleware>]> = self.stack.into();
+        let observers: Arc<[Observer]> = self.observers.into();
         let (stop, _) = watch::channel(false);
         let mut tasks = Vec::new();
         for ((_, endpoint), subscription) in self.routes.into_iter().zip(subscriptions) {
@@ -268,6 +347,7 @@ impl ConsumerBuilder {
                 endpoint,
                 retry: self.retry,
                 caps,
+                observers: observers.clone(),
             });
             let (dispatch, receivers) =
                 Dispatch::new(self.concurrency, prefetch, self.ordered_by_key);
@@ -381,6 +461,7 @@ struct Route {
     endpoint: Arc<dyn Endpoint>,
     retry: RetryPolicy,
     caps: Capabilities,
+    observers: Arc<[Observer]>,
 }
 
 async fn worker(rx: async_channel::Receiver<Delivery>, route: Arc<Route>) {
@@ -430,8 +511,8 @@ impl Route {
             let result = self.run_once(delivery).await;
             let attempt = delivery.attempt();
             let verdict = self.verdict(attempt, result);
-            let settled = match verdict {
-                Verdict::Ack => delivery.ack().await,
+            let (action, settled) = match verdict {
+                Verdict::Ack => (SettleAction::Ack, delivery.ack().await),
                 Verdict::Nack(delay) if self.caps.redelivery => {
                     debug!(
                         id = %delivery.message().id,
@@ -441,7 +522,10 @@ impl Route {
                         ?delay,
                         "handler failed; redelivering"
                     );
-                    delivery.nack(Some(delay)).await
+                    (
+                        SettleAction::Nack { delay },
+                        delivery.nack(Some(delay)).await,
+                    )
                 }
                 Verdict::Nack(delay) => {
                     // No redelivery from the broker: retry here.
@@ -473,11 +557,24 @@ impl Route {
                         topic: delivery.topic().to_owned(),
                         group: delivery.group().map(str::to_owned),
                     };
-                    delivery.dead_letter(letter).await
+                    (
+                        SettleAction::DeadLetter { reason },
+                        delivery.dead_letter(letter).await,
+                    )
                 }
             };
-            if let Err(error) = settled {
+            if let Err(error) = &settled {
                 warn!(id = %delivery.message().id, %error, "settling failed; the broker will redeliver");
+            }
+            if !self.observers.is_empty() {
+                let settlement = Settlement {
+                    delivery,
+                    action,
+                    result: settled.as_ref().map(|_| ()),
+                };
+                for observe in self.observers.iter() {
+                    observe(&settlement);
+                }
             }
             return;
         }

@@ -40,7 +40,7 @@ pub mod testkit;
 pub mod tls;
 
 pub use codec::{Codec, CodecError, Json, Raw};
-pub use consumer::{Consumer, ConsumerBuilder, ShutdownReport};
+pub use consumer::{Consumer, ConsumerBuilder, SettleAction, Settlement, ShutdownReport};
 pub use delivery::{Acker, DeadLetter, DeadLetterReason, Delivery};
 pub use error::{BoxError, Error, Result};
 pub use event::Event;

@@ -55,7 +55,7 @@ use opentelemetry::global::{self, BoxedTracer};
 use opentelemetry::metrics::{Counter, Histogram, Meter, UpDownCounter};
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::{Span, Tracer};
-use opentelemetry::{Context, InstrumentationScope};
+use opentelemetry::{Context, InstrumentationScope, KeyValue};
 
 pub use breaker::BreakerGauge;
 pub use names::messaging_system;
@@ -118,6 +118,7 @@ pub(crate) struct Instruments {
     pub(crate) lag: Histogram<f64>,
     pub(crate) in_flight: UpDownCounter<i64>,
     pub(crate) dead_letters: Counter<u64>,
+    pub(crate) settlements: Counter<u64>,
 }
 
 /// Bucket boundaries in seconds: the conventions' ones, with finer buckets
@@ -175,6 +176,11 @@ impl Instruments {
             dead_letters: meter
                 .u64_counter(DEAD_LETTERS)
                 .with_description("Messages dead-lettered, by reason")
+                .with_unit("{message}")
+                .build(),
+            settlements: meter
+                .u64_counter(SETTLEMENTS)
+                .with_description("Settlements the consumer runtime made, by action and result")
                 .with_unit("{message}")
                 .build(),
         }
@@ -271,6 +277,62 @@ impl Telemetry {
             .detect_skips
             .store(true, std::sync::atomic::Ordering::Relaxed);
         HandlerReached
+    }
+
+    /// A settlement observer for [`ConsumerBuilder::on_settle`](tidings_core::ConsumerBuilder::on_settle)
+    /// (the adapter is its `Subscriber::name()`): counts every settlement in
+    /// `tidings.consumer.settlements`, labelled with the action
+    /// (`tidings.settle.action`: `ack`, `nack`, `dead_letter`) and the result
+    /// (`tidings.settle.result`: `ok`, or `failed` with `error.type`). The
+    /// process layer sees the handler's result; this sees what the broker
+    /// was asked and whether it took it: a failed settlement means the
+    /// message comes back.
+    ///
+    /// ```
+    /// # async fn f(subscriber: std::sync::Arc<dyn tidings_core::Subscriber>) -> tidings_core::Result<()> {
+    /// use tidings_core::{Consumer, Event, HandlerError};
+    /// let telemetry = tidings_otel::Telemetry::default();
+    /// let consumer = Consumer::group(subscriber.clone(), "billing")
+    ///     .layer(telemetry.process_layer(subscriber.name()))
+    ///     .on_settle(telemetry.settle_observer(subscriber.name()))
+    ///     .handle("order.placed", |_: Event<String>| async { Ok::<_, HandlerError>(()) })
+    ///     .start()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn settle_observer(
+        &self,
+        adapter: &'static str,
+    ) -> impl Fn(&tidings_core::Settlement<'_>) + Send + Sync + 'static {
+        let shared = self.shared.clone();
+        let system = messaging_system(adapter);
+        move |settlement| {
+            let delivery = settlement.delivery;
+            let mut labels = Vec::with_capacity(6);
+            labels.push(KeyValue::new(names::attr::MESSAGING_SYSTEM, system));
+            labels.push(KeyValue::new(
+                names::attr::DESTINATION_NAME,
+                delivery.shared_topic().clone(),
+            ));
+            if let Some(group) = delivery.group() {
+                labels.push(KeyValue::new(names::attr::CONSUMER_GROUP, group.to_owned()));
+            }
+            labels.push(KeyValue::new(
+                names::attr::SETTLE_ACTION,
+                settlement.action.as_str(),
+            ));
+            match settlement.result {
+                Ok(()) => labels.push(KeyValue::new(names::attr::SETTLE_RESULT, "ok")),
+                Err(error) => {
+                    labels.push(KeyValue::new(names::attr::SETTLE_RESULT, "failed"));
+                    labels.push(KeyValue::new(
+                        names::attr::ERROR_TYPE,
+                        publish::error_type(error),
+                    ));
+                }
+            }
+            shared.instruments.settlements.add(1, &labels);
+        }
     }
 
     /// Exposes a circuit breaker's state as the gauge

@@ -52,6 +52,10 @@ pub mod attr {
     pub const DEAD_LETTER_REASON: &str = "tidings.dead_letter.reason";
     /// The name a circuit breaker was registered under.
     pub const BREAKER_NAME: &str = "tidings.circuit_breaker.name";
+    /// How the runtime settled a delivery: `ack`, `nack`, `dead_letter`.
+    pub const SETTLE_ACTION: &str = "tidings.settle.action";
+    /// Whether the broker took the settlement: `ok` or `failed`.
+    pub const SETTLE_RESULT: &str = "tidings.settle.result";
 }
 
 /// Metric names.
@@ -70,6 +74,9 @@ pub mod metric {
     pub const IN_FLIGHT: &str = "tidings.consumer.in_flight";
     /// Counter of dead-lettered messages, by reason.
     pub const DEAD_LETTERS: &str = "tidings.consumer.dead_letters";
+    /// Counter of settlements the runtime made, by action and result
+    /// (see [`Telemetry::settle_observer`](crate::Telemetry::settle_observer)).
+    pub const SETTLEMENTS: &str = "tidings.consumer.settlements";
     /// Gauge of a circuit breaker's state: 0 closed, 1 half-open, 2 open.
     pub const BREAKER_STATE: &str = "tidings.circuit_breaker.state";
 }

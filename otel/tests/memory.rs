@@ -537,3 +537,60 @@ async fn publish_errors_are_recorded() {
         1
     );
 }
+
+/// The settlement observer counts what the runtime asked of the broker and
+/// whether the broker took it; a refused settlement is `failed` with its
+/// error type.
+#[tokio::test]
+async fn settlements_are_counted_with_their_result() {
+    use tidings_core::testkit::ScriptedSubscriber;
+
+    let o = otel(|b| b);
+    let refused = Message::new("{}");
+    let subscriber = ScriptedSubscriber::new()
+        .with("orders", Message::new("{}"))
+        .with("orders", refused.clone())
+        .with("orders", Message::new("not json"))
+        .refusing(&refused.id);
+    let consumer = Consumer::group(subscriber.clone().into_arc(), "billing")
+        .concurrency(1)
+        .layer(o.telemetry.process_layer("scripted"))
+        .on_settle(o.telemetry.settle_observer("scripted"))
+        .handle("orders", |_: Event<Json>| async {
+            Ok::<_, HandlerError>(())
+        })
+        .start()
+        .await
+        .expect("start");
+    subscriber.wait_settled(3, Duration::from_secs(10)).await;
+    consumer.shutdown(Duration::from_secs(10)).await;
+
+    let base = [
+        (a::DESTINATION_NAME, "orders"),
+        (a::CONSUMER_GROUP, "billing"),
+    ];
+    let count = |action: &str, result: &str| {
+        o.sum(
+            m::SETTLEMENTS,
+            &[
+                base[0],
+                base[1],
+                (a::SETTLE_ACTION, action),
+                (a::SETTLE_RESULT, result),
+            ],
+        )
+    };
+    assert_eq!(count("ack", "ok"), 1);
+    assert_eq!(count("ack", "failed"), 1);
+    assert_eq!(count("dead_letter", "ok"), 1);
+    assert_eq!(
+        o.sum(
+            m::SETTLEMENTS,
+            &[(a::SETTLE_RESULT, "failed"), (a::ERROR_TYPE, "connection")]
+        ),
+        1
+    );
+    // The process layer saw two handled messages as acked: the refusal is
+    // visible only in the settlements.
+    assert_eq!(o.sum(m::CONSUMED_MESSAGES, &[(a::OUTCOME, "ack")]), 2);
+}

@@ -6,6 +6,8 @@
 //!   for the service's own unit tests.
 //! - [`FaultProxy`]: a TCP proxy between a client and a broker that cuts,
 //!   refuses or stalls connections on command.
+//! - [`ScriptedSubscriber`]: a subscriber without a broker that hands out
+//!   queued messages and records (or refuses) their settlements.
 //! - `Pki` (feature `testkit-tls`): a CA and certificates made for a test,
 //!   for brokers the test starts with TLS.
 
@@ -14,11 +16,13 @@ pub mod conformance;
 mod pki;
 mod proxy;
 mod recording;
+mod scripted;
 
 #[cfg(feature = "testkit-tls")]
 pub use pki::Pki;
 pub use proxy::FaultProxy;
 pub use recording::RecordingPublisher;
+pub use scripted::ScriptedSubscriber;
 
 use std::future::Future;
 use std::sync::Arc;
