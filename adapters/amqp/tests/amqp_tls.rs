@@ -11,10 +11,9 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use tidings_amqp::{AmqpBus, AmqpConfig};
-use tidings_core::testkit::{Pki, unique, within};
-use tidings_core::{Error, Message, Subscription};
+use tidings_core::testkit::{Pki, assert_config_errors, round_trip, within};
+use tidings_core::Error;
 
 /// The name on the server certificate; not the address the tests connect to.
 const SERVER_NAME: &str = "rabbit.tidings.test";
@@ -149,29 +148,6 @@ async fn connect(url: &str) -> tidings_core::Result<AmqpBus> {
     AmqpBus::connect(AmqpConfig::from_url(url)?).await
 }
 
-/// Publishes one message and receives, checks and acks it.
-async fn round_trip(bus: &AmqpBus) {
-    let topic = unique("tls");
-    let mut stream = bus
-        .subscriber()
-        .subscribe(Subscription::group(&topic, "tls"))
-        .await
-        .expect("subscribe over TLS");
-    let message = Message::new("over tls");
-    bus.publisher()
-        .publish(&topic, message.clone())
-        .await
-        .expect("publish over TLS");
-    let mut delivery = within(10, "the message over TLS", stream.next())
-        .await
-        .expect("stream open")
-        .expect("delivery");
-    assert_eq!(delivery.message().id, message.id);
-    assert_eq!(&delivery.message().payload[..], b"over tls");
-    delivery.ack().await.expect("ack");
-    bus.close().await;
-}
-
 async fn refused(node: &TlsNode, params: &str, why: &str) -> Error {
     let err = within(30, why, connect(&node.url(params)))
         .await
@@ -204,7 +180,8 @@ async fn amqps_with_ca_client_certificate_and_server_name() {
     )
     .await
     .expect("connects over TLS");
-    round_trip(&bus).await;
+    round_trip(&*bus.publisher(), &*bus.subscriber(), Some("tls")).await;
+    bus.close().await;
 
     // The certificate does not name 127.0.0.1.
     let err = refused(&node, &format!("{ca}{client}"), "no server name").await;
@@ -234,36 +211,35 @@ async fn amqps_with_ca_client_certificate_and_server_name() {
 async fn tls_options_are_checked_before_connecting() {
     let pki = Pki::new(&[SERVER_NAME]);
     let missing = pki.param("nowhere.pem");
-    for (url, key) in [
-        // A refused port: an error here proves no connection was tried.
-        (
-            format!("amqps://127.0.0.1:1/%2f?tls_ca_file={missing}"),
-            "tls_ca_file",
-        ),
-        (
-            format!(
-                "amqps://127.0.0.1:1/%2f?tls_cert_file={missing}&tls_key_file={}",
-                pki.param("client.key")
+    assert_config_errors(
+        &[
+            // A refused port: an error here proves no connection was tried.
+            (
+                format!("amqps://127.0.0.1:1/%2f?tls_ca_file={missing}"),
+                "tls_ca_file",
             ),
-            "tls_cert_file",
-        ),
-        (
-            format!(
-                "amqps://127.0.0.1:1/%2f?tls_cert_file={}",
-                pki.param("client.pem")
+            (
+                format!(
+                    "amqps://127.0.0.1:1/%2f?tls_cert_file={missing}&tls_key_file={}",
+                    pki.param("client.key")
+                ),
+                "tls_cert_file",
             ),
-            "tls_key_file",
-        ),
-        (
-            format!("amqp://127.0.0.1:1/%2f?tls_ca_file={}", pki.param("ca.pem")),
-            "url",
-        ),
-    ] {
-        match within(10, "a config error", connect(&url)).await {
-            Err(Error::Config { key: k, .. }) => assert_eq!(k, key, "{url}"),
-            other => panic!("{url}: {other:?}"),
-        }
-    }
+            (
+                format!(
+                    "amqps://127.0.0.1:1/%2f?tls_cert_file={}",
+                    pki.param("client.pem")
+                ),
+                "tls_key_file",
+            ),
+            (
+                format!("amqp://127.0.0.1:1/%2f?tls_ca_file={}", pki.param("ca.pem")),
+                "url",
+            ),
+        ],
+        |url| async move { connect(&url).await },
+    )
+    .await;
 
     // A configuration built in code is checked the same way.
     let mut config = AmqpConfig::default();

@@ -4,9 +4,8 @@
 //! is a configuration error naming it, and `tls_server_name` checks the
 //! certificate against a name other than the host connected to.
 
-use futures::StreamExt;
-use tidings_core::testkit::{Pki, unique, within};
-use tidings_core::{Error, Message, Subscription};
+use tidings_core::testkit::{Pki, round_trip, within};
+use tidings_core::Error;
 use tidings_nats::{NatsBus, NatsConfig};
 
 mod support;
@@ -32,29 +31,6 @@ async fn connect(url: &str) -> tidings_core::Result<NatsBus> {
     NatsBus::connect(NatsConfig::from_url(url)?).await
 }
 
-/// Publishes one message and receives, checks and acks it.
-async fn round_trip(bus: &NatsBus) {
-    let topic = unique("tls");
-    let mut stream = bus
-        .subscriber()
-        .subscribe(Subscription::group(&topic, "tls"))
-        .await
-        .expect("subscribe over TLS");
-    let message = Message::new("over tls");
-    bus.publisher()
-        .publish(&topic, message.clone())
-        .await
-        .expect("publish over TLS");
-    let mut delivery = within(10, "the message over TLS", stream.next())
-        .await
-        .expect("stream open")
-        .expect("delivery");
-    assert_eq!(delivery.message().id, message.id);
-    assert_eq!(&delivery.message().payload[..], b"over tls");
-    delivery.ack().await.expect("ack");
-    bus.close().await.expect("close");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connects_with_the_ca_file_and_fails_without_it() {
     let pki = Pki::new(&["127.0.0.1", "localhost"]);
@@ -68,7 +44,8 @@ async fn connects_with_the_ca_file_and_fails_without_it() {
     )
     .await
     .expect("connects with the test CA");
-    round_trip(&bus).await;
+    round_trip(&*bus.publisher(), &*bus.subscriber(), Some("tls")).await;
+    bus.close().await.expect("close");
 
     // The server requires TLS; the system's CAs do not know the test CA.
     let err = within(
@@ -108,7 +85,8 @@ async fn sends_the_client_certificate() {
     )
     .await
     .expect("connects with a client certificate");
-    round_trip(&bus).await;
+    round_trip(&*bus.publisher(), &*bus.subscriber(), Some("tls")).await;
+    bus.close().await.expect("close");
 
     let err = within(20, "a refused connection", connect(&base))
         .await
@@ -182,7 +160,8 @@ async fn checks_the_certificate_against_the_configured_server_name() {
     )
     .await
     .expect("the certificate carries nats.tidings.test");
-    round_trip(&bus).await;
+    round_trip(&*bus.publisher(), &*bus.subscriber(), Some("tls")).await;
+    bus.close().await.expect("close");
 
     server.kill();
 }

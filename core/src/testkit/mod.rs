@@ -65,3 +65,59 @@ pub async fn within<T>(secs: u64, what: &str, future: impl Future<Output = T>) -
         Err(_) => panic!("timed out after {secs} s waiting for {what}"),
     }
 }
+
+/// Publishes one message to a fresh topic and receives it through a
+/// subscription of `group` (a private one for `None`): checks its id and
+/// payload, and acks it. A smoke test of a connection (TLS, say).
+///
+/// # Panics
+/// When a step fails or takes longer than 10 s: in a test, that is the
+/// failure to report.
+pub async fn round_trip(
+    publisher: &dyn Publisher,
+    subscriber: &dyn Subscriber,
+    group: Option<&str>,
+) {
+    use futures::StreamExt;
+
+    let topic = unique("round-trip");
+    let subscription = match group {
+        Some(group) => crate::Subscription::group(&topic, group),
+        None => crate::Subscription::private(&topic),
+    };
+    let mut stream = within(10, "subscribing", subscriber.subscribe(subscription))
+        .await
+        .expect("subscribe");
+    let message = crate::Message::new("round trip");
+    within(10, "publishing", publisher.publish(&topic, message.clone()))
+        .await
+        .expect("publish");
+    let mut delivery = within(10, "the message", stream.next())
+        .await
+        .expect("the stream ended")
+        .expect("a delivery");
+    assert_eq!(delivery.message().id, message.id);
+    assert_eq!(&delivery.message().payload[..], b"round trip");
+    delivery.ack().await.expect("ack");
+}
+
+/// Checks that `connect` fails with [`Error::Config`](crate::Error::Config)
+/// naming `key` for each `(url, key)` case, within 10 s each.
+///
+/// # Panics
+/// On another outcome: in a test, that is the failure to report.
+pub async fn assert_config_errors<T, F, Fut>(cases: &[(String, &str)], connect: F)
+where
+    F: Fn(String) -> Fut,
+    Fut: Future<Output = crate::Result<T>>,
+{
+    for (url, key) in cases {
+        match within(10, "a configuration error", connect(url.clone())).await {
+            Err(crate::Error::Config { key: k, .. }) => assert_eq!(&k, key, "{url}"),
+            Err(other) => {
+                panic!("{url}: expected a configuration error naming {key}, got {other:?}")
+            }
+            Ok(_) => panic!("{url}: connected; expected a configuration error naming {key}"),
+        }
+    }
+}
