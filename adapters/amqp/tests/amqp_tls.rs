@@ -12,8 +12,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tidings_amqp::{AmqpBus, AmqpConfig};
-use tidings_core::testkit::{Pki, assert_config_errors, round_trip, within};
 use tidings_core::Error;
+use tidings_core::testkit::{Pki, assert_config_errors, round_trip, within};
 
 /// The name on the server certificate; not the address the tests connect to.
 const SERVER_NAME: &str = "rabbit.tidings.test";

@@ -4,8 +4,8 @@
 //! is a configuration error naming it, and `tls_server_name` checks the
 //! certificate against a name other than the host connected to.
 
-use tidings_core::testkit::{Pki, round_trip, within};
 use tidings_core::Error;
+use tidings_core::testkit::{Pki, round_trip, within};
 use tidings_nats::{NatsBus, NatsConfig};
 
 mod support;

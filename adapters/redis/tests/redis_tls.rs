@@ -7,8 +7,8 @@ use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use tidings_core::testkit::{Pki, assert_config_errors, round_trip, within};
 use tidings_core::Error;
+use tidings_core::testkit::{Pki, assert_config_errors, round_trip, within};
 use tidings_redis::{RedisBus, RedisConfig};
 
 /// A redis-server with only a TLS port, requiring client certificates.
