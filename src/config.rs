@@ -28,6 +28,10 @@
 //!
 //! [tls]                # off when absent; see TlsConfig for each broker
 //! ca_file = "/etc/tidings/ca.pem"
+//!
+//! [telemetry]          # off when absent; needs the `otel` cargo feature
+//! enabled = true
+//! parent = "parent"    # or "link"
 //! ```
 //!
 //! Environment variables override the file: `TIDINGS_URL`,
@@ -72,6 +76,39 @@ pub struct Config {
     /// parameters (off when absent).
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// OpenTelemetry traces and metrics (off when absent; needs the `otel` feature).
+    #[serde(default)]
+    pub telemetry: Option<TelemetryConfig>,
+}
+
+/// OpenTelemetry tracing and metrics on the publisher and on every consumer
+/// of the [`Bus`](crate::Bus), recorded through the global tracer and meter
+/// providers (set them up in `main`); see `docs/observability.md`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// On or off (`TIDINGS_TELEMETRY__ENABLED=false` turns a configured table off).
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// How a consumer span relates to the producer span: `parent` (one
+    /// trace from publish to handling) or `link` (a new trace, linked).
+    #[serde(default)]
+    pub parent: ParentConfig,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// How a consumer span relates to the producer span.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ParentConfig {
+    /// The producer span is the parent.
+    #[default]
+    Parent,
+    /// The consumer span links to the producer span.
+    Link,
 }
 
 /// TLS options, passed to the adapter as the query parameters `tls_ca_file`,
@@ -228,6 +265,7 @@ impl Config {
             breaker: None,
             publish_retry: None,
             tls: None,
+            telemetry: None,
         }
     }
 
@@ -343,7 +381,18 @@ impl Config {
                 ),
             );
         }
+        if cfg!(not(feature = "otel")) && self.telemetry_enabled() {
+            return bad(
+                "telemetry",
+                "needs the cargo feature `otel` (tidings = { features = [\"otel\"] })",
+            );
+        }
         Ok(())
+    }
+
+    /// Whether a `[telemetry]` table is present and enabled.
+    pub fn telemetry_enabled(&self) -> bool {
+        self.telemetry.as_ref().is_some_and(|t| t.enabled)
     }
 
     /// The URL with the options, then the TLS options (as `tls_*`),
@@ -427,6 +476,7 @@ impl fmt::Debug for Config {
             .field("breaker", &self.breaker)
             .field("publish_retry", &self.publish_retry)
             .field("tls", &self.tls)
+            .field("telemetry", &self.telemetry)
             .finish()
     }
 }
@@ -531,12 +581,20 @@ mod tests {
             expected
         });
 
-        // The commented-out [tls] table is valid too, once uncommented.
+        // The commented-out [tls] and [telemetry] tables are valid too, once
+        // uncommented (the prose comments between them are left out).
         let tls_start = doc[start..end].find("# [tls]").expect("a [tls] example") + start;
         let mut text = String::from("url = \"nats://h\"\n");
         for line in doc[tls_start..end].lines() {
-            text.push_str(line.trim_start_matches("# "));
-            text.push('\n');
+            let code = line.trim_start_matches("# ");
+            let is_code = code.starts_with('[')
+                || code
+                    .split_once(" = ")
+                    .is_some_and(|(k, _)| k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+            if is_code {
+                text.push_str(code);
+                text.push('\n');
+            }
         }
         let c: Config = Figment::from(Toml::string(&text))
             .extract()
@@ -544,6 +602,13 @@ mod tests {
         let tls = c.tls.clone().expect("a tls table");
         assert!(tls.ca_file.is_some() && tls.cert_file.is_some() && tls.key_file.is_some());
         assert!(c.full_url().contains("&tls_key_file="), "{}", c.full_url());
+        assert_eq!(
+            c.telemetry,
+            Some(TelemetryConfig {
+                enabled: true,
+                parent: ParentConfig::Parent
+            })
+        );
     }
 
     #[test]
@@ -570,6 +635,22 @@ mod tests {
         c.options.clear();
         c.tls = Some(TlsConfig::default());
         assert_eq!(c.full_url(), "nats://h");
+    }
+
+    #[test]
+    fn telemetry_is_checked() {
+        let (key, message) = err("url = \"memory://\"\n[telemetry]\nparent = \"sideways\"");
+        assert_eq!(key, "telemetry.parent", "{message}");
+        let c = Config::from_toml("url = \"memory://\"").unwrap();
+        assert!(!c.telemetry_enabled(), "off when absent");
+        if cfg!(feature = "otel") {
+            let c = Config::from_toml("url = \"memory://\"\n[telemetry]\nenabled = false").unwrap();
+            assert!(!c.telemetry_enabled());
+        } else {
+            let (key, message) = err("url = \"memory://\"\n[telemetry]");
+            assert_eq!(key, "telemetry");
+            assert!(message.contains("otel"), "{message}");
+        }
     }
 
     #[test]

@@ -85,7 +85,11 @@ pub struct Bus {
     subscriber: Arc<dyn Subscriber>,
     retry: RetryPolicy,
     layers: Vec<Arc<dyn Middleware>>,
+    observers: Vec<SettleObserver>,
 }
+
+/// A settlement observer the configuration installs on every consumer.
+type SettleObserver = Arc<dyn Fn(&tidings_core::Settlement<'_>) + Send + Sync>;
 
 impl Bus {
     /// A bus from a publisher and a subscriber (of the same broker, usually),
@@ -96,15 +100,21 @@ impl Bus {
             subscriber,
             retry: RetryPolicy::default(),
             layers: Vec::new(),
+            observers: Vec::new(),
         }
     }
 
     /// Starts building a consumer for `group`, with the configured retry
-    /// policy and layers already in place (add more with `.layer(..)`).
+    /// policy, layers and settlement observers already in place (add more
+    /// with `.layer(..)`: they go inside the configured ones).
     pub fn consumer(&self, group: impl Into<String>) -> ConsumerBuilder {
         let mut builder = Consumer::group(self.subscriber.clone(), group).retry(self.retry);
         for layer in &self.layers {
             builder = builder.layer(layer.clone());
+        }
+        for observer in &self.observers {
+            let observer = observer.clone();
+            builder = builder.on_settle(move |s| observer(s));
         }
         builder
     }
@@ -245,11 +255,38 @@ pub async fn connect(config: impl IntoConfig) -> Result<Bus> {
     let mut bus = Bus::new(publisher, subscriber);
     bus.retry = config.retry_policy();
     bus.layers = layers(&config).await?;
+    let mut publish_layers: Vec<Arc<dyn middleware::PublishMiddleware>> = Vec::new();
+    #[cfg(feature = "otel")]
+    if let Some(t) = config.telemetry.as_ref().filter(|t| t.enabled) {
+        // Outermost on both paths, so the spans and durations cover the
+        // other layers; the marker goes innermost, so duplicates skipped by
+        // idempotency are counted as such.
+        let system = bus.subscriber.name();
+        let telemetry = otel::Telemetry::builder()
+            .max_attempts(bus.retry.max_attempts)
+            .parent_mode(match t.parent {
+                config::ParentConfig::Parent => otel::ParentMode::Parent,
+                config::ParentConfig::Link => otel::ParentMode::Link,
+            })
+            .build();
+        publish_layers.push(Arc::new(telemetry.publish_layer(system)));
+        bus.layers
+            .insert(0, Arc::new(telemetry.process_layer(system)));
+        bus.layers.push(Arc::new(telemetry.handler_reached()));
+        bus.observers
+            .push(Arc::new(telemetry.settle_observer(system)));
+    }
     if let Some(p) = &config.publish_retry {
         let retry = tidings_middleware::PublishRetry::exponential(p.initial_backoff)
             .max_attempts(p.max_attempts);
-        bus.publisher =
-            Arc::new(middleware::LayeredPublisher::new(bus.publisher).layer(Arc::new(retry)));
+        publish_layers.push(Arc::new(retry));
+    }
+    if !publish_layers.is_empty() {
+        let mut layered = middleware::LayeredPublisher::new(bus.publisher);
+        for layer in publish_layers {
+            layered = layered.layer(layer);
+        }
+        bus.publisher = Arc::new(layered);
     }
     Ok(bus)
 }
