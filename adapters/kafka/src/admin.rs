@@ -41,35 +41,8 @@ impl KafkaAdmin {
         let names: Vec<String> = topics.iter().map(|t| (*t).to_owned()).collect();
         let limit = config.operation_timeout;
         run_blocking("creating topics", limit + limit / 2, move || {
-            let admin: AdminClient<DefaultClientContext> =
-                config.client().create().map_err(|e| Error::Connection {
-                    broker: "kafka",
-                    source: Box::new(e),
-                })?;
-            let specs: Vec<NewTopic<'_>> = names
-                .iter()
-                .map(|n| NewTopic::new(n, partitions, TopicReplication::Fixed(replication)))
-                .collect();
-            let options = AdminOptions::new()
-                .operation_timeout(Some(limit))
-                .request_timeout(Some(limit));
-            let results = futures::executor::block_on(admin.create_topics(&specs, &options))
-                .map_err(|e| Error::Broker {
-                    broker: "kafka",
-                    source: Box::new(e),
-                })?;
-            for result in results {
-                match result {
-                    Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                    Err((topic, code)) => {
-                        return Err(Error::Broker {
-                            broker: "kafka",
-                            source: format!("creating topic `{topic}` failed: {code}").into(),
-                        });
-                    }
-                }
-            }
-            Ok(())
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            create_topics_blocking(&config, &names, partitions, replication)
         })
         .await
     }
@@ -134,4 +107,46 @@ impl KafkaAdmin {
         })
         .await
     }
+}
+
+/// Creates `topics` through the Admin API, blocking the calling thread (not
+/// an async one); topics that exist already are left as they are.
+pub(crate) fn create_topics_blocking(
+    config: &KafkaConfig,
+    topics: &[&str],
+    partitions: i32,
+    replication: i32,
+) -> Result<()> {
+    let limit = config.operation_timeout;
+    let admin: AdminClient<DefaultClientContext> =
+        config.client().create().map_err(|e| Error::Connection {
+            broker: "kafka",
+            source: Box::new(e),
+        })?;
+    let specs: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|n| NewTopic::new(n, partitions, TopicReplication::Fixed(replication)))
+        .collect();
+    let options = AdminOptions::new()
+        .operation_timeout(Some(limit))
+        .request_timeout(Some(limit));
+    let results =
+        futures::executor::block_on(admin.create_topics(&specs, &options)).map_err(|e| {
+            Error::Broker {
+                broker: "kafka",
+                source: Box::new(e),
+            }
+        })?;
+    for result in results {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => {
+                return Err(Error::Broker {
+                    broker: "kafka",
+                    source: format!("creating topic `{topic}` failed: {code}").into(),
+                });
+            }
+        }
+    }
+    Ok(())
 }

@@ -204,14 +204,18 @@ fn broker_err(e: impl std::error::Error + Send + Sync + 'static) -> Error {
 }
 
 /// Makes sure the topic (and, for groups, its retry and dead-letter topics)
-/// exists: asks for its metadata, which creates it where auto-creation is on.
-/// Returns the partition count.
+/// exists: asks for its metadata, which creates it where the broker creates
+/// topics on request; where it does not (`auto.create.topics.enable=false`,
+/// common in production, or brokers without it), creates it through the
+/// Admin API with the configured partitions and replication, when
+/// `auto_create_topics` is on. Returns the partition count.
 fn ensure_topic<C: ConsumerContext>(
     consumer: &BaseConsumer<C>,
     config: &KafkaConfig,
     topic: &str,
 ) -> Result<i32> {
     let deadline = Instant::now() + config.operation_timeout;
+    let mut missing = 0;
     loop {
         let metadata = consumer
             .fetch_metadata(Some(topic), config.operation_timeout)
@@ -243,7 +247,22 @@ fn ensure_topic<C: ConsumerContext>(
                     after: config.operation_timeout,
                 });
             }
-            None => std::thread::sleep(Duration::from_millis(100)),
+            None => {
+                missing += 1;
+                // Twice missing: the broker does not create topics on a
+                // metadata request (one that does answers the second one).
+                if missing == 2
+                    && let Err(e) = crate::admin::create_topics_blocking(
+                        config,
+                        &[topic],
+                        config.partitions,
+                        config.replication,
+                    )
+                {
+                    debug!(%e, topic, "creating the topic through the Admin API failed");
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
         }
     }
 }
