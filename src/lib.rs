@@ -136,6 +136,7 @@ impl std::fmt::Debug for Bus {
             .field("broker", &self.subscriber.name())
             .field("retry", &self.retry)
             .field("layers", &self.layers.len())
+            .field("settle_observers", &self.observers.len())
             .finish()
     }
 }

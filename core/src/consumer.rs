@@ -280,7 +280,8 @@ impl ConsumerBuilder {
     /// it did and the broker's answer, so metrics and logs can count what a
     /// middleware layer cannot see: the settlement itself, and settlements
     /// that failed (the message then comes back). Observers run on the
-    /// worker, between two messages: keep them quick and never blocking.
+    /// worker, between two messages: keep them quick and never blocking; a
+    /// panicking observer is logged and the worker goes on.
     ///
     /// ```
     /// # use std::sync::Arc;
@@ -573,7 +574,11 @@ impl Route {
                     result: settled.as_ref().map(|_| ()),
                 };
                 for observe in self.observers.iter() {
-                    observe(&settlement);
+                    // An observer's panic must not take the worker with it.
+                    if std::panic::catch_unwind(AssertUnwindSafe(|| observe(&settlement))).is_err()
+                    {
+                        warn!("a settlement observer panicked");
+                    }
                 }
             }
             return;

@@ -66,3 +66,20 @@ async fn observers_see_every_settlement_and_its_result() {
         [("ack", true), ("ack", false), ("dead_letter", true)]
     );
 }
+
+#[tokio::test]
+async fn a_panicking_observer_does_not_stop_the_worker() {
+    let subscriber = ScriptedSubscriber::new()
+        .with("t", Message::new("\"one\""))
+        .with("t", Message::new("\"two\""));
+    let consumer = Consumer::group(subscriber.clone().into_arc(), "g")
+        .concurrency(1)
+        .handle("t", |_: Event<String>| async { Ok::<_, HandlerError>(()) })
+        .on_settle(|_| panic!("observer bug"))
+        .start()
+        .await
+        .expect("started");
+    // One worker: the second message is handled only if it survived the first panic.
+    subscriber.wait_settled(2, Duration::from_secs(10)).await;
+    consumer.shutdown(Duration::from_secs(10)).await;
+}
