@@ -75,18 +75,41 @@ pub struct ConsumerBuilder {
 type Observer = Arc<dyn Fn(&Settlement<'_>) + Send + Sync>;
 
 /// What the runtime did with a delivery once its handler was done, and
-/// whether the broker took it: given to the observers of
+/// whether the adapter took it: given to the observers of
 /// [`ConsumerBuilder::on_settle`].
+///
+/// Retries made in process (on brokers without redelivery) are not
+/// settlements: only the final ack or dead letter is observed there.
 #[derive(Debug)]
 #[non_exhaustive]
 pub struct Settlement<'a> {
-    /// The delivery, as settled.
+    /// The delivery, as settled ([`is_settled`](Delivery::is_settled) is
+    /// true even when `result` is an error).
     pub delivery: &'a Delivery,
-    /// What the runtime asked of the broker.
+    /// What the runtime asked of the adapter.
     pub action: SettleAction,
     /// `Err` when settling failed (the connection dropped, the broker
-    /// refused): the message is delivered again later.
+    /// refused). On brokers with redelivery the message then comes back; on
+    /// at-most-once ones (core NATS, Redis Pub/Sub) a failed dead letter is
+    /// lost. Adapters that settle asynchronously report only what they
+    /// know at once: Kafka records an ack and commits it later, so its acks
+    /// do not fail here.
     pub result: std::result::Result<(), &'a Error>,
+}
+
+impl<'a> Settlement<'a> {
+    /// A settlement, for tests of observers.
+    pub fn new(
+        delivery: &'a Delivery,
+        action: SettleAction,
+        result: std::result::Result<(), &'a Error>,
+    ) -> Self {
+        Settlement {
+            delivery,
+            action,
+            result,
+        }
+    }
 }
 
 /// How the runtime settled a delivery.
@@ -577,7 +600,11 @@ impl Route {
                     // An observer's panic must not take the worker with it.
                     if std::panic::catch_unwind(AssertUnwindSafe(|| observe(&settlement))).is_err()
                     {
-                        warn!("a settlement observer panicked");
+                        warn!(
+                            id = %delivery.message().id,
+                            topic = delivery.topic(),
+                            "a settlement observer panicked"
+                        );
                     }
                 }
             }

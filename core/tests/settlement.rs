@@ -83,3 +83,29 @@ async fn a_panicking_observer_does_not_stop_the_worker() {
     subscriber.wait_settled(2, Duration::from_secs(10)).await;
     consumer.shutdown(Duration::from_secs(10)).await;
 }
+
+#[tokio::test]
+async fn a_nack_is_observed_with_its_delay() {
+    use tidings_core::{Backoff, RetryPolicy};
+
+    let subscriber = ScriptedSubscriber::new().with("t", Message::new("\"flaky\""));
+    let seen: Arc<Mutex<Vec<SettleAction>>> = Arc::default();
+    let record = seen.clone();
+    let consumer = Consumer::group(subscriber.clone().into_arc(), "g")
+        .retry(RetryPolicy::new(3).with_backoff(Backoff::fixed(Duration::from_millis(7))))
+        .handle("t", |_: Event<String>| async {
+            Err::<(), _>(HandlerError::retryable("try again"))
+        })
+        .on_settle(move |s| record.lock().expect("lock").push(s.action))
+        .start()
+        .await
+        .expect("started");
+    subscriber.wait_settled(1, Duration::from_secs(10)).await;
+    consumer.shutdown(Duration::from_secs(10)).await;
+    assert_eq!(
+        *seen.lock().expect("lock"),
+        [SettleAction::Nack {
+            delay: Duration::from_millis(7)
+        }]
+    );
+}

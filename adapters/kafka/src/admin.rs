@@ -42,7 +42,7 @@ impl KafkaAdmin {
         let limit = config.operation_timeout;
         run_blocking("creating topics", limit + limit / 2, move || {
             let names: Vec<&str> = names.iter().map(String::as_str).collect();
-            create_topics_blocking(&config, &names, partitions, replication)
+            create_topics_blocking(&config, &names, partitions, replication, limit)
         })
         .await
     }
@@ -109,15 +109,16 @@ impl KafkaAdmin {
     }
 }
 
-/// Creates `topics` through the Admin API, blocking the calling thread (not
-/// an async one); topics that exist already are left as they are.
+/// Creates `topics` through the Admin API within `limit`, blocking the
+/// calling thread (not an async one); topics that exist already are left as
+/// they are. `-1` partitions or replicas: the broker's defaults.
 pub(crate) fn create_topics_blocking(
     config: &KafkaConfig,
     topics: &[&str],
     partitions: i32,
     replication: i32,
+    limit: std::time::Duration,
 ) -> Result<()> {
-    let limit = config.operation_timeout;
     let admin: AdminClient<DefaultClientContext> =
         config.client().create().map_err(|e| Error::Connection {
             broker: "kafka",

@@ -92,7 +92,13 @@ pub struct KafkaConfig {
     /// (`message.timeout.ms`, default 30 s). After it the publish fails.
     pub publish_timeout: Duration,
     /// Whether topics (including retry and dead-letter topics) may be created
-    /// by the broker on first use (default off: create them with [`KafkaAdmin`](crate::KafkaAdmin)).
+    /// on first use (default off: create them with [`KafkaAdmin`](crate::KafkaAdmin)).
+    /// A subscription asks for the topic's metadata, which creates it where
+    /// the broker creates topics on request; where it does not, the
+    /// subscription creates it through the Admin API with the broker's
+    /// default partitions and replication. A publish relies on the broker
+    /// alone: publishing first to a topic nobody subscribed to needs a
+    /// broker that creates topics on request, or the topic created beforehand.
     pub auto_create_topics: bool,
     /// Consumer group session timeout (`session.timeout.ms`, default 10 s).
     pub session_timeout: Duration,

@@ -129,7 +129,8 @@ pub(crate) fn publish_error(topic: &str, e: KafkaError) -> Error {
         return Error::Publish {
             topic: topic.to_owned(),
             source: format!(
-                "{e}: the topic does not exist (create it with KafkaAdmin, or enable auto_create_topics)"
+                "{e}: the topic does not exist (create it with KafkaAdmin; auto_create_topics \
+                 creates it on publish only where the broker creates topics on request)"
             )
             .into(),
             transient: false,

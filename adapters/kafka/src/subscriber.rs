@@ -43,7 +43,7 @@ use tidings_core::{
 };
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::PollSemaphore;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::{KafkaConfig, PartitionOrder};
 use crate::headers;
@@ -223,12 +223,16 @@ fn ensure_topic<C: ConsumerContext>(
                 broker: NAME,
                 source: Box::new(e),
             })?;
-        let found = metadata
-            .topics()
-            .iter()
-            .find(|t| t.name() == topic)
+        let listed = metadata.topics().iter().find(|t| t.name() == topic);
+        let found = listed
             .filter(|t| t.error().is_none() && !t.partitions().is_empty())
             .map(|t| t.partitions().len() as i32);
+        // Unknown (rather than, say, without a leader yet): the broker did
+        // not create it on request.
+        let unknown = listed.is_none_or(|t| {
+            t.error()
+                == Some(rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART)
+        });
         match found {
             Some(n) => return Ok(n),
             None if !config.auto_create_topics => {
@@ -248,18 +252,23 @@ fn ensure_topic<C: ConsumerContext>(
                 });
             }
             None => {
-                missing += 1;
-                // Twice missing: the broker does not create topics on a
+                if unknown {
+                    missing += 1;
+                }
+                // Unknown twice: the broker does not create topics on a
                 // metadata request (one that does answers the second one).
-                if missing == 2
-                    && let Err(e) = crate::admin::create_topics_blocking(
-                        config,
-                        &[topic],
-                        config.partitions,
-                        config.replication,
-                    )
-                {
-                    debug!(%e, topic, "creating the topic through the Admin API failed");
+                // Created with the broker's default partitions and
+                // replication, so the operator's settings hold; a refusal
+                // (policy, authorization) is the error to report.
+                if missing == 2 {
+                    info!(topic, "creating the topic through the Admin API");
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    crate::admin::create_topics_blocking(config, &[topic], -1, -1, left).map_err(
+                        |e| Error::Subscribe {
+                            topic: topic.to_owned(),
+                            source: Box::new(e),
+                        },
+                    )?;
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }

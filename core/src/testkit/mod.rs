@@ -68,7 +68,10 @@ pub async fn within<T>(secs: u64, what: &str, future: impl Future<Output = T>) -
 
 /// Publishes one message to a fresh topic and receives it through a
 /// subscription of `group` (a private one for `None`): checks its id and
-/// payload, and acks it. A smoke test of a connection (TLS, say).
+/// payload, and acks it. A smoke test of a connection (TLS, say), for
+/// brokers where a subscription made before the publish receives it without
+/// preparing the topic (Redis, RabbitMQ, core NATS, the in-process bus; not
+/// Kafka or JetStream, whose topics a [`Harness::prepare`] makes).
 ///
 /// # Panics
 /// When a step fails or takes longer than 10 s: in a test, that is the

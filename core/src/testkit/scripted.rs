@@ -16,6 +16,8 @@ use crate::subscriber::{Capabilities, DeliveryStream, Subscriber, Subscription};
 /// A subscriber for unit tests, with no broker: a subscription hands out the
 /// messages queued for its topic, the subscriber records how each was
 /// settled, and settling chosen messages fails as on a dropped connection.
+/// It reports full capabilities (redelivery included) but never delivers a
+/// nacked message again: a test sees the nack, not a second attempt.
 ///
 /// ```
 /// use std::time::Duration;
@@ -28,6 +30,7 @@ use crate::subscriber::{Capabilities, DeliveryStream, Subscriber, Subscription};
 ///     .with("t", refused.clone())
 ///     .refusing(&refused.id);
 /// let consumer = Consumer::group(subscriber.clone().into_arc(), "g")
+///     .concurrency(1) // settled in the order queued
 ///     .handle("t", |_: Event<String>| async { Ok::<_, HandlerError>(()) })
 ///     .start()
 ///     .await
