@@ -123,6 +123,6 @@ async fn a_config_file_with_middleware_connects() {
     let bus = tidings::connect(&config).await.unwrap();
     assert_eq!(
         format!("{bus:?}"),
-        "Bus { broker: \"memory\", retry: RetryPolicy { max_attempts: 3, backoff: Backoff { initial: 100ms, max: 30s, multiplier: 2.0, jitter: true } }, layers: 3 }"
+        "Bus { broker: \"memory\", retry: RetryPolicy { max_attempts: 3, backoff: Backoff { initial: 100ms, max: 30s, multiplier: 2.0, jitter: true } }, layers: 3, settle_observers: 0 }"
     );
 }
