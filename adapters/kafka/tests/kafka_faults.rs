@@ -42,46 +42,67 @@ async fn committed_until(
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn out_of_order_completion_commits_only_the_settled_prefix() {
-    let target = Target::from_env();
-    let topic = unique("ooo");
+/// A one-partition topic without per-partition order (so several records of
+/// the partition can be held at once), `n` messages `0..n` published to it
+/// (each at the offset of its number), and all of them received by a
+/// subscription of `group` and held unsettled, in offset order.
+async fn held_records(
+    target: &Target,
+    group: &str,
+    n: i64,
+) -> (
+    tidings_kafka::KafkaBus,
+    String,
+    Box<dyn DeliveryStream>,
+    Vec<Delivery>,
+) {
+    let topic = unique(group);
     target.create_topic(&topic, 1).await;
-    // Eight records of one partition held at once: only without per-partition
-    // order (the default hands out one record of a partition at a time, so
-    // there handlers cannot finish out of order inside a partition).
     let mut config = target.config();
     config.ordering = PartitionOrder::None;
     let bus = target.bus_with(config).await;
-    let (p, s, admin) = (bus.publisher(), bus.subscriber(), bus.admin());
-    let mut stream = s
-        .subscribe(Subscription::group(&topic, "ooo"))
+    let mut stream = bus
+        .subscriber()
+        .subscribe(Subscription::group(&topic, group))
         .await
         .expect("subscribe");
-    for n in 0..8 {
+    let p = bus.publisher();
+    for offset in 0..n {
         let r = p
-            .publish(&topic, Message::new(format!("{n}")))
+            .publish(&topic, Message::new(format!("{offset}")))
             .await
             .expect("publish");
         assert_eq!(
             r,
             Receipt::Offset {
                 partition: 0,
-                offset: n
+                offset
             }
         );
     }
-    let mut held = HashMap::new();
-    for _ in 0..8 {
-        let d = next(&mut stream).await;
-        let n: i64 = String::from_utf8_lossy(&d.message().payload)
-            .parse()
-            .expect("n");
-        held.insert(n, d);
+    let mut held = Vec::new();
+    for _ in 0..n {
+        held.push(next(&mut stream).await);
     }
+    held.sort_by_key(|d| {
+        String::from_utf8_lossy(&d.message().payload)
+            .parse::<i64>()
+            .expect("a number")
+    });
+    (bus, topic, stream, held)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_order_completion_commits_only_the_settled_prefix() {
+    let target = Target::from_env();
+    // Eight records of one partition held at once: only without per-partition
+    // order (the default hands out one record of a partition at a time, so
+    // there handlers cannot finish out of order inside a partition).
+    let (bus, topic, mut stream, mut held) = held_records(&target, "ooo", 8).await;
+    let admin = bus.admin();
     // Offset 5 settles first, then everything but 3.
     for n in [5, 0, 1, 2, 4, 6, 7] {
-        held.get_mut(&n).expect("held").ack().await.expect("ack");
+        held[n].ack().await.expect("ack");
     }
     let at = committed_until(&admin, &topic, "ooo", |o| o == Some(3)).await;
     assert_eq!(at, Some(3));
@@ -89,7 +110,7 @@ async fn out_of_order_completion_commits_only_the_settled_prefix() {
     tokio::time::sleep(Duration::from_millis(600)).await;
     let c = admin.committed(&topic, "ooo").await.expect("committed");
     assert_eq!(c[0].1, Some(3), "committed past the unsettled offset 3");
-    held.get_mut(&3).expect("held").ack().await.expect("ack");
+    held[3].ack().await.expect("ack");
     let at = committed_until(&admin, &topic, "ooo", |o| o == Some(8)).await;
     assert_eq!(at, Some(8));
     stream.close().await.expect("close");
@@ -442,25 +463,8 @@ async fn a_rejected_commit_is_sent_again() {
     let Target::Mock(mock) = &target else {
         unreachable!()
     };
-    let topic = unique("rejected");
-    target.create_topic(&topic, 1).await;
-    let mut config = target.config();
-    config.ordering = PartitionOrder::None;
-    let bus = target.bus_with(config).await;
-    let (p, s, admin) = (bus.publisher(), bus.subscriber(), bus.admin());
-    let mut stream = s
-        .subscribe(Subscription::group(&topic, "rejected"))
-        .await
-        .expect("subscribe");
-    for n in 0..3 {
-        p.publish(&topic, Message::new(format!("{n}")))
-            .await
-            .expect("publish");
-    }
-    let mut held = Vec::new();
-    for _ in 0..3 {
-        held.push(next(&mut stream).await);
-    }
+    let (bus, topic, mut stream, mut held) = held_records(&target, "rejected", 3).await;
+    let admin = bus.admin();
     held[0].ack().await.expect("ack");
     assert_eq!(
         committed_until(&admin, &topic, "rejected", |o| o == Some(1)).await,

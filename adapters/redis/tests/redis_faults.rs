@@ -4,8 +4,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -99,36 +98,10 @@ struct Server {
 }
 
 impl Server {
-    fn free_port() -> u16 {
-        TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a free port")
-    }
-
     fn start(port: u16) -> Server {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--daemonize",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("starting redis-server failed: {e}; install Debian's `redis-server`")
-            });
         Server {
             port,
-            child: Some(child),
+            child: Some(common::spawn_redis_server(&["--port", &port.to_string()])),
         }
     }
 
@@ -171,7 +144,7 @@ impl Drop for Server {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarted_server_consumer_resumes_and_publishing_works() {
-    let port = Server::free_port();
+    let port = common::free_port();
     let mut server = Server::start(port);
     server.ready().await;
     let bus = common::bus(server.addr(), FAST).await;

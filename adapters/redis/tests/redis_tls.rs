@@ -3,8 +3,9 @@
 //! modes; the wrong CA or no client certificate is refused, and bad TLS
 //! options are configuration errors before any connection.
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::process::Child;
 use std::time::Duration;
 
 use tidings_core::Error;
@@ -19,33 +20,22 @@ struct TlsServer {
 
 impl TlsServer {
     async fn start(pki: &Pki) -> TlsServer {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a free port");
+        let port = common::free_port();
         let file = |name: &str| pki.path(name).display().to_string();
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                "0",
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .args(["--tls-port", &port.to_string()])
-            .args(["--tls-cert-file", &file("server.pem")])
-            .args(["--tls-key-file", &file("server.key")])
-            .args(["--tls-ca-cert-file", &file("ca.pem")])
-            .args(["--tls-auth-clients", "yes"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("starting redis-server failed: {e}; install Debian's `redis-server`")
-            });
+        let child = common::spawn_redis_server(&[
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--tls-cert-file",
+            &file("server.pem"),
+            "--tls-key-file",
+            &file("server.key"),
+            "--tls-ca-cert-file",
+            &file("ca.pem"),
+            "--tls-auth-clients",
+            "yes",
+        ]);
         let server = TlsServer { port, child };
         within(10, "redis-server to listen", async {
             while tokio::net::TcpStream::connect(("127.0.0.1", port))

@@ -64,3 +64,26 @@ impl Harness for Redis {
         true
     }
 }
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Starts a redis-server of the test's own on loopback, keeping nothing on
+/// disk, with `args` added (its ports among them).
+pub fn spawn_redis_server(args: &[&str]) -> std::process::Child {
+    std::process::Command::new("redis-server")
+        .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args(["--daemonize", "no"])
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("starting redis-server failed: {e}; install Debian's `redis-server`")
+        })
+}
