@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 
-use crate::error::{Error, Result};
+use crate::error::{BoxError, Error, Result};
 use crate::message::Message;
 use crate::publisher::Receipt;
 
@@ -30,6 +30,7 @@ pub struct Delivery {
     max_attempts: Option<u32>,
     acker: Option<Box<dyn Acker>>,
     position: Option<Receipt>,
+    rejection: Option<BoxError>,
 }
 
 /// The adapter's side of a delivery: how to settle this one message.
@@ -68,7 +69,30 @@ impl Delivery {
             max_attempts: None,
             acker: Some(acker),
             position: None,
+            rejection: None,
         }
+    }
+
+    /// Marks a delivery the adapter could not read as a message (a foreign
+    /// stream entry, a corrupt frame): the consumer runtime dead-letters it
+    /// as [`Undecodable`](DeadLetterReason::Undecodable) with `why` as the
+    /// error, without running the handler, through the same observed
+    /// settlement as every other message. `message` is what could be
+    /// salvaged of it. Used by adapters.
+    #[must_use]
+    pub fn rejected(mut self, why: impl Into<BoxError>) -> Self {
+        self.rejection = Some(why.into());
+        self
+    }
+
+    /// Why the adapter could not read this delivery as a message, when it
+    /// could not (see [`rejected`](Delivery::rejected)).
+    pub fn rejection(&self) -> Option<&(dyn std::error::Error + Send + Sync + 'static)> {
+        self.rejection.as_deref()
+    }
+
+    pub(crate) fn take_rejection(&mut self) -> Option<BoxError> {
+        self.rejection.take()
     }
 
     /// Records where the broker stored the message: a Kafka partition and
@@ -173,6 +197,7 @@ impl fmt::Debug for Delivery {
             .field("attempt", &self.attempt())
             .field("settled", &self.is_settled())
             .field("position", &self.position)
+            .field("rejection", &self.rejection)
             .finish()
     }
 }
@@ -275,7 +300,7 @@ impl DeadLetter {
     /// destination.
     pub fn letter_for(&self, message: &Message) -> Message {
         let mut letter = message.clone();
-        let fmt = |t: SystemTime| humantime::format_rfc3339_millis(t).to_string();
+        let fmt = |t: SystemTime| crate::time::format_rfc3339(t).unwrap_or_default();
         let h = &mut letter.headers;
         h.remove(header::ATTEMPT);
         h.remove(header::FIRST_FAILURE);
@@ -298,10 +323,7 @@ impl DeadLetter {
     /// `None` if the message is not a dead letter.
     pub fn from_message(message: &Message) -> Option<DeadLetter> {
         let h = &message.headers;
-        let time = |name: &str| {
-            h.get(name)
-                .and_then(|v| humantime::parse_rfc3339_weak(v).ok())
-        };
+        let time = |name: &str| h.get(name).and_then(|v| crate::time::parse_rfc3339(v));
         Some(DeadLetter {
             reason: DeadLetterReason::parse(h.get(header::DLQ_REASON)?)?,
             error: h.get(header::DLQ_ERROR).cloned().unwrap_or_default(),

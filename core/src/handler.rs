@@ -249,3 +249,20 @@ impl<H: Handler<Args>, Args: 'static> Endpoint for Erased<H, Args> {
         self.handler.call(delivery)
     }
 }
+
+/// A handler (or a layer, or a settlement) panicked; a handler's panic is a
+/// retryable failure like any other error.
+#[derive(Debug, thiserror::Error)]
+#[error("panicked: {0}")]
+pub struct Panicked(String);
+
+impl From<Box<dyn std::any::Any + Send>> for Panicked {
+    fn from(panic: Box<dyn std::any::Any + Send>) -> Self {
+        let text = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "non-string panic payload".to_owned());
+        Panicked(text)
+    }
+}

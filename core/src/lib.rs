@@ -37,14 +37,19 @@ pub mod retry;
 pub mod subscriber;
 #[cfg(feature = "testkit")]
 pub mod testkit;
+pub mod time;
 pub mod tls;
 
 pub use codec::{Codec, CodecError, Json, Raw};
-pub use consumer::{Consumer, ConsumerBuilder, SettleAction, Settlement, ShutdownReport};
+pub use consumer::{
+    Consumer, ConsumerBuilder, SettleAction, Settlement, ShutdownReport, shutdown_signal,
+};
 pub use delivery::{Acker, DeadLetter, DeadLetterReason, Delivery};
 pub use error::{BoxError, Error, Result};
 pub use event::Event;
-pub use handler::{Failure, FromDelivery, Handler, HandlerError, HandlerResult, ResultExt};
+pub use handler::{
+    Failure, FromDelivery, Handler, HandlerError, HandlerResult, Panicked, ResultExt,
+};
 pub use message::{Headers, Message, Metadata, wire};
 pub use middleware::{Middleware, PublishMiddleware};
 pub use publisher::{Publisher, PublisherExt, Receipt};

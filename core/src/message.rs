@@ -302,11 +302,10 @@ pub mod wire {
                     f(name, value);
                 }
             }
-            if let Some(time) = m.time {
-                f(
-                    names.time,
-                    &humantime::format_rfc3339_micros(time).to_string(),
-                );
+            // A time outside what RFC 3339 can say (before 1970, after 9999)
+            // is left out: writing headers cannot fail.
+            if let Some(time) = m.time.and_then(crate::time::format_rfc3339) {
+                f(names.time, &time);
             }
             for (name, value) in &self.headers {
                 f(name, value);
@@ -354,16 +353,13 @@ pub mod wire {
                 } else if n == names.spec_version {
                     continue;
                 } else if n == names.time {
-                    match humantime::parse_rfc3339_weak(value.as_ref()) {
-                        Ok(time) => {
-                            metadata.time = Some(time);
-                            continue;
-                        }
-                        Err(_) => {
+                    match crate::time::parse_rfc3339(value.as_ref()) {
+                        Some(time) => metadata.time = Some(time),
+                        None => {
                             rest.insert(name.into(), value.into());
-                            continue;
                         }
                     }
+                    continue;
                 } else {
                     rest.insert(name.into(), value.into());
                     continue;

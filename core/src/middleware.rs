@@ -24,11 +24,13 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use futures::FutureExt;
 use futures::future::BoxFuture;
+use std::panic::AssertUnwindSafe;
 
 use crate::delivery::Delivery;
 use crate::error::Result;
-use crate::handler::{Endpoint, HandlerResult};
+use crate::handler::{Endpoint, HandlerError, HandlerResult, Panicked};
 use crate::message::Message;
 use crate::publisher::{Publisher, Receipt};
 
@@ -76,7 +78,12 @@ impl<'a> Next<'a> {
                     )
                     .await
             }
-            None => self.endpoint.call(delivery).await,
+            // A handler's panic is a failed attempt for every layer above
+            // (an in-process retry retries it, telemetry records it).
+            None => AssertUnwindSafe(self.endpoint.call(delivery))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|panic| Err(HandlerError::retryable(Panicked::from(panic)))),
         }
     }
 }

@@ -194,7 +194,7 @@ pub fn restore(letter: &Message) -> Message {
         .retain(|name, _| !name.starts_with("tidings-dlq-") && name != header::ATTEMPT);
     original.headers.insert(
         header::REPLAYED_AT.to_owned(),
-        humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
+        tidings_core::time::now_rfc3339(),
     );
     original
 }

@@ -71,6 +71,46 @@ async fn retry_in_process_fails_twice_then_succeeds() {
 }
 
 #[tokio::test]
+async fn a_panicking_handler_is_retried_in_process_like_a_failing_one() {
+    let bus = MemoryBus::new();
+    let attempts = Attempts::default();
+    let (done_tx, mut done) = mpsc::unbounded_channel();
+    let topic = unique("retry-panic");
+    let seen = attempts.clone();
+    let consumer = Consumer::group(bus.subscriber(), "g")
+        .layer(
+            Retry::exponential(Duration::from_millis(5))
+                .max_attempts(5)
+                .mode(RetryMode::InProcess),
+        )
+        .handle(&topic, move |e: Event<String>| {
+            let (seen, done) = (seen.clone(), done_tx.clone());
+            async move {
+                let n = {
+                    let mut a = seen.lock().unwrap();
+                    a.push(e.attempt());
+                    a.len()
+                };
+                assert!(n > 2, "attempt {n} panics");
+                let _ = done.send(());
+                Ok::<_, HandlerError>(())
+            }
+        })
+        .start()
+        .await
+        .unwrap();
+    bus.publish_event(&topic, Event::new("hi".to_owned()))
+        .await
+        .unwrap();
+    within(10, "the successful attempt", done.recv()).await;
+    // Before, the panic went past the layer: no in-process retry, and the
+    // runtime nacked it as attempt 1.
+    assert_eq!(*attempts.lock().unwrap(), [1, 2, 3]);
+    assert!(consumer.shutdown(Duration::from_secs(5)).await.drained);
+    assert_eq!(bus.queued(&topic, "g"), 0, "acked once, not redelivered");
+}
+
+#[tokio::test]
 async fn retry_through_the_broker_fails_twice_then_succeeds() {
     let bus = MemoryBus::new();
     let attempts = Attempts::default();

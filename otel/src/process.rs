@@ -11,7 +11,7 @@ use opentelemetry::trace::{
 };
 use opentelemetry::{Context, KeyValue};
 use tidings_core::middleware::{Middleware, Next};
-use tidings_core::{DeadLetterReason, Delivery, Failure, HandlerResult};
+use tidings_core::{DeadLetterReason, Delivery, Failure, HandlerResult, RetryPolicy, SettleAction};
 use tracing::Instrument as _;
 
 use crate::names::attr;
@@ -264,16 +264,15 @@ impl Middleware for OtelProcess {
         let outcome = match &result {
             Ok(()) if !reached => Outcome::DuplicateSkipped,
             Ok(()) => Outcome::Ack,
-            Err(error) => match error.dead_letter_reason() {
-                Some(reason) => Outcome::DeadLetter(reason),
-                // The runtime's own limit when it handles the delivery.
-                None => match delivery.max_attempts().or(shared.max_attempts) {
-                    Some(max) if attempt >= max => {
-                        Outcome::DeadLetter(DeadLetterReason::AttemptsExhausted)
-                    }
-                    Some(_) => Outcome::Retry,
-                    None => Outcome::Failed,
+            // The runtime's own decision, with its limit when it handles the delivery.
+            Err(error) => match delivery.max_attempts().or(shared.max_attempts) {
+                Some(max) => match SettleAction::decide(&RetryPolicy::new(max), attempt, &result) {
+                    SettleAction::DeadLetter { reason } => Outcome::DeadLetter(reason),
+                    _ => Outcome::Retry,
                 },
+                None => error
+                    .dead_letter_reason()
+                    .map_or(Outcome::Failed, Outcome::DeadLetter),
             },
         };
         let error_type = result.as_ref().err().map(|e| failure_type(e.kind()));

@@ -7,7 +7,7 @@
 //! plain AMQP tools show them; messages from plain clients get their metadata
 //! from those properties where the headers have none.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::UNIX_EPOCH;
 
 use bytes::Bytes;
 use lapin::BasicProperties;
@@ -18,6 +18,10 @@ use tidings_core::{Message, wire};
 /// Header carrying the original topic on copies that travel through retry
 /// queues (their routing key is the queue's name, not the topic).
 pub const TOPIC: &str = "tidings-topic";
+
+/// Where an AMQP `timestamp` property that is no representable time is kept
+/// (as the number it was), so nothing the sender wrote is lost.
+pub const TIMESTAMP: &str = "amqp-timestamp";
 
 /// The broker's delivery counter on quorum queues.
 pub const DELIVERY_COUNT: &str = "x-delivery-count";
@@ -156,10 +160,18 @@ pub fn received(props: &BasicProperties, payload: Bytes) -> Received {
     if message.metadata.content_type.is_none() {
         message.metadata.content_type = props.content_type().as_ref().map(|s| s.as_str().into());
     }
-    if message.metadata.time.is_none() {
-        message.metadata.time = props
-            .timestamp()
-            .map(|secs| UNIX_EPOCH + Duration::from_secs(secs));
+    if message.metadata.time.is_none()
+        && let Some(stamp) = *props.timestamp()
+    {
+        // The spec says seconds; Node.js clients send `Date.now()`, milliseconds.
+        match tidings_core::time::from_unix_secs_or_millis(stamp) {
+            Some(time) => message.metadata.time = Some(time),
+            None => {
+                message
+                    .headers
+                    .insert(TIMESTAMP.to_owned(), stamp.to_string());
+            }
+        }
     }
     Received {
         message,
@@ -167,11 +179,6 @@ pub fn received(props: &BasicProperties, payload: Bytes) -> Received {
         topic,
         delivery_count,
     }
-}
-
-/// The time now as RFC 3339, for the first-failure header.
-pub fn now_rfc3339() -> String {
-    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
 
 #[cfg(test)]
@@ -237,10 +244,27 @@ mod tests {
         );
         assert_eq!(
             r.message.metadata.time,
-            Some(UNIX_EPOCH + Duration::from_secs(1_700_000_000))
+            Some(UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000))
         );
         let bare = received(&BasicProperties::default(), Bytes::new());
         assert_eq!(bare.message.id.len(), 36);
+    }
+
+    #[test]
+    fn millisecond_and_absurd_timestamps() {
+        let ms = BasicProperties::default().with_timestamp(1_700_000_000_123);
+        let r = received(&ms, Bytes::new());
+        assert_eq!(
+            r.message.metadata.time,
+            Some(UNIX_EPOCH + std::time::Duration::from_millis(1_700_000_000_123))
+        );
+        // Dead-lettering or republishing it writes headers again: no panic.
+        assert!(properties(&r.message, &[]).is_ok());
+        let absurd = BasicProperties::default().with_timestamp(u64::MAX);
+        let r = received(&absurd, Bytes::new());
+        assert_eq!(r.message.metadata.time, None);
+        assert_eq!(r.message.headers[TIMESTAMP], u64::MAX.to_string());
+        assert!(properties(&r.message, &[]).is_ok());
     }
 
     #[test]

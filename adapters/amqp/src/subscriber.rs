@@ -233,7 +233,15 @@ impl Route {
         permit: OwnedSemaphorePermit,
     ) -> Delivery {
         let received = headers::received(&d.properties, Bytes::from(d.data));
-        let base = received.attempt.unwrap_or(1).max(1);
+        // The attempt header is Tidings' own count, written on the copies it
+        // republishes straight to the group's queue (the default exchange,
+        // directly or out of a retry queue). On a message that came through
+        // the topic exchange any client wrote it: not trusted, or one
+        // `tidings-attempt: 4294967295` would make the first failure final.
+        let base = match received.attempt {
+            Some(n) if d.exchange.as_str().is_empty() => n.max(1),
+            _ => 1,
+        };
         let extra = match received.delivery_count {
             Some(n) => u32::try_from(n).unwrap_or(u32::MAX),
             None => u32::from(d.redelivered && !self.quorum()),
@@ -275,7 +283,7 @@ impl Route {
             .headers
             .get(header::FIRST_FAILURE)
             .cloned()
-            .unwrap_or_else(headers::now_rfc3339);
+            .unwrap_or_else(tidings_core::time::now_rfc3339);
         let props = headers::properties(
             message,
             &[

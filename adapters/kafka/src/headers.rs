@@ -5,7 +5,7 @@
 //! carry the attempt number ([`header::ATTEMPT`]) and the time before which
 //! they must not be handled ([`NOT_BEFORE`]).
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use rdkafka::message::{Header, Headers, OwnedHeaders};
@@ -72,7 +72,7 @@ pub fn from_kafka<H: Headers>(
             received.not_before = t
                 .parse::<u64>()
                 .ok()
-                .map(|ms| UNIX_EPOCH + Duration::from_millis(ms));
+                .and_then(tidings_core::time::from_unix_millis);
         }
     }
     (message, received)
@@ -85,7 +85,7 @@ pub fn retry_copy(message: &Message, attempt: u32, not_before: SystemTime) -> Me
         .insert(header::ATTEMPT.into(), attempt.to_string());
     copy.headers
         .entry(header::FIRST_FAILURE.into())
-        .or_insert_with(|| humantime::format_rfc3339_millis(SystemTime::now()).to_string());
+        .or_insert_with(tidings_core::time::now_rfc3339);
     let ms = not_before
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
@@ -97,6 +97,7 @@ pub fn retry_copy(message: &Message, attempt: u32, not_before: SystemTime) -> Me
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn message_round_trips_through_record_headers() {

@@ -35,7 +35,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::StreamExt;
@@ -498,7 +498,7 @@ impl MemoryAcker {
         let m = Arc::make_mut(&mut message);
         m.headers
             .entry(header::FIRST_FAILURE.to_owned())
-            .or_insert_with(humantime_now);
+            .or_insert_with(tidings_core::time::now_rfc3339);
         let entry = Entry {
             message,
             topic,
@@ -515,10 +515,6 @@ impl MemoryAcker {
             _ => queue.requeue(entry),
         }
     }
-}
-
-fn humantime_now() -> String {
-    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
 
 #[async_trait]

@@ -43,6 +43,31 @@ impl NatsSubscriber {
     }
 }
 
+/// Returns once the server has processed everything this connection sent
+/// before the call. `Client::flush` only empties the socket buffer, so a
+/// SUB sent just before may still be unread by the server when a message
+/// from another connection arrives. The server handles one connection's
+/// commands in order, so a message to a fresh inbox of ours coming back
+/// proves every earlier command was processed.
+async fn round_trip(
+    client: &async_nats::Client,
+    timeout: Duration,
+) -> std::result::Result<(), tidings_core::BoxError> {
+    let inbox = client.new_inbox();
+    let mut echo = client.subscribe(inbox.clone()).await?;
+    client.publish(inbox, Bytes::new()).await?;
+    client.flush().await?;
+    let back = tokio::time::timeout(timeout, echo.next()).await;
+    let _ = echo.unsubscribe().await;
+    match back {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err("the connection closed before the subscription was confirmed".into()),
+        Err(_) => {
+            Err(format!("the server did not confirm the subscription within {timeout:?}").into())
+        }
+    }
+}
+
 fn subscribe_error(topic: &str, e: impl Into<tidings_core::BoxError>) -> Error {
     Error::Subscribe {
         topic: topic.to_owned(),
@@ -225,8 +250,7 @@ impl Subscriber for NatsSubscriber {
                 }
                 .map_err(|e| subscribe_error(&topic, e))?;
                 // The subscription is in place once the server has processed it.
-                client
-                    .flush()
+                round_trip(client, shared.config.request_timeout)
                     .await
                     .map_err(|e| subscribe_error(&topic, e))?;
                 tokio::spawn(pump.run_core(sub))

@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::StreamExt;
 use redis::{Client, RedisResult, Value};
-use tidings_core::{DeliveryStream, Error, Result};
+use tidings_core::{DeliveryStream, Error, Message, Result};
 use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
@@ -96,14 +96,13 @@ async fn read_loop(client: Client, shared: Arc<Shared>, ready: oneshot::Sender<R
             let channel = msg.get_channel_name().to_owned();
             let body = Bytes::copy_from_slice(msg.get_payload_bytes());
             drop(msg);
-            let message = match headers::decode_frame(&channel, body) {
-                Ok(m) => m,
+            // A corrupt frame goes to the runtime as a rejected delivery of
+            // the raw body, to be dead-lettered where everything is observed.
+            let (message, corrupt) = match headers::decode_frame(&channel, body.clone()) {
+                Ok(m) => (m, None),
                 Err(e) => {
-                    shared.report(Error::Broker {
-                        broker: NAME,
-                        source: Box::new(e),
-                    });
-                    continue;
+                    warn!(topic = %shared.topic, error = %e, "dead-lettering a corrupt Pub/Sub frame");
+                    (Message::new(body), Some(e))
                 }
             };
             let Some(permit) = shared.permit().await else {
@@ -119,7 +118,7 @@ async fn read_loop(client: Client, shared: Arc<Shared>, ready: oneshot::Sender<R
             } else {
                 shared.topic.clone()
             };
-            let d = RedisAcker::delivery_shared(
+            let mut d = RedisAcker::delivery_shared(
                 &shared,
                 Origin::Local,
                 Arc::new(message),
@@ -127,6 +126,9 @@ async fn read_loop(client: Client, shared: Arc<Shared>, ready: oneshot::Sender<R
                 1,
                 permit,
             );
+            if let Some(corrupt) = corrupt {
+                d = d.rejected(corrupt);
+            }
             shared.send(d);
         }
     }

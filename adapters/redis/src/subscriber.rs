@@ -5,21 +5,21 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use futures::future::BoxFuture;
 use redis::aio::ConnectionManager;
 use redis::{Client, RedisResult, Value};
 use tidings_core::{
-    Acker, Capabilities, DeadLetter, DeadLetterReason, Delivery, DeliveryStream, Error, Message,
-    Receipt, Result, StartFrom, Subscriber, Subscription,
+    Acker, Capabilities, DeadLetter, Delivery, DeliveryStream, Error, Message, Receipt, Result,
+    StartFrom, Subscriber, Subscription,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tracing::{debug, warn};
 
 use crate::config::{RedisConfig, RedisMode};
-use crate::headers::{self, ForeignEntry};
+use crate::headers;
 use crate::publisher::{publish_cmd, xadd};
 use crate::{NAME, broker_error, manager, pubsub};
 
@@ -752,7 +752,9 @@ fn bulk_string(v: &Value) -> Option<String> {
     }
 }
 
-/// Hands one entry to the caller, or dead-letters it if it is not ours.
+/// Hands one entry to the caller; one that is not ours goes as a rejected
+/// delivery (what could be salvaged of it), which the consumer runtime
+/// dead-letters through its observed settlement.
 async fn deliver(
     shared: &Arc<Shared>,
     entry_id: String,
@@ -760,77 +762,30 @@ async fn deliver(
     attempt: u32,
     permit: OwnedSemaphorePermit,
 ) {
-    if let Err(foreign) = headers::check_fields(&entry_id, &fields) {
-        dead_letter_foreign(shared, &entry_id, &fields, attempt, foreign).await;
-        return;
-    }
-    let message = match headers::read_fields(&entry_id, fields) {
-        Ok(message) => message,
-        Err(foreign) => {
-            shared.report(Error::Broker {
-                broker: NAME,
-                source: Box::new(foreign),
-            });
-            return;
-        }
+    let (message, foreign) = match headers::check_fields(&entry_id, &fields) {
+        Ok(()) => match headers::read_fields(&entry_id, fields) {
+            Ok(message) => (message, None),
+            // `read_fields` checks the same as `check_fields` did.
+            Err(foreign) => (Message::default().with_id(entry_id.clone()), Some(foreign)),
+        },
+        Err(foreign) => (headers::salvage(&entry_id, &fields), Some(foreign)),
     };
+    if let Some(foreign) = &foreign {
+        warn!(topic = %shared.topic, group = ?shared.group, %foreign, "a stream entry that is not a Tidings message; dead-lettering it");
+    }
     let (origin, position) = match shared.group {
         Some(_) => (Origin::Group { entry_id }, None),
         // A private stream read: the entry id is the position, nothing to settle.
         None => (Origin::Local, Some(Receipt::EntryId(entry_id))),
     };
-    let d = RedisAcker::delivery(shared, origin, message, attempt, permit);
-    let d = match position {
-        Some(position) => d.with_position(position),
-        None => d,
-    };
-    shared.send(d);
-}
-
-/// An entry that is not one of ours: to the dead-letter stream (in a group),
-/// then acked; reported on the stream as an error either way.
-async fn dead_letter_foreign(
-    shared: &Arc<Shared>,
-    entry_id: &str,
-    fields: &[Value],
-    attempt: u32,
-    foreign: ForeignEntry,
-) {
-    warn!(topic = %shared.topic, group = ?shared.group, %foreign, "dead-lettering a foreign stream entry");
-    if let Some(group) = &shared.group {
-        let now = SystemTime::now();
-        let letter = DeadLetter {
-            reason: DeadLetterReason::Undecodable,
-            error: foreign.to_string(),
-            attempts: attempt,
-            first_failure: Some(now),
-            last_failure: now,
-            topic: shared.topic.to_string(),
-            group: Some(group.to_string()),
-        };
-        let dead = letter.letter_for(&headers::salvage(entry_id, fields));
-        let mut conn = shared.control.clone();
-        let added: RedisResult<Value> = xadd(&shared.config, &shared.dead_letters, &dead)
-            .query_async(&mut conn)
-            .await;
-        match added {
-            Ok(_) => {
-                let _: RedisResult<Value> = redis::cmd("XACK")
-                    .arg(&*shared.topic)
-                    .arg(&**group)
-                    .arg(entry_id)
-                    .query_async(&mut conn)
-                    .await;
-            }
-            Err(error) => {
-                warn!(%error, entry_id, "dead-lettering a foreign entry failed; it stays pending");
-            }
-        }
+    let mut d = RedisAcker::delivery(shared, origin, message, attempt, permit);
+    if let Some(position) = position {
+        d = d.with_position(position);
     }
-    shared.report(Error::Broker {
-        broker: NAME,
-        source: Box::new(foreign),
-    });
+    if let Some(foreign) = foreign {
+        d = d.rejected(foreign);
+    }
+    shared.send(d);
 }
 
 /// Reads a stream for one subscription until it is closed: `XREADGROUP`

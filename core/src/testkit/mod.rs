@@ -6,12 +6,15 @@
 //!   for the service's own unit tests.
 //! - [`FaultProxy`]: a TCP proxy between a client and a broker that cuts,
 //!   refuses or stalls connections on command.
+//! - [`hostile`]: the check that a message any other client wrote cannot
+//!   wedge a consumer, for each adapter's hostile-input tests.
 //! - [`ScriptedSubscriber`]: a subscriber without a broker that hands out
 //!   queued messages and records (or refuses) their settlements.
 //! - `Pki` (feature `testkit-tls`): a CA and certificates made for a test,
 //!   for brokers the test starts with TLS.
 
 pub mod conformance;
+pub mod hostile;
 #[cfg(feature = "testkit-tls")]
 mod pki;
 mod proxy;

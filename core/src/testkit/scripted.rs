@@ -50,6 +50,8 @@ pub struct ScriptedSubscriber {
 struct Inner {
     queued: Mutex<HashMap<String, Vec<Message>>>,
     refused: Mutex<HashSet<String>>,
+    panicking: Mutex<HashSet<String>>,
+    rejected: Mutex<HashSet<String>>,
     settled: Mutex<Vec<(String, &'static str, bool)>>,
     changed: tokio::sync::Notify,
 }
@@ -86,6 +88,21 @@ impl ScriptedSubscriber {
     #[must_use]
     pub fn refusing(self, id: &str) -> Self {
         lock(&self.inner.refused).insert(id.to_owned());
+        self
+    }
+
+    /// Settling the message with this id panics, as a buggy adapter would.
+    #[must_use]
+    pub fn panicking(self, id: &str) -> Self {
+        lock(&self.inner.panicking).insert(id.to_owned());
+        self
+    }
+
+    /// The message with this id is handed out as a delivery the adapter
+    /// could not read ([`Delivery::rejected`]).
+    #[must_use]
+    pub fn rejecting(self, id: &str) -> Self {
+        lock(&self.inner.rejected).insert(id.to_owned());
         self
     }
 
@@ -146,13 +163,19 @@ impl Subscriber for ScriptedSubscriber {
                     id: message.id.clone(),
                     inner: self.inner.clone(),
                 };
-                Delivery::new(
+                let rejected = lock(&self.inner.rejected).contains(&message.id);
+                let delivery = Delivery::new(
                     Arc::new(message),
                     topic.clone(),
                     group.clone(),
                     1,
                     Box::new(acker),
-                )
+                );
+                if rejected {
+                    delivery.rejected("rejected by the script")
+                } else {
+                    delivery
+                }
             })
             .collect::<Vec<_>>()
             .into_iter();
@@ -193,6 +216,11 @@ struct ScriptedAcker {
 
 impl ScriptedAcker {
     fn settle(self, action: &'static str) -> Result<()> {
+        if lock(&self.inner.panicking).contains(&self.id) {
+            lock(&self.inner.settled).push((self.id.clone(), action, false));
+            self.inner.changed.notify_waiters();
+            panic!("settling {} panicked, as scripted", self.id);
+        }
         let refused = lock(&self.inner.refused).contains(&self.id);
         lock(&self.inner.settled).push((self.id, action, !refused));
         self.inner.changed.notify_waiters();

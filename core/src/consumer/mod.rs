@@ -1,0 +1,430 @@
+//! The consumer runtime: handlers registered per topic for one group,
+//! bounded concurrency, per-key order, settlement and graceful shutdown.
+//!
+//! For each topic the runtime runs one intake task, which reads the
+//! subscription, and `concurrency` workers, which run the middleware stack
+//! and the handler and settle the delivery by the result:
+//!
+//! | result | settlement |
+//! |---|---|
+//! | `Ok(())` | ack |
+//! | retryable error, attempts left | nack, redelivered after the backoff (or the error's `retry_after`) |
+//! | retryable error, last attempt | dead-letter (`attempts-exhausted`), then ack |
+//! | permanent error | dead-letter (`permanent-error`), then ack |
+//! | undecodable payload | dead-letter (`undecodable`), then ack |
+//! | panic | a retryable error; the runtime keeps running |
+//!
+//! On brokers without redelivery (at-most-once), retries happen in process.
+//! Intake waits whenever every worker is busy and the subscription's
+//! prefetch is used up, so a slow handler slows intake; memory does not grow.
+
+mod dispatch;
+mod settle;
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::{AbortHandle, JoinHandle};
+use tracing::{error, warn};
+
+use crate::error::{Error, Result};
+use crate::handler::{Endpoint, Erased, Handler};
+use crate::middleware::Middleware;
+use crate::retry::RetryPolicy;
+use crate::subscriber::{StartFrom, Subscriber, Subscription};
+
+use dispatch::{Dispatch, Lanes};
+use settle::{Observer, Route, WorkerCounts};
+pub use settle::{SettleAction, Settlement};
+
+/// Builds a [`Consumer`]: the group, its handlers, its middleware and limits.
+///
+/// ```
+/// # use serde::{Deserialize, Serialize};
+/// # use std::sync::Arc;
+/// use tidings_core::{Consumer, Event, HandlerError};
+/// # #[derive(Serialize, Deserialize)] struct UserRegistered { email: String }
+/// # async fn f(subscriber: Arc<dyn tidings_core::Subscriber>) -> tidings_core::Result<()> {
+/// let consumer = Consumer::group(subscriber, "email-service")
+///     .concurrency(8)
+///     .handle("user.registered", |e: Event<UserRegistered>| async move {
+///         println!("welcome {}", e.data.email);
+///         Ok::<_, HandlerError>(())
+///     })
+///     .start()
+///     .await?;
+/// consumer.shutdown(std::time::Duration::from_secs(10)).await;
+/// # Ok(()) }
+/// ```
+#[must_use = "a consumer does nothing until started"]
+pub struct ConsumerBuilder {
+    subscriber: Arc<dyn Subscriber>,
+    group: Option<String>,
+    routes: Vec<(String, Arc<dyn Endpoint>)>,
+    stack: Vec<Arc<dyn Middleware>>,
+    concurrency: usize,
+    prefetch: Option<usize>,
+    ordered_by_key: bool,
+    retry: RetryPolicy,
+    start: StartFrom,
+    observers: Vec<Observer>,
+}
+
+/// A running consumer. Stop it with [`shutdown`](Consumer::shutdown) or
+/// [`shutdown_on_signal`](Consumer::shutdown_on_signal); dropping it stops
+/// intake too, but without waiting for in-flight handlers.
+#[must_use = "dropping a consumer stops it"]
+pub struct Consumer {
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    aborts: Vec<AbortHandle>,
+    lanes: Vec<Lanes>,
+    counts: Counts,
+}
+
+/// What every part of a consumer counted; each counter has one writer.
+#[derive(Default)]
+struct Counts {
+    received: Vec<Arc<AtomicU64>>,
+    workers: Vec<Arc<WorkerCounts>>,
+    released: Arc<AtomicU64>,
+    restarts: Arc<AtomicU64>,
+}
+
+impl Counts {
+    fn sum(counters: &[Arc<AtomicU64>]) -> u64 {
+        counters.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+}
+
+/// How a shutdown went: what was received, what was settled, and what was
+/// left to the broker's redelivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ShutdownReport {
+    /// Whether every delivery received was settled before the deadline,
+    /// every task of the consumer ended in time, and no worker had to be
+    /// started again. When not, what is unsettled is redelivered later.
+    pub drained: bool,
+    /// Deliveries taken from the broker.
+    pub received: u64,
+    /// Deliveries settled (acked, nacked or dead-lettered) with the broker's agreement.
+    pub settled: u64,
+    /// Settlements that failed or panicked: those messages come back.
+    pub failed_settlements: u64,
+    /// Deliveries not yet handled when the deadline passed, handed back to
+    /// the broker (nack without delay) so another member gets them at once.
+    pub released: u64,
+    /// Deliveries still in a handler when the deadline passed: abandoned,
+    /// redelivered after the broker's visibility timeout.
+    pub abandoned: u64,
+    /// Workers that ended by a panic and were started again.
+    pub worker_restarts: u64,
+}
+
+impl ShutdownReport {
+    /// Drained, with no failed settlement: nothing left to come back.
+    pub fn is_clean(&self) -> bool {
+        self.drained && self.failed_settlements == 0
+    }
+}
+
+impl Consumer {
+    /// Starts building a consumer for `group`: every group receives every
+    /// message of its topics; inside a group each message goes to one member.
+    pub fn group(subscriber: Arc<dyn Subscriber>, group: impl Into<String>) -> ConsumerBuilder {
+        ConsumerBuilder::new(subscriber, Some(group.into()))
+    }
+
+    /// Starts building a consumer with private subscriptions (no group), where the broker allows.
+    pub fn private(subscriber: Arc<dyn Subscriber>) -> ConsumerBuilder {
+        ConsumerBuilder::new(subscriber, None)
+    }
+
+    /// Phased shutdown: stops intake, lets in-flight handlers finish and
+    /// settle, and waits for the adapter to finish closing
+    /// ([`DeliveryStream::closed`]: Kafka's final commit and leaving the
+    /// group), all within `deadline`. Past it, deliveries not yet handled are
+    /// handed back to the broker, handlers still running are stopped (their
+    /// messages are redelivered after the visibility timeout), and the
+    /// report says `drained: false`.
+    ///
+    /// [`DeliveryStream::closed`]: crate::DeliveryStream::closed
+    pub async fn shutdown(mut self, deadline: Duration) -> ShutdownReport {
+        self.stop.send_replace(true);
+        let tasks = std::mem::take(&mut self.tasks);
+        let joined = tokio::time::timeout(deadline, futures::future::join_all(tasks)).await;
+        let in_time = match &joined {
+            Ok(results) => {
+                let failed = results.iter().filter(|r| r.is_err()).count();
+                if failed > 0 {
+                    error!(failed, "consumer tasks ended by a panic");
+                }
+                failed == 0
+            }
+            Err(_) => false,
+        };
+        if joined.is_err() {
+            warn!(
+                ?deadline,
+                "shutdown deadline passed; handing back what was not handled"
+            );
+            let mut waiting = Vec::new();
+            for lanes in &self.lanes {
+                while let Ok(d) = lanes.queue.try_recv() {
+                    waiting.push(d);
+                }
+                if let Some(keys) = &lanes.keys {
+                    waiting.extend(keys.drain());
+                }
+            }
+            dispatch::release(waiting, &self.counts.released).await;
+            for abort in &self.aborts {
+                abort.abort();
+            }
+        }
+        self.report(in_time)
+    }
+
+    fn report(&self, in_time: bool) -> ShutdownReport {
+        let c = &self.counts;
+        let received = Counts::sum(&c.received);
+        let (settled, failed_settlements) = c.workers.iter().fold((0, 0), |(s, f), w| {
+            (
+                s + w.settled.load(Ordering::Relaxed),
+                f + w.failed.load(Ordering::Relaxed),
+            )
+        });
+        let released = c.released.load(Ordering::Relaxed);
+        let worker_restarts = c.restarts.load(Ordering::Relaxed);
+        let abandoned = received.saturating_sub(settled + failed_settlements + released);
+        ShutdownReport {
+            drained: in_time && abandoned == 0 && released == 0 && worker_restarts == 0,
+            received,
+            settled,
+            failed_settlements,
+            released,
+            abandoned,
+            worker_restarts,
+        }
+    }
+
+    /// Waits for Ctrl-C or SIGTERM ([`shutdown_signal`]), then shuts down with `deadline`.
+    pub async fn shutdown_on_signal(self, deadline: Duration) -> ShutdownReport {
+        shutdown_signal().await;
+        self.shutdown(deadline).await
+    }
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        self.stop.send_replace(true);
+    }
+}
+
+impl fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Consumer")
+            .field("tasks", &self.tasks.len())
+            .finish()
+    }
+}
+
+/// Resolves when the process is asked to stop: Ctrl-C (SIGINT) or, on
+/// Unix, SIGTERM (what container platforms send).
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+impl ConsumerBuilder {
+    fn new(subscriber: Arc<dyn Subscriber>, group: Option<String>) -> Self {
+        ConsumerBuilder {
+            subscriber,
+            group,
+            routes: Vec::new(),
+            stack: Vec::new(),
+            concurrency: 16,
+            prefetch: None,
+            ordered_by_key: false,
+            retry: RetryPolicy::default(),
+            start: StartFrom::Latest,
+            observers: Vec::new(),
+        }
+    }
+
+    /// Registers `handler` for `topic`.
+    pub fn handle<H, Args>(mut self, topic: impl Into<String>, handler: H) -> Self
+    where
+        H: Handler<Args>,
+        Args: 'static,
+    {
+        self.routes
+            .push((topic.into(), Arc::new(Erased::new(handler))));
+        self
+    }
+
+    /// Adds a middleware around every handler of this consumer. The first
+    /// layer added is the outermost: it sees the delivery first.
+    pub fn layer(mut self, middleware: impl Middleware) -> Self {
+        self.stack.push(Arc::new(middleware));
+        self
+    }
+
+    /// How many messages of each topic are handled at once (default 16).
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
+        self
+    }
+
+    /// The bound on unsettled messages per topic taken from the broker
+    /// (default: twice the concurrency, at least 32).
+    pub fn prefetch(mut self, n: usize) -> Self {
+        self.prefetch = Some(n.max(1));
+        self
+    }
+
+    /// Handles messages with the same key one after the other, in the order
+    /// received; messages with different keys still run concurrently, and a
+    /// slow or failing key holds up only its own messages (they wait, within
+    /// the prefetch bound, while other keys go on). A redelivered message
+    /// comes back after the ones received meanwhile.
+    pub fn ordered_by_key(mut self) -> Self {
+        self.ordered_by_key = true;
+        self
+    }
+
+    /// How often a failing message is attempted and how long between attempts.
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// Calls `observer` after every settlement the runtime makes, with what
+    /// it did and the broker's answer, so metrics and logs can count what a
+    /// middleware layer cannot see: the settlement itself, and settlements
+    /// that failed (the message then comes back). Observers run on the
+    /// worker, between two messages: keep them quick and never blocking; a
+    /// panicking observer is logged and the worker goes on.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use std::sync::atomic::{AtomicU64, Ordering};
+    /// use tidings_core::{Consumer, Event, HandlerError};
+    /// # async fn f(subscriber: Arc<dyn tidings_core::Subscriber>) -> tidings_core::Result<()> {
+    /// let failed = Arc::new(AtomicU64::new(0));
+    /// let count = failed.clone();
+    /// let consumer = Consumer::group(subscriber, "billing")
+    ///     .handle("order.placed", |_: Event<String>| async { Ok::<_, HandlerError>(()) })
+    ///     .on_settle(move |s| {
+    ///         if s.result.is_err() {
+    ///             count.fetch_add(1, Ordering::Relaxed);
+    ///         }
+    ///     })
+    ///     .start()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn on_settle(mut self, observer: impl Fn(&Settlement<'_>) + Send + Sync + 'static) -> Self {
+        self.observers.push(Arc::new(observer));
+        self
+    }
+
+    /// Where subscriptions start (replay). Applies when the group is created.
+    pub fn start_from(mut self, start: StartFrom) -> Self {
+        self.start = start;
+        self
+    }
+
+    /// Subscribes to every topic and starts handling. Returns once every
+    /// subscription is in place: messages published afterwards reach it.
+    pub async fn start(self) -> Result<Consumer> {
+        if self.routes.is_empty() {
+            return Err(Error::Config {
+                key: "handle".into(),
+                message: "a consumer needs at least one handler".into(),
+            });
+        }
+        let name = self.subscriber.name();
+        let caps = self.subscriber.capabilities();
+        let prefetch = self
+            .prefetch
+            .unwrap_or_else(|| (self.concurrency * 2).max(32));
+        let mut subscriptions = Vec::with_capacity(self.routes.len());
+        for (topic, _) in &self.routes {
+            let subscription = Subscription {
+                topic: topic.clone(),
+                group: self.group.clone(),
+                prefetch,
+                start: self.start,
+            };
+            subscription.check(name, caps)?;
+            subscriptions.push(subscription);
+        }
+        let stack: Arc<[Arc<dyn Middleware>]> = self.stack.into();
+        let observers: Arc<[Observer]> = self.observers.into();
+        let (stop, _) = watch::channel(false);
+        let mut tasks = Vec::new();
+        let mut all_lanes = Vec::new();
+        let mut counts = Counts::default();
+        for ((_, endpoint), subscription) in self.routes.into_iter().zip(subscriptions) {
+            let stream = self.subscriber.subscribe(subscription).await?;
+            let route = Arc::new(Route {
+                stack: stack.clone(),
+                endpoint,
+                retry: self.retry,
+                caps,
+                observers: observers.clone(),
+            });
+            let (dispatch, lanes) = Dispatch::new(prefetch, self.ordered_by_key);
+            for _ in 0..self.concurrency {
+                let worker = Arc::new(WorkerCounts::default());
+                counts.workers.push(worker.clone());
+                tasks.push(tokio::spawn(dispatch::supervised_worker(
+                    lanes.clone(),
+                    route.clone(),
+                    worker,
+                    counts.restarts.clone(),
+                )));
+            }
+            let received = Arc::new(AtomicU64::new(0));
+            counts.received.push(received.clone());
+            tasks.push(tokio::spawn(dispatch::intake(
+                stream,
+                dispatch,
+                stop.subscribe(),
+                received,
+                counts.released.clone(),
+            )));
+            all_lanes.push(lanes);
+        }
+        let aborts = tasks.iter().map(JoinHandle::abort_handle).collect();
+        Ok(Consumer {
+            stop,
+            tasks,
+            aborts,
+            lanes: all_lanes,
+            counts,
+        })
+    }
+}

@@ -1,0 +1,269 @@
+//! Settlement: what a handler's result becomes (one decision, made here),
+//! and carrying it out under a guard so nothing a message does can end the
+//! worker that settles it.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use futures::FutureExt;
+use tracing::{debug, error, warn};
+
+use crate::delivery::{DeadLetter, DeadLetterReason, Delivery, header};
+use crate::error::{Error, Result};
+use crate::handler::{Endpoint, HandlerError, HandlerResult, Panicked};
+use crate::middleware::{Middleware, Next};
+use crate::retry::RetryPolicy;
+use crate::subscriber::Capabilities;
+
+/// A settlement observer: see [`ConsumerBuilder::on_settle`](super::ConsumerBuilder::on_settle).
+pub(crate) type Observer = Arc<dyn Fn(&Settlement<'_>) + Send + Sync>;
+
+/// What the runtime did with a delivery once its handler was done, and
+/// whether the adapter took it: given to the observers of
+/// [`ConsumerBuilder::on_settle`](super::ConsumerBuilder::on_settle).
+///
+/// Retries made in process (on brokers without redelivery) are not
+/// settlements: only the final ack or dead letter is observed there.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Settlement<'a> {
+    /// The delivery, as settled ([`is_settled`](Delivery::is_settled) is
+    /// true even when `result` is an error).
+    pub delivery: &'a Delivery,
+    /// What the runtime asked of the adapter.
+    pub action: SettleAction,
+    /// `Err` when settling failed (the connection dropped, the broker
+    /// refused, the adapter panicked). On brokers with redelivery the
+    /// message then comes back; on at-most-once ones (core NATS, Redis
+    /// Pub/Sub) a failed dead letter is lost. Adapters that settle
+    /// asynchronously report only what they know at once: Kafka records an
+    /// ack and commits it later, so its acks do not fail here.
+    pub result: std::result::Result<(), &'a Error>,
+}
+
+impl<'a> Settlement<'a> {
+    /// A settlement, for tests of observers.
+    pub fn new(
+        delivery: &'a Delivery,
+        action: SettleAction,
+        result: std::result::Result<(), &'a Error>,
+    ) -> Self {
+        Settlement {
+            delivery,
+            action,
+            result,
+        }
+    }
+}
+
+/// How the runtime settled a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SettleAction {
+    /// Acked: handled.
+    Ack,
+    /// Nacked, to be delivered again after `delay`.
+    Nack {
+        /// The backoff before the next attempt.
+        delay: Duration,
+    },
+    /// Sent to the dead-letter destination, then removed.
+    DeadLetter {
+        /// Why.
+        reason: DeadLetterReason,
+    },
+}
+
+impl SettleAction {
+    /// `ack`, `nack` or `dead_letter`, for metric labels and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SettleAction::Ack => "ack",
+            SettleAction::Nack { .. } => "nack",
+            SettleAction::DeadLetter { .. } => "dead_letter",
+        }
+    }
+
+    /// The one decision of what a handler's result becomes: `Ok` acks; a
+    /// final error (permanent, undecodable, exhausted) dead-letters; a
+    /// retryable one is nacked with its `retry_after` or the policy's
+    /// backoff, unless `attempt` was the policy's last, which dead-letters
+    /// as [`AttemptsExhausted`](DeadLetterReason::AttemptsExhausted).
+    ///
+    /// The runtime settles by it; layers that report outcomes (telemetry)
+    /// call it rather than deciding again.
+    pub fn decide(policy: &RetryPolicy, attempt: u32, result: &HandlerResult) -> SettleAction {
+        match result {
+            Ok(()) => SettleAction::Ack,
+            Err(error) => match error.dead_letter_reason() {
+                Some(reason) => SettleAction::DeadLetter { reason },
+                None if attempt >= policy.max_attempts => SettleAction::DeadLetter {
+                    reason: DeadLetterReason::AttemptsExhausted,
+                },
+                None => SettleAction::Nack {
+                    delay: error
+                        .retry_after()
+                        .unwrap_or_else(|| policy.backoff.delay(attempt)),
+                },
+            },
+        }
+    }
+}
+
+/// Counts kept by one worker (so counting costs no contention), read by
+/// the shutdown report.
+#[derive(Debug, Default)]
+pub(crate) struct WorkerCounts {
+    /// Settlements the adapter took.
+    pub settled: AtomicU64,
+    /// Settlements that failed or panicked: the broker redelivers.
+    pub failed: AtomicU64,
+}
+
+/// One topic's handler, its stack and how its deliveries are settled.
+pub(crate) struct Route {
+    pub stack: Arc<[Arc<dyn Middleware>]>,
+    pub endpoint: Arc<dyn Endpoint>,
+    pub retry: RetryPolicy,
+    pub caps: Capabilities,
+    pub observers: Arc<[Observer]>,
+}
+
+impl Route {
+    async fn run_once(&self, delivery: &Delivery) -> HandlerResult {
+        let next = Next::new(&self.stack, &*self.endpoint);
+        // The endpoint catches a handler's panic itself (so layers see it as
+        // a failed attempt); this catches a layer's.
+        AssertUnwindSafe(next.run(delivery))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|panic| Err(HandlerError::retryable(Panicked::from(panic))))
+    }
+
+    /// Handles and settles one delivery. Never panics and never returns
+    /// with the delivery unsettled unless settling itself failed (then the
+    /// broker redelivers it).
+    pub async fn process(&self, delivery: &mut Delivery, counts: &WorkerCounts) {
+        delivery.set_max_attempts(self.retry.max_attempts);
+        let mut first_failure = first_failure_of(delivery);
+        let (action, error) = loop {
+            let result = match delivery.take_rejection() {
+                // The adapter could not read it: no handler can.
+                Some(why) => Err(HandlerError::undecodable(why)),
+                None => self.run_once(delivery).await,
+            };
+            let attempt = delivery.attempt();
+            match SettleAction::decide(&self.retry, attempt, &result) {
+                SettleAction::Nack { delay } if !self.caps.redelivery => {
+                    // No redelivery from the broker: retry here.
+                    first_failure.get_or_insert_with(SystemTime::now);
+                    tokio::time::sleep(delay).await;
+                    delivery.next_attempt();
+                }
+                action => break (action, result.err()),
+            }
+        };
+        let settled = AssertUnwindSafe(self.settle(delivery, action, error, first_failure))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|panic| {
+                Err(Error::Settle {
+                    id: delivery.message().id.clone(),
+                    source: Box::new(Panicked::from(panic)),
+                })
+            });
+        match &settled {
+            Ok(()) => counts.settled.fetch_add(1, Ordering::Relaxed),
+            Err(error) => {
+                error!(
+                    id = %delivery.message().id,
+                    topic = delivery.topic(),
+                    group = delivery.group(),
+                    action = action.as_str(),
+                    %error,
+                    "settling failed; the broker will redeliver"
+                );
+                counts.failed.fetch_add(1, Ordering::Relaxed)
+            }
+        };
+        if !self.observers.is_empty() {
+            let settlement = Settlement {
+                delivery,
+                action,
+                result: settled.as_ref().map(|_| ()),
+            };
+            for observe in self.observers.iter() {
+                // An observer's panic must not take the worker with it.
+                if std::panic::catch_unwind(AssertUnwindSafe(|| observe(&settlement))).is_err() {
+                    warn!(
+                        id = %delivery.message().id,
+                        topic = delivery.topic(),
+                        "a settlement observer panicked"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Asks the adapter to carry out `action`.
+    async fn settle(
+        &self,
+        delivery: &mut Delivery,
+        action: SettleAction,
+        error: Option<HandlerError>,
+        first_failure: Option<SystemTime>,
+    ) -> Result<()> {
+        match action {
+            SettleAction::Ack => delivery.ack().await,
+            SettleAction::Nack { delay } => {
+                debug!(
+                    id = %delivery.message().id,
+                    topic = delivery.topic(),
+                    group = delivery.group(),
+                    attempt = delivery.attempt(),
+                    ?delay,
+                    "handler failed; redelivering"
+                );
+                delivery.nack(Some(delay)).await
+            }
+            SettleAction::DeadLetter { reason } => {
+                let now = SystemTime::now();
+                let m = delivery.message();
+                let error = error.map(|e| e.to_string()).unwrap_or_default();
+                warn!(
+                    id = %m.id,
+                    event_type = m.metadata.event_type.as_deref(),
+                    correlation_id = m.metadata.correlation_id.as_deref(),
+                    topic = delivery.topic(),
+                    group = delivery.group(),
+                    attempt = delivery.attempt(),
+                    %reason,
+                    %error,
+                    "dead-lettering message"
+                );
+                let letter = DeadLetter {
+                    reason,
+                    error,
+                    attempts: delivery.attempt(),
+                    first_failure: first_failure.or(Some(now)),
+                    last_failure: now,
+                    topic: delivery.topic().to_owned(),
+                    group: delivery.group().map(str::to_owned),
+                };
+                delivery.dead_letter(letter).await
+            }
+        }
+    }
+}
+
+/// When the first attempt failed, from the header adapters carry on
+/// redelivered copies; unknown when the broker redelivers the original.
+fn first_failure_of(delivery: &Delivery) -> Option<SystemTime> {
+    delivery
+        .message()
+        .headers
+        .get(header::FIRST_FAILURE)
+        .and_then(|v| crate::time::parse_rfc3339(v))
+}
