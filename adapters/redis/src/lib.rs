@@ -173,6 +173,10 @@ pub(crate) fn is_connection_error(e: &RedisError) -> bool {
         || e.is_connection_refusal()
         || e.is_timeout()
         || e.is_unrecoverable_error()
+        // A server that is loading its data (`LOADING` after a restart), a
+        // failing-over master, a cluster in flux: the same call succeeds a
+        // little later, so publish retries must not give up on it.
+        || matches!(e.retry_method(), redis::RetryMethod::WaitAndRetry)
 }
 
 pub(crate) fn connection_error(e: RedisError) -> Error {
@@ -191,5 +195,24 @@ pub(crate) fn broker_error(e: RedisError) -> Error {
             broker: NAME,
             source: Box::new(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_loading_server_is_a_transient_error() {
+        let loading = redis::RedisError::from((
+            redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading),
+            "LOADING Redis is loading the dataset in memory",
+        ));
+        assert!(is_connection_error(&loading));
+        let wrong_type = redis::RedisError::from((
+            redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError),
+            "WRONGTYPE",
+        ));
+        assert!(!is_connection_error(&wrong_type));
     }
 }
