@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use crate::{
     Backoff, Consumer, Event, HandlerError, Message, Publisher, RetryPolicy, SettleAction,
-    Subscriber,
+    StartFrom, Subscriber,
 };
 
 /// Attempts a hostile message gets before it is dead-lettered.
@@ -79,7 +79,16 @@ where
     let seen: Arc<Mutex<Seen>> = Arc::default();
     let changed = Arc::new(tokio::sync::Notify::new());
     let (record, notify) = (seen.clone(), changed.clone());
+    // Topics are unique per test: from the earliest message where the broker
+    // keeps history, so a group whose assignment completes after the publish
+    // (Kafka) still sees it.
+    let start = if subscriber.capabilities().replay {
+        StartFrom::Earliest
+    } else {
+        StartFrom::Latest
+    };
     let consumer = Consumer::group(subscriber, group)
+        .start_from(start)
         .concurrency(2)
         .retry(
             RetryPolicy::new(MAX_ATTEMPTS).with_backoff(Backoff::fixed(Duration::from_millis(20))),
