@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 
 use crate::error::{BoxError, Error, Result};
+use crate::handler::HandlerError;
 use crate::message::Message;
 use crate::publisher::Receipt;
 
@@ -30,7 +31,7 @@ pub struct Delivery {
     max_attempts: Option<u32>,
     acker: Option<Box<dyn Acker>>,
     position: Option<Receipt>,
-    rejection: Option<BoxError>,
+    rejection: Option<HandlerError>,
 }
 
 /// The adapter's side of a delivery: how to settle this one message.
@@ -81,17 +82,27 @@ impl Delivery {
     /// salvaged of it. Used by adapters.
     #[must_use]
     pub fn rejected(mut self, why: impl Into<BoxError>) -> Self {
-        self.rejection = Some(why.into());
+        self.rejection = Some(HandlerError::undecodable(why));
         self
     }
 
-    /// Why the adapter could not read this delivery as a message, when it
-    /// could not (see [`rejected`](Delivery::rejected)).
-    pub fn rejection(&self) -> Option<&(dyn std::error::Error + Send + Sync + 'static)> {
-        self.rejection.as_deref()
+    /// Marks a delivery of a message the broker itself gave up on (NATS's
+    /// `max_deliver` reached): the runtime dead-letters it as
+    /// [`AttemptsExhausted`](DeadLetterReason::AttemptsExhausted) with `why`
+    /// as the error, without running the handler. Used by adapters.
+    #[must_use]
+    pub fn given_up(mut self, why: impl Into<BoxError>) -> Self {
+        self.rejection = Some(HandlerError::exhausted(why));
+        self
     }
 
-    pub(crate) fn take_rejection(&mut self) -> Option<BoxError> {
+    /// Why the adapter hands this delivery over only to be dead-lettered
+    /// (see [`rejected`](Delivery::rejected), [`given_up`](Delivery::given_up)).
+    pub fn rejection(&self) -> Option<&(dyn std::error::Error + Send + Sync + 'static)> {
+        self.rejection.as_ref().map(HandlerError::source)
+    }
+
+    pub(crate) fn take_rejection(&mut self) -> Option<HandlerError> {
         self.rejection.take()
     }
 

@@ -101,11 +101,16 @@ pub struct NatsConfig {
     pub max_bytes: Option<i64>,
     /// Window in which a message id published twice is stored once (default 2 min).
     pub duplicate_window: Duration,
-    /// How long the server waits for an ack before redelivering (default 30 s).
+    /// How long the server waits for an ack before redelivering (default
+    /// 5 s: a member that dies holding deliveries has them given to another
+    /// within 5 s; one that is alive reports long handlers in progress, see
+    /// `progress_interval`).
     pub ack_wait: Duration,
-    /// Deliveries after which the server gives up on a message (`None`:
-    /// unlimited, the default: the consumer runtime's retry policy decides and
-    /// dead-letters; a server limit below it would drop messages silently).
+    /// Deliveries after which the server gives up on a message (default 20;
+    /// `None`: unlimited). The consumer runtime's retry policy decides and
+    /// dead-letters before that; a message the server gives up on anyway
+    /// (one the client cannot read, or a policy allowing more attempts) is
+    /// fetched and dead-lettered by the adapter, never dropped.
     pub max_deliver: Option<i64>,
     /// The group-wide bound on unacked messages of a durable consumer
     /// (`max_ack_pending`). `None` (the default): the subscription's prefetch.
@@ -127,6 +132,12 @@ pub struct NatsConfig {
     pub tls_required: bool,
 }
 
+/// The default `ack_wait`.
+const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(5);
+
+/// The default `max_deliver`.
+const DEFAULT_MAX_DELIVER: i64 = 20;
+
 impl Default for NatsConfig {
     fn default() -> Self {
         NatsConfig {
@@ -144,10 +155,10 @@ impl Default for NatsConfig {
             max_age: None,
             max_bytes: None,
             duplicate_window: Duration::from_secs(120),
-            ack_wait: Duration::from_secs(30),
-            max_deliver: None,
+            ack_wait: DEFAULT_ACK_WAIT,
+            max_deliver: Some(DEFAULT_MAX_DELIVER),
             max_ack_pending: None,
-            progress_interval: Some(Duration::from_secs(10)),
+            progress_interval: Some(DEFAULT_ACK_WAIT / 3),
             request_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
             tls: TlsOptions::default(),
@@ -214,8 +225,8 @@ impl NatsConfig {
     /// - `stream_prefix=TIDINGS_`, `subject_prefix=PREFIX`;
     /// - `retention=limits|interest|workqueue`, `storage=file|memory`;
     /// - `max_age=7d`, `max_bytes=N`, `duplicate_window=2m`;
-    /// - `ack_wait=30s`, `max_deliver=N|unlimited`, `max_ack_pending=N`;
-    /// - `progress_interval=10s|off`; `request_timeout=10s`, `connect_timeout=5s`;
+    /// - `ack_wait=5s`, `max_deliver=20|N|unlimited`, `max_ack_pending=N`;
+    /// - `progress_interval=<a third of ack_wait>|off`; `request_timeout=10s`, `connect_timeout=5s`;
     /// - `name=NAME` (connection name), `token=TOKEN`;
     /// - `tls_ca_file=PATH`, `tls_cert_file=PATH`, `tls_key_file=PATH` (PEM
     ///   files, read at connect), `tls_server_name=NAME` (the name the
@@ -481,7 +492,9 @@ mod tests {
         let c = NatsConfig::from_url("nats://127.0.0.1:4222").unwrap();
         assert_eq!(c.mode, Mode::JetStream);
         assert_eq!(c.layout, StreamLayout::PerTopic);
-        assert_eq!(c.progress_interval, Some(Duration::from_secs(10)));
+        assert_eq!(c.ack_wait, Duration::from_secs(5));
+        assert_eq!(c.progress_interval, Some(Duration::from_secs(5) / 3));
+        assert_eq!(c.max_deliver, Some(20));
         let c = NatsConfig::from_url("nats://tok@localhost?jetstream=false").unwrap();
         assert_eq!(c.mode, Mode::Core);
         assert_eq!(c.token.as_deref(), Some("tok"));

@@ -112,18 +112,30 @@ pub fn from_nats(
     let pairs = headers.into_iter().flat_map(|map| {
         map.iter().filter_map(|(name, values)| {
             let name: &str = name.as_ref();
-            let value = values.last()?.as_str();
-            if name.len() >= 5 && name[..5].eq_ignore_ascii_case("nats-") {
-                return None;
-            }
-            match name.strip_prefix(ENCODED_PREFIX) {
-                Some(encoded) => match (percent_decode(encoded), percent_decode(value)) {
-                    (Some(n), Some(v)) => Some((n, v)),
-                    _ => Some((name.to_owned(), value.to_owned())),
-                },
-                None => Some((name.to_owned(), value.to_owned())),
-            }
+            Some((name.to_owned(), values.last()?.as_str().to_owned()))
         })
+    });
+    from_pairs(pairs, payload, fallback_id)
+}
+
+/// [`from_nats`] over header name/value pairs however they were read:
+/// drops the server's `Nats-*` headers and decodes `tidings-enc-` ones.
+pub(crate) fn from_pairs(
+    pairs: impl IntoIterator<Item = (String, String)>,
+    payload: Bytes,
+    fallback_id: Option<String>,
+) -> Message {
+    let pairs = pairs.into_iter().filter_map(|(name, value)| {
+        if name.len() >= 5 && name.is_char_boundary(5) && name[..5].eq_ignore_ascii_case("nats-") {
+            return None;
+        }
+        match name.strip_prefix(ENCODED_PREFIX) {
+            Some(encoded) => match (percent_decode(encoded), percent_decode(&value)) {
+                (Some(n), Some(v)) => Some((n, v)),
+                _ => Some((name, value)),
+            },
+            None => Some((name, value)),
+        }
     });
     Message::from_headers(&wire::BINARY, pairs, payload, fallback_id)
 }

@@ -44,6 +44,7 @@
 //! ```
 
 mod config;
+mod given_up;
 pub mod headers;
 mod publisher;
 mod subscriber;

@@ -27,7 +27,7 @@ use tidings_core::{
 
 use crate::config::Mode;
 use crate::topology::Topology;
-use crate::{NAME, Shared, broker_error, headers};
+use crate::{NAME, Shared, broker_error, given_up, headers};
 
 /// Subscribes to NATS. Made by [`NatsBus::subscriber`](crate::NatsBus::subscriber).
 pub struct NatsSubscriber {
@@ -222,6 +222,13 @@ impl Subscriber for NatsSubscriber {
             (Mode::JetStream, Some(g)) => {
                 let consumer =
                     ensure_consumer(&shared, &topic, g, prefetch, subscription.start).await?;
+                // Listening before pulling: no advisory is missed.
+                let info = consumer.cached_info();
+                let advisories = shared
+                    .client
+                    .subscribe(given_up::advisory_subject(&info.stream_name, &info.name))
+                    .await
+                    .map_err(|e| subscribe_error(&topic, e))?;
                 let messages = pull_messages(&consumer, prefetch)
                     .await
                     .map_err(|e| subscribe_error(&topic, e))?;
@@ -229,6 +236,7 @@ impl Subscriber for NatsSubscriber {
                 tokio::spawn(pump.run_pull(
                     consumer,
                     messages,
+                    advisories,
                     tracker,
                     prefetch,
                     subscription.start,
@@ -412,6 +420,7 @@ impl Pump {
         mut self,
         mut consumer: consumer::Consumer<pull::Config>,
         mut messages: pull::Stream,
+        mut advisories: async_nats::Subscriber,
         tracker: Option<Arc<Tracker>>,
         prefetch: usize,
         start: StartFrom,
@@ -426,7 +435,19 @@ impl Pump {
                 let next = tokio::select! {
                     biased;
                     _ = self.stop.wait_for(|s| *s) => break 'outer,
-                    next = messages.next() => next,
+                    Some(advisory) = advisories.next() => Err(advisory),
+                    next = messages.next() => Ok(next),
+                };
+                let next = match next {
+                    Ok(next) => next,
+                    Err(advisory) => {
+                        if let Some(delivery) = self.given_up(advisory, permit, &group).await
+                            && !self.hand_over(delivery).await
+                        {
+                            break 'outer;
+                        }
+                        continue;
+                    }
                 };
                 match next {
                     Some(Ok(msg)) => {
@@ -494,6 +515,59 @@ impl Pump {
         let _ = self.shared.client.flush().await;
     }
 
+    /// The delivery of a message the server gave up on (see [`given_up`]):
+    /// rejected, so the runtime dead-letters it without running the handler.
+    async fn given_up(
+        &self,
+        advisory: async_nats::Message,
+        permit: OwnedSemaphorePermit,
+        group: &Arc<str>,
+    ) -> Option<Delivery> {
+        let advisory: given_up::Advisory = match serde_json::from_slice(&advisory.payload) {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(topic = %self.topic, error = %e, "an unreadable max-deliveries advisory");
+                return None;
+            }
+        };
+        let fetched = given_up::fetch(&self.shared, &advisory).await;
+        let given_up = match fetched {
+            Ok(g) => g,
+            Err(e) => {
+                warn!(topic = %self.topic, stream = %advisory.stream, seq = advisory.stream_seq, error = %e,
+                    "the server gave up on a message that could not be fetched to dead-letter it");
+                return None;
+            }
+        };
+        warn!(topic = %self.topic, %group, id = %given_up.message.id, error = %given_up.why,
+            "the server gave up on a message; dead-lettering it");
+        let message = Arc::new(given_up.message);
+        let acker = JsAcker {
+            shared: self.shared.clone(),
+            reply: None,
+            message: message.clone(),
+            topic: self.topic.clone(),
+            group: group.clone(),
+            settled: false,
+            tracked: None,
+            _permit: permit,
+        };
+        let attempt = u32::try_from(advisory.deliveries).unwrap_or(u32::MAX);
+        let delivery = Delivery::new(
+            message,
+            self.topic.clone(),
+            Some(group.clone()),
+            attempt,
+            Box::new(acker),
+        )
+        .with_position(stream_position(&advisory.stream, advisory.stream_seq));
+        Some(if given_up.unreadable {
+            delivery.rejected(given_up.why)
+        } else {
+            delivery.given_up(given_up.why)
+        })
+    }
+
     fn js_delivery(
         &self,
         msg: async_nats::jetstream::Message,
@@ -516,8 +590,10 @@ impl Pump {
             ..
         } = msg.message;
         let message = Arc::new(headers::from_nats(headers.as_ref(), payload, fallback));
-        let reply = reply.unwrap_or_else(|| Subject::from_static(""));
-        let tracked = tracker.map(|t| t.track(reply.clone()));
+        let tracked = match (&reply, tracker) {
+            (Some(reply), Some(t)) => Some(t.track(reply.clone())),
+            _ => None,
+        };
         let acker = JsAcker {
             shared: self.shared.clone(),
             reply,
@@ -697,7 +773,8 @@ impl Drop for NatsStream {
 /// Settles one JetStream delivery of a durable consumer.
 struct JsAcker {
     shared: Arc<Shared>,
-    reply: Subject,
+    /// `None` for a message the server gave up on: nothing to ack.
+    reply: Option<Subject>,
     message: Arc<Message>,
     topic: Arc<str>,
     group: Arc<str>,
@@ -716,9 +793,20 @@ impl JsAcker {
     async fn send(mut self: Box<Self>, kind: AckKind) -> Result<()> {
         self.settled = true;
         self.untrack();
+        let Some(reply) = self.reply.clone() else {
+            // The server no longer delivers it: an ack has nothing to do,
+            // and nothing can bring it back.
+            return match kind {
+                AckKind::Ack => Ok(()),
+                _ => Err(Error::Unsupported {
+                    adapter: NAME,
+                    what: "redelivering a message the server gave up on (max_deliver)".into(),
+                }),
+            };
+        };
         self.shared
             .client
-            .publish(self.reply.clone(), Bytes::from(kind))
+            .publish(reply, Bytes::from(kind))
             .await
             .map_err(|e| settle_error(&self.message.id, e))
     }
@@ -755,9 +843,10 @@ impl Drop for JsAcker {
         }
         self.untrack();
         // Unsettled: hand the message back now rather than after ack_wait.
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+        if let Ok(handle) = tokio::runtime::Handle::try_current()
+            && let Some(reply) = self.reply.clone()
+        {
             let client = self.shared.client.clone();
-            let reply = self.reply.clone();
             handle.spawn(async move {
                 let _ = client.publish(reply, Bytes::from(AckKind::Nak(None))).await;
             });

@@ -150,8 +150,9 @@ impl Route {
         let mut first_failure = first_failure_of(delivery);
         let (action, error) = loop {
             let result = match delivery.take_rejection() {
-                // The adapter could not read it: no handler can.
-                Some(why) => Err(HandlerError::undecodable(why)),
+                // The adapter could not read it, or the broker gave up on
+                // it: no handler runs, the error is final.
+                Some(rejection) => Err(rejection),
                 None => self.run_once(delivery).await,
             };
             let attempt = delivery.attempt();
