@@ -88,7 +88,7 @@ impl Default for AmqpConfig {
             publish_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
             reconnect_min: Duration::from_millis(100),
-            reconnect_max: Duration::from_secs(5),
+            reconnect_max: Duration::from_secs(1),
             tls: TlsOptions::default(),
         }
     }

@@ -30,13 +30,15 @@ pub struct RedisConfig {
     pub url: String,
     /// Streams (default) or Pub/Sub. URL: `mode=streams|pubsub`.
     pub mode: RedisMode,
-    /// How long an entry may stay pending (delivered, unsettled) with a
+    /// How long an entry may stay idle pending (delivered, unsettled) with a
     /// consumer before another consumer of the group reclaims it
-    /// (`XAUTOCLAIM` min-idle-time). Must exceed the longest handler run.
-    /// Default 30 s. URL: `visibility_timeout=30s`.
+    /// (`XAUTOCLAIM` min-idle-time). A live subscription keeps the entries
+    /// its handlers hold from going idle (a heartbeat every third of it), so
+    /// this bounds how long a dead member's entries wait, not how long a
+    /// handler may run. Default 4 s. URL: `visibility_timeout=4s`.
     pub visibility_timeout: Duration,
-    /// How often a subscription looks for entries to reclaim. Default: half
-    /// the visibility timeout, between 50 ms and 5 s. URL: `reclaim_interval=1s`.
+    /// How often a subscription looks for entries to reclaim. Default: a
+    /// quarter of the visibility timeout, between 50 ms and 5 s. URL: `reclaim_interval=1s`.
     pub reclaim_interval: Option<Duration>,
     /// How long one blocking read waits for new entries before it checks for
     /// reclaims and shutdown. Default 1 s. URL: `block=1s`.
@@ -65,6 +67,11 @@ pub struct RedisConfig {
     /// means the entry is delivered again after the visibility timeout
     /// (at-least-once either way). URL: `confirm_acks=true`.
     pub confirm_acks: bool,
+    /// Whether a subscription keeps the entries its handlers hold from
+    /// going idle (one `XCLAIM ... JUSTID` of all of them every third of the
+    /// visibility timeout). Default `true`; with `false` the visibility
+    /// timeout must outlast the slowest handler. URL: `heartbeat=false`.
+    pub heartbeat: bool,
     /// TLS files of a `rediss://` connection (`tls_ca_file`, `tls_cert_file`,
     /// `tls_key_file`). `server_name` is not supported: the redis client
     /// checks the certificate against the URL's host.
@@ -76,7 +83,7 @@ impl Default for RedisConfig {
         RedisConfig {
             url: "redis://127.0.0.1:6379".to_owned(),
             mode: RedisMode::Streams,
-            visibility_timeout: Duration::from_secs(30),
+            visibility_timeout: Duration::from_secs(4),
             reclaim_interval: None,
             block: Duration::from_secs(1),
             max_len: None,
@@ -87,6 +94,7 @@ impl Default for RedisConfig {
             claim_ttl: Duration::from_secs(60),
             max_backoff: Duration::from_secs(2),
             confirm_acks: false,
+            heartbeat: true,
             tls: TlsOptions::default(),
         }
     }
@@ -108,6 +116,7 @@ impl fmt::Debug for RedisConfig {
             .field("claim_ttl", &self.claim_ttl)
             .field("max_backoff", &self.max_backoff)
             .field("confirm_acks", &self.confirm_acks)
+            .field("heartbeat", &self.heartbeat)
             .field("tls", &self.tls)
             .finish()
     }
@@ -188,18 +197,8 @@ impl RedisConfig {
                 "claim_ttl" => config.claim_ttl = duration(&key, &value)?,
                 "max_backoff" => config.max_backoff = duration(&key, &value)?,
                 "maxlen" => config.max_len = Some(positive(&key, &value)?),
-                "confirm_acks" => {
-                    config.confirm_acks = match value.as_str() {
-                        "true" | "1" | "yes" => true,
-                        "false" | "0" | "no" => false,
-                        _ => {
-                            return Err(config_error(
-                                "confirm_acks",
-                                format!("`{value}` is not a boolean; use `true` or `false`"),
-                            ));
-                        }
-                    }
-                }
+                "confirm_acks" => config.confirm_acks = boolean(&key, &value)?,
+                "heartbeat" => config.heartbeat = boolean(&key, &value)?,
                 "consumer" if value.is_empty() => {
                     return Err(config_error("consumer", "must not be empty"));
                 }
@@ -224,7 +223,7 @@ impl RedisConfig {
                         &key,
                         "unknown option; known: mode, visibility_timeout, reclaim_interval, block, \
                          response_timeout, connect_timeout, claim_ttl, max_backoff, maxlen, \
-                         maxlen.<topic>, consumer, confirm_acks, tls_ca_file, tls_cert_file, \
+                         maxlen.<topic>, consumer, confirm_acks, heartbeat, tls_ca_file, tls_cert_file, \
                          tls_key_file",
                     ));
                 }
@@ -275,8 +274,19 @@ impl RedisConfig {
     /// The effective reclaim interval.
     pub fn effective_reclaim_interval(&self) -> Duration {
         self.reclaim_interval.unwrap_or_else(|| {
-            (self.visibility_timeout / 2).clamp(Duration::from_millis(50), Duration::from_secs(5))
+            (self.visibility_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(5))
         })
+    }
+}
+
+fn boolean(key: &str, value: &str) -> Result<bool> {
+    match value {
+        "true" | "1" | "yes" => Ok(true),
+        "false" | "0" | "no" => Ok(false),
+        _ => Err(config_error(
+            key,
+            format!("`{value}` is not a boolean; use `true` or `false`"),
+        )),
     }
 }
 

@@ -1,6 +1,7 @@
 //! Subscribing: consumer groups and private reads on streams; the stream of
 //! deliveries and the per-delivery ackers shared with Pub/Sub mode.
 
+use std::collections::HashSet;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -90,9 +91,11 @@ impl RedisSubscriber {
                     self.control.clone(),
                     subscription.topic.clone(),
                     group.clone(),
+                    self.config.clone(),
                 )),
                 _ => None,
             },
+            held: std::sync::Mutex::default(),
         })
     }
 
@@ -130,6 +133,9 @@ impl RedisSubscriber {
             }),
         };
         let stream = RedisStream::new(shared.clone());
+        if shared.group.is_some() && self.config.heartbeat {
+            tokio::spawn(heartbeat(Arc::downgrade(&shared)));
+        }
         tokio::spawn(read_loop(shared, conn, position));
         Ok(Box::new(stream))
     }
@@ -254,6 +260,9 @@ pub(crate) struct Shared {
     rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<Result<Delivery>>>>,
     /// The ack batcher of a consumer group subscription.
     acks: Option<mpsc::UnboundedSender<AckRequest>>,
+    /// Entries handed out and not yet settled (consumer groups): kept
+    /// from being reclaimed by the heartbeat while a handler runs.
+    held: std::sync::Mutex<HashSet<String>>,
 }
 
 /// One entry to `XACK`, and where to report the result if the caller waits.
@@ -269,6 +278,7 @@ fn spawn_acker(
     mut conn: ConnectionManager,
     topic: String,
     group: String,
+    config: Arc<RedisConfig>,
 ) -> mpsc::UnboundedSender<AckRequest> {
     let (tx, mut rx) = mpsc::unbounded_channel::<AckRequest>();
     tokio::spawn(async move {
@@ -279,7 +289,25 @@ fn spawn_acker(
             for request in &batch {
                 cmd.arg(&request.entry_id);
             }
-            let result: RedisResult<Value> = cmd.query_async(&mut conn).await;
+            // An ack lost to a connection fault is sent again once the
+            // connection is back, rather than leaving handled entries to be
+            // reclaimed and handled again after the visibility timeout.
+            let mut backoff = Duration::from_millis(20);
+            let started = Instant::now();
+            let result = loop {
+                let result: RedisResult<Value> = cmd.query_async(&mut conn).await;
+                match result {
+                    Err(e)
+                        if crate::is_connection_error(&e)
+                            && started.elapsed() < config.visibility_timeout =>
+                    {
+                        debug!(error = %e, topic, group, "XACK failed; sending it again");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(config.max_backoff);
+                    }
+                    other => break other,
+                }
+            };
             if let Err(error) = &result {
                 warn!(%error, topic, group, entries = batch.len(), "XACK failed; the entries are reclaimed after the visibility timeout");
             }
@@ -340,6 +368,10 @@ impl Shared {
         let _ = self.tx.send(Ok(delivery));
     }
 
+    fn held_lock(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn group_name(&self) -> &str {
         self.group.as_deref().unwrap_or_default()
     }
@@ -380,6 +412,43 @@ impl Shared {
             .arg("JUSTID")
             .query_async(&mut self.control.clone())
             .await;
+    }
+}
+
+/// Keeps the entries this subscription holds from being reclaimed while
+/// their handlers run: every third of the visibility timeout, one `XCLAIM
+/// ... JUSTID` of all of them resets their idle time (without counting a
+/// delivery). So the visibility timeout only has to outlast a dead member,
+/// not the longest handler. Runs on while a closed subscription drains (its
+/// deliveries keep the shared state alive) and ends when all are gone.
+async fn heartbeat(shared: std::sync::Weak<Shared>) {
+    let Some(every) = shared.upgrade().map(|s| s.config.visibility_timeout / 3) else {
+        return;
+    };
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let held: Vec<String> = shared.held_lock().iter().cloned().collect();
+        if held.is_empty() {
+            continue;
+        }
+        let mut cmd = redis::cmd("XCLAIM");
+        // Only entries idle for a while: one another member reclaimed a
+        // moment ago (after a stall of ours) is not taken back.
+        cmd.arg(&*shared.topic)
+            .arg(shared.group_name())
+            .arg(&shared.consumer)
+            .arg(Shared::millis(every / 2));
+        for id in &held {
+            cmd.arg(id);
+        }
+        cmd.arg("JUSTID");
+        let result: RedisResult<Value> = cmd.query_async(&mut shared.control.clone()).await;
+        if let Err(error) = result {
+            debug!(%error, topic = %shared.topic, "heartbeat of held entries failed");
+        }
     }
 }
 
@@ -425,7 +494,10 @@ impl RedisAcker {
         permit: OwnedSemaphorePermit,
     ) -> Delivery {
         let position = match &origin {
-            Origin::Group { entry_id } => Some(Receipt::EntryId(entry_id.clone())),
+            Origin::Group { entry_id } => {
+                shared.held_lock().insert(entry_id.clone());
+                Some(Receipt::EntryId(entry_id.clone()))
+            }
             Origin::Local => None,
         };
         let acker = RedisAcker {
@@ -450,6 +522,13 @@ impl RedisAcker {
         }
     }
 
+    /// The entry is settled (or handed back): no longer kept alive.
+    fn unhold(&self) {
+        if let Origin::Group { entry_id } = &self.origin {
+            self.shared.held_lock().remove(entry_id);
+        }
+    }
+
     fn settle_error(&self, e: redis::RedisError) -> Error {
         Error::Settle {
             id: self.message.id.clone(),
@@ -460,6 +539,8 @@ impl RedisAcker {
     /// Delivers the message again to this subscription, not before `delay`.
     fn redeliver(&mut self, delay: Option<Duration>, attempt: u32) {
         self.settled = true;
+        // The delay keeps it alive by itself (`touch`).
+        self.unhold();
         self.permit = None;
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
@@ -562,6 +643,7 @@ impl Acker for RedisAcker {
     async fn ack(mut self: Box<Self>) -> Result<()> {
         self.settled = true;
         self.permit = None;
+        self.unhold();
         let Origin::Group { entry_id } = &self.origin else {
             return Ok(());
         };
@@ -600,6 +682,7 @@ impl Acker for RedisAcker {
 
     async fn dead_letter(mut self: Box<Self>, letter: DeadLetter) -> Result<()> {
         self.settled = true;
+        self.unhold();
         let dead = letter.letter_for(&self.message);
         let shared = self.shared.clone();
         let mut conn = shared.control.clone();
@@ -634,6 +717,7 @@ impl Drop for RedisAcker {
         if self.settled {
             return;
         }
+        self.unhold();
         match (&self.origin, self.shared.is_closed()) {
             // Still running: hand it to this subscription again, same attempt.
             (_, false) => {

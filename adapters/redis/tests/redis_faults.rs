@@ -230,8 +230,8 @@ async fn entries_of_a_dead_member_are_reclaimed_and_handled_once() {
     let topic = unique("dead-member");
     let group = "workers";
     // The member that dies: it takes five entries and vanishes without
-    // settling them (no acker runs, as in a crash).
-    let dying = common::bus(common::REDIS, FAST).await;
+    // settling them (no acker runs and no heartbeat keeps them, as in a crash).
+    let dying = common::bus(common::REDIS, &format!("{FAST}&heartbeat=false")).await;
     let mut doomed = dying
         .subscriber()
         .subscribe(Subscription::group(&topic, group).with_prefetch(5))
@@ -538,4 +538,53 @@ async fn confirmed_ack_has_reached_redis_when_it_returns() {
         matches!(&pending, Value::Array(parts) if parts.first() == Some(&Value::Int(0))),
         "{pending:?}"
     );
+}
+
+/// A handler that runs three times the visibility timeout keeps its entry:
+/// the heartbeat resets its idle time, so the other member never takes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_handler_keeps_its_entry_past_the_visibility_timeout() {
+    let topic = unique("long-handler");
+    let handled: Arc<Mutex<Vec<(u64, usize)>>> = Arc::default();
+    let mut members = Vec::new();
+    for member in 0..2 {
+        let record = handled.clone();
+        let bus = common::bus(common::REDIS, FAST).await;
+        members.push(
+            Consumer::group(bus.subscriber(), "g")
+                .handle(&topic, move |e: Event<u64>| {
+                    let record = record.clone();
+                    async move {
+                        tokio::time::sleep(Duration::from_secs(3)).await;
+                        record
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push((e.data, member));
+                        Ok(())
+                    }
+                })
+                .start()
+                .await
+                .expect("start member"),
+        );
+    }
+    let p = common::bus(common::REDIS, FAST).await.publisher();
+    tidings_core::PublisherExt::publish_event(&*p, &topic, Event::new(7u64))
+        .await
+        .expect("publish");
+    // Three times the 1 s visibility timeout, with reclaims every 100 ms.
+    within(30, "the handler to finish", async {
+        loop {
+            if !handled.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    for m in members {
+        assert!(m.shutdown(Duration::from_secs(10)).await.drained);
+    }
+    let handled = handled.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    assert_eq!(handled.len(), 1, "handled once, by one member: {handled:?}");
 }
