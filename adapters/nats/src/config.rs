@@ -102,8 +102,8 @@ pub struct NatsConfig {
     /// Window in which a message id published twice is stored once (default 2 min).
     pub duplicate_window: Duration,
     /// How long the server waits for an ack before redelivering (default
-    /// 5 s: a member that dies holding deliveries has them given to another
-    /// within 5 s; one that is alive reports long handlers in progress, see
+    /// 4 s: a member that dies holding deliveries has them given to another
+    /// within about 4 s; one that is alive reports long handlers in progress, see
     /// `progress_interval`).
     pub ack_wait: Duration,
     /// Deliveries after which the server gives up on a message (default 20;
@@ -133,7 +133,7 @@ pub struct NatsConfig {
 }
 
 /// The default `ack_wait`.
-const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(5);
+const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(4);
 
 /// The default `max_deliver`.
 const DEFAULT_MAX_DELIVER: i64 = 20;
@@ -225,7 +225,7 @@ impl NatsConfig {
     /// - `stream_prefix=TIDINGS_`, `subject_prefix=PREFIX`;
     /// - `retention=limits|interest|workqueue`, `storage=file|memory`;
     /// - `max_age=7d`, `max_bytes=N`, `duplicate_window=2m`;
-    /// - `ack_wait=5s`, `max_deliver=20|N|unlimited`, `max_ack_pending=N`;
+    /// - `ack_wait=4s`, `max_deliver=20|N|unlimited`, `max_ack_pending=N`;
     /// - `progress_interval=<a third of ack_wait>|off`; `request_timeout=10s`, `connect_timeout=5s`;
     /// - `name=NAME` (connection name), `token=TOKEN`;
     /// - `tls_ca_file=PATH`, `tls_cert_file=PATH`, `tls_key_file=PATH` (PEM
@@ -492,8 +492,8 @@ mod tests {
         let c = NatsConfig::from_url("nats://127.0.0.1:4222").unwrap();
         assert_eq!(c.mode, Mode::JetStream);
         assert_eq!(c.layout, StreamLayout::PerTopic);
-        assert_eq!(c.ack_wait, Duration::from_secs(5));
-        assert_eq!(c.progress_interval, Some(Duration::from_secs(5) / 3));
+        assert_eq!(c.ack_wait, Duration::from_secs(4));
+        assert_eq!(c.progress_interval, Some(Duration::from_secs(4) / 3));
         assert_eq!(c.max_deliver, Some(20));
         let c = NatsConfig::from_url("nats://tok@localhost?jetstream=false").unwrap();
         assert_eq!(c.mode, Mode::Core);

@@ -73,6 +73,9 @@ pub struct NatsBus {
     shared: Arc<Shared>,
 }
 
+/// How often one publish is sent again after reconnections while it waits.
+const MAX_RESENDS: u32 = 5;
+
 /// What the publisher, the subscriber and the ackers share.
 pub(crate) struct Shared {
     pub(crate) client: async_nats::Client,
@@ -82,6 +85,9 @@ pub(crate) struct Shared {
     /// Streams known to exist (created or checked): the name the topology
     /// gives to the stream that actually captures the subject.
     streams: Mutex<HashMap<String, String>>,
+    /// Counts the client's reconnections, so a request in flight when the
+    /// connection dropped can be sent again at once rather than time out.
+    pub(crate) reconnects: tokio::sync::watch::Receiver<u64>,
 }
 
 impl std::fmt::Debug for NatsBus {
@@ -113,7 +119,14 @@ impl NatsBus {
     /// the stream is created or checked here.
     pub async fn connect(config: NatsConfig) -> Result<Self> {
         config.validate()?;
+        let (reconnected, reconnects) = tokio::sync::watch::channel(0u64);
         let mut options = async_nats::ConnectOptions::new()
+            .event_callback(move |event| {
+                if matches!(event, async_nats::Event::Connected) {
+                    reconnected.send_modify(|n| *n += 1);
+                }
+                std::future::ready(())
+            })
             .connection_timeout(config.connect_timeout)
             .request_timeout(Some(config.request_timeout))
             .max_reconnects(None)
@@ -150,6 +163,7 @@ impl NatsBus {
             topology: Topology::new(&config),
             config,
             streams: Mutex::default(),
+            reconnects,
         });
         if shared.config.mode == Mode::JetStream && shared.topology.is_shared() {
             shared.ensure_stream("_").await?;
@@ -264,6 +278,8 @@ impl Shared {
     }
 
     /// Publishes one message to JetStream and waits for its PubAck.
+    /// Publishes to JetStream and waits for the PubAck, sending the message
+    /// again (same id) if the connection is re-established meanwhile.
     pub(crate) async fn js_publish(
         &self,
         topic: &str,
@@ -273,13 +289,28 @@ impl Shared {
         let subject = self.topology.subject(topic)?;
         self.ensure_stream(topic).await?;
         let mut retried = false;
+        let mut resent = 0;
+        let mut reconnects = self.reconnects.clone();
+        reconnects.mark_unchanged();
         loop {
             let publish = jetstream::message::PublishMessage::build()
                 .payload(message.payload.clone())
                 .headers(headers::to_nats(message, Some(msg_id)));
-            let result = match self.js.send_publish(subject.clone(), publish).await {
-                Ok(ack) => ack.await,
-                Err(e) => Err(e),
+            let send = async {
+                match self.js.send_publish(subject.clone(), publish).await {
+                    Ok(ack) => ack.await,
+                    Err(e) => Err(e),
+                }
+            };
+            let result = tokio::select! {
+                result = send => result,
+                // Reconnected while waiting for the PubAck: the request may
+                // have died with the old connection. Send it again now; the
+                // same `Nats-Msg-Id` makes the server store it once.
+                Ok(()) = reconnects.changed(), if resent < MAX_RESENDS => {
+                    resent += 1;
+                    continue;
+                }
             };
             match result {
                 Ok(ack) => {

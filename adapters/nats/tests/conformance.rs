@@ -26,7 +26,7 @@ macro_rules! all_but_round_trip {
             nack_redelivers_with_rising_attempt, delayed_nack_waits,
             dead_letter_after_max_attempts, undecodable_payload_dead_lettered,
             retained_for_declared_group, replay_from_earliest, order_per_key,
-            in_flight_bound, close_and_reopen_under_load, shutdown_drains_in_flight,
+            slow_key_holds_up_only_itself, in_flight_bound, close_and_reopen_under_load, shutdown_drains_in_flight,
             reconnect, api_contract, panicking_handler_is_retried);
     };
 }

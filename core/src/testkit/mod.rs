@@ -8,6 +8,8 @@
 //!   refuses or stalls connections on command.
 //! - [`hostile`]: the check that a message any other client wrote cannot
 //!   wedge a consumer, for each adapter's hostile-input tests.
+//! - [`outage`]: broker kills and restarts under a stream of confirmed
+//!   publishes, measured (lost, duplicated, time to resume).
 //! - [`ScriptedSubscriber`]: a subscriber without a broker that hands out
 //!   queued messages and records (or refuses) their settlements.
 //! - `Pki` (feature `testkit-tls`): a CA and certificates made for a test,
@@ -15,6 +17,7 @@
 
 pub mod conformance;
 pub mod hostile;
+pub mod outage;
 #[cfg(feature = "testkit-tls")]
 mod pki;
 mod proxy;

@@ -54,7 +54,8 @@ impl Server {
         format!("127.0.0.1:{}", self.port)
     }
 
-    async fn spawn(&mut self) {
+    /// Starts the server (again) on its port and directory; returns once it accepts connections.
+    pub async fn spawn(&mut self) {
         let mut cmd = Command::new("nats-server");
         cmd.args([
             "-a",
