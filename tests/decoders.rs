@@ -190,6 +190,32 @@ proptest! {
     }
 
     #[test]
+    fn configuration_urls(
+        scheme in prop_oneof![
+            prop::sample::select(vec!["redis", "rediss", "amqp", "amqps", "nats", "tls", "kafka", "memory"])
+                .prop_map(String::from),
+            ".{0,6}",
+        ],
+        rest in ".{0,30}",
+        key in prop_oneof![
+            prop::sample::select(vec![
+                "mode", "visibility_timeout", "maxlen", "maxlen.t", "queue_type", "exchange", "ack_wait",
+                "max_deliver", "servers", "stream", "progress_interval", "tls_ca_file", "heartbeat", "ordering",
+            ])
+            .prop_map(String::from),
+            ".{0,12}",
+        ],
+        value in prop_oneof![value(), "%[0-9A-Fa-f]{0,2}.{0,6}"],
+    ) {
+        let url = format!("{scheme}://{rest}?{key}={value}&{key}");
+        let _ = tidings::redis::RedisConfig::from_url(&url);
+        let _ = tidings::amqp::AmqpConfig::from_url(&url);
+        let _ = tidings::nats::NatsConfig::from_url(&url);
+        let _ = tidings::kafka::KafkaConfig::from_url(&url);
+        let _ = tidings::Config::from_url(url.clone()).check();
+    }
+
+    #[test]
     fn kafka_headers(h in prop::collection::vec((name(), prop::option::of(bytes())), 0..10), key in prop::option::of(bytes()), retried in any::<bool>()) {
         let mut headers = OwnedHeaders::new();
         for (k, v) in &h {

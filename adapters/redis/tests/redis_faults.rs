@@ -588,3 +588,48 @@ async fn a_long_handler_keeps_its_entry_past_the_visibility_timeout() {
     let handled = handled.lock().unwrap_or_else(|e| e.into_inner()).clone();
     assert_eq!(handled.len(), 1, "handled once, by one member: {handled:?}");
 }
+
+/// An ack whose `XACK` is lost to a connection fault is sent again once the
+/// connection is back: the entry is not left to be reclaimed and handled
+/// again after the visibility timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_lost_to_a_connection_fault_is_sent_again() {
+    let proxy = FaultProxy::start(common::REDIS).await.expect("proxy");
+    let bus = common::bus(
+        proxy.addr(),
+        "confirm_acks=true&visibility_timeout=10s&max_backoff=200ms",
+    )
+    .await;
+    let topic = unique("ack-retry");
+    let mut stream = bus
+        .subscriber()
+        .subscribe(Subscription::group(&topic, "g"))
+        .await
+        .expect("subscribe");
+    bus.publisher()
+        .publish(&topic, Message::new("x"))
+        .await
+        .expect("publish");
+    let mut d = next(&mut stream, "the delivery").await;
+    // The connection drops and stays down for a moment while the ack is sent.
+    proxy.refuse(true);
+    proxy.cut();
+    let ack = tokio::spawn(async move { d.ack().await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.refuse(false);
+    within(30, "the ack", ack)
+        .await
+        .expect("the ack task")
+        .expect("the ack went through after the reconnect");
+    let mut conn = raw(common::REDIS).await;
+    let summary: Value = redis::cmd("XPENDING")
+        .arg(&topic)
+        .arg("g")
+        .query_async(&mut conn)
+        .await
+        .expect("XPENDING");
+    assert!(
+        matches!(&summary, Value::Array(parts) if parts.first() == Some(&Value::Int(0))),
+        "nothing pending: {summary:?}"
+    );
+}
