@@ -19,4 +19,15 @@ if ((${#missing[@]})); then
 fi
 
 scripts/brokers.sh
+
+# The interop tests run plain Node.js services (tests/node) against Tidings.
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+  echo "test: installing nodejs and npm for the Node.js interop peers" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null \
+    || { echo "test: ERROR: could not install Node.js (apt-get install nodejs npm)" >&2; exit 1; }
+fi
+npm ci --prefix tests/node --no-audit --no-fund --loglevel=error >/dev/null \
+  || { echo "test: ERROR: npm ci in tests/node failed (needs the npm registry; see tests/node/package-lock.json)" >&2; exit 1; }
+
 cargo test --workspace --all-features --no-fail-fast "$@"

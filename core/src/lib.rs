@@ -26,6 +26,7 @@
 pub mod codec;
 pub mod consumer;
 pub mod delivery;
+pub mod dialect;
 pub mod error;
 pub mod event;
 pub mod handler;
@@ -45,6 +46,7 @@ pub use consumer::{
     Consumer, ConsumerBuilder, SettleAction, Settlement, ShutdownReport, shutdown_signal,
 };
 pub use delivery::{Acker, DeadLetter, DeadLetterReason, Delivery};
+pub use dialect::Dialect;
 pub use error::{BoxError, Error, Result};
 pub use event::Event;
 pub use handler::{

@@ -110,6 +110,8 @@ pub struct Subscription {
     pub prefetch: usize,
     /// Where to start.
     pub start: StartFrom,
+    /// How messages are read, when not the adapter's configured dialect.
+    pub dialect: Option<crate::Dialect>,
 }
 
 impl Subscription {
@@ -120,6 +122,7 @@ impl Subscription {
             group: Some(group.into()),
             prefetch: 64,
             start: StartFrom::Latest,
+            dialect: None,
         }
     }
 
@@ -130,7 +133,17 @@ impl Subscription {
             group: None,
             prefetch: 64,
             start: StartFrom::Latest,
+            dialect: None,
         }
+    }
+
+    /// Reads this subscription's messages in `dialect` instead of the
+    /// adapter's configured one (a legacy format on one topic, CloudEvents
+    /// on another).
+    #[must_use]
+    pub fn with_dialect(mut self, dialect: crate::Dialect) -> Self {
+        self.dialect = Some(dialect);
+        self
     }
 
     /// Sets the bound on unsettled deliveries (at least 1).

@@ -1,5 +1,6 @@
 //! Configuration of the RabbitMQ adapter.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::time::Duration;
 
@@ -27,6 +28,15 @@ impl QueueType {
     }
 }
 
+/// Where a group's dead letters go when not to its own dead-letter queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeadLetterTarget {
+    /// Nowhere: the message is logged and acked.
+    Nowhere,
+    /// An existing queue, through the default exchange.
+    Queue(String),
+}
+
 /// Settings of the RabbitMQ adapter.
 ///
 /// Build it with [`AmqpConfig::from_url`] or start from [`AmqpConfig::default`]
@@ -47,6 +57,20 @@ pub struct AmqpConfig {
     pub dead_letter_prefix: String,
     /// The type of the group queues (`queue_type`: `quorum` or `classic`).
     pub queue_type: QueueType,
+    /// How messages map to AMQP properties and bodies (`dialect`, with
+    /// `envelope.<field>=<path>` for envelope paths); per subscription and
+    /// per publisher it can be overridden. Default: CloudEvents binary.
+    pub dialect: tidings_core::Dialect,
+    /// Queues that exist already, declared by other services, by group
+    /// (`queue.<group>=<name>`): the group consumes that queue as it is
+    /// (checked, never declared with Tidings' arguments, never bound), so a
+    /// Tidings service can share the load of a queue a Node.js service
+    /// declared. Its dead letters go to Tidings' own dead-letter queue of
+    /// the group unless [`dead_letters`](Self::dead_letters) says otherwise.
+    pub existing_queues: HashMap<String, String>,
+    /// Where a group's dead letters go instead of its own dead-letter queue
+    /// (`dead_letters.<group>=none|<queue>`).
+    pub dead_letters: HashMap<String, DeadLetterTarget>,
     /// Only check that exchanges and queues exist, never create them (`passive`).
     /// For brokers where the topology is created by an administrator.
     pub passive: bool,
@@ -80,6 +104,9 @@ impl Default for AmqpConfig {
             exchange: "tidings".into(),
             dead_letter_exchange: "tidings.dlx".into(),
             dead_letter_prefix: "dlq.".into(),
+            dialect: tidings_core::Dialect::default(),
+            existing_queues: HashMap::new(),
+            dead_letters: HashMap::new(),
             queue_type: QueueType::Quorum,
             passive: false,
             single_active_consumer: false,
@@ -101,6 +128,9 @@ impl fmt::Debug for AmqpConfig {
             .field("exchange", &self.exchange)
             .field("dead_letter_exchange", &self.dead_letter_exchange)
             .field("dead_letter_prefix", &self.dead_letter_prefix)
+            .field("dialect", &self.dialect)
+            .field("existing_queues", &self.existing_queues)
+            .field("dead_letters", &self.dead_letters)
             .field("queue_type", &self.queue_type)
             .field("passive", &self.passive)
             .field("single_active_consumer", &self.single_active_consumer)
@@ -190,6 +220,25 @@ impl AmqpConfig {
                 "reconnect_min" => config.reconnect_min = duration(&key, &value)?,
                 "reconnect_max" => config.reconnect_max = duration(&key, &value)?,
                 _ if config.tls.set(&key, &value)? => {}
+                _ if config.dialect.apply_option(&key, &value)? => {}
+                k if k.starts_with("queue.") && k.len() > "queue.".len() => {
+                    if value.is_empty() {
+                        return Err(invalid(&key, "needs the name of an existing queue"));
+                    }
+                    config
+                        .existing_queues
+                        .insert(k["queue.".len()..].to_owned(), value);
+                }
+                k if k.starts_with("dead_letters.") && k.len() > "dead_letters.".len() => {
+                    let target = match value.as_str() {
+                        "" => return Err(invalid(&key, "use `none` or the name of a queue")),
+                        "none" => DeadLetterTarget::Nowhere,
+                        queue => DeadLetterTarget::Queue(queue.to_owned()),
+                    };
+                    config
+                        .dead_letters
+                        .insert(k["dead_letters.".len()..].to_owned(), target);
+                }
                 _ => rest.push((key, value)),
             }
         }

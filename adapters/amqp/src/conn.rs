@@ -304,8 +304,11 @@ pub(crate) struct GroupNames {
     pub exchange: String,
     /// The topic pattern, the binding key.
     pub pattern: String,
-    /// `<group>.<pattern>`.
+    /// `<group>.<pattern>`, or the existing queue the configuration names.
     pub queue: String,
+    /// Whether `queue` exists already (declared by another service): it is
+    /// checked, never declared with our arguments or bound.
+    pub existing: bool,
     /// `<group>.<pattern>.dlq`, bound to the dead-letter exchange.
     pub dlq_queue: String,
     /// The dead-letter topic: `<prefix><group>.<pattern>`.
@@ -321,12 +324,14 @@ impl GroupNames {
         } else {
             config.exchange.clone()
         };
-        let queue = format!("{group}.{pattern}");
+        let own = format!("{group}.{pattern}");
+        let existing = config.existing_queues.get(group).cloned();
         GroupNames {
             exchange,
             pattern: pattern.to_owned(),
-            dlq_queue: format!("{queue}.dlq"),
-            queue,
+            dlq_queue: format!("{own}.dlq"),
+            existing: existing.is_some(),
+            queue: existing.unwrap_or(own),
             dlq_topic: dead_letter_topic(config, pattern, group),
         }
     }
@@ -377,6 +382,18 @@ pub(crate) async fn declare_group(
         durable: true,
         ..QueueDeclareOptions::default()
     };
+    if names.existing {
+        // Another service's queue, with its own arguments: only checked.
+        let check = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        ch.queue_declare(queue.clone(), check, FieldTable::default())
+            .await
+            .map_err(|e| {
+                declare_error(&format!("checking the existing queue `{}`", names.queue), e)
+            })?;
+    }
     let mut args = queue_args(config);
     args.insert(
         "x-dead-letter-exchange".into(),
@@ -386,17 +403,19 @@ pub(crate) async fn declare_group(
     if config.single_active_consumer {
         args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
     }
-    ch.queue_declare(
-        queue.clone(),
-        options,
-        if config.passive {
-            FieldTable::default()
-        } else {
-            args
-        },
-    )
-    .await
-    .map_err(|e| declare_error(&format!("declaring the queue `{}`", names.queue), e))?;
+    if !names.existing {
+        ch.queue_declare(
+            queue.clone(),
+            options,
+            if config.passive {
+                FieldTable::default()
+            } else {
+                args
+            },
+        )
+        .await
+        .map_err(|e| declare_error(&format!("declaring the queue `{}`", names.queue), e))?;
+    }
     ch.queue_declare(
         dlq.clone(),
         options,
@@ -423,7 +442,9 @@ pub(crate) async fn declare_group(
                 .map_err(|e| declare_error("binding a queue", e))
             }
         };
-        bind(queue, &names.exchange, &names.pattern).await?;
+        if !names.existing {
+            bind(queue, &names.exchange, &names.pattern).await?;
+        }
         bind(dlq, &config.dead_letter_exchange, &names.dlq_topic).await?;
     }
     Ok(())

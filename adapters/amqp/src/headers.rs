@@ -13,7 +13,8 @@ use bytes::Bytes;
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use tidings_core::delivery::header;
-use tidings_core::{Message, wire};
+use tidings_core::dialect::{Native, Undecodable};
+use tidings_core::{Dialect, Message, wire};
 
 /// Header carrying the original topic on copies that travel through retry
 /// queues (their routing key is the queue's name, not the topic).
@@ -42,15 +43,30 @@ pub(crate) fn short(s: &str) -> Result<ShortString, TooLong> {
     ShortString::try_new(s).map_err(|_| TooLong(s.chars().take(40).collect()))
 }
 
-/// The properties a message is published with: persistent, message id,
-/// timestamp, content type, and every header (metadata included) as a long
-/// string, plus `extra` headers (attempt, topic) that replace same-named ones.
+/// The properties a message is published with in the default dialect;
+/// see [`encode`].
 pub fn properties(message: &Message, extra: &[(&str, &str)]) -> Result<BasicProperties, TooLong> {
+    encode(&Dialect::CloudEventsBinary, message, extra).map(|(props, _)| props)
+}
+
+/// The properties and body a message is published with in `dialect`:
+/// persistent, message id, timestamp, content type, and every header the
+/// dialect writes (CloudEvents attributes in the default one) as a long
+/// string, plus `extra` headers (attempt, topic) that replace same-named ones.
+pub fn encode(
+    dialect: &Dialect,
+    message: &Message,
+    extra: &[(&str, &str)],
+) -> Result<(BasicProperties, Bytes), TooLong> {
     let mut table = FieldTable::default();
     let mut error = None;
-    message.write_headers(&wire::AMQP, |k, v| {
+    let mut content_type = None;
+    let body = dialect.encode(message, &wire::AMQP, |k, v| {
         if extra.iter().any(|(name, _)| *name == k) {
             return;
+        }
+        if k == wire::AMQP.content_type {
+            content_type = Some(v.to_owned());
         }
         match short(k) {
             Ok(k) => {
@@ -76,17 +92,20 @@ pub fn properties(message: &Message, extra: &[(&str, &str)]) -> Result<BasicProp
     {
         props = props.with_timestamp(since.as_secs());
     }
-    if let Some(ct) = &message.metadata.content_type {
+    if let Some(ct) = &content_type {
         props = props.with_content_type(short(ct)?);
     }
-    Ok(props)
+    Ok((props, body))
 }
 
 /// A message read back from a delivery, with what the adapter keeps beside it.
 #[derive(Debug)]
 pub struct Received {
-    /// The message.
+    /// The message; when the dialect could not read the body, what could
+    /// be salvaged of it (the body as payload, the headers as headers).
     pub message: Message,
+    /// Why the dialect could not read it, if it could not.
+    pub undecodable: Option<Undecodable>,
     /// The attempt header written by the adapter on republished copies.
     pub attempt: Option<u32>,
     /// The original topic of a copy that came through a retry queue.
@@ -131,10 +150,25 @@ fn count(value: &AMQPValue) -> Option<u64> {
     }
 }
 
-/// Rebuilds the message from a delivery's properties and body.
+/// Rebuilds the message from a delivery's properties and body in the
+/// default dialect; see [`decode`].
 pub fn received(props: &BasicProperties, payload: Bytes) -> Received {
+    decode(&Dialect::CloudEventsBinary, props, payload, None)
+}
+
+/// Rebuilds the message from a delivery's properties and body in
+/// `dialect`. What the message does not say is taken from the properties
+/// (`message-id`, `timestamp` in seconds or milliseconds, `content-type`)
+/// and the topic (`topic`: the routing key, or the original topic of a
+/// retried copy) as the type.
+pub fn decode(
+    dialect: &Dialect,
+    props: &BasicProperties,
+    payload: Bytes,
+    topic: Option<&str>,
+) -> Received {
     let mut attempt = None;
-    let mut topic = None;
+    let mut copy_topic = None;
     let mut delivery_count = None;
     let mut pairs: Vec<(String, String)> = Vec::new();
     if let Some(table) = props.headers() {
@@ -142,7 +176,7 @@ pub fn received(props: &BasicProperties, payload: Bytes) -> Received {
             let name = name.as_str();
             match name {
                 header::ATTEMPT => attempt = text(value).and_then(|s| s.parse().ok()),
-                TOPIC => topic = text(value),
+                TOPIC => copy_topic = text(value),
                 DELIVERY_COUNT => delivery_count = count(value),
                 _ if name.starts_with("x-death")
                     || name.starts_with("x-first-death")
@@ -155,28 +189,34 @@ pub fn received(props: &BasicProperties, payload: Bytes) -> Received {
             }
         }
     }
-    let fallback = props.message_id().as_ref().map(|s| s.as_str().to_owned());
-    let mut message = Message::from_headers(&wire::AMQP, pairs, payload, fallback);
-    if message.metadata.content_type.is_none() {
-        message.metadata.content_type = props.content_type().as_ref().map(|s| s.as_str().into());
-    }
-    if message.metadata.time.is_none()
-        && let Some(stamp) = *props.timestamp()
-    {
+    let stamp = *props.timestamp();
+    let time = stamp.and_then(tidings_core::time::from_unix_secs_or_millis);
+    let native = Native {
+        id: props.message_id().as_ref().map(|s| s.as_str()),
+        event_type: copy_topic.as_deref().or(topic),
         // The spec says seconds; Node.js clients send `Date.now()`, milliseconds.
-        match tidings_core::time::from_unix_secs_or_millis(stamp) {
-            Some(time) => message.metadata.time = Some(time),
-            None => {
-                message
-                    .headers
-                    .insert(TIMESTAMP.to_owned(), stamp.to_string());
-            }
-        }
+        time,
+        content_type: props.content_type().as_ref().map(|s| s.as_str()),
+    };
+    let decoded = dialect.decode(&wire::AMQP, pairs.clone(), payload.clone(), native);
+    let (mut message, undecodable) = match decoded {
+        Ok(message) => (message, None),
+        Err(e) => (
+            Message::from_headers(&wire::AMQP, pairs, payload, native.id.map(str::to_owned)),
+            Some(e),
+        ),
+    };
+    if let (Some(stamp), None) = (stamp, time) {
+        // Nothing the sender wrote is lost: an unrepresentable time stays as the number.
+        message
+            .headers
+            .insert(TIMESTAMP.to_owned(), stamp.to_string());
     }
     Received {
         message,
+        undecodable,
         attempt,
-        topic,
+        topic: copy_topic,
         delivery_count,
     }
 }

@@ -53,7 +53,7 @@ mod subscriber;
 
 use std::sync::Arc;
 
-pub use config::{AmqpConfig, QueueType};
+pub use config::{AmqpConfig, DeadLetterTarget, QueueType};
 pub use publisher::AmqpPublisher;
 pub use subscriber::AmqpSubscriber;
 
@@ -85,9 +85,15 @@ impl AmqpBus {
         Ok(AmqpBus { connector })
     }
 
-    /// A publisher on this connection.
+    /// A publisher on this connection, writing in the configured dialect.
     pub fn publisher(&self) -> Arc<dyn Publisher> {
-        Arc::new(AmqpPublisher::new(self.connector.clone()))
+        self.publisher_in(self.connector.config.dialect.clone())
+    }
+
+    /// A publisher on this connection writing in `dialect` (an envelope for
+    /// the services on one exchange, CloudEvents for the rest).
+    pub fn publisher_in(&self, dialect: tidings_core::Dialect) -> Arc<dyn Publisher> {
+        Arc::new(AmqpPublisher::new(self.connector.clone(), dialect))
     }
 
     /// A subscriber on this connection.

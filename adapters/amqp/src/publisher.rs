@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
-use tidings_core::{Error, Message, Publisher, Receipt, Result};
+use bytes::Bytes;
+use tidings_core::{Dialect, Error, Message, Publisher, Receipt, Result};
 
 use crate::conn::Connector;
 use crate::headers;
@@ -19,13 +20,15 @@ use crate::headers;
 /// up to `confirm_window` confirms outstanding.
 pub struct AmqpPublisher {
     connector: Arc<Connector>,
+    dialect: Dialect,
     closed: AtomicBool,
 }
 
 impl AmqpPublisher {
-    pub(crate) fn new(connector: Arc<Connector>) -> Self {
+    pub(crate) fn new(connector: Arc<Connector>, dialect: Dialect) -> Self {
         AmqpPublisher {
             connector,
+            dialect,
             closed: AtomicBool::new(false),
         }
     }
@@ -38,8 +41,8 @@ impl AmqpPublisher {
         }
     }
 
-    fn properties(topic: &str, message: &Message) -> Result<lapin::BasicProperties> {
-        headers::properties(message, &[]).map_err(|e| Error::Publish {
+    fn encode(&self, topic: &str, message: &Message) -> Result<(lapin::BasicProperties, Bytes)> {
+        headers::encode(&self.dialect, message, &[]).map_err(|e| Error::Publish {
             topic: topic.to_owned(),
             source: e.into(),
             transient: false,
@@ -51,10 +54,9 @@ impl AmqpPublisher {
 impl Publisher for AmqpPublisher {
     async fn publish(&self, topic: &str, message: Message) -> Result<Receipt> {
         self.check_open()?;
-        let props = Self::properties(topic, &message)?;
+        let (props, body) = self.encode(topic, &message)?;
         let c = &self.connector;
-        c.publish(&c.config.exchange, topic, &message.payload, props)
-            .await
+        c.publish(&c.config.exchange, topic, &body, props).await
     }
 
     async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> Vec<Result<Receipt>> {
@@ -66,17 +68,11 @@ impl Publisher for AmqpPublisher {
         for (i, message) in messages.into_iter().enumerate() {
             let sent = match self.check_open() {
                 Err(e) => Err(e),
-                Ok(()) => match Self::properties(topic, &message) {
+                Ok(()) => match self.encode(topic, &message) {
                     Err(e) => Err(e),
-                    Ok(props) => {
-                        c.send_kept(
-                            &mut channel,
-                            &c.config.exchange,
-                            topic,
-                            &message.payload,
-                            props,
-                        )
-                        .await
+                    Ok((props, body)) => {
+                        c.send_kept(&mut channel, &c.config.exchange, topic, &body, props)
+                            .await
                     }
                 },
             };

@@ -22,10 +22,11 @@ use tracing::{debug, warn};
 
 use tidings_core::delivery::header;
 use tidings_core::{
-    Acker, Capabilities, DeadLetter, Delivery, DeliveryStream, Error, Message, Result, Subscriber,
-    Subscription,
+    Acker, Capabilities, DeadLetter, Delivery, DeliveryStream, Dialect, Error, Message, Result,
+    Subscriber, Subscription,
 };
 
+use crate::config::DeadLetterTarget;
 use crate::config::QueueType;
 use crate::conn::{self, Connector, GroupNames, NAME};
 use crate::headers::{self, short};
@@ -76,6 +77,10 @@ impl Subscriber for AmqpSubscriber {
         };
         let prefetch = subscription.prefetch.clamp(1, usize::from(u16::MAX));
         let route = Arc::new(Route {
+            dialect: subscription
+                .dialect
+                .clone()
+                .unwrap_or_else(|| config.dialect.clone()),
             connector: self.connector.clone(),
             topic: topic.as_str().into(),
             group: subscription.group.as_deref().map(Arc::from),
@@ -133,6 +138,8 @@ enum Target {
 
 /// What one subscription's deliveries share.
 struct Route {
+    /// How this subscription's messages are read (and retried copies written).
+    dialect: Dialect,
     connector: Arc<Connector>,
     topic: Arc<str>,
     group: Option<Arc<str>>,
@@ -232,7 +239,12 @@ impl Route {
         d: lapin::message::Delivery,
         permit: OwnedSemaphorePermit,
     ) -> Delivery {
-        let received = headers::received(&d.properties, Bytes::from(d.data));
+        let received = headers::decode(
+            &self.dialect,
+            &d.properties,
+            Bytes::from(d.data),
+            Some(d.routing_key.as_str()),
+        );
         // The attempt header is Tidings' own count, written on the copies it
         // republishes straight to the group's queue (the default exchange,
         // directly or out of a retry queue). On a message that came through
@@ -265,7 +277,11 @@ impl Route {
             settled: false,
             _permit: permit,
         };
-        Delivery::new(message, topic, self.group.clone(), attempt, Box::new(acker))
+        let delivery = Delivery::new(message, topic, self.group.clone(), attempt, Box::new(acker));
+        match received.undecodable {
+            Some(why) => delivery.rejected(why),
+            None => delivery,
+        }
     }
 
     /// Publishes a copy of `message` with the next attempt number to the
@@ -284,7 +300,8 @@ impl Route {
             .get(header::FIRST_FAILURE)
             .cloned()
             .unwrap_or_else(tidings_core::time::now_rfc3339);
-        let props = headers::properties(
+        let (props, body) = headers::encode(
+            &self.dialect,
             message,
             &[
                 (header::ATTEMPT, &next),
@@ -299,10 +316,7 @@ impl Route {
         })?;
         let c = &self.connector;
         let Some(ms) = delay else {
-            return c
-                .publish("", queue, &message.payload, props)
-                .await
-                .map(drop);
+            return c.publish("", queue, &body, props).await.map(drop);
         };
         let private = matches!(self.target, Target::Private { .. });
         let name = format!("{queue}.retry.{ms}");
@@ -310,13 +324,11 @@ impl Route {
         if !known {
             self.declare_retry(queue, ms, private).await?;
         }
-        match c.publish("", &name, &message.payload, props.clone()).await {
+        match c.publish("", &name, &body, props.clone()).await {
             // The retry queue vanished (deleted, or expired): declare it again once.
             Err(Error::Unroutable { .. }) if known => {
                 self.declare_retry(queue, ms, private).await?;
-                c.publish("", &name, &message.payload, props)
-                    .await
-                    .map(drop)
+                c.publish("", &name, &body, props).await.map(drop)
             }
             other => other.map(drop),
         }
@@ -410,6 +422,26 @@ impl Acker for AmqpAcker {
         let dead = letter.letter_for(&self.message);
         let route = self.route.clone();
         let props = headers::properties(&dead, &[]).map_err(|e| self.settle_error(e))?;
+        let target = route
+            .group
+            .as_deref()
+            .and_then(|g| route.connector.config.dead_letters.get(g));
+        match target {
+            Some(DeadLetterTarget::Nowhere) => {
+                warn!(id = %self.message.id, topic = %self.topic, reason = %letter.reason,
+                    error = %letter.error, "dead letters of this group go nowhere (dead_letters.<group>=none); dropping it");
+                return self.basic_ack().await;
+            }
+            Some(DeadLetterTarget::Queue(queue)) => {
+                route
+                    .connector
+                    .publish("", queue, &dead.payload, props)
+                    .await
+                    .map_err(|e| self.settle_error(e))?;
+                return self.basic_ack().await;
+            }
+            None => {}
+        }
         let dlx = &route.connector.config.dead_letter_exchange;
         match route
             .connector

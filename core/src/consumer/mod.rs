@@ -71,6 +71,7 @@ pub struct ConsumerBuilder {
     retry: RetryPolicy,
     start: StartFrom,
     observers: Vec<Observer>,
+    dialect: Option<crate::Dialect>,
 }
 
 /// A running consumer. Stop it with [`shutdown`](Consumer::shutdown) or
@@ -270,6 +271,7 @@ impl ConsumerBuilder {
             retry: RetryPolicy::default(),
             start: StartFrom::Latest,
             observers: Vec::new(),
+            dialect: None,
         }
     }
 
@@ -350,6 +352,13 @@ impl ConsumerBuilder {
         self
     }
 
+    /// Reads this consumer's messages in `dialect` instead of the adapter's
+    /// configured one (see [`Dialect`](crate::Dialect)).
+    pub fn dialect(mut self, dialect: crate::Dialect) -> Self {
+        self.dialect = Some(dialect);
+        self
+    }
+
     /// Where subscriptions start (replay). Applies when the group is created.
     pub fn start_from(mut self, start: StartFrom) -> Self {
         self.start = start;
@@ -377,6 +386,7 @@ impl ConsumerBuilder {
                 group: self.group.clone(),
                 prefetch,
                 start: self.start,
+                dialect: self.dialect.clone(),
             };
             subscription.check(name, caps)?;
             subscriptions.push(subscription);

@@ -10,6 +10,7 @@
 //!   wedge a consumer, for each adapter's hostile-input tests.
 //! - [`outage`]: broker kills and restarts under a stream of confirmed
 //!   publishes, measured (lost, duplicated, time to resume).
+//! - [`NodePeer`]: a plain Node.js program as the other side of an interop test.
 //! - [`ScriptedSubscriber`]: a subscriber without a broker that hands out
 //!   queued messages and records (or refuses) their settlements.
 //! - `Pki` (feature `testkit-tls`): a CA and certificates made for a test,
@@ -17,6 +18,7 @@
 
 pub mod conformance;
 pub mod hostile;
+mod node;
 pub mod outage;
 #[cfg(feature = "testkit-tls")]
 mod pki;
@@ -24,6 +26,7 @@ mod proxy;
 mod recording;
 mod scripted;
 
+pub use node::NodePeer;
 #[cfg(feature = "testkit-tls")]
 pub use pki::Pki;
 pub use proxy::FaultProxy;

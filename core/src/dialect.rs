@@ -1,0 +1,769 @@
+//! Dialects: how a [`Message`] is written to one broker message (headers
+//! and body) and read back, so a Tidings service can join services that
+//! already exist and speak their format.
+//!
+//! - [`Dialect::CloudEventsBinary`], the default: metadata as CloudEvents
+//!   headers (`ce_id`, ... or `cloudEvents:id`, ... on AMQP), the payload as
+//!   the body, unchanged. What every earlier Tidings version wrote.
+//! - [`Dialect::CloudEventsStructured`]: the whole event as
+//!   `application/cloudevents+json` in the body (CloudEvents 1.0, JSON
+//!   format): `data` when the payload is JSON, `data_base64` otherwise.
+//! - [`Dialect::Envelope`]: a JSON envelope whose field paths are
+//!   configurable ([`Envelope`]); [`Envelope::default`] is the shape most
+//!   event-driven Node.js services use:
+//!   `{ "id", "type", "timestamp", "payload": {...}, "metadata": { "correlationId", "causationId" } }`.
+//!
+//! Reading is lenient in every dialect, because the other side is whatever
+//! it is: the id, type, time and content type fall back to what the broker
+//! itself carries ([`Native`]: AMQP `message-id` and `timestamp`,
+//! `Nats-Msg-Id`, the routing key or subject); common header spellings
+//! (`correlationId`, `eventType`, any case of `Content-Type`) fill the
+//! metadata they name when the dialect's own field is absent. A body the
+//! dialect cannot read is a [`Undecodable`] error, which adapters hand on as
+//! a rejected delivery: dead-lettered with the reason where settlement
+//! observers see it, never a panic.
+
+use std::fmt;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+use crate::message::wire::{self, Names};
+use crate::message::{Headers, Message, Metadata};
+use crate::time;
+
+/// How messages map to broker messages; see the [module docs](self).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Dialect {
+    /// CloudEvents binary content mode: metadata in headers, payload as body.
+    #[default]
+    CloudEventsBinary,
+    /// CloudEvents structured content mode: `application/cloudevents+json`.
+    CloudEventsStructured,
+    /// A JSON envelope with configurable field paths.
+    Envelope(Envelope),
+}
+
+/// Where the fields of a JSON envelope are, as dot-separated paths
+/// (`metadata.correlationId`); `None` leaves a field out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    /// The message id (default `id`).
+    pub id: Option<String>,
+    /// The event type (default `type`).
+    pub event_type: Option<String>,
+    /// The event time (default `timestamp`).
+    pub time: Option<String>,
+    /// How the time is written (default ISO 8601 / RFC 3339).
+    pub time_format: TimeFormat,
+    /// The event source (default none).
+    pub source: Option<String>,
+    /// The correlation id (default `metadata.correlationId`).
+    pub correlation_id: Option<String>,
+    /// The causation id (default `metadata.causationId`).
+    pub causation_id: Option<String>,
+    /// The payload (default `payload`): the handler's `Event<T>` gets it as `T`.
+    pub data: String,
+}
+
+impl Default for Envelope {
+    fn default() -> Self {
+        Envelope {
+            id: Some("id".into()),
+            event_type: Some("type".into()),
+            time: Some("timestamp".into()),
+            time_format: TimeFormat::Rfc3339,
+            source: None,
+            correlation_id: Some("metadata.correlationId".into()),
+            causation_id: Some("metadata.causationId".into()),
+            data: "payload".into(),
+        }
+    }
+}
+
+/// How an envelope writes its time. Reading takes any of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TimeFormat {
+    /// `2024-05-01T10:00:00.123Z` (what `Date.toISOString()` writes).
+    #[default]
+    Rfc3339,
+    /// Seconds since the Unix epoch, a number.
+    EpochSeconds,
+    /// Milliseconds since the Unix epoch, a number (`Date.now()`).
+    EpochMillis,
+}
+
+/// What the broker itself carries beside headers and body, used where the
+/// message does not say: each adapter fills what its broker has.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Native<'a> {
+    /// The broker's own id of the message (AMQP `message-id`,
+    /// `Nats-Msg-Id`, a Redis entry id, a JetStream `STREAM:seq`); stable
+    /// across redeliveries, so the idempotency layer recognises them.
+    pub id: Option<&'a str>,
+    /// The routing key or subject, taken as the event type when none is given.
+    pub event_type: Option<&'a str>,
+    /// The broker's time of the message (AMQP `timestamp`).
+    pub time: Option<SystemTime>,
+    /// The broker's content type (AMQP `content-type` property).
+    pub content_type: Option<&'a str>,
+}
+
+/// A body the dialect cannot read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not a {dialect} message: {problem}")]
+pub struct Undecodable {
+    /// The dialect that tried.
+    pub dialect: &'static str,
+    /// What is wrong.
+    pub problem: String,
+}
+
+/// The media type of a structured CloudEvent in JSON.
+pub const CLOUDEVENTS_JSON: &str = "application/cloudevents+json";
+
+/// Header spellings other services use, read when the dialect's own
+/// field is absent (compared without case).
+const CORRELATION_ALIASES: [&str; 3] = ["correlationid", "correlation-id", "x-correlation-id"];
+const CAUSATION_ALIASES: [&str; 2] = ["causationid", "causation-id"];
+const TYPE_ALIASES: [&str; 3] = ["eventtype", "event-type", "x-event-type"];
+
+impl Dialect {
+    /// The dialect named `name`: `cloudevents-binary` (or `binary`),
+    /// `cloudevents-structured` (or `structured`), `envelope`.
+    pub fn parse(name: &str) -> Result<Dialect> {
+        match name {
+            "cloudevents-binary" | "binary" | "" => Ok(Dialect::CloudEventsBinary),
+            "cloudevents-structured" | "structured" => Ok(Dialect::CloudEventsStructured),
+            "envelope" => Ok(Dialect::Envelope(Envelope::default())),
+            other => Err(Error::Config {
+                key: "dialect".into(),
+                message: format!(
+                    "unknown dialect `{other}`; known: cloudevents-binary, cloudevents-structured, envelope"
+                ),
+            }),
+        }
+    }
+
+    /// Applies a `dialect=<name>` or `envelope.<field>=<path>` option of a
+    /// broker URL or configuration table; `Ok(false)` when `key` is neither,
+    /// so adapters can try it before their own options.
+    pub fn apply_option(&mut self, key: &str, value: &str) -> Result<bool> {
+        if key == "dialect" {
+            let named = Dialect::parse(value)?;
+            // `envelope.*` options given before `dialect=envelope` stay.
+            if !(matches!(named, Dialect::Envelope(_)) && matches!(self, Dialect::Envelope(_))) {
+                *self = named;
+            }
+            return Ok(true);
+        }
+        match key.strip_prefix("envelope.") {
+            Some(field) => self.set_envelope_option(field, value).map(|()| true),
+            None => Ok(false),
+        }
+    }
+
+    /// Applies one `envelope.<field>=<path>` option (`envelope.data=body`,
+    /// `envelope.time_format=epoch-millis`, `envelope.source=` to leave a
+    /// field out); turns the dialect into an envelope if it was not one.
+    pub fn set_envelope_option(&mut self, field: &str, value: &str) -> Result<()> {
+        if !matches!(self, Dialect::Envelope(_)) {
+            *self = Dialect::Envelope(Envelope::default());
+        }
+        let Dialect::Envelope(e) = self else {
+            unreachable!("made an envelope above")
+        };
+        let path = || (!value.is_empty()).then(|| value.to_owned());
+        match field {
+            "id" => e.id = path(),
+            "type" => e.event_type = path(),
+            "time" => e.time = path(),
+            "source" => e.source = path(),
+            "correlation_id" => e.correlation_id = path(),
+            "causation_id" => e.causation_id = path(),
+            "data" if !value.is_empty() => e.data = value.to_owned(),
+            "time_format" => {
+                e.time_format = match value {
+                    "iso" | "rfc3339" => TimeFormat::Rfc3339,
+                    "epoch-seconds" | "seconds" => TimeFormat::EpochSeconds,
+                    "epoch-millis" | "millis" => TimeFormat::EpochMillis,
+                    other => {
+                        return Err(Error::Config {
+                            key: "envelope.time_format".into(),
+                            message: format!(
+                                "`{other}` is not one of iso, epoch-seconds, epoch-millis"
+                            ),
+                        });
+                    }
+                }
+            }
+            other => {
+                return Err(Error::Config {
+                    key: format!("envelope.{other}"),
+                    message: "unknown envelope field; known: id, type, time, time_format, \
+                              source, correlation_id, causation_id, data (a non-empty path)"
+                        .into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The dialect's name, as [`parse`](Dialect::parse) reads it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Dialect::CloudEventsBinary => "cloudevents-binary",
+            Dialect::CloudEventsStructured => "cloudevents-structured",
+            Dialect::Envelope(_) => "envelope",
+        }
+    }
+
+    /// Writes `message`: calls `header` with every header to set (names in
+    /// the style of `names` where the dialect uses headers) and returns the
+    /// body. For the default dialect the body is the payload itself (no
+    /// copy).
+    pub fn encode(
+        &self,
+        message: &Message,
+        names: &Names,
+        mut header: impl FnMut(&str, &str),
+    ) -> Bytes {
+        match self {
+            Dialect::CloudEventsBinary => {
+                message.write_headers(names, header);
+                message.payload.clone()
+            }
+            Dialect::CloudEventsStructured => {
+                for (k, v) in &message.headers {
+                    header(k, v);
+                }
+                header(names.content_type, CLOUDEVENTS_JSON);
+                Bytes::from(structured::encode(message))
+            }
+            Dialect::Envelope(envelope) => {
+                for (k, v) in &message.headers {
+                    header(k, v);
+                }
+                header(names.content_type, "application/json");
+                if let Some(c) = &message.metadata.correlation_id {
+                    header("correlationId", c);
+                }
+                Bytes::from(envelope.encode(message))
+            }
+        }
+    }
+
+    /// Reads a message from broker headers and body. `names` are the header
+    /// names of the binary dialect on this broker.
+    pub fn decode<K, V>(
+        &self,
+        names: &Names,
+        headers: impl IntoIterator<Item = (K, V)>,
+        body: Bytes,
+        native: Native<'_>,
+    ) -> std::result::Result<Message, Undecodable>
+    where
+        K: Into<String> + AsRef<str>,
+        V: Into<String> + AsRef<str>,
+    {
+        let mut message = match self {
+            Dialect::CloudEventsBinary => {
+                Message::from_headers(names, headers, body, native.id.map(str::to_owned))
+            }
+            Dialect::CloudEventsStructured => {
+                let rest: Headers = headers
+                    .into_iter()
+                    .map(|(k, v)| (k.into(), v.into()))
+                    .collect();
+                structured::decode(&body, rest, native)?
+            }
+            Dialect::Envelope(envelope) => {
+                let rest: Headers = headers
+                    .into_iter()
+                    .map(|(k, v)| (k.into(), v.into()))
+                    .collect();
+                envelope.decode(&body, rest, native)?
+            }
+        };
+        fill_from_aliases(&mut message, names);
+        let m = &mut message.metadata;
+        if m.event_type.is_none() {
+            m.event_type = native.event_type.map(str::to_owned);
+        }
+        if m.time.is_none() {
+            m.time = native.time;
+        }
+        if m.content_type.is_none() {
+            m.content_type = native.content_type.map(str::to_owned);
+        }
+        Ok(message)
+    }
+}
+
+impl fmt::Display for Dialect {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Fills metadata the message lacks from header spellings other services
+/// use. The headers stay: nothing the sender wrote is lost.
+fn fill_from_aliases(message: &mut Message, names: &Names) {
+    let find = |aliases: &[&str]| {
+        message
+            .headers
+            .iter()
+            .find(|(k, _)| aliases.iter().any(|a| k.eq_ignore_ascii_case(a)))
+            .map(|(_, v)| v.clone())
+    };
+    let correlation = find(&CORRELATION_ALIASES);
+    let causation = find(&CAUSATION_ALIASES);
+    let event_type = find(&TYPE_ALIASES);
+    let content_type = message
+        .headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(names.content_type))
+        .map(|(_, v)| v.clone());
+    let m = &mut message.metadata;
+    if m.correlation_id.is_none() {
+        m.correlation_id = correlation;
+    }
+    if m.causation_id.is_none() {
+        m.causation_id = causation;
+    }
+    if m.event_type.is_none() {
+        m.event_type = event_type;
+    }
+    if m.content_type.is_none() {
+        m.content_type = content_type;
+    }
+}
+
+/// A JSON value at a dot-separated path.
+fn get<'a>(root: &'a Value, path: &str) -> Option<&'a Value> {
+    path.split('.').try_fold(root, |v, key| v.get(key))
+}
+
+/// Sets a JSON value at a dot-separated path, making objects on the way.
+fn set(root: &mut Map<String, Value>, path: &str, value: Value) {
+    let mut keys = path.split('.').peekable();
+    let mut node = root;
+    while let Some(key) = keys.next() {
+        if keys.peek().is_none() {
+            node.insert(key.to_owned(), value);
+            return;
+        }
+        let next = node
+            .entry(key.to_owned())
+            .or_insert_with(|| Value::Object(Map::new()));
+        if !next.is_object() {
+            *next = Value::Object(Map::new());
+        }
+        node = match next {
+            Value::Object(map) => map,
+            _ => return,
+        };
+    }
+}
+
+/// A string field: strings as they are, numbers as written.
+fn text(value: &Value) -> Option<String> {
+    match value {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// A time field: RFC 3339 text, or a number of seconds or milliseconds.
+fn read_time(value: &Value) -> Option<SystemTime> {
+    match value {
+        Value::String(s) => time::parse_rfc3339(s).or_else(|| {
+            s.parse::<u64>()
+                .ok()
+                .and_then(time::from_unix_secs_or_millis)
+        }),
+        Value::Number(n) => n.as_u64().and_then(time::from_unix_secs_or_millis),
+        _ => None,
+    }
+}
+
+/// The payload as a JSON value: itself when it is JSON, else a string.
+fn payload_value(payload: &Bytes) -> Value {
+    serde_json::from_slice(payload)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(payload).into_owned()))
+}
+
+impl Envelope {
+    fn encode(&self, message: &Message) -> Vec<u8> {
+        let mut root = Map::new();
+        let m = &message.metadata;
+        let mut put = |path: &Option<String>, value: Option<Value>| {
+            if let (Some(path), Some(value)) = (path, value) {
+                set(&mut root, path, value);
+            }
+        };
+        put(&self.id, Some(Value::String(message.id.clone())));
+        put(&self.event_type, m.event_type.clone().map(Value::String));
+        let when = m.time.and_then(|t| match self.time_format {
+            TimeFormat::Rfc3339 => time::format_rfc3339(t).map(Value::String),
+            TimeFormat::EpochSeconds => t
+                .duration_since(std::time::UNIX_EPOCH)
+                .ok()
+                .map(|d| Value::from(d.as_secs())),
+            TimeFormat::EpochMillis => t
+                .duration_since(std::time::UNIX_EPOCH)
+                .ok()
+                .map(|d| Value::from(d.as_millis() as u64)),
+        });
+        put(&self.time, when);
+        put(&self.source, m.source.clone().map(Value::String));
+        put(
+            &self.correlation_id,
+            m.correlation_id.clone().map(Value::String),
+        );
+        put(
+            &self.causation_id,
+            m.causation_id.clone().map(Value::String),
+        );
+        set(&mut root, &self.data, payload_value(&message.payload));
+        serde_json::to_vec(&Value::Object(root)).unwrap_or_default()
+    }
+
+    fn decode(
+        &self,
+        body: &[u8],
+        headers: Headers,
+        native: Native<'_>,
+    ) -> std::result::Result<Message, Undecodable> {
+        let undecodable = |problem: String| Undecodable {
+            dialect: "envelope",
+            problem,
+        };
+        let root: Value = serde_json::from_slice(body)
+            .map_err(|e| undecodable(format!("the body is not JSON ({e})")))?;
+        if !root.is_object() {
+            return Err(undecodable("the body is not a JSON object".into()));
+        }
+        let data = get(&root, &self.data)
+            .ok_or_else(|| undecodable(format!("it has no `{}` field", self.data)))?;
+        let field = |path: &Option<String>| path.as_deref().and_then(|p| get(&root, p));
+        let payload = serde_json::to_vec(data).unwrap_or_default();
+        let metadata = Metadata {
+            event_type: field(&self.event_type).and_then(text),
+            source: field(&self.source).and_then(text),
+            time: field(&self.time).and_then(read_time),
+            schema_version: None,
+            correlation_id: field(&self.correlation_id).and_then(text),
+            causation_id: field(&self.causation_id).and_then(text),
+            content_type: Some("application/json".into()),
+        };
+        let id = field(&self.id)
+            .and_then(text)
+            .or_else(|| native.id.map(str::to_owned));
+        Ok(Message {
+            id: id.unwrap_or_else(crate::message::new_id),
+            key: None,
+            headers,
+            payload: Bytes::from(payload),
+            metadata,
+        })
+    }
+}
+
+mod structured {
+    //! CloudEvents 1.0 in the JSON event format.
+
+    use super::*;
+
+    /// The context attributes Tidings maps to metadata.
+    const KNOWN: [&str; 13] = [
+        "specversion",
+        "id",
+        "type",
+        "source",
+        "time",
+        "datacontenttype",
+        "data",
+        "data_base64",
+        "schemaversion",
+        "correlationid",
+        "causationid",
+        "partitionkey",
+        "subject",
+    ];
+
+    pub(super) fn encode(message: &Message) -> Vec<u8> {
+        let m = &message.metadata;
+        let mut root = Map::new();
+        root.insert("specversion".into(), wire::SPEC_VERSION.into());
+        root.insert("id".into(), message.id.clone().into());
+        root.insert(
+            "source".into(),
+            m.source.as_deref().unwrap_or(wire::DEFAULT_SOURCE).into(),
+        );
+        // `type` is required by the spec; a message without one says what it is not.
+        root.insert(
+            "type".into(),
+            m.event_type.as_deref().unwrap_or("tidings.message").into(),
+        );
+        if let Some(t) = m.time.and_then(time::format_rfc3339) {
+            root.insert("time".into(), t.into());
+        }
+        let optional = [
+            ("schemaversion", &m.schema_version),
+            ("correlationid", &m.correlation_id),
+            ("causationid", &m.causation_id),
+            ("partitionkey", &message.key),
+        ];
+        for (name, value) in optional {
+            if let Some(v) = value {
+                root.insert(name.into(), v.clone().into());
+            }
+        }
+        let json_content = m.content_type.as_deref().is_none_or(|c| c.contains("json"));
+        match serde_json::from_slice::<Value>(&message.payload) {
+            Ok(data) if json_content && !message.payload.is_empty() => {
+                root.insert(
+                    "datacontenttype".into(),
+                    m.content_type
+                        .as_deref()
+                        .unwrap_or("application/json")
+                        .into(),
+                );
+                root.insert("data".into(), data);
+            }
+            _ => {
+                use base64::Engine as _;
+                if let Some(c) = &m.content_type {
+                    root.insert("datacontenttype".into(), c.clone().into());
+                }
+                root.insert(
+                    "data_base64".into(),
+                    base64::engine::general_purpose::STANDARD
+                        .encode(&message.payload)
+                        .into(),
+                );
+            }
+        }
+        serde_json::to_vec(&Value::Object(root)).unwrap_or_default()
+    }
+
+    pub(super) fn decode(
+        body: &[u8],
+        mut headers: Headers,
+        native: Native<'_>,
+    ) -> std::result::Result<Message, Undecodable> {
+        let undecodable = |problem: String| Undecodable {
+            dialect: "cloudevents-structured",
+            problem,
+        };
+        let root: Value = serde_json::from_slice(body)
+            .map_err(|e| undecodable(format!("the body is not JSON ({e})")))?;
+        let Value::Object(map) = root else {
+            return Err(undecodable("the body is not a JSON object".into()));
+        };
+        if map.get("specversion").and_then(Value::as_str).is_none() {
+            return Err(undecodable("it has no `specversion`".into()));
+        }
+        let s = |name: &str| map.get(name).and_then(text);
+        let payload = match (map.get("data"), map.get("data_base64")) {
+            (_, Some(Value::String(b64))) => {
+                use base64::Engine as _;
+                base64::engine::general_purpose::STANDARD
+                    .decode(b64)
+                    .map_err(|e| undecodable(format!("`data_base64` is not base64 ({e})")))?
+            }
+            (Some(Value::String(text)), _) => text.clone().into_bytes(),
+            (Some(data), _) => serde_json::to_vec(data).unwrap_or_default(),
+            (None, _) => Vec::new(),
+        };
+        // Extension attributes Tidings has no field for travel as headers.
+        for (name, value) in &map {
+            if !KNOWN.contains(&name.as_str())
+                && let Some(v) = text(value)
+            {
+                headers.entry(name.clone()).or_insert(v);
+            }
+        }
+        let source = s("source").filter(|s| s != wire::DEFAULT_SOURCE);
+        Ok(Message {
+            id: s("id")
+                .or_else(|| native.id.map(str::to_owned))
+                .unwrap_or_else(crate::message::new_id),
+            key: s("partitionkey"),
+            headers,
+            payload: Bytes::from(payload),
+            metadata: Metadata {
+                event_type: s("type"),
+                source,
+                time: map.get("time").and_then(read_time),
+                schema_version: s("schemaversion"),
+                correlation_id: s("correlationid"),
+                causation_id: s("causationid"),
+                content_type: s("datacontenttype"),
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    fn sample() -> Message {
+        Message::new(r#"{"userId":"u-1","name":"Zoë ✓"}"#)
+            .with_type("user.registered")
+            .with_correlation_id("corr-1")
+            .with_content_type("application/json")
+            .with_header("traceparent", "00-abc-def-01")
+    }
+
+    fn round_trip(dialect: &Dialect, m: &Message) -> Message {
+        let mut headers = Headers::new();
+        let body = dialect.encode(m, &wire::BINARY, |k, v| {
+            headers.insert(k.into(), v.into());
+        });
+        dialect
+            .decode(&wire::BINARY, headers, body, Native::default())
+            .expect("decodes")
+    }
+
+    #[test]
+    fn every_dialect_round_trips_what_it_carries() {
+        let m = sample();
+        for dialect in [
+            Dialect::CloudEventsBinary,
+            Dialect::CloudEventsStructured,
+            Dialect::Envelope(Envelope::default()),
+        ] {
+            let back = round_trip(&dialect, &m);
+            assert_eq!(back.id, m.id, "{dialect}");
+            assert_eq!(back.metadata.event_type, m.metadata.event_type, "{dialect}");
+            assert_eq!(
+                back.metadata.correlation_id, m.metadata.correlation_id,
+                "{dialect}"
+            );
+            // Envelopes carry milliseconds: compare at that precision.
+            let ms = |t: Option<SystemTime>| {
+                t.map(|t| {
+                    t.duration_since(UNIX_EPOCH)
+                        .expect("after 1970")
+                        .as_millis()
+                })
+            };
+            assert_eq!(ms(back.metadata.time), ms(m.metadata.time), "{dialect}");
+            let data: Value = serde_json::from_slice(&back.payload).expect("JSON payload");
+            assert_eq!(data["name"], "Zoë ✓", "{dialect}");
+            assert_eq!(back.headers["traceparent"], "00-abc-def-01", "{dialect}");
+        }
+    }
+
+    #[test]
+    fn the_node_articles_envelope_is_read() {
+        let body = br#"{"id":"e-7","type":"order.placed","timestamp":"2024-05-01T10:00:00.123Z",
+            "payload":{"orderId":42},"metadata":{"correlationId":"c-9"}}"#;
+        let m = Dialect::Envelope(Envelope::default())
+            .decode(
+                &wire::AMQP,
+                [("correlationId", "c-9")],
+                Bytes::from_static(body),
+                Native::default(),
+            )
+            .expect("decodes");
+        assert_eq!(m.id, "e-7");
+        assert_eq!(m.metadata.event_type.as_deref(), Some("order.placed"));
+        assert_eq!(m.metadata.correlation_id.as_deref(), Some("c-9"));
+        assert_eq!(
+            m.metadata.time,
+            Some(UNIX_EPOCH + Duration::from_millis(1_714_557_600_123))
+        );
+        assert_eq!(m.payload.as_ref(), br#"{"orderId":42}"#);
+    }
+
+    #[test]
+    fn native_fields_and_header_aliases_fill_what_is_missing() {
+        let native = Native {
+            id: Some("amqp-id-1"),
+            event_type: Some("user.deleted"),
+            time: Some(UNIX_EPOCH + Duration::from_secs(1_700_000_000)),
+            content_type: None,
+        };
+        let m = Dialect::CloudEventsBinary
+            .decode(
+                &wire::BINARY,
+                [
+                    ("correlationId", "c-1"),
+                    ("Content-Type", "application/json"),
+                ],
+                Bytes::from_static(b"{}"),
+                native,
+            )
+            .expect("decodes");
+        assert_eq!(m.id, "amqp-id-1");
+        assert_eq!(m.metadata.event_type.as_deref(), Some("user.deleted"));
+        assert_eq!(m.metadata.correlation_id.as_deref(), Some("c-1"));
+        assert_eq!(m.metadata.content_type.as_deref(), Some("application/json"));
+        assert_eq!(m.metadata.time, native.time);
+    }
+
+    #[test]
+    fn bodies_a_dialect_cannot_read_are_errors() {
+        let envelope = Dialect::Envelope(Envelope::default());
+        for body in [&b"not json"[..], b"[1,2]", br#"{"id":"x"}"#] {
+            let e = envelope
+                .decode(
+                    &wire::BINARY,
+                    Headers::new(),
+                    Bytes::copy_from_slice(body),
+                    Native::default(),
+                )
+                .expect_err("undecodable");
+            assert_eq!(e.dialect, "envelope");
+        }
+        let e = Dialect::CloudEventsStructured
+            .decode(
+                &wire::BINARY,
+                Headers::new(),
+                Bytes::from_static(b"{}"),
+                Native::default(),
+            )
+            .expect_err("no specversion");
+        assert!(e.problem.contains("specversion"));
+    }
+
+    #[test]
+    fn structured_binary_payloads_travel_as_base64() {
+        let m = Message::new(Bytes::from_static(&[0, 159, 255])).with_type("blob");
+        let back = round_trip(&Dialect::CloudEventsStructured, &m);
+        assert_eq!(back.payload, m.payload);
+    }
+
+    #[test]
+    fn envelope_paths_and_time_formats_are_configurable() {
+        let mut d = Dialect::CloudEventsBinary;
+        d.set_envelope_option("data", "body.data").expect("ok");
+        d.set_envelope_option("time_format", "epoch-millis")
+            .expect("ok");
+        d.set_envelope_option("causation_id", "").expect("ok");
+        assert!(d.set_envelope_option("colour", "x").is_err());
+        let m = sample();
+        let mut headers = Headers::new();
+        let body = d.encode(&m, &wire::BINARY, |k, v| {
+            headers.insert(k.into(), v.into());
+        });
+        let json: Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(json["body"]["data"]["userId"], "u-1");
+        assert!(json["timestamp"].is_u64());
+        let back = d
+            .decode(&wire::BINARY, headers, body, Native::default())
+            .expect("decodes");
+        assert_eq!(back.metadata.correlation_id.as_deref(), Some("corr-1"));
+        let unknown = Dialect::parse("nonsense").expect_err("unknown");
+        assert!(unknown.to_string().contains("dialect"), "{unknown}");
+    }
+}
