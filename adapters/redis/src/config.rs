@@ -67,6 +67,10 @@ pub struct RedisConfig {
     /// means the entry is delivered again after the visibility timeout
     /// (at-least-once either way). URL: `confirm_acks=true`.
     pub confirm_acks: bool,
+    /// How messages map to entries and bodies: the dialect (`dialect`,
+    /// `envelope.<field>`), the body's field (`payload_field`) and renamed
+    /// fields (`field.<attribute>=<name>`); see [`Layout`](crate::headers::Layout).
+    pub layout: crate::headers::Layout,
     /// Whether a subscription keeps the entries its handlers hold from
     /// going idle (one `XCLAIM ... JUSTID` of all of them every third of the
     /// visibility timeout). Default `true`; with `false` the visibility
@@ -95,6 +99,7 @@ impl Default for RedisConfig {
             max_backoff: Duration::from_secs(2),
             confirm_acks: false,
             heartbeat: true,
+            layout: crate::headers::Layout::default(),
             tls: TlsOptions::default(),
         }
     }
@@ -117,6 +122,7 @@ impl fmt::Debug for RedisConfig {
             .field("max_backoff", &self.max_backoff)
             .field("confirm_acks", &self.confirm_acks)
             .field("heartbeat", &self.heartbeat)
+            .field("layout", &self.layout)
             .field("tls", &self.tls)
             .finish()
     }
@@ -212,6 +218,12 @@ impl RedisConfig {
                     ));
                 }
                 _ if config.tls.set(&key, &value)? => {}
+                _ if config.layout.dialect.apply_option(&key, &value)? => {}
+                _ if config.layout.apply_option(&key, &value)? => {}
+                "payload_field" if value.is_empty() => {
+                    return Err(config_error("payload_field", "must not be empty"));
+                }
+                "payload_field" => config.layout.payload_field = value,
                 k if k.starts_with("maxlen.") && k.len() > "maxlen.".len() => {
                     let n = positive(&key, &value)?;
                     config
@@ -223,7 +235,8 @@ impl RedisConfig {
                         &key,
                         "unknown option; known: mode, visibility_timeout, reclaim_interval, block, \
                          response_timeout, connect_timeout, claim_ttl, max_backoff, maxlen, \
-                         maxlen.<topic>, consumer, confirm_acks, heartbeat, tls_ca_file, tls_cert_file, \
+                         maxlen.<topic>, consumer, confirm_acks, heartbeat, dialect, envelope.<field>, \
+                         payload_field, field.<attribute>, tls_ca_file, tls_cert_file, \
                          tls_key_file",
                     ));
                 }

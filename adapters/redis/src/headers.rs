@@ -24,7 +24,8 @@ use std::fmt;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use redis::Value;
-use tidings_core::{Message, wire};
+use tidings_core::dialect::Native;
+use tidings_core::{Dialect, Message, wire};
 
 /// The stream field that carries the payload.
 pub const PAYLOAD_FIELD: &str = "payload";
@@ -34,6 +35,91 @@ pub const PUBSUB_MAGIC: &[u8; 4] = b"TDG1";
 
 /// The names the adapter uses for the CloudEvents attributes.
 pub const NAMES: wire::Names = wire::BINARY;
+
+/// How messages map to stream entries and channel bodies: the dialect, the
+/// field that carries the body, and fields named otherwise than the
+/// dialect's headers (`XADD s * type t data {...} timestamp ...` is the
+/// binary dialect with the body in `data`, `ce_type` named `type` and
+/// `ce_time` named `timestamp`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    /// The dialect (`dialect`, `envelope.<field>`).
+    pub dialect: Dialect,
+    /// The field that carries the body (`payload_field`, default `payload`).
+    pub payload_field: String,
+    /// Headers written and read under another field name
+    /// (`field.<attribute>=<name>`, attribute one of id, type, time, source,
+    /// correlation_id, causation_id, content_type, key): `(header, field)`.
+    pub renames: Vec<(&'static str, String)>,
+}
+
+impl Default for Layout {
+    fn default() -> Self {
+        Layout {
+            dialect: Dialect::CloudEventsBinary,
+            payload_field: PAYLOAD_FIELD.to_owned(),
+            renames: Vec::new(),
+        }
+    }
+}
+
+impl Layout {
+    /// Whether this is Tidings' own layout, written without a detour.
+    fn is_default(&self) -> bool {
+        self.dialect == Dialect::CloudEventsBinary
+            && self.payload_field == PAYLOAD_FIELD
+            && self.renames.is_empty()
+    }
+
+    /// Applies a `field.<attribute>=<name>` option; `Ok(false)` when `key` is not one.
+    pub fn apply_option(&mut self, key: &str, value: &str) -> tidings_core::Result<bool> {
+        let Some(attribute) = key.strip_prefix("field.") else {
+            return Ok(false);
+        };
+        let header = match attribute {
+            "id" => NAMES.id,
+            "type" => NAMES.event_type,
+            "time" => NAMES.time,
+            "source" => NAMES.source,
+            "correlation_id" => NAMES.correlation_id,
+            "causation_id" => NAMES.causation_id,
+            "content_type" => NAMES.content_type,
+            "key" => NAMES.key,
+            other => {
+                return Err(tidings_core::Error::Config {
+                    key: key.to_owned(),
+                    message: format!(
+                        "`{other}` is no attribute; known: id, type, time, source, \
+                         correlation_id, causation_id, content_type, key"
+                    ),
+                });
+            }
+        };
+        if value.is_empty() {
+            return Err(tidings_core::Error::Config {
+                key: key.to_owned(),
+                message: "needs a field name".into(),
+            });
+        }
+        self.renames.retain(|(h, _)| *h != header);
+        self.renames.push((header, value.to_owned()));
+        Ok(true)
+    }
+
+    fn field_for<'a>(&'a self, header: &'a str) -> &'a str {
+        self.renames
+            .iter()
+            .find(|(h, _)| *h == header)
+            .map_or(header, |(_, f)| f.as_str())
+    }
+
+    fn header_for(&self, field: String) -> String {
+        match self.renames.iter().find(|(_, f)| *f == field) {
+            Some((h, _)) => (*h).to_owned(),
+            None => field,
+        }
+    }
+}
 
 /// A stream entry that Tidings cannot read as a message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,6 +143,8 @@ pub enum ForeignProblem {
     },
     /// The entry is not a list of field/value pairs.
     Malformed,
+    /// The configured dialect cannot read its body.
+    Undecodable(tidings_core::dialect::Undecodable),
 }
 
 impl fmt::Display for ForeignEntry {
@@ -75,14 +163,36 @@ impl fmt::Display for ForeignEntry {
                 f,
                 "stream entry {id} is not a Tidings message: its fields are not name/value pairs"
             ),
+            ForeignProblem::Undecodable(e) => write!(f, "stream entry {id}: {e}"),
         }
     }
 }
 
 impl std::error::Error for ForeignEntry {}
 
-/// Calls `f` with every field/value pair the message is written with, payload first.
-pub fn write_fields(message: &Message, mut f: impl FnMut(&[u8], &[u8])) {
+/// Calls `f` with every field/value pair the message is written with in
+/// `layout`, the body first.
+pub fn write_fields(layout: &Layout, message: &Message, mut f: impl FnMut(&[u8], &[u8])) {
+    if !layout.is_default() {
+        // Another dialect or field names: the body is known only after the headers.
+        let mut pairs: Vec<(String, String)> = Vec::with_capacity(message.headers.len() + 8);
+        let body = layout.dialect.encode(message, &NAMES, |name, value| {
+            pairs.push((layout.field_for(name).to_owned(), value.to_owned()));
+        });
+        f(layout.payload_field.as_bytes(), &body);
+        let mut escaped = String::new();
+        for (name, value) in &pairs {
+            if name == &layout.payload_field || name.starts_with('\\') {
+                escaped.clear();
+                escaped.push('\\');
+                escaped.push_str(name);
+                f(escaped.as_bytes(), value.as_bytes());
+            } else {
+                f(name.as_bytes(), value.as_bytes());
+            }
+        }
+        return;
+    }
     f(PAYLOAD_FIELD.as_bytes(), &message.payload);
     let mut escaped = String::new();
     message.write_headers(&NAMES, |name, value| {
@@ -101,9 +211,9 @@ fn needs_escape(name: &str) -> bool {
     name == PAYLOAD_FIELD || name.starts_with('\\')
 }
 
-/// Appends the message's fields as arguments to an `XADD` command.
-pub fn add_fields(cmd: &mut redis::Cmd, message: &Message) {
-    write_fields(message, |name, value| {
+/// Appends the message's fields in `layout` as arguments to an `XADD` command.
+pub fn add_fields(cmd: &mut redis::Cmd, layout: &Layout, message: &Message) {
+    write_fields(layout, message, |name, value| {
         cmd.arg(name).arg(value);
     });
 }
@@ -111,6 +221,14 @@ pub fn add_fields(cmd: &mut redis::Cmd, message: &Message) {
 /// Checks that the fields of a stream entry (`[name, value, name, value, ...]`
 /// as Redis returns them) are one of our messages.
 pub fn check_fields(entry_id: &str, fields: &[Value]) -> Result<(), ForeignEntry> {
+    check_fields_in(PAYLOAD_FIELD, entry_id, fields)
+}
+
+fn check_fields_in(
+    payload_field: &str,
+    entry_id: &str,
+    fields: &[Value],
+) -> Result<(), ForeignEntry> {
     let foreign = |problem| ForeignEntry {
         entry_id: entry_id.to_owned(),
         problem,
@@ -123,7 +241,7 @@ pub fn check_fields(entry_id: &str, fields: &[Value]) -> Result<(), ForeignEntry
         let (Some(name), Some(value)) = (bulk_ref(&pair[0]), bulk_ref(&pair[1])) else {
             return Err(foreign(ForeignProblem::Malformed));
         };
-        if name == PAYLOAD_FIELD.as_bytes() {
+        if name == payload_field.as_bytes() {
             has_payload = true;
             continue;
         }
@@ -148,7 +266,30 @@ pub fn check_fields(entry_id: &str, fields: &[Value]) -> Result<(), ForeignEntry
 /// Reads a message from the fields of a stream entry (`[name, value, name, value, ...]`
 /// as Redis returns them). The payload is moved out of the reply, not copied.
 pub fn read_fields(entry_id: &str, fields: Vec<Value>) -> Result<Message, ForeignEntry> {
-    check_fields(entry_id, &fields)?;
+    match read_fields_in(&Layout::default(), entry_id, fields) {
+        (message, None) => Ok(message),
+        (_, Some(foreign)) => Err(foreign),
+    }
+}
+
+/// [`read_fields`] in `layout`: the body from its payload field, renamed
+/// fields as the headers they stand for, then the dialect's decoding (with
+/// the entry id as the fallback id). Always gives a message: when the
+/// entry is not one (a [`ForeignEntry`], [`ForeignProblem::Undecodable`]
+/// when the dialect cannot read its body), what could be salvaged of it,
+/// so it can be dead-lettered. The payload is moved out of the reply.
+pub fn read_fields_in(
+    layout: &Layout,
+    entry_id: &str,
+    fields: Vec<Value>,
+) -> (Message, Option<ForeignEntry>) {
+    if let Err(foreign) = check_fields_in(&layout.payload_field, entry_id, &fields) {
+        return (
+            salvage_in(&layout.payload_field, entry_id, &fields),
+            Some(foreign),
+        );
+    }
+    let payload_field = layout.payload_field.as_bytes();
     let mut payload = Bytes::new();
     let mut headers = Vec::with_capacity(fields.len() / 2);
     let mut it = fields.into_iter();
@@ -156,7 +297,7 @@ pub fn read_fields(entry_id: &str, fields: Vec<Value>) -> Result<Message, Foreig
         let (Some(name), Some(value)) = (bulk(name), bulk(value)) else {
             continue;
         };
-        if name == PAYLOAD_FIELD.as_bytes() {
+        if name == payload_field {
             payload = Bytes::from(value);
             continue;
         }
@@ -165,22 +306,44 @@ pub fn read_fields(entry_id: &str, fields: Vec<Value>) -> Result<Message, Foreig
         };
         let name = match name.strip_prefix('\\') {
             Some(unescaped) => unescaped.to_owned(),
-            None => name,
+            None => layout.header_for(name),
         };
         headers.push((name, value));
     }
-    Ok(Message::from_headers(
-        &NAMES,
-        headers,
-        payload,
-        Some(entry_id.to_owned()),
-    ))
+    let plain = |headers, payload| {
+        Message::from_headers(&NAMES, headers, payload, Some(entry_id.to_owned()))
+    };
+    if layout.is_default() {
+        return (plain(headers, payload), None);
+    }
+    let native = Native {
+        id: Some(entry_id),
+        ..Native::default()
+    };
+    match layout
+        .dialect
+        .decode(&NAMES, headers.clone(), payload.clone(), native)
+    {
+        Ok(message) => (message, None),
+        Err(e) => (
+            plain(headers, payload),
+            Some(ForeignEntry {
+                entry_id: entry_id.to_owned(),
+                problem: ForeignProblem::Undecodable(e),
+            }),
+        ),
+    }
 }
 
 /// A best-effort message from a foreign entry, so it can be dead-lettered:
 /// UTF-8 fields become headers (lossily), the payload is the `payload`
 /// field if there is one, else empty; the id is the entry id.
 pub fn salvage(entry_id: &str, fields: &[Value]) -> Message {
+    salvage_in(PAYLOAD_FIELD, entry_id, fields)
+}
+
+/// [`salvage`] with the body in `payload_field`.
+pub fn salvage_in(payload_field: &str, entry_id: &str, fields: &[Value]) -> Message {
     let mut payload = Bytes::new();
     let mut headers = Vec::new();
     for pair in fields.chunks(2) {
@@ -188,7 +351,7 @@ pub fn salvage(entry_id: &str, fields: &[Value]) -> Message {
         let (Some(name), Some(value)) = (bulk_ref(name), bulk_ref(value)) else {
             continue;
         };
-        if name == PAYLOAD_FIELD.as_bytes() {
+        if name == payload_field.as_bytes() {
             payload = Bytes::copy_from_slice(value);
         } else {
             headers.push((
@@ -242,15 +405,67 @@ pub struct CorruptFrame {
     pub channel: String,
 }
 
+/// The Pub/Sub body of a message in `layout`: a Tidings frame in the
+/// default dialect, else what the dialect writes (a JSON envelope or
+/// structured CloudEvent, whose body carries the metadata).
+pub fn encode_body(layout: &Layout, message: &Message) -> Vec<u8> {
+    if layout.dialect == Dialect::CloudEventsBinary {
+        return encode_frame(message);
+    }
+    layout.dialect.encode(message, &NAMES, |_, _| {}).to_vec()
+}
+
+/// Why a Pub/Sub body could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadBody {
+    /// It carries the Tidings magic but does not parse.
+    #[error(transparent)]
+    Corrupt(#[from] CorruptFrame),
+    /// The configured dialect cannot read it.
+    #[error(transparent)]
+    Undecodable(#[from] tidings_core::dialect::Undecodable),
+}
+
+/// Reads a Pub/Sub body in `layout`: a Tidings frame whatever the
+/// dialect; any other body through the dialect. A message that carries no
+/// id of its own gets one made from its channel and content, the same in
+/// every member, so the members of a group agree on who takes it.
+pub fn decode_body(layout: &Layout, channel: &str, body: Bytes) -> Result<Message, BadBody> {
+    if body.len() >= 8 && &body[..4] == PUBSUB_MAGIC {
+        return Ok(decode_frame(channel, body)?);
+    }
+    let id = content_id(channel, &body);
+    let native = Native {
+        id: Some(&id),
+        ..Native::default()
+    };
+    Ok(layout
+        .dialect
+        .decode(&NAMES, Vec::<(String, String)>::new(), body, native)?)
+}
+
+/// A stable id for a message without one: FNV-1a over channel and body,
+/// written by hand because it must be the same in every process and
+/// every build (std's hasher promises neither), and needs nothing more.
+fn content_id(channel: &str, body: &[u8]) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in channel.as_bytes().iter().chain([0u8].iter()).chain(body) {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{channel}:{hash:016x}")
+}
+
 /// Reads a Pub/Sub body. A body without the magic is a plain client's
 /// message: all of it is the payload.
 pub fn decode_frame(channel: &str, body: Bytes) -> Result<Message, CorruptFrame> {
     if body.len() < 8 || &body[..4] != PUBSUB_MAGIC {
+        let id = content_id(channel, &body);
         return Ok(Message::from_headers(
             &NAMES,
             Vec::<(String, String)>::new(),
             body,
-            None,
+            Some(id),
         ));
     }
     let corrupt = || CorruptFrame {
@@ -297,7 +512,7 @@ mod tests {
     /// The fields as Redis returns them from XREADGROUP.
     fn as_redis(message: &Message) -> Vec<Value> {
         let mut fields = Vec::new();
-        write_fields(message, |n, v| {
+        write_fields(&Layout::default(), message, |n, v| {
             fields.push(Value::BulkString(n.to_vec()));
             fields.push(Value::BulkString(v.to_vec()));
         });

@@ -76,6 +76,8 @@ pub const NAME: &str = "redis";
 #[derive(Clone)]
 pub struct RedisBus {
     publisher: Arc<RedisPublisher>,
+    publish: redis::aio::ConnectionManager,
+    config: Arc<RedisConfig>,
     subscriber: Arc<RedisSubscriber>,
 }
 
@@ -94,14 +96,34 @@ impl RedisBus {
         let publish = manager(&client, &config, Some(config.response_timeout)).await?;
         let control = manager(&client, &config, Some(config.response_timeout)).await?;
         Ok(RedisBus {
-            publisher: Arc::new(RedisPublisher::new(publish, config.clone())),
+            publisher: Arc::new(RedisPublisher::new(
+                publish.clone(),
+                config.clone(),
+                config.layout.clone(),
+            )),
+            publish,
+            config: config.clone(),
             subscriber: Arc::new(RedisSubscriber::new(client, control, config)),
         })
     }
 
-    /// The publisher, shared.
+    /// The publisher, shared, writing in the configured layout.
     pub fn publisher(&self) -> Arc<dyn Publisher> {
         self.publisher.clone()
+    }
+
+    /// A publisher on the same connection writing in `dialect` (with the
+    /// configured body field and field names).
+    pub fn publisher_in(&self, dialect: tidings_core::Dialect) -> Arc<dyn Publisher> {
+        let layout = headers::Layout {
+            dialect,
+            ..self.config.layout.clone()
+        };
+        Arc::new(RedisPublisher::new(
+            self.publish.clone(),
+            self.config.clone(),
+            layout,
+        ))
     }
 
     /// The subscriber, shared.

@@ -9,7 +9,8 @@ use redis::{RedisError, RedisResult, Value};
 use tidings_core::{Error, Message, Publisher, Receipt, Result};
 
 use crate::config::{RedisConfig, RedisMode};
-use crate::{headers, is_connection_error};
+use crate::headers::{self, Layout};
+use crate::is_connection_error;
 
 /// Publishes to Redis streams (`XADD`) or channels (`PUBLISH`).
 ///
@@ -18,6 +19,7 @@ use crate::{headers, is_connection_error};
 pub struct RedisPublisher {
     conn: ConnectionManager,
     config: Arc<RedisConfig>,
+    layout: Layout,
     closed: AtomicBool,
 }
 
@@ -31,7 +33,12 @@ impl std::fmt::Debug for RedisPublisher {
 }
 
 /// The `XADD` command for `message` on `topic`.
-pub(crate) fn xadd(config: &RedisConfig, topic: &str, message: &Message) -> redis::Cmd {
+pub(crate) fn xadd(
+    config: &RedisConfig,
+    layout: &Layout,
+    topic: &str,
+    message: &Message,
+) -> redis::Cmd {
     // Sized up front: growing the buffer argument by argument is measurable.
     let headers: usize = message.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
     let fields = 2 * (message.headers.len() + 10);
@@ -44,14 +51,14 @@ pub(crate) fn xadd(config: &RedisConfig, topic: &str, message: &Message) -> redi
         cmd.arg("MAXLEN").arg("~").arg(n);
     }
     cmd.arg("*");
-    headers::add_fields(&mut cmd, message);
+    headers::add_fields(&mut cmd, layout, message);
     cmd
 }
 
 /// The `PUBLISH` command for `message` on `channel`.
-pub(crate) fn publish_cmd(channel: &str, message: &Message) -> redis::Cmd {
+pub(crate) fn publish_cmd(layout: &Layout, channel: &str, message: &Message) -> redis::Cmd {
     let mut cmd = redis::cmd("PUBLISH");
-    cmd.arg(channel).arg(headers::encode_frame(message));
+    cmd.arg(channel).arg(headers::encode_body(layout, message));
     cmd
 }
 
@@ -81,18 +88,19 @@ fn receipt(topic: &str, value: Value) -> Result<Receipt> {
 }
 
 impl RedisPublisher {
-    pub(crate) fn new(conn: ConnectionManager, config: Arc<RedisConfig>) -> Self {
+    pub(crate) fn new(conn: ConnectionManager, config: Arc<RedisConfig>, layout: Layout) -> Self {
         RedisPublisher {
             conn,
             config,
+            layout,
             closed: AtomicBool::new(false),
         }
     }
 
     fn command(&self, topic: &str, message: &Message) -> redis::Cmd {
         match self.config.mode {
-            RedisMode::Streams => xadd(&self.config, topic, message),
-            RedisMode::PubSub => publish_cmd(topic, message),
+            RedisMode::Streams => xadd(&self.config, &self.layout, topic, message),
+            RedisMode::PubSub => publish_cmd(&self.layout, topic, message),
         }
     }
 

@@ -98,7 +98,11 @@ async fn read_loop(client: Client, shared: Arc<Shared>, ready: oneshot::Sender<R
             drop(msg);
             // A corrupt frame goes to the runtime as a rejected delivery of
             // the raw body, to be dead-lettered where everything is observed.
-            let (message, corrupt) = match headers::decode_frame(&channel, body.clone()) {
+            let (message, corrupt) = match headers::decode_body(
+                &shared.layout,
+                &channel,
+                body.clone(),
+            ) {
                 Ok(m) => (m, None),
                 Err(e) => {
                     warn!(topic = %shared.topic, error = %e, "dead-lettering a corrupt Pub/Sub frame");

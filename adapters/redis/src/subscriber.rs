@@ -96,6 +96,13 @@ impl RedisSubscriber {
                 _ => None,
             },
             held: std::sync::Mutex::default(),
+            layout: match &subscription.dialect {
+                Some(dialect) => headers::Layout {
+                    dialect: dialect.clone(),
+                    ..self.config.layout.clone()
+                },
+                None => self.config.layout.clone(),
+            },
         })
     }
 
@@ -260,6 +267,8 @@ pub(crate) struct Shared {
     rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<Result<Delivery>>>>,
     /// The ack batcher of a consumer group subscription.
     acks: Option<mpsc::UnboundedSender<AckRequest>>,
+    /// How this subscription's messages are read.
+    pub(crate) layout: headers::Layout,
     /// Entries handed out and not yet settled (consumer groups): kept
     /// from being reclaimed by the heartbeat while a handler runs.
     held: std::sync::Mutex<HashSet<String>>,
@@ -688,9 +697,15 @@ impl Acker for RedisAcker {
         let mut conn = shared.control.clone();
         match &self.origin {
             Origin::Group { entry_id } => {
-                let added: RedisResult<Value> = xadd(&shared.config, &shared.dead_letters, &dead)
-                    .query_async(&mut conn)
-                    .await;
+                // Dead letters are Tidings' own: always in its default layout.
+                let added: RedisResult<Value> = xadd(
+                    &shared.config,
+                    &headers::Layout::default(),
+                    &shared.dead_letters,
+                    &dead,
+                )
+                .query_async(&mut conn)
+                .await;
                 added.map_err(|e| self.settle_error(e))?;
                 let acked: RedisResult<Value> = redis::cmd("XACK")
                     .arg(&*shared.topic)
@@ -702,8 +717,15 @@ impl Acker for RedisAcker {
             }
             Origin::Local => {
                 let cmd = match shared.config.mode {
-                    RedisMode::Streams => xadd(&shared.config, &shared.dead_letters, &dead),
-                    RedisMode::PubSub => publish_cmd(&shared.dead_letters, &dead),
+                    RedisMode::Streams => xadd(
+                        &shared.config,
+                        &headers::Layout::default(),
+                        &shared.dead_letters,
+                        &dead,
+                    ),
+                    RedisMode::PubSub => {
+                        publish_cmd(&headers::Layout::default(), &shared.dead_letters, &dead)
+                    }
                 };
                 let sent: RedisResult<Value> = cmd.query_async(&mut conn).await;
                 sent.map(drop).map_err(|e| self.settle_error(e))
@@ -846,14 +868,7 @@ async fn deliver(
     attempt: u32,
     permit: OwnedSemaphorePermit,
 ) {
-    let (message, foreign) = match headers::check_fields(&entry_id, &fields) {
-        Ok(()) => match headers::read_fields(&entry_id, fields) {
-            Ok(message) => (message, None),
-            // `read_fields` checks the same as `check_fields` did.
-            Err(foreign) => (Message::default().with_id(entry_id.clone()), Some(foreign)),
-        },
-        Err(foreign) => (headers::salvage(&entry_id, &fields), Some(foreign)),
-    };
+    let (message, foreign) = headers::read_fields_in(&shared.layout, &entry_id, fields);
     if let Some(foreign) = &foreign {
         warn!(topic = %shared.topic, group = ?shared.group, %foreign, "a stream entry that is not a Tidings message; dead-lettering it");
     }
