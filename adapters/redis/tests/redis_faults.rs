@@ -497,18 +497,20 @@ async fn pubsub_subscriber_resumes_after_a_cut_and_patterns_match() {
         }
     })
     .await;
-    let m = Message::new("to b");
-    let receipt = publish_retrying(&*p, &format!("{base}.b"), m.clone()).await;
-    assert_eq!(receipt, Receipt::Accepted);
-    within(30, "the pattern subscription", async {
+    // The pattern subscription resubscribes on a connection of its own,
+    // maybe later than the exact one: publish until it sees one too.
+    within(60, "the pattern subscription after the cut", async {
         loop {
-            match pattern.next().await {
-                Some(Ok(d)) if d.message().id == m.id => {
+            let m = Message::new("to b");
+            let receipt = publish_retrying(&*p, &format!("{base}.b"), m.clone()).await;
+            assert_eq!(receipt, Receipt::Accepted);
+            match tokio::time::timeout(Duration::from_millis(200), pattern.next()).await {
+                Ok(Some(Ok(d))) if d.message().id == m.id => {
                     assert_eq!(d.topic(), format!("{base}.b"), "the matched channel");
                     return;
                 }
-                Some(_) => continue,
-                None => panic!("pattern stream ended"),
+                Ok(None) => panic!("pattern stream ended"),
+                _ => continue,
             }
         }
     })
