@@ -122,6 +122,11 @@ pub struct Undecodable {
     pub problem: String,
 }
 
+/// The header a body's media type is written under by the dialects that
+/// put the event in the body, spelled as HTTP and most clients spell it
+/// (read in any case).
+pub const CONTENT_TYPE: &str = "Content-Type";
+
 /// The media type of a structured CloudEvent in JSON.
 pub const CLOUDEVENTS_JSON: &str = "application/cloudevents+json";
 
@@ -240,14 +245,14 @@ impl Dialect {
                 for (k, v) in &message.headers {
                     header(k, v);
                 }
-                header(names.content_type, CLOUDEVENTS_JSON);
+                header(CONTENT_TYPE, CLOUDEVENTS_JSON);
                 Bytes::from(structured::encode(message))
             }
             Dialect::Envelope(envelope) => {
                 for (k, v) in &message.headers {
                     header(k, v);
                 }
-                header(names.content_type, "application/json");
+                header(CONTENT_TYPE, "application/json");
                 if let Some(c) = &message.metadata.correlation_id {
                     header("correlationId", c);
                 }

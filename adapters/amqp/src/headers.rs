@@ -65,7 +65,7 @@ pub fn encode(
         if extra.iter().any(|(name, _)| *name == k) {
             return;
         }
-        if k == wire::AMQP.content_type {
+        if k.eq_ignore_ascii_case(wire::AMQP.content_type) {
             content_type = Some(v.to_owned());
         }
         match short(k) {

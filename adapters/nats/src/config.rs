@@ -101,6 +101,10 @@ pub struct NatsConfig {
     pub max_bytes: Option<i64>,
     /// Window in which a message id published twice is stored once (default 2 min).
     pub duplicate_window: Duration,
+    /// How messages map to NATS headers and bodies (`dialect`, with
+    /// `envelope.<field>=<path>`); per subscription and per publisher it can
+    /// be overridden. Default: CloudEvents binary.
+    pub dialect: tidings_core::Dialect,
     /// How long the server waits for an ack before redelivering (default
     /// 4 s: a member that dies holding deliveries has them given to another
     /// within about 4 s; one that is alive reports long handlers in progress, see
@@ -155,6 +159,7 @@ impl Default for NatsConfig {
             max_age: None,
             max_bytes: None,
             duplicate_window: Duration::from_secs(120),
+            dialect: tidings_core::Dialect::default(),
             ack_wait: DEFAULT_ACK_WAIT,
             max_deliver: Some(DEFAULT_MAX_DELIVER),
             max_ack_pending: None,
@@ -185,6 +190,7 @@ impl fmt::Debug for NatsConfig {
             .field("max_age", &self.max_age)
             .field("max_bytes", &self.max_bytes)
             .field("duplicate_window", &self.duplicate_window)
+            .field("dialect", &self.dialect)
             .field("ack_wait", &self.ack_wait)
             .field("max_deliver", &self.max_deliver)
             .field("max_ack_pending", &self.max_ack_pending)
@@ -337,14 +343,15 @@ impl NatsConfig {
                 "name" => config.connection_name = Some(v.to_owned()),
                 "token" => config.token = Some(v.to_owned()),
                 _ if config.tls.set(key, v)? => {}
+                _ if config.dialect.apply_option(key, v)? => {}
                 _ => {
                     return Err(config_error(
                         key,
                         "unknown option; known: jetstream, stream, stream_prefix, subject_prefix, \
                          retention, storage, max_age, max_bytes, duplicate_window, ack_wait, \
                          max_deliver, max_ack_pending, progress_interval, request_timeout, \
-                         connect_timeout, name, token, tls_ca_file, tls_cert_file, tls_key_file, \
-                         tls_server_name",
+                         connect_timeout, name, token, dialect, envelope.<field>, tls_ca_file, \
+                         tls_cert_file, tls_key_file, tls_server_name",
                     ));
                 }
             }

@@ -11,7 +11,8 @@
 
 use async_nats::HeaderMap;
 use bytes::Bytes;
-use tidings_core::{Message, wire};
+use tidings_core::dialect::{Native, Undecodable};
+use tidings_core::{Dialect, Message, wire};
 
 /// The prefix of headers whose name and value are percent-encoded.
 pub const ENCODED_PREFIX: &str = "tidings-enc-";
@@ -92,14 +93,60 @@ fn put(map: &mut HeaderMap, name: &str, value: &str) {
     }
 }
 
-/// The NATS headers for `message`, with `Nats-Msg-Id` set to `msg_id` when given.
+/// The NATS headers for `message` in the default dialect, with
+/// `Nats-Msg-Id` set to `msg_id` when given.
 pub fn to_nats(message: &Message, msg_id: Option<&str>) -> HeaderMap {
+    encode(&Dialect::CloudEventsBinary, message, msg_id).0
+}
+
+/// The headers and body of `message` in `dialect`, with `Nats-Msg-Id` set
+/// to `msg_id` when given (JetStream deduplicates on it).
+pub fn encode(dialect: &Dialect, message: &Message, msg_id: Option<&str>) -> (HeaderMap, Bytes) {
     let mut map = HeaderMap::new();
-    message.write_headers(&wire::BINARY, |k, v| put(&mut map, k, v));
+    let body = dialect.encode(message, &wire::BINARY, |k, v| put(&mut map, k, v));
     if let Some(id) = msg_id {
         put(&mut map, MSG_ID, id);
     }
-    map
+    (map, body)
+}
+
+/// Reads a message in `dialect`. What it does not say comes from the
+/// server's own fields: `Nats-Msg-Id` (else `fallback_id`) as the id, the
+/// subject as the type. When the dialect cannot read the body: what could
+/// be read (the body as payload), and why.
+pub fn decode(
+    dialect: &Dialect,
+    headers: Option<&HeaderMap>,
+    payload: Bytes,
+    fallback_id: Option<String>,
+    subject: Option<&str>,
+) -> (Message, Option<Undecodable>) {
+    let msg_id = headers
+        .and_then(|h| h.get(MSG_ID))
+        .map(|v| v.as_str().to_owned());
+    let pairs: Vec<(String, String)> = headers
+        .into_iter()
+        .flat_map(|map| {
+            map.iter().filter_map(|(name, values)| {
+                let name: &str = name.as_ref();
+                Some((name.to_owned(), values.last()?.as_str().to_owned()))
+            })
+        })
+        .collect();
+    let pairs = pairs_for_message(pairs);
+    let id = msg_id.or(fallback_id);
+    let native = Native {
+        id: id.as_deref(),
+        event_type: subject,
+        ..Native::default()
+    };
+    match dialect.decode(&wire::BINARY, pairs.clone(), payload.clone(), native) {
+        Ok(message) => (message, None),
+        Err(e) => (
+            Message::from_headers(&wire::BINARY, pairs, payload, id),
+            Some(e),
+        ),
+    }
 }
 
 /// Rebuilds a message from NATS headers and payload. `fallback_id` is used
@@ -125,19 +172,35 @@ pub(crate) fn from_pairs(
     payload: Bytes,
     fallback_id: Option<String>,
 ) -> Message {
-    let pairs = pairs.into_iter().filter_map(|(name, value)| {
-        if name.len() >= 5 && name.is_char_boundary(5) && name[..5].eq_ignore_ascii_case("nats-") {
-            return None;
-        }
-        match name.strip_prefix(ENCODED_PREFIX) {
-            Some(encoded) => match (percent_decode(encoded), percent_decode(&value)) {
-                (Some(n), Some(v)) => Some((n, v)),
-                _ => Some((name, value)),
-            },
-            None => Some((name, value)),
-        }
-    });
-    Message::from_headers(&wire::BINARY, pairs, payload, fallback_id)
+    Message::from_headers(
+        &wire::BINARY,
+        pairs_for_message(pairs),
+        payload,
+        fallback_id,
+    )
+}
+
+/// The headers that belong to the message: the server's `Nats-*` ones
+/// dropped, `tidings-enc-` ones decoded.
+fn pairs_for_message(pairs: impl IntoIterator<Item = (String, String)>) -> Vec<(String, String)> {
+    pairs
+        .into_iter()
+        .filter_map(|(name, value)| {
+            if name.len() >= 5
+                && name.is_char_boundary(5)
+                && name[..5].eq_ignore_ascii_case("nats-")
+            {
+                return None;
+            }
+            match name.strip_prefix(ENCODED_PREFIX) {
+                Some(encoded) => match (percent_decode(encoded), percent_decode(&value)) {
+                    (Some(n), Some(v)) => Some((n, v)),
+                    _ => Some((name, value)),
+                },
+                None => Some((name, value)),
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]

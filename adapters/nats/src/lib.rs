@@ -173,7 +173,12 @@ impl NatsBus {
 
     /// The publisher of this connection.
     pub fn publisher(&self) -> Arc<dyn Publisher> {
-        Arc::new(NatsPublisher::new(self.shared.clone()))
+        self.publisher_in(self.shared.config.dialect.clone())
+    }
+
+    /// A publisher on this connection writing in `dialect`.
+    pub fn publisher_in(&self, dialect: tidings_core::Dialect) -> Arc<dyn Publisher> {
+        Arc::new(NatsPublisher::new(self.shared.clone(), dialect))
     }
 
     /// The subscriber of this connection.
@@ -282,6 +287,7 @@ impl Shared {
     /// again (same id) if the connection is re-established meanwhile.
     pub(crate) async fn js_publish(
         &self,
+        dialect: &tidings_core::Dialect,
         topic: &str,
         message: &Message,
         msg_id: &str,
@@ -293,9 +299,10 @@ impl Shared {
         let mut reconnects = self.reconnects.clone();
         reconnects.mark_unchanged();
         loop {
+            let (headers, body) = headers::encode(dialect, message, Some(msg_id));
             let publish = jetstream::message::PublishMessage::build()
-                .payload(message.payload.clone())
-                .headers(headers::to_nats(message, Some(msg_id)));
+                .payload(body)
+                .headers(headers);
             let send = async {
                 match self.js.send_publish(subject.clone(), publish).await {
                     Ok(ack) => ack.await,

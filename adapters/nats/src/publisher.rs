@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
 use futures::future::join_all;
+use tidings_core::Dialect;
 use tidings_core::{Error, Message, Publisher, Receipt, Result};
 
 use crate::config::Mode;
@@ -19,13 +20,15 @@ use crate::{Shared, connection_error, headers, publish_error};
 /// has received the message (a flush round trip); it is not stored.
 pub struct NatsPublisher {
     shared: Arc<Shared>,
+    dialect: Dialect,
     closed: AtomicBool,
 }
 
 impl NatsPublisher {
-    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+    pub(crate) fn new(shared: Arc<Shared>, dialect: Dialect) -> Self {
         NatsPublisher {
             shared,
+            dialect,
             closed: AtomicBool::new(false),
         }
     }
@@ -38,13 +41,10 @@ impl NatsPublisher {
     }
 
     async fn core_send(&self, subject: &str, topic: &str, message: &Message) -> Result<()> {
+        let (headers, body) = headers::encode(&self.dialect, message, None);
         self.shared
             .client
-            .publish_with_headers(
-                subject.to_owned(),
-                headers::to_nats(message, None),
-                message.payload.clone(),
-            )
+            .publish_with_headers(subject.to_owned(), headers, body)
             .await
             .map_err(|e| {
                 let transient =
@@ -77,7 +77,7 @@ impl Publisher for NatsPublisher {
         match self.shared.config.mode {
             Mode::JetStream => {
                 self.shared
-                    .js_publish(topic, &message, &message.publish_dedup_key())
+                    .js_publish(&self.dialect, topic, &message, &message.publish_dedup_key())
                     .await
             }
             Mode::Core => {
@@ -120,12 +120,11 @@ impl Publisher for NatsPublisher {
                 // collect the PubAcks in order.
                 let mut pending = Vec::with_capacity(messages.len());
                 for message in &messages {
+                    let (headers, body) =
+                        headers::encode(&self.dialect, message, Some(&message.publish_dedup_key()));
                     let publish = async_nats::jetstream::message::PublishMessage::build()
-                        .payload(message.payload.clone())
-                        .headers(headers::to_nats(
-                            message,
-                            Some(&message.publish_dedup_key()),
-                        ));
+                        .payload(body)
+                        .headers(headers);
                     pending.push(self.shared.js.send_publish(subject.clone(), publish).await);
                 }
                 let acks = join_all(pending.into_iter().map(|sent| async move {

@@ -28,6 +28,8 @@ use tidings_core::{
 use crate::config::Mode;
 use crate::topology::Topology;
 use crate::{NAME, Shared, broker_error, given_up, headers};
+use tidings_core::Dialect;
+use tidings_core::dialect::Undecodable;
 
 /// Subscribes to NATS. Made by [`NatsBus::subscriber`](crate::NatsBus::subscriber).
 pub struct NatsSubscriber {
@@ -211,6 +213,10 @@ impl Subscriber for NatsSubscriber {
         let (tx, rx) = mpsc::channel(prefetch.min(1024));
         let (stop_tx, stop) = watch::channel(false);
         let pump = Pump {
+            dialect: subscription
+                .dialect
+                .clone()
+                .unwrap_or_else(|| shared.config.dialect.clone()),
             shared: shared.clone(),
             topic: topic.as_str().into(),
             group: group.as_deref().map(Arc::from),
@@ -372,6 +378,8 @@ impl Tracker {
 /// Moves messages from the client into the delivery channel, one permit each.
 struct Pump {
     shared: Arc<Shared>,
+    /// How this subscription's messages are read.
+    dialect: Dialect,
     topic: Arc<str>,
     group: Option<Arc<str>>,
     permits: Arc<Semaphore>,
@@ -587,9 +595,17 @@ impl Pump {
             reply,
             payload,
             headers,
+            subject,
             ..
         } = msg.message;
-        let message = Arc::new(headers::from_nats(headers.as_ref(), payload, fallback));
+        let (message, undecodable) = headers::decode(
+            &self.dialect,
+            headers.as_ref(),
+            payload,
+            fallback,
+            Some(subject.as_str()),
+        );
+        let message = Arc::new(message);
         let tracked = match (&reply, tracker) {
             (Some(reply), Some(t)) => Some(t.track(reply.clone())),
             _ => None,
@@ -611,10 +627,11 @@ impl Pump {
             attempt,
             Box::new(acker),
         );
-        match position {
+        let delivery = match position {
             Some(position) => delivery.with_position(position),
             None => delivery,
-        }
+        };
+        reject_if(delivery, undecodable)
     }
 
     async fn run_ordered(mut self, stream: String, subject: String, mut messages: pull::Ordered) {
@@ -643,12 +660,20 @@ impl Pump {
                         };
                         last_sequence = sequence;
                         let async_nats::Message {
-                            payload, headers, ..
+                            payload,
+                            headers,
+                            subject,
+                            ..
                         } = msg.message;
-                        let message =
-                            Arc::new(headers::from_nats(headers.as_ref(), payload, fallback));
+                        let (message, undecodable) = headers::decode(
+                            &self.dialect,
+                            headers.as_ref(),
+                            payload,
+                            fallback,
+                            Some(subject.as_str()),
+                        );
                         let delivery = Delivery::new(
-                            message,
+                            Arc::new(message),
                             self.topic.clone(),
                             None,
                             1,
@@ -661,7 +686,7 @@ impl Pump {
                             Some(position) => delivery.with_position(position),
                             None => delivery,
                         };
-                        if !self.hand_over(delivery).await {
+                        if !self.hand_over(reject_if(delivery, undecodable)).await {
                             break 'outer;
                         }
                     }
@@ -705,7 +730,14 @@ impl Pump {
                 next = sub.next() => next,
             };
             let Some(msg) = next else { break };
-            let message = Arc::new(headers::from_nats(msg.headers.as_ref(), msg.payload, None));
+            let (message, undecodable) = headers::decode(
+                &self.dialect,
+                msg.headers.as_ref(),
+                msg.payload,
+                None,
+                Some(msg.subject.as_str()),
+            );
+            let message = Arc::new(message);
             let delivery = Delivery::new(
                 message.clone(),
                 self.topic.clone(),
@@ -719,7 +751,7 @@ impl Pump {
                     _permit: permit,
                 }),
             );
-            if !self.hand_over(delivery).await {
+            if !self.hand_over(reject_if(delivery, undecodable)).await {
                 break;
             }
         }
@@ -829,7 +861,8 @@ impl Acker for JsAcker {
         // Its own message id: in a shared stream the original id is taken.
         let msg_id = format!("{}:dlq:{}", self.message.id, self.group);
         self.shared
-            .js_publish(&topic, &dead, &msg_id)
+            // Dead letters are Tidings' own: always in the default dialect.
+            .js_publish(&Dialect::CloudEventsBinary, &topic, &dead, &msg_id)
             .await
             .map_err(|e| settle_error(&self.message.id, e))?;
         self.send(AckKind::Ack).await
@@ -921,6 +954,14 @@ impl Acker for NoAcker {
 }
 
 /// A JetStream delivery's position: its stream and stream sequence.
+/// The delivery, rejected when its body could not be read in the dialect.
+fn reject_if(delivery: Delivery, undecodable: Option<Undecodable>) -> Delivery {
+    match undecodable {
+        Some(why) => delivery.rejected(why),
+        None => delivery,
+    }
+}
+
 fn stream_position(stream: &str, sequence: u64) -> Receipt {
     Receipt::Sequence {
         stream: stream.to_owned(),
