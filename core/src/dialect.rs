@@ -274,8 +274,14 @@ impl Dialect {
         K: Into<String> + AsRef<str>,
         V: Into<String> + AsRef<str>,
     {
+        // A CloudEvent without a type says it has none: the routing key or
+        // subject names the type only of messages that are not CloudEvents.
+        let mut cloudevent = false;
         let mut message = match self {
             Dialect::CloudEventsBinary => {
+                let headers = headers.into_iter().inspect(|(k, _)| {
+                    cloudevent |= k.as_ref() == names.spec_version;
+                });
                 Message::from_headers(names, headers, body, native.id.map(str::to_owned))
             }
             Dialect::CloudEventsStructured => {
@@ -295,7 +301,7 @@ impl Dialect {
         };
         fill_from_aliases(&mut message, names);
         let m = &mut message.metadata;
-        if m.event_type.is_none() {
+        if m.event_type.is_none() && !cloudevent {
             m.event_type = native.event_type.map(str::to_owned);
         }
         if m.time.is_none() {

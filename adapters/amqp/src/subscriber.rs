@@ -267,6 +267,7 @@ impl Route {
         };
         let message = Arc::new(received.message);
         let acker = AmqpAcker {
+            has_message_id: d.properties.message_id().is_some(),
             route: self.clone(),
             channel: ch.clone(),
             tag: d.delivery_tag,
@@ -355,6 +356,9 @@ impl Route {
 
 /// Settles one delivery on the channel it came from.
 struct AmqpAcker {
+    /// Whether the message carries an AMQP `message-id`: one without gets
+    /// its id at the first delivery, and keeps it only on a copy we publish.
+    has_message_id: bool,
     route: Arc<Route>,
     channel: Channel,
     tag: u64,
@@ -391,7 +395,7 @@ impl Acker for AmqpAcker {
 
     async fn nack(mut self: Box<Self>, delay: Option<Duration>) -> Result<()> {
         let delay = delay.filter(|d| !d.is_zero()).map(conn::delay_bucket);
-        if delay.is_none() && self.route.quorum() {
+        if delay.is_none() && self.route.quorum() && self.has_message_id {
             // The quorum queue counts the return in `x-delivery-count`.
             self.settled = true;
             return self

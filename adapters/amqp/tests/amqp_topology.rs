@@ -248,11 +248,22 @@ async fn plain_client_message_is_handled_with_defaults() {
     let mut d = next(&mut stream, "the plain message").await;
     assert_eq!(d.message().payload, &b"hello from lapin"[..]);
     assert_eq!(d.attempt(), 1);
-    assert_eq!(d.message().id.len(), 36, "a generated id");
+    let generated = d.message().id.clone();
+    assert_eq!(generated.len(), 36, "a generated id");
     assert!(d.message().headers.is_empty());
-    assert_eq!(d.message().metadata.event_type, None);
+    assert_eq!(
+        d.message().metadata.event_type.as_deref(),
+        Some(topic.as_str()),
+        "the routing key says what it is"
+    );
     assert_eq!(d.topic(), topic);
-    d.ack().await.expect("ack");
+    // The id given at the first delivery survives a redelivery, so the
+    // idempotency layer can recognise the message.
+    d.nack(None).await.expect("nack");
+    let mut again = next(&mut stream, "the plain message again").await;
+    assert_eq!(again.message().id, generated);
+    assert_eq!(again.attempt(), 2);
+    again.ack().await.expect("ack");
     // With a message id and a content type, those are used.
     ch.basic_publish(
         "tidings-test".into(),
