@@ -93,6 +93,32 @@ proptest! {
     }
 
     #[test]
+    fn dialects(h in headers(), body in prop_oneof![
+        bytes(),
+        Just(br#"{"specversion":"1.0","id":"x","type":"t","data":{"a":1}}"#.to_vec()),
+        Just(br#"{"specversion":"1.0","data_base64":"!!"}"#.to_vec()),
+        Just(br#"{"id":1,"type":["x"],"timestamp":99999999999999999999,"payload":null,"metadata":"m"}"#.to_vec()),
+        value().prop_map(|v| format!(r#"{{"id":"i","timestamp":"{v}","payload":{{"k":"{v}"}}}}"#).into_bytes()),
+    ], native_id in prop::option::of(".{0,8}"), native_time in prop::option::of(any::<u64>())) {
+        let mut envelope = tidings::Dialect::CloudEventsBinary;
+        envelope.set_envelope_option("data", "payload").expect("an envelope");
+        for dialect in [tidings::Dialect::CloudEventsBinary, tidings::Dialect::CloudEventsStructured, envelope] {
+            for names in [wire::BINARY, wire::AMQP] {
+                let native = tidings::dialect::Native {
+                    id: native_id.as_deref(),
+                    event_type: Some("t"),
+                    time: native_time.and_then(time::from_unix_secs_or_millis),
+                    content_type: None,
+                };
+                if let Ok(m) = dialect.decode(&names, h.clone(), Bytes::from(body.clone()), native) {
+                    use_message(&m);
+                    let _ = dialect.encode(&m, &names, |_, _| {});
+                }
+            }
+        }
+    }
+
+    #[test]
     fn times(text in value(), n in any::<u64>(), secs in any::<i64>()) {
         if let Some(t) = time::parse_rfc3339(&text) {
             prop_assert!(time::format_rfc3339(t).is_some());
