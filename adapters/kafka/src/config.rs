@@ -75,6 +75,10 @@ impl PartitionOrder {
 pub struct KafkaConfig {
     /// Bootstrap brokers, comma separated (`host:port,host:port`).
     pub brokers: String,
+    /// How messages map to record headers and values (`dialect`, with
+    /// `envelope.<field>=<path>`); per subscription and per publisher it can
+    /// be overridden. Default: CloudEvents binary.
+    pub dialect: tidings_core::Dialect,
     /// The `client.id` sent to the brokers.
     pub client_id: String,
     /// Producer acknowledgements (default [`Acks::All`]).
@@ -143,6 +147,7 @@ impl KafkaConfig {
     pub fn new(brokers: impl Into<String>) -> Self {
         KafkaConfig {
             brokers: brokers.into(),
+            dialect: tidings_core::Dialect::default(),
             client_id: "tidings".into(),
             acks: Acks::All,
             idempotent: true,
@@ -256,6 +261,7 @@ impl KafkaConfig {
                 });
             }
             _ if self.tls.set(key, value)? => {}
+            _ if self.dialect.apply_option(key, value)? => {}
             other => match other.strip_prefix("rdkafka.") {
                 Some(prop) if !prop.is_empty() => {
                     self.properties.push((prop.to_owned(), value.to_owned()))
@@ -267,8 +273,8 @@ impl KafkaConfig {
                                   batch_size, max_message_bytes, publish_timeout_ms, auto_create_topics, \
                                   session_timeout_ms, heartbeat_interval_ms, revoke_timeout_ms, \
                                   close_timeout_ms, commit_interval_ms, ordering, operation_timeout_ms, \
-                                  partitions, replication, tls_ca_file, tls_cert_file, tls_key_file, \
-                                  rdkafka.<property>"
+                                  partitions, replication, dialect, envelope.<field>, tls_ca_file, \
+                                  tls_cert_file, tls_key_file, rdkafka.<property>"
                             .into(),
                     });
                 }
@@ -394,6 +400,7 @@ impl fmt::Debug for KafkaConfig {
             .collect();
         f.debug_struct("KafkaConfig")
             .field("brokers", &self.brokers)
+            .field("dialect", &self.dialect)
             .field("client_id", &self.client_id)
             .field("acks", &self.acks)
             .field("idempotent", &self.idempotent)

@@ -10,16 +10,22 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use tidings_core::delivery::header;
-use tidings_core::{Message, wire};
+use tidings_core::dialect::{Native, Undecodable};
+use tidings_core::{Dialect, Message, wire};
 
 /// Header on retry-topic copies: the time (milliseconds since the Unix epoch)
 /// before which the copy is not handled.
 pub const NOT_BEFORE: &str = "tidings-not-before";
 
-/// Writes a message's headers as Kafka record headers.
+/// Writes a message's headers as Kafka record headers (default dialect).
 pub fn to_kafka(message: &Message) -> OwnedHeaders {
+    encode(&Dialect::CloudEventsBinary, message).0
+}
+
+/// The record headers and value of `message` in `dialect`.
+pub fn encode(dialect: &Dialect, message: &Message) -> (OwnedHeaders, Bytes) {
     let mut slot = Some(OwnedHeaders::new_with_capacity(message.headers.len() + 8));
-    message.write_headers(&wire::BINARY, |key, value| {
+    let body = dialect.encode(message, &wire::BINARY, |key, value| {
         slot = slot.take().map(|h| {
             h.insert(Header {
                 key,
@@ -27,7 +33,7 @@ pub fn to_kafka(message: &Message) -> OwnedHeaders {
             })
         });
     });
-    slot.unwrap_or_default()
+    (slot.unwrap_or_default(), body)
 }
 
 /// What a record's headers say besides the message itself.
@@ -49,14 +55,54 @@ pub fn from_kafka<H: Headers>(
     fallback_id: String,
     retried: bool,
 ) -> (Message, Received) {
-    let pairs = headers.into_iter().flat_map(|h| h.iter()).map(|h| {
-        let value = h.value.unwrap_or_default();
-        (
-            h.key.to_owned(),
-            String::from_utf8_lossy(value).into_owned(),
-        )
-    });
-    let mut message = Message::from_headers(&wire::BINARY, pairs, payload, Some(fallback_id));
+    let (message, received, _) = decode(
+        &Dialect::CloudEventsBinary,
+        headers,
+        key,
+        payload,
+        fallback_id,
+        retried,
+        None,
+    );
+    (message, received)
+}
+
+/// [`from_kafka`] in `dialect`, with the record's topic as the type of a
+/// message that says none (and is not a CloudEvent). When the dialect
+/// cannot read the value: what could be read, and why.
+pub fn decode<H: Headers>(
+    dialect: &Dialect,
+    headers: Option<&H>,
+    key: Option<&[u8]>,
+    payload: Bytes,
+    fallback_id: String,
+    retried: bool,
+    topic: Option<&str>,
+) -> (Message, Received, Option<Undecodable>) {
+    let pairs: Vec<(String, String)> = headers
+        .into_iter()
+        .flat_map(|h| h.iter())
+        .map(|h| {
+            let value = h.value.unwrap_or_default();
+            (
+                h.key.to_owned(),
+                String::from_utf8_lossy(value).into_owned(),
+            )
+        })
+        .collect();
+    let native = Native {
+        id: Some(&fallback_id),
+        event_type: topic,
+        ..Native::default()
+    };
+    let (mut message, undecodable) =
+        match dialect.decode(&wire::BINARY, pairs.clone(), payload.clone(), native) {
+            Ok(message) => (message, None),
+            Err(e) => (
+                Message::from_headers(&wire::BINARY, pairs, payload, Some(fallback_id.clone())),
+                Some(e),
+            ),
+        };
     if message.key.is_none() {
         message.key = key.map(|k| String::from_utf8_lossy(k).into_owned());
     }
@@ -75,7 +121,7 @@ pub fn from_kafka<H: Headers>(
                 .and_then(tidings_core::time::from_unix_millis);
         }
     }
-    (message, received)
+    (message, received, undecodable)
 }
 
 /// The copy of `message` published to a retry topic.

@@ -103,13 +103,19 @@ impl KafkaBus {
                 })
         })
         .await?;
-        let publisher = KafkaPublisher::new(producer, config.publish_timeout);
+        let publisher =
+            KafkaPublisher::new(producer, config.publish_timeout, config.dialect.clone());
         Ok(KafkaBus { config, publisher })
     }
 
     /// The publisher (clones share the producer; closing one closes them all).
     pub fn publisher(&self) -> Arc<dyn Publisher> {
         Arc::new(self.publisher.clone())
+    }
+
+    /// A publisher on the same producer writing in `dialect`.
+    pub fn publisher_in(&self, dialect: tidings_core::Dialect) -> Arc<dyn Publisher> {
+        Arc::new(self.publisher.in_dialect(dialect))
     }
 
     /// The subscriber.

@@ -8,6 +8,7 @@ use async_trait::async_trait;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::future_producer::OwnedDeliveryResult;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use tidings_core::Dialect;
 use tidings_core::{Error, Message, Publisher, Receipt, Result};
 
 use crate::headers;
@@ -18,6 +19,8 @@ use crate::headers;
 #[derive(Clone)]
 pub struct KafkaPublisher {
     inner: Arc<Inner>,
+    /// How messages are written; clones may differ.
+    dialect: Dialect,
 }
 
 struct Inner {
@@ -27,13 +30,22 @@ struct Inner {
 }
 
 impl KafkaPublisher {
-    pub(crate) fn new(producer: FutureProducer, flush_timeout: Duration) -> Self {
+    pub(crate) fn new(producer: FutureProducer, flush_timeout: Duration, dialect: Dialect) -> Self {
         KafkaPublisher {
             inner: Arc::new(Inner {
                 producer,
                 closed: AtomicBool::new(false),
                 flush_timeout,
             }),
+            dialect,
+        }
+    }
+
+    /// The same producer, writing in `dialect`.
+    pub(crate) fn in_dialect(&self, dialect: Dialect) -> Self {
+        KafkaPublisher {
+            inner: self.inner.clone(),
+            dialect,
         }
     }
 
@@ -58,9 +70,8 @@ impl KafkaPublisher {
     /// report. While the local queue is full it waits for room, up to the
     /// publish timeout (`message.timeout.ms` bounds the rest).
     async fn enqueue(&self, topic: &str, message: &Message) -> Result<DeliveryFuture> {
-        let mut record = FutureRecord::to(topic)
-            .payload(&message.payload[..])
-            .headers(headers::to_kafka(message));
+        let (headers, body) = headers::encode(&self.dialect, message);
+        let mut record = FutureRecord::to(topic).payload(&body[..]).headers(headers);
         if let Some(key) = &message.key {
             record = record.key(key.as_bytes());
         }

@@ -37,9 +37,10 @@ use rdkafka::message::Message as _;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, TopicPartitionList as Tpl};
+use tidings_core::dialect::Undecodable;
 use tidings_core::{
-    Acker, Capabilities, DeadLetter, Delivery, DeliveryStream, Error, Message, Receipt, Result,
-    StartFrom, Subscriber, Subscription,
+    Acker, Capabilities, DeadLetter, Delivery, DeliveryStream, Dialect, Error, Message, Receipt,
+    Result, StartFrom, Subscriber, Subscription,
 };
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::PollSemaphore;
@@ -127,13 +128,18 @@ impl Subscriber for KafkaSubscriber {
         }
         let group: Option<Arc<str>> = subscription.group.as_deref().map(Arc::from);
         let topic: Arc<str> = subscription.topic.as_str().into();
+        let dialect = subscription
+            .dialect
+            .clone()
+            .unwrap_or_else(|| config.dialect.clone());
         let ctx = Arc::new(StreamCtx {
             retry_topic: group.as_deref().map(|g| retry_topic(&topic, g)),
             dlq_topic: dead_letter_topic(&topic, group.as_deref().unwrap_or("private")),
             topic,
             group,
             shared: shared.clone(),
-            sender: self.sender.clone(),
+            // Retried copies are read back by this subscription: its dialect.
+            sender: self.sender.in_dialect(dialect.clone()),
             tx,
             // The engine waits up to close_timeout for settlements, then the
             // consumer's close makes a revoke commit and leaves the group.
@@ -771,6 +777,8 @@ struct Setup {
 
 /// A record on its way to the stream.
 struct Item {
+    /// Why the dialect could not read the record, if it could not.
+    undecodable: Option<Undecodable>,
     key: (Arc<str>, i32),
     /// Its ordering lane; none when nothing needs to wait for it.
     lane: Option<Lane>,
@@ -789,6 +797,10 @@ fn engine(setup: Setup, ready: oneshot::Sender<Result<()>>) {
         shared,
         tx,
     } = setup;
+    let setup_dialect = subscription
+        .dialect
+        .clone()
+        .unwrap_or_else(|| config.dialect.clone());
     // Declared first, so dropped last: after the consumer's drop has made
     // the revoke commit and left the group.
     let _done = Done(shared.clone());
@@ -864,6 +876,7 @@ fn engine(setup: Setup, ready: oneshot::Sender<Result<()>>) {
         shared,
         tx,
         retry,
+        dialect: setup_dialect,
         delayed: HashMap::new(),
         paused: HashSet::new(),
         paused_all: false,
@@ -887,6 +900,7 @@ struct Engine {
     shared: Arc<Shared>,
     tx: mpsc::UnboundedSender<Item>,
     retry: Option<String>,
+    dialect: Dialect,
     delayed: HashMap<(Arc<str>, i32), VecDeque<Item>>,
     paused: HashSet<(Arc<str>, i32)>,
     paused_all: bool,
@@ -970,10 +984,18 @@ impl Engine {
         let retried = self.retry.as_deref() == Some(m.topic());
         let payload = Bytes::copy_from_slice(m.payload().unwrap_or_default());
         let fallback = format!("{}-{}-{}", m.topic(), m.partition(), m.offset());
-        let (message, received) =
-            headers::from_kafka(m.headers(), m.key(), payload, fallback, retried);
+        let (message, received, undecodable) = headers::decode(
+            &self.dialect,
+            m.headers(),
+            m.key(),
+            payload,
+            fallback,
+            retried,
+            Some(m.topic()),
+        );
         let lane = self.shared.gate.lane(&key, message.key.as_deref());
         let item = Item {
+            undecodable,
             key: key.clone(),
             lane,
             generation,
@@ -1163,14 +1185,18 @@ impl Stream for KafkaStream {
                 settled: false,
                 _permit: permit,
             };
-            return Poll::Ready(Some(Ok(Delivery::new(
+            let delivery = Delivery::new(
                 message,
                 this.ctx.topic.clone(),
                 this.ctx.group.clone(),
                 item.attempt,
                 Box::new(acker),
             )
-            .with_position(position))));
+            .with_position(position);
+            return Poll::Ready(Some(Ok(match item.undecodable {
+                Some(why) => delivery.rejected(why),
+                None => delivery,
+            })));
         }
     }
 }
@@ -1273,6 +1299,7 @@ impl Acker for KafkaAcker {
                 // A private subscription has no retry topic: the copy is kept
                 // in process and handed out again after the delay.
                 let item = Item {
+                    undecodable: None,
                     key: self.key.clone(),
                     lane: self.lane.clone(),
                     generation: self.generation,
@@ -1299,8 +1326,10 @@ impl Acker for KafkaAcker {
 
     async fn dead_letter(self: Box<Self>, letter: DeadLetter) -> Result<()> {
         let dead = letter.letter_for(&self.message);
+        // Dead letters are Tidings' own: always in the default dialect.
         self.ctx
             .sender
+            .in_dialect(Dialect::CloudEventsBinary)
             .send_unchecked(&self.ctx.dlq_topic, &dead)
             .await
             .map_err(|e| self.settle_error(e))?;
