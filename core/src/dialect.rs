@@ -323,33 +323,36 @@ impl fmt::Display for Dialect {
 /// Fills metadata the message lacks from header spellings other services
 /// use. The headers stay: nothing the sender wrote is lost.
 fn fill_from_aliases(message: &mut Message, names: &Names) {
-    let find = |aliases: &[&str]| {
-        message
-            .headers
-            .iter()
-            .find(|(k, _)| aliases.iter().any(|a| k.eq_ignore_ascii_case(a)))
-            .map(|(_, v)| v.clone())
-    };
-    let correlation = find(&CORRELATION_ALIASES);
-    let causation = find(&CAUSATION_ALIASES);
-    let event_type = find(&TYPE_ALIASES);
-    let content_type = message
-        .headers
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case(names.content_type))
-        .map(|(_, v)| v.clone());
     let m = &mut message.metadata;
-    if m.correlation_id.is_none() {
-        m.correlation_id = correlation;
+    if m.correlation_id.is_some()
+        && m.causation_id.is_some()
+        && m.event_type.is_some()
+        && m.content_type.is_some()
+    {
+        return;
     }
-    if m.causation_id.is_none() {
-        m.causation_id = causation;
-    }
-    if m.event_type.is_none() {
-        m.event_type = event_type;
-    }
-    if m.content_type.is_none() {
-        m.content_type = content_type;
+    // One pass; most headers are ruled out by their first letter.
+    for (k, v) in &message.headers {
+        let slot = match k.as_bytes().first().map(u8::to_ascii_lowercase) {
+            Some(b'c' | b'x')
+                if CORRELATION_ALIASES
+                    .iter()
+                    .any(|a| k.eq_ignore_ascii_case(a)) =>
+            {
+                &mut m.correlation_id
+            }
+            Some(b'c') if CAUSATION_ALIASES.iter().any(|a| k.eq_ignore_ascii_case(a)) => {
+                &mut m.causation_id
+            }
+            Some(b'c') if k.eq_ignore_ascii_case(names.content_type) => &mut m.content_type,
+            Some(b'e' | b'x') if TYPE_ALIASES.iter().any(|a| k.eq_ignore_ascii_case(a)) => {
+                &mut m.event_type
+            }
+            _ => continue,
+        };
+        if slot.is_none() {
+            *slot = Some(v.clone());
+        }
     }
 }
 
