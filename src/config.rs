@@ -46,7 +46,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use figment::Figment;
-use figment::providers::{Env, Format, Serialized, Toml};
+use figment::providers::{Env, Format, Toml};
 use serde::{Deserialize, Serialize};
 
 use tidings_core::{Error, Result};
@@ -269,27 +269,60 @@ impl Config {
         }
     }
 
-    /// Loads `path` (TOML; skipped if it does not exist), then `TIDINGS_*`
-    /// environment variables over it, and checks the result.
+    /// Loads `path` (TOML), then `TIDINGS_*` environment variables over it,
+    /// and checks the result.
+    ///
+    /// Strict, because a service that silently runs on the wrong broker
+    /// loses data: a file that was named and does not exist is an error
+    /// (naming it and the current directory), and so is a configuration
+    /// that names no broker URL — `memory://` is used only when the file or
+    /// `TIDINGS_URL` says so. Unknown keys, in the file or in `TIDINGS_*`
+    /// variables, are errors naming the key.
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        if !path.is_file() {
+            let here = std::env::current_dir()
+                .map(|d| d.display().to_string())
+                .unwrap_or_else(|_| "?".into());
+            return Err(Error::Config {
+                key: "config".into(),
+                message: format!(
+                    "the configuration file `{}` does not exist (current directory: {here}); \
+                     give the right path, or use Config::from_env() for TIDINGS_* variables alone",
+                    path.display()
+                ),
+            });
+        }
         Self::from_figment(
-            Figment::from(Serialized::defaults(Config::from_url("memory://")))
-                .merge(Toml::file(path.as_ref()))
+            Figment::new()
+                .merge(Toml::file(path))
                 .merge(Env::prefixed("TIDINGS_").split("__")),
         )
     }
 
-    /// Parses TOML text (no environment), and checks the result.
+    /// The configuration from `TIDINGS_*` environment variables alone
+    /// (`TIDINGS_URL` is required), checked like [`load`](Config::load).
+    pub fn from_env() -> Result<Self> {
+        Self::from_figment(Figment::new().merge(Env::prefixed("TIDINGS_").split("__")))
+    }
+
+    /// Parses TOML text (no environment), and checks the result; `url` is
+    /// required, as in [`load`](Config::load).
     pub fn from_toml(text: &str) -> Result<Self> {
-        Self::from_figment(
-            Figment::from(Serialized::defaults(Config::from_url("memory://")))
-                .merge(Toml::string(text)),
-        )
+        Self::from_figment(Figment::new().merge(Toml::string(text)))
     }
 
     fn from_figment(figment: Figment) -> Result<Self> {
         let config: Config = figment.extract().map_err(|e| {
             let key = e.path.join(".");
+            if matches!(&e.kind, figment::error::Kind::MissingField(f) if f == "url") {
+                return Error::Config {
+                    key: "url".into(),
+                    message: "no broker URL is configured: set `url` in the file or \
+                              TIDINGS_URL (`memory://` for the in-process bus)"
+                        .into(),
+                };
+            }
             Error::Config {
                 key: if key.is_empty() { "config".into() } else { key },
                 message: redact_text(&e.kind.to_string()),
@@ -694,5 +727,42 @@ mod tests {
             redact_text("bad url \"amqp://u:pw@h/\" here"),
             "bad url \"amqp://u:***@h/\" here"
         );
+    }
+
+    #[test]
+    fn loading_is_strict() {
+        figment::Jail::expect_with(|jail| {
+            // A named file that is not there.
+            let e = Config::load("nowhere/tidings.toml").expect_err("missing file");
+            assert!(e.to_string().contains("nowhere/tidings.toml"), "{e}");
+            assert!(e.to_string().contains("does not exist"), "{e}");
+            // A file that names no broker: no silent memory://.
+            jail.create_file("empty.toml", "[retry]\nmax_attempts = 3\n")?;
+            let e = Config::load("empty.toml").expect_err("no url");
+            assert!(e.to_string().contains("no broker URL"), "{e}");
+            // The environment can name it.
+            jail.set_env("TIDINGS_URL", "memory://");
+            let c = Config::load("empty.toml").expect("url from the environment");
+            assert_eq!(c.url, "memory://");
+            // A variable the loader does not know is an error naming it.
+            jail.set_env("TIDINGS_RETRY__MAX_ATEMPTS", "4");
+            let e = Config::load("empty.toml").expect_err("unknown variable");
+            assert!(e.to_string().contains("max_atempts"), "{e}");
+            jail.set_env("TIDINGS_RETRY__MAX_ATEMPTS", "");
+            Ok(())
+        });
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("TIDINGS_URL", "redis://127.0.0.1:6379");
+            let c = Config::from_env().expect("from the environment");
+            assert_eq!(c.url, "redis://127.0.0.1:6379");
+            Ok(())
+        });
+        figment::Jail::expect_with(|_| {
+            let e = Config::from_env().expect_err("nothing set");
+            assert!(e.to_string().contains("no broker URL"), "{e}");
+            Ok(())
+        });
+        let e = Config::from_toml("[retry]\nmax_attempts = 3").expect_err("no url");
+        assert!(e.to_string().contains("TIDINGS_URL"), "{e}");
     }
 }
