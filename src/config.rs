@@ -730,6 +730,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail returns its own error type
     fn loading_is_strict() {
         figment::Jail::expect_with(|jail| {
             // A named file that is not there.

@@ -10,11 +10,17 @@ use libfuzzer_sys::fuzz_target;
 mod common;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&kinds, rest)) = data.split_first() else { return };
-    let stamp = rest.get(..8).map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap_or_default()));
+    let Some((&kinds, rest)) = data.split_first() else {
+        return;
+    };
+    let stamp = rest
+        .get(..8)
+        .map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap_or_default()));
     let mut table = FieldTable::default();
     for (i, (name, value)) in common::pairs(rest).into_iter().enumerate() {
-        let Ok(name) = ShortString::try_new(name) else { continue };
+        let Ok(name) = ShortString::try_new(name) else {
+            continue;
+        };
         let value = match (kinds >> (i % 8)) & 0b111 {
             0 => AMQPValue::LongString(LongString::from(value.into_bytes())),
             1 => AMQPValue::LongLongInt(value.len() as i64 - 7),
@@ -27,7 +33,9 @@ fuzz_target!(|data: &[u8]| {
         };
         table.insert(name, value);
     }
-    let mut props = BasicProperties::default().with_headers(table).with_timestamp(stamp);
+    let mut props = BasicProperties::default()
+        .with_headers(table)
+        .with_timestamp(stamp);
     if let Ok(id) = ShortString::try_new(String::from_utf8_lossy(rest).into_owned()) {
         props = props.with_message_id(id);
     }

@@ -17,6 +17,10 @@ fuzz_target!(|data: &[u8]| {
             map.insert(k, v);
         }
     }
-    let m = tidings_nats::headers::from_nats(Some(&map), Bytes::copy_from_slice(data), Some("S:1".into()));
+    let m = tidings_nats::headers::from_nats(
+        Some(&map),
+        Bytes::copy_from_slice(data),
+        Some("S:1".into()),
+    );
     common::use_message(&m);
 });

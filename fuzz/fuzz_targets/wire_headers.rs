@@ -11,7 +11,12 @@ mod common;
 fuzz_target!(|data: &[u8]| {
     let (head, payload) = data.split_at(data.len() / 2);
     for names in [wire::BINARY, wire::AMQP] {
-        let m = Message::from_headers(&names, common::pairs(head), Bytes::copy_from_slice(payload), None);
+        let m = Message::from_headers(
+            &names,
+            common::pairs(head),
+            Bytes::copy_from_slice(payload),
+            None,
+        );
         common::use_message(&m);
     }
     let text = String::from_utf8_lossy(data);
