@@ -65,6 +65,7 @@ pub mod prelude {
     };
 }
 
+pub mod app;
 pub mod config;
 
 #[doc = include_str!("../docs/guide.md")]
@@ -73,6 +74,7 @@ pub mod guide {}
 #[doc = include_str!("../docs/middleware.md")]
 pub mod middleware_guide {}
 
+pub use app::{App, AppReport, Readiness, ShutdownHandle, StopCause};
 pub use config::Config;
 
 /// A connected broker: a publisher and a subscriber, chosen at run time,

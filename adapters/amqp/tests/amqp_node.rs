@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 
 use serde_json::Value;
 use tidings_amqp::{AmqpBus, AmqpConfig};
-use tidings_core::testkit::{NodePeer, unique, within};
+use tidings_core::testkit::{ChildProcess, unique, within};
 use tidings_core::{Consumer, Event, HandlerError, PublisherExt, SettleAction};
 
 const COUNT: usize = 100;
@@ -106,7 +106,7 @@ async fn node_publishes_the_articles_envelope_and_tidings_reads_it() {
     let exchange = unique("node-ex");
     let bus = bus(&exchange, "").await;
     let (consumer, seen, actions) = consume_all(&bus, &unique("tidings-svc"), "user.*").await;
-    let node = NodePeer::start(script(), &["publish", URL, &exchange, &COUNT.to_string()]);
+    let node = ChildProcess::node(script(), &["publish", URL, &exchange, &COUNT.to_string()]);
     let (lines, ok) = node.finish(Duration::from_secs(60)).await;
     assert!(ok, "the Node publisher failed");
     wait_count(&seen, COUNT).await;
@@ -125,7 +125,7 @@ async fn tidings_publishes_what_the_node_consumer_expects() {
     let exchange = unique("node-ex");
     let bus = bus(&exchange, "").await;
     let queue = unique("node-orders");
-    let mut node = NodePeer::start(
+    let mut node = ChildProcess::node(
         script(),
         &[
             "consume",
@@ -192,7 +192,7 @@ async fn tidings_joins_the_queue_a_node_service_declared() {
     let queue = unique("legacy-queue");
     // The Node service's queue, with its own dead-letter argument: declared
     // (and bound) by the Node consumer, which is then stopped.
-    let mut declarer = NodePeer::start(
+    let mut declarer = ChildProcess::node(
         script(),
         &["consume", URL, &exchange, &queue, "user.*", "1"],
     );
@@ -201,7 +201,7 @@ async fn tidings_joins_the_queue_a_node_service_declared() {
     let group = unique("tidings-svc");
     let bus = bus(&exchange, &format!("&queue.{group}={queue}")).await;
     let (consumer, seen, actions) = consume_all(&bus, &group, "user.*").await;
-    let node = NodePeer::start(script(), &["publish", URL, &exchange, &COUNT.to_string()]);
+    let node = ChildProcess::node(script(), &["publish", URL, &exchange, &COUNT.to_string()]);
     let (lines, ok) = node.finish(Duration::from_secs(60)).await;
     assert!(ok, "the Node publisher failed");
     wait_count(&seen, COUNT).await;

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use serde_json::Value;
-use tidings_core::testkit::{NodePeer, unique, within};
+use tidings_core::testkit::{ChildProcess, unique, within};
 use tidings_core::{Consumer, Event, HandlerError, PublisherExt, SettleAction};
 use tidings_nats::{NatsBus, NatsConfig};
 
@@ -64,7 +64,7 @@ async fn node_to_tidings(core: bool) {
         .await
         .expect("the consumer starts");
     let mode = if core { "core" } else { "jetstream" };
-    let node = NodePeer::start(
+    let node = ChildProcess::node(
         script(),
         &["publish", SERVER, &subject, &COUNT.to_string(), mode],
     );
@@ -108,7 +108,7 @@ async fn tidings_to_node(core: bool) {
     let subject = unique("node-orders");
     let stream = unique("NODE_ORDERS");
     let mode = if core { "core" } else { "jetstream" };
-    let mut node = NodePeer::start(
+    let mut node = ChildProcess::node(
         script(),
         &[
             "consume",

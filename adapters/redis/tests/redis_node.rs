@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use serde_json::Value;
-use tidings_core::testkit::{NodePeer, unique, within};
+use tidings_core::testkit::{ChildProcess, unique, within};
 use tidings_core::{Consumer, Event, HandlerError, PublisherExt, SettleAction, Subscriber};
 use tidings_redis::RedisBus;
 
@@ -111,7 +111,7 @@ async fn node_stream_entries_are_read() {
         actions.clone(),
     )
     .await;
-    let node = NodePeer::start(
+    let node = ChildProcess::node(
         script(),
         &["streams-publish", URL, &stream, &COUNT.to_string()],
     );
@@ -134,7 +134,7 @@ async fn node_stream_entries_are_read() {
 async fn tidings_writes_the_entries_the_node_consumer_reads() {
     let bus = common::bus(common::REDIS, STREAM_FIELDS).await;
     let stream = unique("node-orders");
-    let mut node = NodePeer::start(
+    let mut node = ChildProcess::node(
         script(),
         &[
             "streams-consume",
@@ -171,7 +171,7 @@ async fn node_pubsub_bodies_are_read_once_per_group() {
             .await,
         );
     }
-    let node = NodePeer::start(
+    let node = ChildProcess::node(
         script(),
         &["pubsub-publish", URL, &channel, &COUNT.to_string()],
     );
@@ -196,7 +196,7 @@ async fn node_pubsub_bodies_are_read_once_per_group() {
 async fn tidings_publishes_the_bodies_the_node_subscriber_reads() {
     let bus = common::bus(common::REDIS, PUBSUB_ENVELOPE).await;
     let channel = unique("node-orders");
-    let mut node = NodePeer::start(
+    let mut node = ChildProcess::node(
         script(),
         &["pubsub-subscribe", URL, &channel, &COUNT.to_string()],
     );

@@ -140,6 +140,7 @@ pub(crate) async fn intake(
     mut stop: watch::Receiver<bool>,
     received: Arc<AtomicU64>,
     released: Arc<AtomicU64>,
+    ended: Arc<watch::Sender<bool>>,
 ) {
     // The stop signal is checked with a cheap read on every turn and only
     // raced (which registers a waker) while intake actually waits.
@@ -168,6 +169,11 @@ pub(crate) async fn intake(
             Some(Err(error)) => warn!(%error, "subscription error; the adapter recovers"),
             None => break,
         }
+    }
+    if !*stop.borrow() {
+        // Not asked to stop: the subscription ended on its own.
+        error!("a subscription ended on its own; this consumer no longer receives from it");
+        ended.send_replace(true);
     }
     if let Err(error) = stream.close().await {
         warn!(%error, "closing the subscription failed");

@@ -84,6 +84,8 @@ pub struct Consumer {
     aborts: Vec<AbortHandle>,
     lanes: Vec<Lanes>,
     counts: Counts,
+    /// Set when a subscription ended without being asked to.
+    ended: Arc<watch::Sender<bool>>,
 }
 
 /// What every part of a consumer counted; each counter has one writer.
@@ -211,6 +213,24 @@ impl Consumer {
             abandoned,
             worker_restarts,
         }
+    }
+
+    /// Resolves when one of the consumer's subscriptions ended without a
+    /// shutdown asking it to (the adapter gave up on it): the consumer no
+    /// longer receives everything it should. A host takes the service down
+    /// (or restarts it) on it; never resolves otherwise.
+    pub async fn ended(&self) {
+        let mut rx = self.ended.subscribe();
+        let _ = rx.wait_for(|ended| *ended).await;
+        if *rx.borrow() {
+            return;
+        }
+        std::future::pending::<()>().await;
+    }
+
+    /// Whether a subscription ended on its own (see [`ended`](Consumer::ended)).
+    pub fn has_ended(&self) -> bool {
+        *self.ended.borrow()
     }
 
     /// Waits for Ctrl-C or SIGTERM ([`shutdown_signal`]), then shuts down with `deadline`.
@@ -397,6 +417,7 @@ impl ConsumerBuilder {
         let mut tasks = Vec::new();
         let mut all_lanes = Vec::new();
         let mut counts = Counts::default();
+        let ended = Arc::new(watch::channel(false).0);
         for ((_, endpoint), subscription) in self.routes.into_iter().zip(subscriptions) {
             let stream = self.subscriber.subscribe(subscription).await?;
             let route = Arc::new(Route {
@@ -425,6 +446,7 @@ impl ConsumerBuilder {
                 stop.subscribe(),
                 received,
                 counts.released.clone(),
+                ended.clone(),
             )));
             all_lanes.push(lanes);
         }
@@ -435,6 +457,7 @@ impl ConsumerBuilder {
             aborts,
             lanes: all_lanes,
             counts,
+            ended,
         })
     }
 }

@@ -10,7 +10,8 @@
 //!   wedge a consumer, for each adapter's hostile-input tests.
 //! - [`outage`]: broker kills and restarts under a stream of confirmed
 //!   publishes, measured (lost, duplicated, time to resume).
-//! - [`NodePeer`]: a plain Node.js program as the other side of an interop test.
+//! - [`ChildProcess`]: a plain Node.js peer of an interop test, or a service
+//!   binary to signal.
 //! - [`ScriptedSubscriber`]: a subscriber without a broker that hands out
 //!   queued messages and records (or refuses) their settlements.
 //! - `Pki` (feature `testkit-tls`): a CA and certificates made for a test,
@@ -18,17 +19,17 @@
 
 pub mod conformance;
 pub mod hostile;
-mod node;
 pub mod outage;
 #[cfg(feature = "testkit-tls")]
 mod pki;
+mod process;
 mod proxy;
 mod recording;
 mod scripted;
 
-pub use node::NodePeer;
 #[cfg(feature = "testkit-tls")]
 pub use pki::Pki;
+pub use process::ChildProcess;
 pub use proxy::FaultProxy;
 pub use recording::RecordingPublisher;
 pub use scripted::ScriptedSubscriber;

@@ -1,5 +1,6 @@
-//! Plain Node.js programs as peers of an interop test: started with `node`,
-//! their stdout read line by line, every wait bounded, killed when dropped.
+//! A program a test runs as a child process: a plain Node.js peer of an
+//! interop test, or the test binary itself as a service to signal; its
+//! stdout read line by line, every wait bounded, killed when dropped.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -8,21 +9,21 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-/// A running `node <script> <args...>`.
+/// A running child process.
 #[derive(Debug)]
-pub struct NodePeer {
+pub struct ChildProcess {
     child: Child,
     lines: mpsc::UnboundedReceiver<String>,
     script: PathBuf,
 }
 
-impl NodePeer {
+impl ChildProcess {
     /// Starts `node script args...`. The script's directory must hold the
     /// `node_modules` that `npm ci` installs from its committed lock file.
     ///
     /// # Panics
     /// When Node.js or the installed packages are missing, with how to get them.
-    pub fn start(script: impl AsRef<Path>, args: &[&str]) -> NodePeer {
+    pub fn node(script: impl AsRef<Path>, args: &[&str]) -> ChildProcess {
         let script = script.as_ref().to_path_buf();
         let dir = script.parent().unwrap_or(Path::new("."));
         assert!(
@@ -31,16 +32,33 @@ impl NodePeer {
              (scripts/test.sh does)",
             dir.display()
         );
-        let mut child = Command::new("node")
-            .arg(&script)
-            .args(args)
+        let mut command = Command::new("node");
+        command.arg(&script).args(args);
+        Self::spawn(
+            command,
+            script,
+            "install Node.js 20 (`apt-get install nodejs npm`)",
+        )
+    }
+
+    /// Starts `program args...` with `envs` added to its environment.
+    ///
+    /// # Panics
+    /// When it cannot be started.
+    pub fn start(program: impl AsRef<Path>, args: &[&str], envs: &[(&str, &str)]) -> ChildProcess {
+        let program = program.as_ref().to_path_buf();
+        let mut command = Command::new(&program);
+        command.args(args).envs(envs.iter().copied());
+        Self::spawn(command, program, "check the path")
+    }
+
+    fn spawn(mut command: Command, script: PathBuf, hint: &str) -> ChildProcess {
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot run `node` ({e}); install Node.js 20 (`apt-get install nodejs npm`)")
-            });
+            .unwrap_or_else(|e| panic!("cannot run {} ({e}); {hint}", script.display()));
         let (tx, lines) = mpsc::unbounded_channel();
         let stdout = child.stdout.take().expect("piped stdout");
         // A thread, not a task: the pipe is read with blocking reads.
@@ -52,10 +70,32 @@ impl NodePeer {
                 }
             }
         });
-        NodePeer {
+        ChildProcess {
             child,
             lines,
             script,
+        }
+    }
+
+    /// Sends SIGTERM (with the system's `kill`, to this child's PID only).
+    pub fn signal_term(&self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+    }
+
+    /// Whether the child exited within `within`, and how.
+    pub async fn exited_within(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -73,7 +113,9 @@ impl NodePeer {
         }
     }
 
-    /// Waits for a line equal to `text`, skipping others.
+    /// Waits for a line that ends with `text` (a test harness prints the
+    /// test's name before the test's own output on the same line), skipping
+    /// others.
     ///
     /// # Panics
     /// When it does not come within `within` or the program ends first.
@@ -82,7 +124,7 @@ impl NodePeer {
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             match self.line(left).await {
-                Some(line) if line == text => return,
+                Some(line) if line.ends_with(text) => return,
                 Some(_) => {}
                 None => panic!("{} ended before printing `{text}`", self.script.display()),
             }
@@ -108,7 +150,7 @@ impl NodePeer {
     }
 }
 
-impl Drop for NodePeer {
+impl Drop for ChildProcess {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
