@@ -88,10 +88,15 @@ pub struct Bus {
     retry: RetryPolicy,
     layers: Vec<Arc<dyn Middleware>>,
     observers: Vec<SettleObserver>,
+    closer: Option<Closer>,
 }
 
 /// A settlement observer the configuration installs on every consumer.
 type SettleObserver = Arc<dyn Fn(&tidings_core::Settlement<'_>) + Send + Sync>;
+
+/// Closes the adapter's connection the way its own bus's `close` does
+/// (RabbitMQ waits for outstanding confirms, NATS drains).
+type Closer = Arc<dyn Fn() -> futures::future::BoxFuture<'static, Result<()>> + Send + Sync>;
 
 impl Bus {
     /// A bus from a publisher and a subscriber (of the same broker, usually),
@@ -103,6 +108,7 @@ impl Bus {
             retry: RetryPolicy::default(),
             layers: Vec::new(),
             observers: Vec::new(),
+            closer: None,
         }
     }
 
@@ -153,8 +159,15 @@ impl Publisher for Bus {
         self.publisher.publish_batch(topic, messages).await
     }
 
+    /// Closes the publisher, then the adapter's connection as the adapter's
+    /// own `close` does (RabbitMQ waits for outstanding confirms, NATS
+    /// drains). Shut consumers down first.
     async fn close(&self) -> Result<()> {
-        self.publisher.close().await
+        self.publisher.close().await?;
+        match &self.closer {
+            Some(close) => close().await,
+            None => Ok(()),
+        }
     }
 }
 
@@ -213,6 +226,8 @@ pub async fn connect(config: impl IntoConfig) -> Result<Bus> {
     let config = config.into_config()?;
     let url = config.full_url();
     let scheme = url.split("://").next().unwrap_or_default();
+    #[cfg_attr(not(any(feature = "amqp", feature = "nats")), allow(unused_mut))]
+    let mut closer: Option<Closer> = None;
     let (publisher, subscriber): (Arc<dyn Publisher>, Arc<dyn Subscriber>) = match scheme {
         #[cfg(feature = "memory")]
         "memory" => {
@@ -231,6 +246,14 @@ pub async fn connect(config: impl IntoConfig) -> Result<Bus> {
         "amqp" | "amqps" => {
             let bus =
                 tidings_amqp::AmqpBus::connect(tidings_amqp::AmqpConfig::from_url(&url)?).await?;
+            let adapter = bus.clone();
+            closer = Some(Arc::new(move || {
+                let adapter = adapter.clone();
+                Box::pin(async move {
+                    adapter.close().await;
+                    Ok(())
+                })
+            }));
             (bus.publisher(), bus.subscriber())
         }
         #[cfg(feature = "kafka")]
@@ -243,6 +266,11 @@ pub async fn connect(config: impl IntoConfig) -> Result<Bus> {
         "nats" | "tls" => {
             let bus =
                 tidings_nats::NatsBus::connect(tidings_nats::NatsConfig::from_url(&url)?).await?;
+            let adapter = bus.clone();
+            closer = Some(Arc::new(move || {
+                let adapter = adapter.clone();
+                Box::pin(async move { adapter.close().await })
+            }));
             (bus.publisher(), bus.subscriber())
         }
         other => {
@@ -256,6 +284,7 @@ pub async fn connect(config: impl IntoConfig) -> Result<Bus> {
         }
     };
     let mut bus = Bus::new(publisher, subscriber);
+    bus.closer = closer;
     bus.retry = config.retry_policy();
     bus.layers = layers(&config).await?;
     let mut publish_layers: Vec<Arc<dyn middleware::PublishMiddleware>> = Vec::new();

@@ -126,3 +126,27 @@ async fn a_config_file_with_middleware_connects() {
         "Bus { broker: \"memory\", retry: RetryPolicy { max_attempts: 3, backoff: Backoff { initial: 100ms, max: 30s, multiplier: 2.0, jitter: true } }, layers: 3, settle_observers: 0 }"
     );
 }
+
+/// `Bus::close` closes the adapter's connection as the adapter's own close
+/// does (NATS drains it): afterwards nothing new can be started on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bus_close_closes_the_adapter_connection() {
+    let bus = tidings::connect("nats://127.0.0.1:4222")
+        .await
+        .unwrap_or_else(|e| {
+            panic!("nats-server must run on 127.0.0.1:4222 ({e}); scripts/brokers.sh starts it")
+        });
+    let topic = format!("tk-close-{:08x}", std::process::id());
+    tidings::Publisher::publish(&bus, &topic, tidings::Message::new("before"))
+        .await
+        .expect("published before closing");
+    tidings::Publisher::close(&bus).await.expect("closed");
+    let after = bus
+        .subscriber()
+        .subscribe(tidings::Subscription::private(topic.as_str()))
+        .await;
+    assert!(
+        after.is_err(),
+        "the connection is closed, not only the publisher"
+    );
+}
