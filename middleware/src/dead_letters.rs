@@ -3,7 +3,10 @@
 //! dead-letter destination grows past a threshold.
 //!
 //! The [`DeadLetterInbox`] consumes a dead-letter topic in the
-//! [`DEAD_LETTER_GROUP`] group and **holds** the letters it fetched,
+//! [`DEAD_LETTER_GROUP`] group — from the first letter the destination
+//! keeps where the broker keeps history (Redis, Kafka, JetStream, the
+//! in-process bus with history), so an inbox opened after the failure sees
+//! it — and **holds** the letters it fetched,
 //! unsettled, while you look at them: replaying or purging settles a letter;
 //! closing the inbox (or dropping it) hands back whatever is left, and the
 //! broker keeps it. Replay publishes the original message — same id,
@@ -17,7 +20,7 @@ use std::time::{Duration, SystemTime};
 use futures::StreamExt;
 use tidings_core::delivery::{DEAD_LETTER_GROUP, header};
 use tidings_core::{
-    DeadLetter, Delivery, DeliveryStream, Error, Message, Publisher, Result, Subscriber,
+    DeadLetter, Delivery, DeliveryStream, Error, Message, Publisher, Result, StartFrom, Subscriber,
     Subscription,
 };
 
@@ -60,9 +63,20 @@ impl DeadLetterInbox {
         dead_letter_topic: &str,
         capacity: usize,
     ) -> Result<Self> {
+        // From the first letter the destination keeps, where the broker
+        // keeps history: an inbox opened after the failure (the usual case)
+        // sees the letters written before it. (A group that exists already
+        // goes on from where it stands.)
+        let start = if subscriber.capabilities().replay {
+            StartFrom::Earliest
+        } else {
+            StartFrom::Latest
+        };
         let stream = subscriber
             .subscribe(
-                Subscription::group(dead_letter_topic, DEAD_LETTER_GROUP).with_prefetch(capacity),
+                Subscription::group(dead_letter_topic, DEAD_LETTER_GROUP)
+                    .with_prefetch(capacity)
+                    .starting_at(start),
             )
             .await?;
         Ok(DeadLetterInbox {
