@@ -52,7 +52,7 @@ pub use event::Event;
 pub use handler::{
     Failure, FromDelivery, Handler, HandlerError, HandlerResult, Panicked, ResultExt,
 };
-pub use message::{Headers, Message, Metadata, wire};
+pub use message::{Headers, Message, Metadata, StableHash, wire};
 pub use middleware::{Middleware, PublishMiddleware};
 pub use publisher::{Publisher, PublisherExt, Receipt};
 pub use retry::{Backoff, RetryPolicy};

@@ -199,6 +199,36 @@ pub fn new_id() -> String {
         .to_owned()
 }
 
+/// FNV-1a over bytes: a hash that is the same in every process and every
+/// build (std's hasher promises neither), for names and ids that replicas
+/// of a service must agree on. Written by hand: it is five lines, and no
+/// crate is needed for it.
+#[derive(Debug, Clone, Copy)]
+pub struct StableHash(u64);
+
+impl Default for StableHash {
+    fn default() -> Self {
+        StableHash(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl StableHash {
+    /// Adds `bytes`.
+    #[must_use]
+    pub fn write(mut self, bytes: &[u8]) -> Self {
+        for b in bytes {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+        self
+    }
+
+    /// The hash.
+    pub fn finish(self) -> u64 {
+        self.0
+    }
+}
+
 /// The current time truncated to microseconds, the precision `ce_time` carries.
 pub(crate) fn now_micros() -> SystemTime {
     let since = SystemTime::now()

@@ -34,14 +34,11 @@ pub(crate) fn check_subject(key: &str, subject: &str) -> Result<()> {
     Ok(())
 }
 
-/// FNV-1a, stable across builds and processes (unlike `DefaultHasher`).
+/// A hash stable across builds and processes (unlike `DefaultHasher`).
 fn fnv1a(s: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in s.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
+    tidings_core::StableHash::default()
+        .write(s.as_bytes())
+        .finish()
 }
 
 /// `s` with characters that names cannot hold replaced by `_`; when anything

@@ -444,15 +444,14 @@ pub fn decode_body(layout: &Layout, channel: &str, body: Bytes) -> Result<Messag
         .decode(&NAMES, Vec::<(String, String)>::new(), body, native)?)
 }
 
-/// A stable id for a message without one: FNV-1a over channel and body,
-/// written by hand because it must be the same in every process and
-/// every build (std's hasher promises neither), and needs nothing more.
+/// A stable id for a message without one, the same in every replica: a
+/// [`StableHash`](tidings_core::StableHash) of channel and body.
 fn content_id(channel: &str, body: &[u8]) -> String {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in channel.as_bytes().iter().chain([0u8].iter()).chain(body) {
-        hash ^= u64::from(*byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
+    let hash = tidings_core::StableHash::default()
+        .write(channel.as_bytes())
+        .write(&[0])
+        .write(body)
+        .finish();
     format!("{channel}:{hash:016x}")
 }
 
