@@ -283,3 +283,55 @@ pub async fn member_dies_holding(
         .expect("handled");
     last.saturating_duration_since(died)
 }
+
+/// [`run`] as every adapter's outage test runs it: 20,000 messages on a
+/// fresh topic, the report printed under `what`, and asserted: nothing
+/// confirmed lost, publisher and consumer resumed within 30 s of each restart.
+///
+/// # Panics
+/// When an assertion fails.
+pub async fn assert_killed_twice(
+    what: &str,
+    publisher: Arc<dyn Publisher>,
+    subscriber: Arc<dyn Subscriber>,
+    broker: &mut dyn BrokerProcess,
+) -> OutageReport {
+    let topic = crate::testkit::unique("outage");
+    let report = run(
+        publisher,
+        subscriber,
+        &topic,
+        "g",
+        broker,
+        20_000,
+        Duration::from_secs(60),
+    )
+    .await;
+    eprintln!("{what}: {report}");
+    assert!(
+        report.lost.is_empty(),
+        "confirmed but never handled: {report}"
+    );
+    for resumed in report.publish_resumed.iter().chain(&report.consume_resumed) {
+        assert!(*resumed < Duration::from_secs(30), "{report}");
+    }
+    report
+}
+
+/// [`member_dies_holding`] as every adapter's test runs it: 5 messages on a
+/// fresh topic, the time printed under `what`, and asserted under 15 s.
+///
+/// # Panics
+/// When a step fails or the messages take 15 s or more.
+pub async fn assert_dead_member_replaced(
+    what: &str,
+    dying: Arc<dyn Subscriber>,
+    proxy: &crate::testkit::FaultProxy,
+    live: (Arc<dyn Publisher>, Arc<dyn Subscriber>),
+) -> Duration {
+    let topic = crate::testkit::unique("dead-member");
+    let elapsed = member_dies_holding(dying, proxy, live, &topic, "g", 5).await;
+    eprintln!("{what}: a dead member's deliveries were handled by another after {elapsed:?}");
+    assert!(elapsed < Duration::from_secs(15), "{elapsed:?}");
+    elapsed
+}
