@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
@@ -13,11 +12,9 @@ use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::message::Message as _;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::Value;
+use tidings_core::testkit::interop::Recorder;
 use tidings_core::testkit::{unique, within};
-use tidings_core::{Consumer, DeadLetterReason, Event, HandlerError, PublisherExt, SettleAction};
-
-/// Id, type, correlation id and data, as the handler saw them.
-type Seen = (String, Option<String>, Option<String>, Value);
+use tidings_core::{Consumer, DeadLetterReason, Event, PublisherExt, SettleAction};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_articles_envelope_both_ways() {
@@ -44,42 +41,25 @@ async fn the_articles_envelope_both_ways() {
             .await
             .expect("produced");
     }
-    let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
-    let actions: Arc<Mutex<Vec<SettleAction>>> = Arc::default();
-    let (record, settled) = (seen.clone(), actions.clone());
-    let consumer = Consumer::group(bus.subscriber(), unique("g"))
-        .start_from(tidings_core::StartFrom::Earliest)
-        .handle(&topic, move |e: Event<Value>| {
-            let record = record.clone();
-            async move {
-                let m = e.metadata();
-                record.lock().expect("lock").push((
-                    e.id().to_owned(),
-                    m.event_type.clone(),
-                    m.correlation_id.clone(),
-                    e.data.clone(),
-                ));
-                Ok::<_, HandlerError>(())
-            }
-        })
-        .on_settle(move |s| settled.lock().expect("lock").push(s.action))
-        .start()
-        .await
-        .expect("the consumer starts");
+    let recorder = Recorder::start(
+        Consumer::group(bus.subscriber(), unique("g"))
+            .start_from(tidings_core::StartFrom::Earliest),
+        &topic,
+    )
+    .await;
+    // The envelope is handled and the other value dead-lettered.
     within(60, "both records settled", async {
-        while actions.lock().expect("lock").len() < 2 {
+        while recorder.settled() < 2 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
     .await;
-    consumer.shutdown(Duration::from_secs(10)).await;
-    let seen = seen.lock().expect("lock").clone();
+    let (seen, actions) = recorder.stop().await;
     assert_eq!(seen.len(), 1, "only the envelope reached the handler");
-    assert_eq!(seen[0].0, "e-1");
-    assert_eq!(seen[0].1.as_deref(), Some("user.registered"));
-    assert_eq!(seen[0].2.as_deref(), Some("c-1"));
-    assert_eq!(seen[0].3["name"], "Zoë ✓");
-    let actions = actions.lock().expect("lock").clone();
+    let got = &seen["e-1"][0];
+    assert_eq!(got.event_type.as_deref(), Some("user.registered"));
+    assert_eq!(got.correlation_id.as_deref(), Some("c-1"));
+    assert_eq!(got.data["name"], "Zoë ✓");
     assert!(actions.contains(&SettleAction::Ack));
     assert!(actions.contains(&SettleAction::DeadLetter {
         reason: DeadLetterReason::Undecodable

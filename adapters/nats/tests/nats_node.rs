@@ -2,13 +2,12 @@
 //! common articles write them: `tests/node/nats.js`), on JetStream and core
 //! NATS, in both directions, in the envelope dialect.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use serde_json::Value;
-use tidings_core::testkit::{ChildProcess, unique, within};
-use tidings_core::{Consumer, Event, HandlerError, PublisherExt, SettleAction};
+use tidings_core::Consumer;
+use tidings_core::testkit::interop::{self, Recorder};
+use tidings_core::testkit::{ChildProcess, unique};
 use tidings_nats::{NatsBus, NatsConfig};
 
 const COUNT: usize = 100;
@@ -31,83 +30,44 @@ async fn bus(core: bool) -> NatsBus {
     })
 }
 
-type Seen =
-    Arc<Mutex<HashMap<String, Vec<(Option<String>, Option<SystemTime>, Option<String>, Value)>>>>;
+fn mode(core: bool) -> &'static str {
+    if core { "core" } else { "jetstream" }
+}
 
 async fn node_to_tidings(core: bool) {
     let bus = bus(core).await;
     let subject = unique("node-users");
-    let seen: Seen = Arc::default();
-    let actions: Arc<Mutex<Vec<SettleAction>>> = Arc::default();
-    let (record, settled) = (seen.clone(), actions.clone());
-    let consumer = Consumer::group(bus.subscriber(), "tidings-svc")
-        .handle(&subject, move |e: Event<Value>| {
-            let record = record.clone();
-            async move {
-                let m = e.metadata();
-                record
-                    .lock()
-                    .expect("lock")
-                    .entry(e.id().to_owned())
-                    .or_default()
-                    .push((
-                        m.event_type.clone(),
-                        m.time,
-                        m.correlation_id.clone(),
-                        e.data.clone(),
-                    ));
-                Ok::<_, HandlerError>(())
-            }
-        })
-        .on_settle(move |s| settled.lock().expect("lock").push(s.action))
-        .start()
-        .await
-        .expect("the consumer starts");
-    let mode = if core { "core" } else { "jetstream" };
+    let recorder =
+        Recorder::start(Consumer::group(bus.subscriber(), "tidings-svc"), &subject).await;
     let node = ChildProcess::node(
         script(),
-        &["publish", SERVER, &subject, &COUNT.to_string(), mode],
+        &["publish", SERVER, &subject, &COUNT.to_string(), mode(core)],
     );
     let (lines, ok) = node.finish(Duration::from_secs(60)).await;
     assert!(ok, "the Node publisher failed");
-    within(60, "every message at the Tidings handler", async {
-        while seen.lock().expect("lock").len() < COUNT {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
-    consumer.shutdown(Duration::from_secs(10)).await;
-    let seen = seen.lock().expect("lock");
-    for line in &lines {
-        let sent: Value = serde_json::from_str(line).expect("a JSON line");
-        let id = sent["id"].as_str().expect("id");
-        let got = seen.get(id).unwrap_or_else(|| panic!("{id} never arrived"));
-        assert_eq!(got.len(), 1, "{id} once");
-        let (event_type, time, correlation, data) = &got[0];
-        assert_eq!(event_type.as_deref(), sent["type"].as_str());
-        assert_eq!(
-            correlation.as_deref(),
-            sent["metadata"]["correlationId"].as_str()
-        );
-        assert_eq!(
-            *time,
-            tidings_core::time::parse_rfc3339(sent["timestamp"].as_str().expect("time"))
-        );
-        assert_eq!(data, &sent["payload"]);
-    }
-    assert_eq!(seen.len(), COUNT);
-    let actions = actions.lock().expect("lock");
-    assert!(
-        actions.iter().all(|a| *a == SettleAction::Ack),
-        "nothing dead-lettered: {actions:?}"
-    );
+    recorder.wait_for(COUNT).await;
+    let (seen, actions) = recorder.stop().await;
+    let sent: Vec<_> = lines
+        .iter()
+        .map(|line| {
+            let e: Value = serde_json::from_str(line).expect("a JSON line");
+            let s = |v: &Value| v.as_str().expect("a string").to_owned();
+            (
+                s(&e["id"]),
+                s(&e["type"]),
+                s(&e["timestamp"]),
+                s(&e["metadata"]["correlationId"]),
+                e["payload"].clone(),
+            )
+        })
+        .collect();
+    interop::check_received(&seen, &actions, &sent);
 }
 
 async fn tidings_to_node(core: bool) {
     let bus = bus(core).await;
     let subject = unique("node-orders");
     let stream = unique("NODE_ORDERS");
-    let mode = if core { "core" } else { "jetstream" };
     let mut node = ChildProcess::node(
         script(),
         &[
@@ -115,37 +75,16 @@ async fn tidings_to_node(core: bool) {
             SERVER,
             &subject,
             &COUNT.to_string(),
-            mode,
+            mode(core),
             &stream,
             "node-svc",
         ],
     );
     node.wait_for("ready", Duration::from_secs(30)).await;
-    let publisher = bus.publisher();
-    let mut sent = HashMap::new();
-    for i in 0..COUNT {
-        let event = Event::new(
-            serde_json::json!({ "orderId": i, "customer": format!("Jürgen Ōtsuka {i} ✓") }),
-        )
-        .with_type("order.placed")
-        .with_correlation_id(format!("corr-{i}"));
-        sent.insert(
-            event.id().to_owned(),
-            (event.data.clone(), event.metadata().time),
-        );
-        // On JetStream into the Node service's own stream, whatever it is named.
-        publisher
-            .publish_event(&subject, event)
-            .await
-            .expect("published");
-    }
+    // On JetStream into the Node service's own stream, whatever it is named.
+    let sent = interop::publish_orders(&*bus.publisher(), &subject, COUNT).await;
     let (lines, ok) = node.finish(Duration::from_secs(60)).await;
     assert!(ok, "the Node consumer failed: {lines:?}");
-    let ms = |t: SystemTime| {
-        t.duration_since(SystemTime::UNIX_EPOCH)
-            .expect("after 1970")
-            .as_millis()
-    };
     let mut received = 0;
     for line in &lines {
         let v: Value = serde_json::from_str(line).expect("a JSON line");
@@ -155,19 +94,19 @@ async fn tidings_to_node(core: bool) {
         }
         let e = &v["event"];
         let id = e["id"].as_str().expect("an id");
-        let (data, time) = sent.get(id).unwrap_or_else(|| panic!("{id} was not sent"));
-        assert_eq!(e["type"], "order.placed");
-        assert_eq!(&e["payload"], data);
-        let i = data["orderId"].as_u64().expect("orderId");
-        assert_eq!(e["metadata"]["correlationId"], format!("corr-{i}"));
-        assert_eq!(v["correlationHeader"], format!("corr-{i}"));
+        interop::check_order(
+            &sent,
+            id,
+            &e["type"],
+            &e["payload"],
+            &e["metadata"]["correlationId"],
+            &e["timestamp"],
+        );
+        assert_eq!(v["correlationHeader"], e["metadata"]["correlationId"]);
         assert_eq!(v["contentType"], "application/json");
         if !core {
             assert_eq!(v["msgId"], id, "Nats-Msg-Id is the event id");
         }
-        let stamp = tidings_core::time::parse_rfc3339(e["timestamp"].as_str().expect("timestamp"))
-            .expect("ISO");
-        assert_eq!(ms(stamp), ms(time.expect("a time")));
         received += 1;
     }
     assert_eq!(received, COUNT, "each once");

@@ -3,7 +3,6 @@
 //! `tidings_core::testkit::outage`): nothing confirmed is lost, and the
 //! publisher and the consumer resume on their own.
 
-
 use async_trait::async_trait;
 use tidings_core::testkit::outage::{self, BrokerProcess};
 use tidings_nats::{NatsBus, NatsConfig};

@@ -10,6 +10,7 @@
 //!   wedge a consumer, for each adapter's hostile-input tests.
 //! - [`outage`]: broker kills and restarts under a stream of confirmed
 //!   publishes, measured (lost, duplicated, time to resume).
+//! - [`interop`]: the Tidings side of a test against another language's client.
 //! - [`ChildProcess`]: a plain Node.js peer of an interop test, or a service
 //!   binary to signal.
 //! - [`ScriptedSubscriber`]: a subscriber without a broker that hands out
@@ -19,6 +20,7 @@
 
 pub mod conformance;
 pub mod hostile;
+pub mod interop;
 pub mod outage;
 #[cfg(feature = "testkit-tls")]
 mod pki;
