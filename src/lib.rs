@@ -163,11 +163,13 @@ impl Publisher for Bus {
     /// own `close` does (RabbitMQ waits for outstanding confirms, NATS
     /// drains). Shut consumers down first.
     async fn close(&self) -> Result<()> {
-        self.publisher.close().await?;
-        match &self.closer {
+        // The connection closes even when the publisher's close failed.
+        let published = self.publisher.close().await;
+        let closed = match &self.closer {
             Some(close) => close().await,
             None => Ok(()),
-        }
+        };
+        published.and(closed)
     }
 }
 

@@ -127,6 +127,17 @@ pub struct Undecodable {
 /// (read in any case).
 pub const CONTENT_TYPE: &str = "Content-Type";
 
+/// A message a dialect could not read: why, and what could be kept of it
+/// (its headers as headers, its body as payload, the broker's id), so it
+/// can be dead-lettered as it came.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    /// Why.
+    pub why: Undecodable,
+    /// What could be kept.
+    pub salvaged: Message,
+}
+
 /// The media type of a structured CloudEvent in JSON.
 pub const CLOUDEVENTS_JSON: &str = "application/cloudevents+json";
 
@@ -269,7 +280,7 @@ impl Dialect {
         headers: impl IntoIterator<Item = (K, V)>,
         body: Bytes,
         native: Native<'_>,
-    ) -> std::result::Result<Message, Undecodable>
+    ) -> std::result::Result<Message, Box<Rejected>>
     where
         K: Into<String> + AsRef<str>,
         V: Into<String> + AsRef<str>,
@@ -278,25 +289,31 @@ impl Dialect {
         // subject names the type only of messages that are not CloudEvents.
         let mut cloudevent = false;
         let mut message = match self {
+            // Cannot fail, and costs what reading headers always cost.
             Dialect::CloudEventsBinary => {
                 let headers = headers.into_iter().inspect(|(k, _)| {
                     cloudevent |= k.as_ref() == names.spec_version;
                 });
                 Message::from_headers(names, headers, body, native.id.map(str::to_owned))
             }
-            Dialect::CloudEventsStructured => {
+            Dialect::CloudEventsStructured | Dialect::Envelope(_) => {
                 let rest: Headers = headers
                     .into_iter()
                     .map(|(k, v)| (k.into(), v.into()))
                     .collect();
-                structured::decode(&body, rest, native)?
-            }
-            Dialect::Envelope(envelope) => {
-                let rest: Headers = headers
-                    .into_iter()
-                    .map(|(k, v)| (k.into(), v.into()))
-                    .collect();
-                envelope.decode(&body, rest, native)?
+                let decoded = match self {
+                    Dialect::Envelope(envelope) => envelope.decode(&body, rest.clone(), native),
+                    _ => structured::decode(&body, rest.clone(), native),
+                };
+                match decoded {
+                    Ok(message) => message,
+                    Err(why) => {
+                        // What can be kept of it, to be dead-lettered.
+                        let salvaged =
+                            Message::from_headers(names, rest, body, native.id.map(str::to_owned));
+                        return Err(Box::new(Rejected { why, salvaged }));
+                    }
+                }
             }
         };
         fill_from_aliases(&mut message, names);
@@ -737,7 +754,8 @@ mod tests {
                     Native::default(),
                 )
                 .expect_err("undecodable");
-            assert_eq!(e.dialect, "envelope");
+            assert_eq!(e.why.dialect, "envelope");
+            assert_eq!(e.salvaged.payload.as_ref(), body);
         }
         let e = Dialect::CloudEventsStructured
             .decode(
@@ -747,7 +765,7 @@ mod tests {
                 Native::default(),
             )
             .expect_err("no specversion");
-        assert!(e.problem.contains("specversion"));
+        assert!(e.why.problem.contains("specversion"));
     }
 
     #[test]

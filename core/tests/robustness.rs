@@ -205,10 +205,11 @@ async fn a_shutdown_past_its_deadline_hands_back_what_was_not_handled() {
         report.received - 1,
         "the queued ones were handed back: {report:?}"
     );
-    let nacked = subscriber
-        .settlements()
-        .into_iter()
-        .filter(|(_, action, _)| *action == "nack")
-        .count();
-    assert_eq!(nacked as u64, report.released);
+    // Handed back unhandled: dropped unsettled (the adapter gives each back
+    // as it was), never nacked as a failed attempt.
+    assert!(
+        subscriber.settlements().is_empty(),
+        "{:?}",
+        subscriber.settlements()
+    );
 }

@@ -198,13 +198,9 @@ pub fn decode(
         time,
         content_type: props.content_type().as_ref().map(|s| s.as_str()),
     };
-    let decoded = dialect.decode(&wire::AMQP, pairs.clone(), payload.clone(), native);
-    let (mut message, undecodable) = match decoded {
+    let (mut message, undecodable) = match dialect.decode(&wire::AMQP, pairs, payload, native) {
         Ok(message) => (message, None),
-        Err(e) => (
-            Message::from_headers(&wire::AMQP, pairs, payload, native.id.map(str::to_owned)),
-            Some(e),
-        ),
+        Err(rejected) => (rejected.salvaged, Some(rejected.why)),
     };
     if let (Some(stamp), None) = (stamp, time) {
         // Nothing the sender wrote is lost: an unrepresentable time stays as the number.

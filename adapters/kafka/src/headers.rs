@@ -79,30 +79,22 @@ pub fn decode<H: Headers>(
     retried: bool,
     topic: Option<&str>,
 ) -> (Message, Received, Option<Undecodable>) {
-    let pairs: Vec<(String, String)> = headers
-        .into_iter()
-        .flat_map(|h| h.iter())
-        .map(|h| {
-            let value = h.value.unwrap_or_default();
-            (
-                h.key.to_owned(),
-                String::from_utf8_lossy(value).into_owned(),
-            )
-        })
-        .collect();
+    let pairs = headers.into_iter().flat_map(|h| h.iter()).map(|h| {
+        let value = h.value.unwrap_or_default();
+        (
+            h.key.to_owned(),
+            String::from_utf8_lossy(value).into_owned(),
+        )
+    });
     let native = Native {
         id: Some(&fallback_id),
         event_type: topic,
         ..Native::default()
     };
-    let (mut message, undecodable) =
-        match dialect.decode(&wire::BINARY, pairs.clone(), payload.clone(), native) {
-            Ok(message) => (message, None),
-            Err(e) => (
-                Message::from_headers(&wire::BINARY, pairs, payload, Some(fallback_id.clone())),
-                Some(e),
-            ),
-        };
+    let (mut message, undecodable) = match dialect.decode(&wire::BINARY, pairs, payload, native) {
+        Ok(message) => (message, None),
+        Err(rejected) => (rejected.salvaged, Some(rejected.why)),
+    };
     if message.key.is_none() {
         message.key = key.map(|k| String::from_utf8_lossy(k).into_owned());
     }

@@ -124,28 +124,21 @@ pub fn decode(
     let msg_id = headers
         .and_then(|h| h.get(MSG_ID))
         .map(|v| v.as_str().to_owned());
-    let pairs: Vec<(String, String)> = headers
-        .into_iter()
-        .flat_map(|map| {
-            map.iter().filter_map(|(name, values)| {
-                let name: &str = name.as_ref();
-                Some((name.to_owned(), values.last()?.as_str().to_owned()))
-            })
+    let pairs = pairs_for_message(headers.into_iter().flat_map(|map| {
+        map.iter().filter_map(|(name, values)| {
+            let name: &str = name.as_ref();
+            Some((name.to_owned(), values.last()?.as_str().to_owned()))
         })
-        .collect();
-    let pairs = pairs_for_message(pairs);
+    }));
     let id = msg_id.or(fallback_id);
     let native = Native {
         id: id.as_deref(),
         event_type: subject,
         ..Native::default()
     };
-    match dialect.decode(&wire::BINARY, pairs.clone(), payload.clone(), native) {
+    match dialect.decode(&wire::BINARY, pairs, payload, native) {
         Ok(message) => (message, None),
-        Err(e) => (
-            Message::from_headers(&wire::BINARY, pairs, payload, id),
-            Some(e),
-        ),
+        Err(rejected) => (rejected.salvaged, Some(rejected.why)),
     }
 }
 
@@ -182,25 +175,21 @@ pub(crate) fn from_pairs(
 
 /// The headers that belong to the message: the server's `Nats-*` ones
 /// dropped, `tidings-enc-` ones decoded.
-fn pairs_for_message(pairs: impl IntoIterator<Item = (String, String)>) -> Vec<(String, String)> {
-    pairs
-        .into_iter()
-        .filter_map(|(name, value)| {
-            if name.len() >= 5
-                && name.is_char_boundary(5)
-                && name[..5].eq_ignore_ascii_case("nats-")
-            {
-                return None;
-            }
-            match name.strip_prefix(ENCODED_PREFIX) {
-                Some(encoded) => match (percent_decode(encoded), percent_decode(&value)) {
-                    (Some(n), Some(v)) => Some((n, v)),
-                    _ => Some((name, value)),
-                },
-                None => Some((name, value)),
-            }
-        })
-        .collect()
+fn pairs_for_message(
+    pairs: impl IntoIterator<Item = (String, String)>,
+) -> impl Iterator<Item = (String, String)> {
+    pairs.into_iter().filter_map(|(name, value)| {
+        if name.len() >= 5 && name.is_char_boundary(5) && name[..5].eq_ignore_ascii_case("nats-") {
+            return None;
+        }
+        match name.strip_prefix(ENCODED_PREFIX) {
+            Some(encoded) => match (percent_decode(encoded), percent_decode(&value)) {
+                (Some(n), Some(v)) => Some((n, v)),
+                _ => Some((name, value)),
+            },
+            None => Some((name, value)),
+        }
+    })
 }
 
 #[cfg(test)]

@@ -230,9 +230,13 @@ impl Subscriber for NatsSubscriber {
                     ensure_consumer(&shared, &topic, g, prefetch, subscription.start).await?;
                 // Listening before pulling: no advisory is missed.
                 let info = consumer.cached_info();
+                // A queue subscription: one member of the group takes each advisory.
                 let advisories = shared
                     .client
-                    .subscribe(given_up::advisory_subject(&info.stream_name, &info.name))
+                    .queue_subscribe(
+                        given_up::advisory_subject(&info.stream_name, &info.name),
+                        info.name.clone(),
+                    )
                     .await
                     .map_err(|e| subscribe_error(&topic, e))?;
                 let messages = pull_messages(&consumer, prefetch)
@@ -860,11 +864,37 @@ impl Acker for JsAcker {
         let topic = Topology::dead_letter_topic(&self.topic, &self.group);
         // Its own message id: in a shared stream the original id is taken.
         let msg_id = format!("{}:dlq:{}", self.message.id, self.group);
-        self.shared
+        // A message the server gave up on is never delivered again: its dead
+        // letter is the only copy left, so it is tried harder (bounded).
+        let tries = if self.reply.is_none() {
+            GIVEN_UP_TRIES
+        } else {
+            1
+        };
+        let mut backoff = Duration::from_millis(100);
+        let mut attempt = 1;
+        loop {
             // Dead letters are Tidings' own: always in the default dialect.
-            .js_publish(&Dialect::CloudEventsBinary, &topic, &dead, &msg_id)
-            .await
-            .map_err(|e| settle_error(&self.message.id, e))?;
+            let published = self
+                .shared
+                .js_publish(&Dialect::CloudEventsBinary, &topic, &dead, &msg_id)
+                .await;
+            match published {
+                Ok(_) => break,
+                Err(e) if attempt < tries && e.is_transient() => {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    attempt += 1;
+                }
+                Err(e) => {
+                    if self.reply.is_none() {
+                        tracing::error!(id = %self.message.id, error = %e,
+                            "the dead letter of a message the server gave up on could not be published: the message is lost");
+                    }
+                    return Err(settle_error(&self.message.id, e));
+                }
+            }
+        }
         self.send(AckKind::Ack).await
     }
 }
@@ -954,6 +984,9 @@ impl Acker for NoAcker {
 }
 
 /// A JetStream delivery's position: its stream and stream sequence.
+/// How often the dead letter of a message the server gave up on is tried.
+const GIVEN_UP_TRIES: u32 = 8;
+
 /// The delivery, rejected when its body could not be read in the dialect.
 fn reject_if(delivery: Delivery, undecodable: Option<Undecodable>) -> Delivery {
     match undecodable {

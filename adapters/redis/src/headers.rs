@@ -320,16 +320,13 @@ pub fn read_fields_in(
         id: Some(entry_id),
         ..Native::default()
     };
-    match layout
-        .dialect
-        .decode(&NAMES, headers.clone(), payload.clone(), native)
-    {
+    match layout.dialect.decode(&NAMES, headers, payload, native) {
         Ok(message) => (message, None),
-        Err(e) => (
-            plain(headers, payload),
+        Err(rejected) => (
+            rejected.salvaged,
             Some(ForeignEntry {
                 entry_id: entry_id.to_owned(),
-                problem: ForeignProblem::Undecodable(e),
+                problem: ForeignProblem::Undecodable(rejected.why),
             }),
         ),
     }
@@ -428,25 +425,35 @@ pub enum BadBody {
 
 /// Reads a Pub/Sub body in `layout`: a Tidings frame whatever the
 /// dialect; any other body through the dialect. A message that carries no
-/// id of its own gets one made from its channel and content, the same in
-/// every member, so the members of a group agree on who takes it.
-pub fn decode_body(layout: &Layout, channel: &str, body: Bytes) -> Result<Message, BadBody> {
+/// id of its own gets a fresh one (two identical bodies are two messages);
+/// the flag says whether it carried one.
+pub fn decode_body(
+    layout: &Layout,
+    channel: &str,
+    body: Bytes,
+) -> Result<(Message, bool), BadBody> {
     if body.len() >= 8 && &body[..4] == PUBSUB_MAGIC {
-        return Ok(decode_frame(channel, body)?);
+        return Ok((decode_frame(channel, body)?, true));
     }
-    let id = content_id(channel, &body);
+    let fresh = tidings_core::message::new_id();
     let native = Native {
-        id: Some(&id),
+        id: Some(&fresh),
         ..Native::default()
     };
-    Ok(layout
+    let message = layout
         .dialect
-        .decode(&NAMES, Vec::<(String, String)>::new(), body, native)?)
+        .decode(&NAMES, Vec::<(String, String)>::new(), body, native)
+        .map_err(|rejected| BadBody::Undecodable(rejected.why))?;
+    let own = message.id != fresh;
+    Ok((message, own))
 }
 
-/// A stable id for a message without one, the same in every replica: a
-/// [`StableHash`](tidings_core::StableHash) of channel and body.
-fn content_id(channel: &str, body: &[u8]) -> String {
+/// What the members of a group claim a Pub/Sub message by when it carries
+/// no id of its own (a fresh one differs in every member): its channel and
+/// content, the same in every member. Members receive a publish within
+/// milliseconds of each other, so such a claim is kept briefly: two
+/// identical bodies published within it are taken as one by the group.
+pub fn content_id(channel: &str, body: &[u8]) -> String {
     let hash = tidings_core::StableHash::default()
         .write(channel.as_bytes())
         .write(&[0])
@@ -459,12 +466,11 @@ fn content_id(channel: &str, body: &[u8]) -> String {
 /// message: all of it is the payload.
 pub fn decode_frame(channel: &str, body: Bytes) -> Result<Message, CorruptFrame> {
     if body.len() < 8 || &body[..4] != PUBSUB_MAGIC {
-        let id = content_id(channel, &body);
         return Ok(Message::from_headers(
             &NAMES,
             Vec::<(String, String)>::new(),
             body,
-            Some(id),
+            None,
         ));
     }
     let corrupt = || CorruptFrame {

@@ -98,24 +98,34 @@ async fn read_loop(client: Client, shared: Arc<Shared>, ready: oneshot::Sender<R
             drop(msg);
             // A corrupt frame goes to the runtime as a rejected delivery of
             // the raw body, to be dead-lettered where everything is observed.
-            let (message, corrupt) = match headers::decode_body(
+            // Messages with an id of their own are claimed by it; the others
+            // by their content, briefly (see `content_id`).
+            let (message, own_id, corrupt) = match headers::decode_body(
                 &shared.layout,
                 &channel,
                 body.clone(),
             ) {
-                Ok(m) => (m, None),
+                Ok((m, own_id)) => (m, own_id, None),
                 Err(e) => {
                     warn!(topic = %shared.topic, error = %e, "dead-lettering a corrupt Pub/Sub frame");
-                    (Message::new(body), Some(e))
+                    (Message::new(body.clone()), false, Some(e))
                 }
             };
             let Some(permit) = shared.permit().await else {
                 return;
             };
-            if let Some(group) = &shared.group
-                && !claim(&shared, group, &channel, &message.id).await
-            {
-                continue;
+            if let Some(group) = &shared.group {
+                let (key, ttl) = if own_id {
+                    (message.id.clone(), shared.config.claim_ttl)
+                } else {
+                    (
+                        headers::content_id(&channel, &body),
+                        CONTENT_CLAIM_TTL.min(shared.config.claim_ttl),
+                    )
+                };
+                if !claim(&shared, group, &channel, &key, ttl).await {
+                    continue;
+                }
             }
             let topic: Arc<str> = if pattern {
                 Arc::from(channel.as_str())
@@ -139,9 +149,12 @@ async fn read_loop(client: Client, shared: Arc<Shared>, ready: oneshot::Sender<R
 }
 
 /// Takes the message for this member of the group; `false` if another took it.
-async fn claim(shared: &Shared, group: &str, channel: &str, id: &str) -> bool {
+/// How long a claim by content is kept (see `headers::content_id`).
+const CONTENT_CLAIM_TTL: Duration = Duration::from_secs(1);
+
+async fn claim(shared: &Shared, group: &str, channel: &str, id: &str, ttl: Duration) -> bool {
     let key = format!("tidings:claim:{group}:{channel}:{id}");
-    let ttl = shared.config.claim_ttl.as_millis().max(1) as u64;
+    let ttl = ttl.as_millis().max(1) as u64;
     let reply: RedisResult<Value> = redis::cmd("SET")
         .arg(&key)
         .arg(&shared.consumer)

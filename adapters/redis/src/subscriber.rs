@@ -68,6 +68,7 @@ impl RedisSubscriber {
     }
 
     fn shared(&self, subscription: &Subscription, consumer: String) -> Arc<Shared> {
+        let held: Held = Arc::default();
         let (tx, rx) = mpsc::unbounded_channel();
         let group: Option<Arc<str>> = subscription.group.as_deref().map(Arc::from);
         let dead_letters = self.dead_letter_topic(
@@ -92,10 +93,11 @@ impl RedisSubscriber {
                     subscription.topic.clone(),
                     group.clone(),
                     self.config.clone(),
+                    held.clone(),
                 )),
                 _ => None,
             },
-            held: std::sync::Mutex::default(),
+            held,
             layout: match &subscription.dialect {
                 Some(dialect) => headers::Layout {
                     dialect: dialect.clone(),
@@ -271,8 +273,11 @@ pub(crate) struct Shared {
     pub(crate) layout: headers::Layout,
     /// Entries handed out and not yet settled (consumer groups): kept
     /// from being reclaimed by the heartbeat while a handler runs.
-    held: std::sync::Mutex<HashSet<String>>,
+    held: Held,
 }
+
+/// Entries handed out and not yet acked for sure, kept alive by the heartbeat.
+type Held = Arc<std::sync::Mutex<HashSet<String>>>;
 
 /// One entry to `XACK`, and where to report the result if the caller waits.
 struct AckRequest {
@@ -288,6 +293,7 @@ fn spawn_acker(
     topic: String,
     group: String,
     config: Arc<RedisConfig>,
+    held: Held,
 ) -> mpsc::UnboundedSender<AckRequest> {
     let (tx, mut rx) = mpsc::unbounded_channel::<AckRequest>();
     tokio::spawn(async move {
@@ -319,6 +325,15 @@ fn spawn_acker(
             };
             if let Err(error) = &result {
                 warn!(%error, topic, group, entries = batch.len(), "XACK failed; the entries are reclaimed after the visibility timeout");
+            }
+            // Kept alive until the XACK went through (or was given up): an
+            // ack waiting out a connection fault must not let another member
+            // reclaim an entry that was handled.
+            {
+                let mut held = held.lock().unwrap_or_else(|e| e.into_inner());
+                for request in &batch {
+                    held.remove(&request.entry_id);
+                }
             }
             for request in batch.drain(..) {
                 if let Some(done) = request.done {
@@ -504,7 +519,9 @@ impl RedisAcker {
     ) -> Delivery {
         let position = match &origin {
             Origin::Group { entry_id } => {
-                shared.held_lock().insert(entry_id.clone());
+                if shared.config.heartbeat {
+                    shared.held_lock().insert(entry_id.clone());
+                }
                 Some(Receipt::EntryId(entry_id.clone()))
             }
             Origin::Local => None,
@@ -652,7 +669,7 @@ impl Acker for RedisAcker {
     async fn ack(mut self: Box<Self>) -> Result<()> {
         self.settled = true;
         self.permit = None;
-        self.unhold();
+        // Held until the batcher's XACK went through.
         let Origin::Group { entry_id } = &self.origin else {
             return Ok(());
         };
@@ -671,6 +688,7 @@ impl Acker for RedisAcker {
             done,
         };
         if acks.send(request).is_err() {
+            self.unhold();
             return Err(Error::Closed("ack batcher"));
         }
         match confirmed {

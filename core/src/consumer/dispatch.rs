@@ -15,22 +15,17 @@
 use std::collections::hash_map::{DefaultHasher, Entry};
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
-use std::panic::AssertUnwindSafe;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use tokio::sync::watch;
 use tracing::{error, warn};
 
 use super::settle::{Route, WorkerCounts};
 use crate::delivery::Delivery;
 use crate::subscriber::DeliveryStream;
-
-/// How long intake waits for the adapter to take back a delivery it could
-/// not hand to a worker before shutdown.
-const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The keys that have a delivery queued or running, each with the
 /// deliveries parked behind it.
@@ -162,7 +157,7 @@ pub(crate) async fn intake(
                     _ = stop.wait_for(|stop| *stop) => {}
                 }
                 if let Some(delivery) = held {
-                    release(vec![delivery], &released).await;
+                    release(vec![delivery], &released);
                     break;
                 }
             }
@@ -186,18 +181,15 @@ pub(crate) async fn intake(
     stream.closed().await;
 }
 
-/// Hands unsettled deliveries back to the broker (nack without delay) so
-/// another member gets them now rather than after the visibility timeout.
-pub(crate) async fn release(deliveries: Vec<Delivery>, released: &AtomicU64) {
-    let n = deliveries.len() as u64;
-    let all = futures::future::join_all(deliveries.into_iter().map(|mut d| async move {
-        let nack = AssertUnwindSafe(d.nack(None)).catch_unwind();
-        if !matches!(tokio::time::timeout(RELEASE_TIMEOUT, nack).await, Ok(Ok(Ok(())))) {
-            warn!(id = %d.message().id, "handing a delivery back failed; the broker redelivers it later");
-        }
-    }));
-    all.await;
-    released.fetch_add(n, Ordering::Relaxed);
+/// Hands unsettled deliveries back to the broker unhandled: each adapter's
+/// acker, dropped unsettled, gives its message back as it was — no attempt
+/// counted, no retry copy (Redis makes the entry claimable at once, NATS
+/// naks it, RabbitMQ requeues it when the channel closes, Kafka leaves the
+/// offset uncommitted, the in-process bus requeues it) — so another member
+/// gets it now rather than after the visibility timeout.
+pub(crate) fn release(deliveries: Vec<Delivery>, released: &AtomicU64) {
+    released.fetch_add(deliveries.len() as u64, Ordering::Relaxed);
+    drop(deliveries);
 }
 
 /// Runs one worker, starting it again if it ever ends by a panic (no

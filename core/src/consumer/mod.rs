@@ -119,7 +119,8 @@ pub struct ShutdownReport {
     /// Settlements that failed or panicked: those messages come back.
     pub failed_settlements: u64,
     /// Deliveries not yet handled when the deadline passed, handed back to
-    /// the broker (nack without delay) so another member gets them at once.
+    /// the broker unhandled (no attempt counted) so another member gets them
+    /// at once.
     pub released: u64,
     /// Deliveries still in a handler when the deadline passed: abandoned,
     /// redelivered after the broker's visibility timeout.
@@ -184,7 +185,7 @@ impl Consumer {
                     waiting.extend(keys.drain());
                 }
             }
-            dispatch::release(waiting, &self.counts.released).await;
+            dispatch::release(waiting, &self.counts.released);
             for abort in &self.aborts {
                 abort.abort();
             }
