@@ -1,12 +1,15 @@
 //! A service built on the host: three consumer groups, a background task
-//! that publishes, one signal, one phased shutdown, one report.
+//! that publishes, probes and metrics over HTTP, one signal, one phased
+//! shutdown, one report.
 //!
 //! ```sh
-//! cargo run --example service                        # the in-process bus
-//! TIDINGS_URL=redis://127.0.0.1:6379 cargo run --features redis --example service
+//! cargo run --features prometheus --example service          # the in-process bus
+//! TIDINGS_URL=redis://127.0.0.1:6379 cargo run --features prometheus,redis --example service
+//! curl -i http://127.0.0.1:9464/readyz                       # 200, or 503 and why
+//! curl http://127.0.0.1:9464/metrics                         # Prometheus text
 //! ```
 //! Stop it with Ctrl-C (or SIGTERM): intake stops everywhere, in-flight
-//! handlers finish, the publisher closes, and the report is printed.
+//! handlers finish, the bus closes (drained), and the report is printed.
 
 use std::time::Duration;
 
@@ -25,7 +28,20 @@ async fn main() -> tidings::Result<()> {
     // An example may fall back to the in-process bus; a service should not
     // (Config::load and Config::from_env refuse a configuration without a URL).
     let url = std::env::var("TIDINGS_URL").unwrap_or_else(|_| "memory://".into());
-    let bus = tidings::connect(url.as_str()).await?;
+    // A service keeps this in tidings.toml and calls Config::load.
+    let mut config = tidings::Config::from_toml(
+        r#"
+        url = "memory://"
+        [breaker]
+        failures = 5
+        [telemetry]
+        prometheus = true       # /metrics on the [http] address
+        [http]
+        address = "127.0.0.1:9464"
+        "#,
+    )?;
+    config.url = url;
+    let bus = tidings::connect(config).await?;
 
     let billing =
         bus.consumer("billing")
@@ -65,7 +81,7 @@ async fn main() -> tidings::Result<()> {
             }
             Ok(())
         })
-        .publisher(bus.publisher().clone())
+        .bus(&bus) // the connection on /readyz, the metrics on /metrics; closed last
         .deadline(Duration::from_secs(10))
         .run()
         .await?;

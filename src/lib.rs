@@ -34,6 +34,9 @@
 //! - `kafka`: Kafka, `kafka://` (builds librdkafka from source: needs gcc, g++, make).
 //! - `nats`: NATS JetStream and core, `nats://`.
 //! - `otel`: OpenTelemetry tracing and metrics layers, `tidings::otel` (see `docs/observability.md`).
+//! - `http`: the HTTP endpoint [`App`] serves for probes, `/healthz` and `/readyz` (axum).
+//! - `prometheus`: `/metrics` on that endpoint, fed by the OpenTelemetry
+//!   metrics (`[telemetry] prometheus = true`; implies `http` and `otel`).
 //! - `testkit`: the conformance suite, `RecordingPublisher`
 //!   and `FaultProxy`.
 
@@ -67,6 +70,8 @@ pub mod prelude {
 
 pub mod app;
 pub mod config;
+#[cfg(feature = "prometheus")]
+pub mod metrics;
 
 #[doc = include_str!("../docs/guide.md")]
 pub mod guide {}
@@ -74,7 +79,7 @@ pub mod guide {}
 #[doc = include_str!("../docs/middleware.md")]
 pub mod middleware_guide {}
 
-pub use app::{App, AppReport, Readiness, ShutdownHandle, StopCause};
+pub use app::{App, AppReport, Restart, ServiceHealth, ShutdownHandle, StopCause};
 pub use config::Config;
 
 /// A connected broker: a publisher and a subscriber, chosen at run time,
@@ -89,6 +94,10 @@ pub struct Bus {
     layers: Vec<Arc<dyn Middleware>>,
     observers: Vec<SettleObserver>,
     closer: Option<Closer>,
+    health: Arc<dyn HealthCheck>,
+    http_address: Option<std::net::SocketAddr>,
+    #[cfg(feature = "prometheus")]
+    metrics: Option<metrics::Metrics>,
 }
 
 /// A settlement observer the configuration installs on every consumer.
@@ -100,7 +109,8 @@ type Closer = Arc<dyn Fn() -> futures::future::BoxFuture<'static, Result<()>> + 
 
 impl Bus {
     /// A bus from a publisher and a subscriber (of the same broker, usually),
-    /// with the default retry policy and no layers.
+    /// with the default retry policy and no layers. Its health check says
+    /// `connected` until one is given with [`with_health`](Bus::with_health).
     pub fn new(publisher: Arc<dyn Publisher>, subscriber: Arc<dyn Subscriber>) -> Self {
         Bus {
             publisher,
@@ -109,7 +119,32 @@ impl Bus {
             layers: Vec::new(),
             observers: Vec::new(),
             closer: None,
+            health: Arc::new(health::Always(health::State::Connected)),
+            http_address: None,
+            #[cfg(feature = "prometheus")]
+            metrics: None,
         }
+    }
+
+    /// The bus with `check` as its connection's health check (the
+    /// adapter's bus, usually).
+    pub fn with_health(mut self, check: Arc<dyn HealthCheck>) -> Self {
+        self.health = check;
+        self
+    }
+
+    /// The `[http]` address of the configuration it was connected with,
+    /// which [`App::bus`] serves.
+    pub fn http_address(&self) -> Option<std::net::SocketAddr> {
+        self.http_address
+    }
+
+    /// The Prometheus metrics (`[telemetry] prometheus = true`) the bus's
+    /// telemetry records into, which [`App::bus`] serves on `/metrics`;
+    /// add the service's own instruments with [`metrics::Metrics::meter`].
+    #[cfg(feature = "prometheus")]
+    pub fn metrics(&self) -> Option<&metrics::Metrics> {
+        self.metrics.as_ref()
     }
 
     /// Starts building a consumer for `group`, with the configured retry
@@ -173,6 +208,14 @@ impl Publisher for Bus {
     }
 }
 
+/// The broker connection's health, as its adapter checks it (a round trip
+/// to the broker, or the client's own connection state).
+impl HealthCheck for Bus {
+    fn check(&self) -> futures::future::BoxFuture<'_, Health> {
+        self.health.check()
+    }
+}
+
 /// What [`connect`] accepts: a URL (`&str`, `String`) or a [`Config`].
 pub trait IntoConfig {
     /// The configuration, checked.
@@ -230,19 +273,23 @@ pub async fn connect(config: impl IntoConfig) -> Result<Bus> {
     let scheme = url.split("://").next().unwrap_or_default();
     #[cfg_attr(not(any(feature = "amqp", feature = "nats")), allow(unused_mut))]
     let mut closer: Option<Closer> = None;
-    let (publisher, subscriber): (Arc<dyn Publisher>, Arc<dyn Subscriber>) = match scheme {
+    let (publisher, subscriber, check): (
+        Arc<dyn Publisher>,
+        Arc<dyn Subscriber>,
+        Arc<dyn HealthCheck>,
+    ) = match scheme {
         #[cfg(feature = "memory")]
         "memory" => {
             let bus = tidings_memory::MemoryBus::with_config(
                 tidings_memory::MemoryConfig::from_url(&url)?,
             );
-            (bus.publisher(), bus.subscriber())
+            (bus.publisher(), bus.subscriber(), Arc::new(bus))
         }
         #[cfg(feature = "redis")]
         "redis" | "rediss" => {
             let bus = tidings_redis::RedisBus::connect(tidings_redis::RedisConfig::from_url(&url)?)
                 .await?;
-            (bus.publisher(), bus.subscriber())
+            (bus.publisher(), bus.subscriber(), Arc::new(bus))
         }
         #[cfg(feature = "amqp")]
         "amqp" | "amqps" => {
@@ -256,13 +303,13 @@ pub async fn connect(config: impl IntoConfig) -> Result<Bus> {
                     Ok(())
                 })
             }));
-            (bus.publisher(), bus.subscriber())
+            (bus.publisher(), bus.subscriber(), Arc::new(bus))
         }
         #[cfg(feature = "kafka")]
         "kafka" => {
             let bus = tidings_kafka::KafkaBus::connect(tidings_kafka::KafkaConfig::from_url(&url)?)
                 .await?;
-            (bus.publisher(), bus.subscriber())
+            (bus.publisher(), bus.subscriber(), Arc::new(bus))
         }
         #[cfg(feature = "nats")]
         "nats" | "tls" => {
@@ -273,7 +320,7 @@ pub async fn connect(config: impl IntoConfig) -> Result<Bus> {
                 let adapter = adapter.clone();
                 Box::pin(async move { adapter.close().await })
             }));
-            (bus.publisher(), bus.subscriber())
+            (bus.publisher(), bus.subscriber(), Arc::new(bus))
         }
         other => {
             return Err(Error::Config {
@@ -285,8 +332,13 @@ pub async fn connect(config: impl IntoConfig) -> Result<Bus> {
             });
         }
     };
-    let mut bus = Bus::new(publisher, subscriber);
+    let mut bus = Bus::new(publisher, subscriber).with_health(check);
     bus.closer = closer;
+    bus.http_address = config.http.as_ref().map(|h| h.address);
+    #[cfg(feature = "prometheus")]
+    if config.prometheus_enabled() {
+        bus.metrics = Some(metrics::Metrics::new()?);
+    }
     bus.retry = config.retry_policy();
     bus.layers = layers(&config).await?;
     let mut publish_layers: Vec<Arc<dyn middleware::PublishMiddleware>> = Vec::new();
@@ -296,8 +348,15 @@ pub async fn connect(config: impl IntoConfig) -> Result<Bus> {
         // other layers; the marker goes innermost, so duplicates skipped by
         // idempotency are counted as such.
         let system = bus.subscriber.name();
-        let telemetry = otel::Telemetry::builder()
-            .max_attempts(bus.retry.max_attempts)
+        let telemetry = otel::Telemetry::builder().max_attempts(bus.retry.max_attempts);
+        // Into the bus's own Prometheus registry when it has one; the
+        // global meter provider otherwise.
+        #[cfg(feature = "prometheus")]
+        let telemetry = match &bus.metrics {
+            Some(m) => telemetry.meter(m.meter("tidings")),
+            None => telemetry,
+        };
+        let telemetry = telemetry
             .parent_mode(match t.parent {
                 config::ParentConfig::Parent => otel::ParentMode::Parent,
                 config::ParentConfig::Link => otel::ParentMode::Link,

@@ -49,10 +49,10 @@ async fn several_consumers_drain_in_one_phased_shutdown() {
         );
     }
     let handle = app.shutdown_handle();
-    let mut ready = app.readiness();
+    let health = app.health();
     let running = tokio::spawn(app.run());
     // The groups exist once their consumers started: give them work.
-    within(10, "the consumers to start", ready.wait()).await;
+    within(10, "the consumers to start", health.started()).await;
     for n in 0..12u64 {
         bus.publisher()
             .publish_event(&topic, Event::new(n))
@@ -161,10 +161,10 @@ async fn phased_shutdown_on_redis() {
         );
     }
     let handle = app.shutdown_handle();
-    let mut ready = app.readiness();
+    let health = app.health();
     let running = tokio::spawn(app.run());
     // Consumer groups are created at start.
-    within(10, "both consumers", ready.wait()).await;
+    within(10, "both consumers", health.started()).await;
     for n in 0..20u64 {
         bus.publish_event(&topic, Event::new(n))
             .await

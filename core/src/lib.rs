@@ -9,6 +9,7 @@
 //!   topic for a group, with bounded concurrency, per-key order, retries,
 //!   dead letters and graceful shutdown.
 //! - [`middleware`]: layers around handlers and around publishers.
+//! - [`health`]: what a connection, a consumer or a breaker says about itself, for probes.
 //!
 //! Delivery is at least once on every persistent broker: a handler can see a
 //! message again after a crash or a lost ack, so handlers should be
@@ -30,6 +31,7 @@ pub mod dialect;
 pub mod error;
 pub mod event;
 pub mod handler;
+pub mod health;
 pub mod message;
 pub mod middleware;
 pub mod params;
@@ -43,7 +45,8 @@ pub mod tls;
 
 pub use codec::{Codec, CodecError, Json, Raw};
 pub use consumer::{
-    Consumer, ConsumerBuilder, SettleAction, Settlement, ShutdownReport, shutdown_signal,
+    Consumer, ConsumerBuilder, ConsumerHealth, SettleAction, Settlement, ShutdownReport,
+    shutdown_signal,
 };
 pub use delivery::{Acker, DeadLetter, DeadLetterReason, Delivery};
 pub use dialect::Dialect;
@@ -52,6 +55,7 @@ pub use event::Event;
 pub use handler::{
     Failure, FromDelivery, Handler, HandlerError, HandlerResult, Panicked, ResultExt,
 };
+pub use health::{Health, HealthCheck};
 pub use message::{Headers, Message, Metadata, StableHash, wire};
 pub use middleware::{Middleware, PublishMiddleware};
 pub use publisher::{Publisher, PublisherExt, Receipt};

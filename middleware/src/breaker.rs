@@ -40,6 +40,21 @@ pub enum BreakerState {
     HalfOpen,
 }
 
+/// The breaker's state for health probes: an open breaker makes a
+/// service not ready (its handlers cannot do their work); a closed or
+/// probing one is ready.
+impl tidings_core::HealthCheck for CircuitBreaker {
+    fn check(&self) -> futures::future::BoxFuture<'_, tidings_core::Health> {
+        use tidings_core::health::State;
+        let state = match self.state() {
+            BreakerState::Closed => State::BreakerClosed,
+            BreakerState::Open => State::BreakerOpen,
+            BreakerState::HalfOpen => State::BreakerHalfOpen,
+        };
+        Box::pin(async move { tidings_core::Health::new(state) })
+    }
+}
+
 /// When the breaker opens.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Threshold {

@@ -1,5 +1,5 @@
-//! The metrics in the Prometheus text format, as `examples/prometheus.rs`
-//! serves them: the `opentelemetry-prometheus` reader on the meter provider,
+//! The metrics in the Prometheus text format, as the `prometheus` feature of
+//! `tidings` serves them: the `opentelemetry-prometheus` reader on the meter provider,
 //! the registry encoded with `prometheus::TextEncoder` on each scrape.
 
 use std::sync::Arc;

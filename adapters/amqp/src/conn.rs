@@ -87,6 +87,11 @@ impl Connector {
         }
     }
 
+    /// Whether [`close`](Connector::close) was called.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
     /// The live connection, connecting (once) if there is none.
     pub(crate) async fn connection(&self) -> Result<Arc<Connection>> {
         if self.closed.load(Ordering::Acquire) {

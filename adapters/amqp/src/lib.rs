@@ -57,6 +57,8 @@ pub use config::{AmqpConfig, DeadLetterTarget, QueueType};
 pub use publisher::AmqpPublisher;
 pub use subscriber::AmqpSubscriber;
 
+use futures::future::BoxFuture;
+use tidings_core::health::{self, Health, HealthCheck};
 use tidings_core::{Publisher, Result, Subscriber};
 
 /// A connection to RabbitMQ, handing out publishers and subscribers that share it.
@@ -110,5 +112,19 @@ impl AmqpBus {
     /// Stop consumers first (their shutdown settles what they hold).
     pub async fn close(&self) {
         self.connector.close().await;
+    }
+}
+
+/// The connection's health: `connected` when the connection is open (or
+/// could be opened again within the check's second), `reconnecting` with
+/// the error otherwise, `stopped` once closed.
+impl HealthCheck for AmqpBus {
+    fn check(&self) -> BoxFuture<'_, Health> {
+        Box::pin(async move {
+            if self.connector.is_closed() {
+                return Health::new(health::State::Stopped);
+            }
+            health::round_trip(self.connector.connection()).await
+        })
     }
 }

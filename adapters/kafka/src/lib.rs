@@ -52,7 +52,9 @@ mod subscriber;
 
 use std::sync::Arc;
 
+use futures::future::BoxFuture;
 use rdkafka::producer::FutureProducer;
+use tidings_core::health::{self, Health, HealthCheck};
 use tidings_core::{Error, Publisher, Result, Subscriber};
 
 pub use admin::KafkaAdmin;
@@ -134,5 +136,29 @@ impl KafkaBus {
     /// The configuration.
     pub fn config(&self) -> &KafkaConfig {
         &self.config
+    }
+}
+
+/// The cluster's health: a metadata request answered within a second is
+/// `connected`; an error or silence is `reconnecting` (librdkafka
+/// reconnects on its own).
+impl HealthCheck for KafkaBus {
+    fn check(&self) -> BoxFuture<'_, Health> {
+        let producer = self.publisher.producer().clone();
+        Box::pin(health::round_trip(subscriber::run_blocking(
+            "checking the connection",
+            health::CHECK_TIMEOUT * 2,
+            move || {
+                use rdkafka::producer::Producer;
+                producer
+                    .client()
+                    .fetch_metadata(None, health::CHECK_TIMEOUT)
+                    .map(|_| ())
+                    .map_err(|e| Error::Connection {
+                        broker: "kafka",
+                        source: Box::new(e),
+                    })
+            },
+        )))
     }
 }

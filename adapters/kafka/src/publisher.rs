@@ -30,6 +30,11 @@ struct Inner {
 }
 
 impl KafkaPublisher {
+    /// The producer the clones share.
+    pub(crate) fn producer(&self) -> &FutureProducer {
+        &self.inner.producer
+    }
+
     pub(crate) fn new(producer: FutureProducer, flush_timeout: Duration, dialect: Dialect) -> Self {
         KafkaPublisher {
             inner: Arc::new(Inner {

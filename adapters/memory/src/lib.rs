@@ -44,6 +44,7 @@ use futures::stream::BoxStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use tidings_core::delivery::header;
+use tidings_core::health::{Health, HealthCheck, State};
 use tidings_core::{
     Acker, Capabilities, DeadLetter, Delivery, DeliveryStream, Error, Message, Publisher, Receipt,
     Result, StartFrom, Subscriber, Subscription,
@@ -338,6 +339,18 @@ impl Publisher for MemoryBus {
     async fn close(&self) -> Result<()> {
         self.inner.closed.store(true, Ordering::Release);
         Ok(())
+    }
+}
+
+/// Always `connected`, until the bus is closed (`stopped`).
+impl HealthCheck for MemoryBus {
+    fn check(&self) -> BoxFuture<'_, Health> {
+        let state = if self.inner.closed.load(Ordering::Acquire) {
+            State::Stopped
+        } else {
+            State::Connected
+        };
+        Box::pin(async move { Health::new(state) })
     }
 }
 

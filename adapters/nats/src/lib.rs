@@ -55,6 +55,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
+use futures::future::BoxFuture;
+use tidings_core::health::{self, Health, HealthCheck};
 use tidings_core::{Error, Message, Publisher, Receipt, Result, Subscriber};
 
 pub use config::{Mode, NatsConfig, Retention, Storage, StreamLayout};
@@ -201,6 +203,20 @@ impl NatsBus {
     /// Shut consumers down first.
     pub async fn close(&self) -> Result<()> {
         self.shared.client.drain().await.map_err(connection_error)
+    }
+}
+
+/// The connection's health, as the client tracks it: `connected`, or
+/// `reconnecting` while the client is between servers.
+impl HealthCheck for NatsBus {
+    fn check(&self) -> BoxFuture<'_, Health> {
+        use async_nats::connection::State as Conn;
+        let health = match self.shared.client.connection_state() {
+            Conn::Connected => Health::new(health::State::Connected),
+            Conn::Disconnected => Health::because(health::State::Reconnecting, "disconnected"),
+            Conn::Pending => Health::because(health::State::Reconnecting, "connecting"),
+        };
+        Box::pin(async move { health })
     }
 }
 

@@ -60,8 +60,10 @@ mod subscriber;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, RedisError};
+use tidings_core::health::{self, Health, HealthCheck};
 use tidings_core::{Error, Publisher, Result, Subscriber};
 
 pub use config::{RedisConfig, RedisMode};
@@ -217,6 +219,18 @@ pub(crate) fn broker_error(e: RedisError) -> Error {
             broker: NAME,
             source: Box::new(e),
         }
+    }
+}
+
+/// The connection's health: a `PING` answered within a second is
+/// `connected`; an error or silence is `reconnecting` (the connection
+/// manager reconnects on its own).
+impl HealthCheck for RedisBus {
+    fn check(&self) -> BoxFuture<'_, Health> {
+        let mut conn = self.publish.clone();
+        Box::pin(async move {
+            health::round_trip(redis::cmd("PING").query_async::<String>(&mut conn)).await
+        })
     }
 }
 

@@ -26,12 +26,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use tokio::sync::watch;
 use tokio::task::{AbortHandle, JoinHandle};
 use tracing::{error, warn};
 
 use crate::error::{Error, Result};
 use crate::handler::{Endpoint, Erased, Handler};
+use crate::health::{Health, HealthCheck, State};
 use crate::middleware::Middleware;
 use crate::retry::RetryPolicy;
 use crate::subscriber::{StartFrom, Subscriber, Subscription};
@@ -59,6 +61,10 @@ pub use settle::{SettleAction, Settlement};
 /// consumer.shutdown(std::time::Duration::from_secs(10)).await;
 /// # Ok(()) }
 /// ```
+///
+/// A builder clones cheaply (its handlers and layers are shared), which is
+/// how a host starts a consumer again after its subscription ended.
+#[derive(Clone)]
 #[must_use = "a consumer does nothing until started"]
 pub struct ConsumerBuilder {
     subscriber: Arc<dyn Subscriber>,
@@ -234,10 +240,52 @@ impl Consumer {
         *self.ended.borrow()
     }
 
+    /// A check of this consumer for health probes, which outlives it:
+    /// `running`, `draining` once a shutdown began, `stopped` once it ended
+    /// (or a subscription ended on its own, with that as the detail).
+    pub fn health(&self) -> ConsumerHealth {
+        ConsumerHealth {
+            stop: self.stop.subscribe(),
+            ended: self.ended.clone(),
+        }
+    }
+
     /// Waits for Ctrl-C or SIGTERM ([`shutdown_signal`]), then shuts down with `deadline`.
     pub async fn shutdown_on_signal(self, deadline: Duration) -> ShutdownReport {
         shutdown_signal().await;
         self.shutdown(deadline).await
+    }
+}
+
+/// A consumer's [`HealthCheck`], from [`Consumer::health`].
+#[derive(Clone, Debug)]
+pub struct ConsumerHealth {
+    stop: watch::Receiver<bool>,
+    /// Shared with the consumer's intake tasks, which set it.
+    ended: Arc<watch::Sender<bool>>,
+}
+
+impl ConsumerHealth {
+    /// The state now.
+    pub fn health(&self) -> Health {
+        if *self.ended.borrow() {
+            return Health::because(State::Stopped, "a subscription ended on its own");
+        }
+        // The consumer drops its end of `stop` when its shutdown returns.
+        if self.stop.has_changed().is_err() {
+            Health::new(State::Stopped)
+        } else if *self.stop.borrow() {
+            Health::new(State::Draining)
+        } else {
+            Health::new(State::Running)
+        }
+    }
+}
+
+impl HealthCheck for ConsumerHealth {
+    fn check(&self) -> BoxFuture<'_, Health> {
+        let health = self.health();
+        Box::pin(async move { health })
     }
 }
 
