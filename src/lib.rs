@@ -98,7 +98,12 @@ pub struct Bus {
     http_address: Option<std::net::SocketAddr>,
     #[cfg(feature = "prometheus")]
     metrics: Option<metrics::Metrics>,
+    in_dialect: Option<DialectPublisher>,
+    publish_layers: Vec<Arc<dyn middleware::PublishMiddleware>>,
 }
+
+/// Makes the adapter's publisher in another dialect.
+type DialectPublisher = Arc<dyn Fn(Dialect) -> Arc<dyn Publisher> + Send + Sync>;
 
 /// A settlement observer the configuration installs on every consumer.
 type SettleObserver = Arc<dyn Fn(&tidings_core::Settlement<'_>) + Send + Sync>;
@@ -123,6 +128,20 @@ impl Bus {
             http_address: None,
             #[cfg(feature = "prometheus")]
             metrics: None,
+            in_dialect: None,
+            publish_layers: Vec::new(),
+        }
+    }
+
+    /// A publisher writing in `dialect` instead of the configured one (one
+    /// service can write CloudEvents on one topic and another team's
+    /// envelope on the next; see `docs/joining.md`), with the configured
+    /// publish layers. The in-process bus does not encode messages: there
+    /// it is the bus's own publisher.
+    pub fn publisher_in(&self, dialect: Dialect) -> Arc<dyn Publisher> {
+        match &self.in_dialect {
+            Some(make) => layered(make(dialect), &self.publish_layers),
+            None => self.publisher.clone(),
         }
     }
 
@@ -273,6 +292,16 @@ pub async fn connect(config: impl IntoConfig) -> Result<Bus> {
     let scheme = url.split("://").next().unwrap_or_default();
     #[cfg_attr(not(any(feature = "amqp", feature = "nats")), allow(unused_mut))]
     let mut closer: Option<Closer> = None;
+    #[cfg_attr(
+        not(any(
+            feature = "redis",
+            feature = "amqp",
+            feature = "nats",
+            feature = "kafka"
+        )),
+        allow(unused_mut)
+    )]
+    let mut in_dialect: Option<DialectPublisher> = None;
     let (publisher, subscriber, check): (
         Arc<dyn Publisher>,
         Arc<dyn Subscriber>,
@@ -289,6 +318,8 @@ pub async fn connect(config: impl IntoConfig) -> Result<Bus> {
         "redis" | "rediss" => {
             let bus = tidings_redis::RedisBus::connect(tidings_redis::RedisConfig::from_url(&url)?)
                 .await?;
+            let adapter = bus.clone();
+            in_dialect = Some(Arc::new(move |d| adapter.publisher_in(d)));
             (bus.publisher(), bus.subscriber(), Arc::new(bus))
         }
         #[cfg(feature = "amqp")]
@@ -303,12 +334,16 @@ pub async fn connect(config: impl IntoConfig) -> Result<Bus> {
                     Ok(())
                 })
             }));
+            let adapter = bus.clone();
+            in_dialect = Some(Arc::new(move |d| adapter.publisher_in(d)));
             (bus.publisher(), bus.subscriber(), Arc::new(bus))
         }
         #[cfg(feature = "kafka")]
         "kafka" => {
             let bus = tidings_kafka::KafkaBus::connect(tidings_kafka::KafkaConfig::from_url(&url)?)
                 .await?;
+            let adapter = bus.clone();
+            in_dialect = Some(Arc::new(move |d| adapter.publisher_in(d)));
             (bus.publisher(), bus.subscriber(), Arc::new(bus))
         }
         #[cfg(feature = "nats")]
@@ -320,6 +355,8 @@ pub async fn connect(config: impl IntoConfig) -> Result<Bus> {
                 let adapter = adapter.clone();
                 Box::pin(async move { adapter.close().await })
             }));
+            let adapter = bus.clone();
+            in_dialect = Some(Arc::new(move |d| adapter.publisher_in(d)));
             (bus.publisher(), bus.subscriber(), Arc::new(bus))
         }
         other => {
@@ -334,6 +371,7 @@ pub async fn connect(config: impl IntoConfig) -> Result<Bus> {
     };
     let mut bus = Bus::new(publisher, subscriber).with_health(check);
     bus.closer = closer;
+    bus.in_dialect = in_dialect;
     bus.http_address = config.http.as_ref().map(|h| h.address);
     #[cfg(feature = "prometheus")]
     if config.prometheus_enabled() {
@@ -374,14 +412,24 @@ pub async fn connect(config: impl IntoConfig) -> Result<Bus> {
             .max_attempts(p.max_attempts);
         publish_layers.push(Arc::new(retry));
     }
-    if !publish_layers.is_empty() {
-        let mut layered = middleware::LayeredPublisher::new(bus.publisher);
-        for layer in publish_layers {
-            layered = layered.layer(layer);
-        }
-        bus.publisher = Arc::new(layered);
-    }
+    bus.publisher = layered(bus.publisher, &publish_layers);
+    bus.publish_layers = publish_layers;
     Ok(bus)
+}
+
+/// `publisher` inside the publish layers (outermost first).
+fn layered(
+    publisher: Arc<dyn Publisher>,
+    layers: &[Arc<dyn middleware::PublishMiddleware>],
+) -> Arc<dyn Publisher> {
+    if layers.is_empty() {
+        return publisher;
+    }
+    let mut layered = middleware::LayeredPublisher::new(publisher);
+    for layer in layers {
+        layered = layered.layer(layer.clone());
+    }
+    Arc::new(layered)
 }
 
 /// The handler layers a configuration describes, outermost first.

@@ -150,3 +150,68 @@ async fn bus_close_closes_the_adapter_connection() {
         "the connection is closed, not only the publisher"
     );
 }
+
+/// `Bus::publisher_in` writes another dialect than the configured one,
+/// still inside the configured publish layers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_in_another_dialect() {
+    use futures::StreamExt;
+    use tidings::{Dialect, Message, Publisher};
+    let config = Config::from_toml(
+        "url = \"nats://127.0.0.1:4222?jetstream=false\"\n[publish_retry]\nmax_attempts = 2",
+    )
+    .unwrap();
+    let bus = tidings::connect(config)
+        .await
+        .unwrap_or_else(|e| panic!("NATS on 127.0.0.1:4222 ({e}); scripts/brokers.sh starts it"));
+    let client = async_nats::connect("127.0.0.1:4222").await.unwrap();
+    let subject = tidings::testkit::unique("dialects");
+    let mut raw = client.subscribe(subject.clone()).await.unwrap();
+    client.flush().await.unwrap();
+
+    let structured = bus.publisher_in(Dialect::CloudEventsStructured);
+    structured
+        .publish(
+            &subject,
+            Message::new(r#"{"n":1}"#).with_type("thing.happened"),
+        )
+        .await
+        .unwrap();
+    bus.publish(
+        &subject,
+        Message::new(r#"{"n":2}"#).with_type("thing.happened"),
+    )
+    .await
+    .unwrap();
+
+    let first = tidings::testkit::within(10, "the structured event", raw.next())
+        .await
+        .unwrap();
+    let headers = first.headers.clone().unwrap_or_default();
+    let content_type = headers
+        .get("Content-Type")
+        .map(|v| v.as_str().to_owned())
+        .unwrap_or_default();
+    assert!(
+        content_type.starts_with("application/cloudevents+json"),
+        "{headers:?}"
+    );
+    let event: serde_json::Value = serde_json::from_slice(&first.payload).unwrap();
+    assert_eq!(event["specversion"], "1.0");
+    assert_eq!(event["type"], "thing.happened");
+    assert_eq!(event["data"]["n"], 1);
+
+    let second = tidings::testkit::within(10, "the binary event", raw.next())
+        .await
+        .unwrap();
+    assert_eq!(
+        second.payload.as_ref(),
+        br#"{"n":2}"#,
+        "the configured dialect"
+    );
+    let headers = second.headers.clone().unwrap_or_default();
+    assert!(
+        headers.get("ce-type").is_some() || headers.get("ce_type").is_some(),
+        "CloudEvents binary headers: {headers:?}"
+    );
+}

@@ -91,6 +91,11 @@ pub struct NatsConfig {
     /// Prefix of every subject, without the trailing dot (default none).
     /// Required by [`StreamLayout::Shared`] (default there: `tidings`).
     pub subject_prefix: Option<String>,
+    /// The topic dead letters of `{group}` on `{topic}` are published to
+    /// (default `{topic}.{group}.dlq`). Put them outside the subjects other
+    /// services' wildcard consumers capture, e.g. `dlq.{group}.{topic}`;
+    /// it maps to a subject like any topic (the subject prefix first).
+    pub dead_letters: String,
     /// Retention of the streams the adapter creates.
     pub retention: Retention,
     /// Storage of the streams the adapter creates.
@@ -139,6 +144,9 @@ pub struct NatsConfig {
 /// The default `ack_wait`.
 const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(4);
 
+/// The default `dead_letters` template.
+pub(crate) const DEFAULT_DEAD_LETTERS: &str = "{topic}.{group}.dlq";
+
 /// The default `max_deliver`.
 const DEFAULT_MAX_DELIVER: i64 = 20;
 
@@ -154,6 +162,7 @@ impl Default for NatsConfig {
             layout: StreamLayout::PerTopic,
             stream_prefix: "TIDINGS_".into(),
             subject_prefix: None,
+            dead_letters: DEFAULT_DEAD_LETTERS.into(),
             retention: Retention::Limits,
             storage: Storage::File,
             max_age: None,
@@ -185,6 +194,7 @@ impl fmt::Debug for NatsConfig {
             .field("layout", &self.layout)
             .field("stream_prefix", &self.stream_prefix)
             .field("subject_prefix", &self.subject_prefix)
+            .field("dead_letters", &self.dead_letters)
             .field("retention", &self.retention)
             .field("storage", &self.storage)
             .field("max_age", &self.max_age)
@@ -300,6 +310,7 @@ impl NatsConfig {
                 }
                 "stream" => shared_stream = Some(v.to_owned()),
                 "stream_prefix" => config.stream_prefix = v.to_owned(),
+                "dead_letters" => config.dead_letters = v.to_owned(),
                 "subject_prefix" => {
                     config.subject_prefix = Some(v.trim_end_matches('.').to_owned())
                 }
@@ -426,6 +437,23 @@ impl NatsConfig {
         if let Some(prefix) = &self.subject_prefix {
             crate::topology::check_subject("subject_prefix", prefix)?;
         }
+        if !(self.dead_letters.contains("{topic}") && self.dead_letters.contains("{group}")) {
+            return Err(config_error(
+                "dead_letters",
+                format!(
+                    "`{}` must name both `{{topic}}` and `{{group}}`, so that every group's \
+                     dead letters of every topic have a topic of their own",
+                    self.dead_letters
+                ),
+            ));
+        }
+        crate::topology::check_subject(
+            "dead_letters",
+            &self
+                .dead_letters
+                .replace("{topic}", "t")
+                .replace("{group}", "g"),
+        )?;
         if let Some(p) = self.progress_interval
             && (p.is_zero() || p >= self.ack_wait)
         {

@@ -78,15 +78,24 @@ pub struct NatsBus {
 /// How often one publish is sent again after reconnections while it waits.
 const MAX_RESENDS: u32 = 5;
 
+/// A stream known to exist.
+#[derive(Clone)]
+struct KnownStream {
+    /// The stream that actually captures the subject (a user's own, maybe).
+    name: String,
+    /// The subjects it captures (wildcards allowed).
+    subjects: Vec<String>,
+}
+
 /// What the publisher, the subscriber and the ackers share.
 pub(crate) struct Shared {
     pub(crate) client: async_nats::Client,
     pub(crate) js: jetstream::Context,
     pub(crate) config: NatsConfig,
     pub(crate) topology: Topology,
-    /// Streams known to exist (created or checked): the name the topology
-    /// gives to the stream that actually captures the subject.
-    streams: Mutex<HashMap<String, String>>,
+    /// Streams known to exist (created or checked), by the name the
+    /// topology gives them.
+    streams: Mutex<HashMap<String, KnownStream>>,
     /// Counts the client's reconnections, so a request in flight when the
     /// connection dropped can be sent again at once rather than time out.
     pub(crate) reconnects: tokio::sync::watch::Receiver<u64>,
@@ -168,7 +177,7 @@ impl NatsBus {
             reconnects,
         });
         if shared.config.mode == Mode::JetStream && shared.topology.is_shared() {
-            shared.ensure_stream("_").await?;
+            shared.known_stream("_").await?;
         }
         Ok(NatsBus { shared })
     }
@@ -221,15 +230,35 @@ impl HealthCheck for NatsBus {
 }
 
 impl Shared {
-    fn streams(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+    fn streams(&self) -> std::sync::MutexGuard<'_, HashMap<String, KnownStream>> {
         self.streams.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Makes sure a stream captures `topic` (JetStream); returns its name.
     pub(crate) async fn ensure_stream(&self, topic: &str) -> Result<String> {
+        let stream = self.known_stream(topic).await?;
+        // A stream that exists already may list its subjects its own way
+        // (`orders.*`, several prefixes): what matters is that it captures
+        // this topic's subject.
+        let subject = self.topology.subject(topic)?;
+        if !topology::captures(&stream.subjects, &subject) {
+            return Err(Error::Config {
+                key: "stream".into(),
+                message: format!(
+                    "stream `{}` exists but does not capture `{subject}` (it captures {:?}); \
+                     add the subject to it, or choose a topic or a `dead_letters` template it captures",
+                    stream.name, stream.subjects
+                ),
+            });
+        }
+        Ok(stream.name)
+    }
+
+    /// The stream that holds `topic` by the topology, created if missing.
+    async fn known_stream(&self, topic: &str) -> Result<KnownStream> {
         let (name, subjects) = self.topology.stream(topic)?;
-        if let Some(actual) = self.streams().get(&name) {
-            return Ok(actual.clone());
+        if let Some(known) = self.streams().get(&name) {
+            return Ok(known.clone());
         }
         let c = &self.config;
         let config = stream::Config {
@@ -257,15 +286,12 @@ impl Shared {
         let created = self.js.get_or_create_stream(config).await;
         match created {
             Ok(stream) => {
-                let have = &stream.cached_info().config.subjects;
-                if let Some(missing) = subjects.iter().find(|s| !have.contains(s)) {
-                    return Err(Error::Config {
-                        key: "stream".into(),
-                        message: format!(
-                            "stream `{name}` exists but does not capture `{missing}` (it captures {have:?})"
-                        ),
-                    });
-                }
+                let known = KnownStream {
+                    name: name.clone(),
+                    subjects: stream.cached_info().config.subjects.clone(),
+                };
+                self.streams().insert(name, known.clone());
+                Ok(known)
             }
             Err(e) => {
                 // Another stream may already capture the subject (a user's own
@@ -273,22 +299,20 @@ impl Shared {
                 let subject = &subjects[0];
                 match self.js.stream_by_subject(subject.clone()).await {
                     Ok(other) if !self.topology.is_shared() => {
-                        self.streams().insert(name, other.clone());
-                        return Ok(other);
+                        let known = KnownStream {
+                            name: other,
+                            subjects,
+                        };
+                        self.streams().insert(name, known.clone());
+                        Ok(known)
                     }
-                    _ => {
-                        return Err(match e.kind() {
-                            jetstream::context::CreateStreamErrorKind::TimedOut => {
-                                connection_error(e)
-                            }
-                            _ => subject_error(&e),
-                        });
-                    }
+                    _ => Err(match e.kind() {
+                        jetstream::context::CreateStreamErrorKind::TimedOut => connection_error(e),
+                        _ => subject_error(&e),
+                    }),
                 }
             }
         }
-        self.streams().insert(name.clone(), name.clone());
-        Ok(name)
     }
 
     /// Forgets that `topic`'s stream exists (it was deleted under us).

@@ -26,7 +26,6 @@ use tidings_core::{
 };
 
 use crate::config::Mode;
-use crate::topology::Topology;
 use crate::{NAME, Shared, broker_error, given_up, headers};
 use tidings_core::Dialect;
 use tidings_core::dialect::Undecodable;
@@ -299,7 +298,7 @@ impl Subscriber for NatsSubscriber {
     }
 
     fn dead_letter_topic(&self, topic: &str, group: &str) -> String {
-        Topology::dead_letter_topic(topic, group)
+        self.shared.topology.dead_letter_topic(topic, group)
     }
 }
 
@@ -861,7 +860,10 @@ impl Acker for JsAcker {
 
     async fn dead_letter(self: Box<Self>, letter: DeadLetter) -> Result<()> {
         let dead = letter.letter_for(&self.message);
-        let topic = Topology::dead_letter_topic(&self.topic, &self.group);
+        let topic = self
+            .shared
+            .topology
+            .dead_letter_topic(&self.topic, &self.group);
         // Its own message id: in a shared stream the original id is taken.
         let msg_id = format!("{}:dlq:{}", self.message.id, self.group);
         // A message the server gave up on is never delivered again: its dead
@@ -942,7 +944,7 @@ impl Acker for CoreAcker {
     async fn dead_letter(self: Box<Self>, letter: DeadLetter) -> Result<()> {
         let dead = letter.letter_for(&self.message);
         let group = self.group.as_deref().unwrap_or("private");
-        let topic = Topology::dead_letter_topic(&self.topic, group);
+        let topic = self.shared.topology.dead_letter_topic(&self.topic, group);
         let subject = self.shared.topology.subject(&topic)?;
         let client = &self.shared.client;
         client

@@ -73,6 +73,7 @@ pub(crate) struct Topology {
     subject_prefix: Option<String>,
     stream_prefix: String,
     shared: Option<String>,
+    dead_letters: String,
 }
 
 impl Topology {
@@ -84,6 +85,7 @@ impl Topology {
                 StreamLayout::PerTopic => None,
                 StreamLayout::Shared { stream } => Some(stream.clone()),
             },
+            dead_letters: config.dead_letters.clone(),
         }
     }
 
@@ -96,7 +98,9 @@ impl Topology {
         })
     }
 
-    /// The stream that holds `topic`, and the subjects it captures.
+    /// The stream that holds `topic`, and the subjects it captures when the
+    /// adapter creates it. (A stream that exists already may capture more,
+    /// or capture the topic through other subjects: see [`captures`].)
     pub(crate) fn stream(&self, topic: &str) -> Result<(String, Vec<String>)> {
         match &self.shared {
             Some(name) => {
@@ -127,10 +131,33 @@ impl Topology {
         }
     }
 
-    /// The topic of the dead letters of `group` on `topic`: `<topic>.<group>.dlq`.
-    pub(crate) fn dead_letter_topic(topic: &str, group: &str) -> String {
-        format!("{topic}.{group}.dlq")
+    /// The topic of the dead letters of `group` on `topic`, by the
+    /// `dead_letters` template (default `<topic>.<group>.dlq`).
+    pub(crate) fn dead_letter_topic(&self, topic: &str, group: &str) -> String {
+        self.dead_letters
+            .replace("{topic}", topic)
+            .replace("{group}", group)
     }
+}
+
+/// Whether a stream with these subjects (wildcards allowed) captures the
+/// literal `subject`, by NATS's matching rules: `*` is one token, `>` one
+/// or more trailing tokens.
+pub(crate) fn captures(subjects: &[String], subject: &str) -> bool {
+    subjects.iter().any(|pattern| matches(pattern, subject))
+}
+
+fn matches(pattern: &str, subject: &str) -> bool {
+    let mut tokens = subject.split('.');
+    for p in pattern.split('.') {
+        match (p, tokens.next()) {
+            (">", Some(_)) => return true,
+            ("*", Some(_)) => {}
+            (p, Some(t)) if p == t => {}
+            _ => return false,
+        }
+    }
+    tokens.next().is_none()
 }
 
 #[cfg(test)]
@@ -148,6 +175,36 @@ mod tests {
             "tk-round-trip-1a2b3c4d.dl.dlq"
         )));
         assert!(valid_stream_name(&name_for(&"x".repeat(500))));
+    }
+
+    #[test]
+    fn wildcards_capture_as_nats_does() {
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert!(captures(&s(&["orders.*"]), "orders.created"));
+        assert!(!captures(&s(&["orders.*"]), "orders.created.eu"));
+        assert!(!captures(&s(&["orders.*"]), "orders"));
+        assert!(captures(&s(&["orders.>"]), "orders.created.eu"));
+        assert!(!captures(&s(&["orders.>"]), "orders"));
+        assert!(captures(&s(&["users.*", "*.created"]), "orders.created"));
+        assert!(captures(&s(&["a.b.c"]), "a.b.c"));
+        assert!(!captures(&s(&["a.b.c"]), "a.b"));
+        assert!(!captures(&s(&[]), "a"));
+    }
+
+    #[test]
+    fn dead_letters_follow_the_template() {
+        let t = Topology::new(&NatsConfig::default());
+        assert_eq!(
+            t.dead_letter_topic("orders.created", "billing"),
+            "orders.created.billing.dlq"
+        );
+        let mut c = NatsConfig::default();
+        c.dead_letters = "dlq.{group}.{topic}".into();
+        let t = Topology::new(&c);
+        assert_eq!(
+            t.dead_letter_topic("orders.created", "billing"),
+            "dlq.billing.orders.created"
+        );
     }
 
     #[test]
