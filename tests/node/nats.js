@@ -4,8 +4,11 @@
 // eventType, and on JetStream the event id as Nats-Msg-Id. Used by the Rust
 // interop tests; no Tidings code here.
 //
-//   node nats.js publish <servers> <subject> <count> <jetstream|core>
+//   node nats.js publish <servers> <subject> <count> <jetstream|core> [envelope|cloudevents]
 //   node nats.js consume <servers> <subject> <count> <jetstream|core> [stream durable]
+// With `cloudevents` the publisher sends structured CloudEvents 1.0 instead
+// (`application/cloudevents+json`, what many non-Node services send), and
+// prints each event in the envelope's shape so the test checks both alike.
 // Consumers print "ready", then one JSON line per message, then a summary
 // line, and exit after <count> messages (or fail after 60 s).
 const { connect, headers, AckPolicy, StringCodec } = require('nats');
@@ -24,16 +27,36 @@ function envelope(i) {
   };
 }
 
-async function publish(servers, subject, count, mode) {
+// The same event as a structured CloudEvent.
+function cloudEvent(e) {
+  return {
+    specversion: '1.0',
+    id: e.id,
+    source: '/node-svc',
+    type: e.type,
+    time: e.timestamp,
+    datacontenttype: 'application/json',
+    correlationid: e.metadata.correlationId,
+    data: e.payload,
+  };
+}
+
+async function publish(servers, subject, count, mode, format) {
   const nc = await connect({ servers });
   const js = nc.jetstream();
   for (let i = 0; i < count; i++) {
     const e = envelope(i);
     const h = headers();
-    h.set('Content-Type', 'application/json');
-    h.set('correlationId', e.metadata.correlationId);
-    h.set('eventType', e.type);
-    const body = sc.encode(JSON.stringify(e));
+    let body;
+    if (format === 'cloudevents') {
+      h.set('Content-Type', 'application/cloudevents+json');
+      body = sc.encode(JSON.stringify(cloudEvent(e)));
+    } else {
+      h.set('Content-Type', 'application/json');
+      h.set('correlationId', e.metadata.correlationId);
+      h.set('eventType', e.type);
+      body = sc.encode(JSON.stringify(e));
+    }
     if (mode === 'jetstream') {
       await js.publish(subject, body, { msgID: e.id, headers: h });
     } else {
@@ -49,7 +72,17 @@ async function consume(servers, subject, count, mode, stream, durable) {
   const nc = await connect({ servers });
   const timer = setTimeout(() => { console.error('consume: timed out'); process.exit(2); }, 60000);
   const print = (m) => {
-    const event = JSON.parse(sc.decode(m.data));
+    let event = JSON.parse(sc.decode(m.data));
+    if (event.specversion) {
+      // A structured CloudEvent, printed in the envelope's shape.
+      event = {
+        id: event.id,
+        type: event.type,
+        timestamp: event.time,
+        payload: event.data,
+        metadata: { correlationId: event.correlationid },
+      };
+    }
     console.log(JSON.stringify({
       event,
       msgId: m.headers ? m.headers.get('Nats-Msg-Id') : undefined,
@@ -95,6 +128,6 @@ async function consume(servers, subject, count, mode, stream, durable) {
 
 const [cmd, servers, subject, count, mode, stream, durable] = process.argv.slice(2);
 const run = cmd === 'publish'
-  ? publish(servers, subject, Number(count), mode)
+  ? publish(servers, subject, Number(count), mode, stream)
   : consume(servers, subject, Number(count), mode, stream, durable);
 run.catch((e) => { console.error(e); process.exit(1); });

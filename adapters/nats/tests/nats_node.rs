@@ -1,6 +1,7 @@
 //! Interop with plain Node.js services on NATS (nats.js, written the way the
 //! common articles write them: `tests/node/nats.js`), on JetStream and core
-//! NATS, in both directions, in the envelope dialect.
+//! NATS, in both directions, in the envelope dialect; and structured
+//! CloudEvents both ways in the `cloudevents-structured` dialect.
 
 use std::time::Duration;
 
@@ -17,9 +18,9 @@ fn script() -> String {
     format!("{}/../../tests/node/nats.js", env!("CARGO_MANIFEST_DIR"))
 }
 
-async fn bus(core: bool) -> NatsBus {
+async fn bus(core: bool, dialect: &str) -> NatsBus {
     let mut config = NatsConfig::from_url(&format!(
-        "nats://{SERVER}?max_age=1h&connect_timeout=3s&dialect=envelope"
+        "nats://{SERVER}?max_age=1h&connect_timeout=3s&dialect={dialect}"
     ))
     .expect("config");
     if core {
@@ -34,14 +35,23 @@ fn mode(core: bool) -> &'static str {
     if core { "core" } else { "jetstream" }
 }
 
-async fn node_to_tidings(core: bool) {
-    let bus = bus(core).await;
+/// Node publishes `format` (`envelope` or `cloudevents`, structured);
+/// Tidings reads it in `dialect`.
+async fn node_to_tidings(core: bool, format: &str, dialect: &str) {
+    let bus = bus(core, dialect).await;
     let subject = unique("node-users");
     let recorder =
         Recorder::start(Consumer::group(bus.subscriber(), "tidings-svc"), &subject).await;
     let node = ChildProcess::node(
         script(),
-        &["publish", SERVER, &subject, &COUNT.to_string(), mode(core)],
+        &[
+            "publish",
+            SERVER,
+            &subject,
+            &COUNT.to_string(),
+            mode(core),
+            format,
+        ],
     );
     let (lines, ok) = node.finish(Duration::from_secs(60)).await;
     assert!(ok, "the Node publisher failed");
@@ -64,8 +74,10 @@ async fn node_to_tidings(core: bool) {
     interop::check_received(&seen, &actions, &sent);
 }
 
-async fn tidings_to_node(core: bool) {
-    let bus = bus(core).await;
+/// Tidings publishes in `dialect`; the Node consumer reads it (the envelope,
+/// or a structured CloudEvent it maps to the envelope's shape).
+async fn tidings_to_node(core: bool, dialect: &str) {
+    let bus = bus(core, dialect).await;
     let subject = unique("node-orders");
     let stream = unique("NODE_ORDERS");
     let mut node = ChildProcess::node(
@@ -102,8 +114,12 @@ async fn tidings_to_node(core: bool) {
             &e["metadata"]["correlationId"],
             &e["timestamp"],
         );
-        assert_eq!(v["correlationHeader"], e["metadata"]["correlationId"]);
-        assert_eq!(v["contentType"], "application/json");
+        if dialect == "envelope" {
+            assert_eq!(v["correlationHeader"], e["metadata"]["correlationId"]);
+            assert_eq!(v["contentType"], "application/json");
+        } else {
+            assert_eq!(v["contentType"], "application/cloudevents+json");
+        }
         if !core {
             assert_eq!(v["msgId"], id, "Nats-Msg-Id is the event id");
         }
@@ -114,20 +130,30 @@ async fn tidings_to_node(core: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_node_to_tidings() {
-    node_to_tidings(false).await;
+    node_to_tidings(false, "envelope", "envelope").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_structured_cloudevents_from_node() {
+    node_to_tidings(false, "cloudevents", "cloudevents-structured").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_tidings_to_node() {
-    tidings_to_node(false).await;
+    tidings_to_node(false, "envelope").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_structured_cloudevents_to_node() {
+    tidings_to_node(false, "cloudevents-structured").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn core_node_to_tidings() {
-    node_to_tidings(true).await;
+    node_to_tidings(true, "envelope", "envelope").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn core_tidings_to_node() {
-    tidings_to_node(true).await;
+    tidings_to_node(true, "envelope").await;
 }
