@@ -198,9 +198,10 @@ mod tests {
             t.dead_letter_topic("orders.created", "billing"),
             "orders.created.billing.dlq"
         );
-        let mut c = NatsConfig::default();
-        c.dead_letters = "dlq.{group}.{topic}".into();
-        let t = Topology::new(&c);
+        let t = Topology::new(&NatsConfig {
+            dead_letters: "dlq.{group}.{topic}".into(),
+            ..NatsConfig::default()
+        });
         assert_eq!(
             t.dead_letter_topic("orders.created", "billing"),
             "dlq.billing.orders.created"
