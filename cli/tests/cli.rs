@@ -1,0 +1,291 @@
+//! The `tidings` binary against every real broker: `ping`, `publish` and
+//! `tail` (JSON output parsed back), and its errors — a bad URL, no
+//! configuration, a broker that does not answer — with their exit codes,
+//! every run bounded in time.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use assert_cmd::Command;
+use serde_json::Value;
+use tidings::testkit::unique;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+const REDIS: &str = "redis://127.0.0.1:6379";
+const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+const NATS: &str = "nats://127.0.0.1:4222";
+
+fn tidings(url: &str) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tidings"));
+    cmd.env_remove("TIDINGS_URL")
+        .args(["--url", url, "--timeout", "20s"])
+        .timeout(Duration::from_secs(60));
+    cmd
+}
+
+/// The JSON lines a successful run printed.
+fn json_lines(cmd: &mut Command) -> Vec<Value> {
+    let out = cmd.output().expect("the binary ran");
+    assert!(
+        out.status.success(),
+        "{:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
+fn ping(url: &str, broker: &str) {
+    let lines = json_lines(tidings(url).args(["--json", "ping"]));
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["ok"], true);
+    assert_eq!(lines[0]["broker"], broker);
+    assert!(
+        lines[0]["round_trip_ms"]
+            .as_f64()
+            .is_some_and(|ms| ms > 0.0)
+    );
+}
+
+#[test]
+fn ping_every_broker() {
+    ping("memory://", "memory");
+    ping(REDIS, "redis");
+    ping(AMQP, "amqp");
+    ping(NATS, "nats");
+    // Kafka topics are created by operators; the test lets the mock create them.
+    ping(
+        &format!(
+            "kafka://{}?auto_create_topics=true",
+            tidings_tests::kafka_mock()
+        ),
+        "kafka",
+    );
+}
+
+#[test]
+fn credentials_are_never_printed() {
+    let out = tidings("amqp://guest:hunter2@127.0.0.1:5672/%2f")
+        .arg("ping")
+        .output()
+        .expect("ran");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "refused login is the broker's failure"
+    );
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!text.contains("hunter2"), "{text}");
+    assert!(text.contains("guest:***@"), "{text}");
+}
+
+#[test]
+fn usage_and_broker_errors_have_their_exit_codes() {
+    let out = tidings("carrier-pigeon://coop")
+        .arg("ping")
+        .output()
+        .expect("ran");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("redis://"),
+        "names the schemes"
+    );
+
+    let mut none = Command::new(env!("CARGO_BIN_EXE_tidings"));
+    let out = none
+        .env_remove("TIDINGS_URL")
+        .arg("ping")
+        .timeout(Duration::from_secs(30))
+        .output()
+        .expect("ran");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--url"),
+        "says what to give"
+    );
+
+    // Nothing listens there: refused at once, exit 1.
+    let out = tidings("redis://127.0.0.1:1")
+        .arg("ping")
+        .output()
+        .expect("ran");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_does_not_answer_is_bounded_by_the_timeout() {
+    // A listener that accepts and never speaks.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bound");
+    let addr = silent.local_addr().expect("an address");
+    let held = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            held.push(socket);
+        }
+    });
+    let started = std::time::Instant::now();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_tidings"))
+            .args([
+                "--url",
+                &format!("nats://{addr}"),
+                "--timeout",
+                "2s",
+                "ping",
+            ])
+            .timeout(Duration::from_secs(30))
+            .output()
+            .expect("ran")
+    })
+    .await
+    .expect("joined");
+    held.abort();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "bounded: {:?}",
+        started.elapsed()
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no answer"));
+}
+
+/// Publishes three messages (one with type, key and header; two as lines
+/// of stdin), then tails them from the beginning. `ordered`: one stream
+/// holds them all (not Kafka's partitions), so they come back in order.
+fn publish_then_tail(url: &str, ordered: bool) {
+    let topic = unique("cli");
+    let first = json_lines(tidings(url).args([
+        "--json",
+        "publish",
+        &topic,
+        r#"{"order":1,"who":"Zoë"}"#,
+        "--type",
+        "order.placed",
+        "--key",
+        "k1",
+        "--header",
+        "x-trace=abc",
+    ]));
+    let more = json_lines(
+        tidings(url)
+            .args(["--json", "publish", &topic, "--lines"])
+            .write_stdin("plain text ✓\n\n{\"order\":2}\n"),
+    );
+    let ids: Vec<&str> = first
+        .iter()
+        .chain(&more)
+        .map(|l| l["id"].as_str().expect("an id"))
+        .collect();
+    assert_eq!(ids.len(), 3, "a blank line is no message");
+    let seen = json_lines(tidings(url).args([
+        "--json",
+        "tail",
+        &topic,
+        "--from-beginning",
+        "--count",
+        "3",
+    ]));
+    let mut seen_ids: Vec<&str> = seen.iter().map(|m| m["id"].as_str().expect("id")).collect();
+    let mut ids = ids;
+    if !ordered {
+        seen_ids.sort_unstable();
+        ids.sort_unstable();
+    }
+    assert_eq!(seen_ids, ids, "each once");
+    let by_id = |id: &Value| {
+        seen.iter()
+            .find(|m| m["id"] == *id)
+            .unwrap_or_else(|| panic!("{id} tailed"))
+    };
+    let typed = by_id(&first[0]["id"]);
+    assert_eq!(typed["type"], "order.placed");
+    assert_eq!(typed["key"], "k1");
+    assert_eq!(typed["headers"]["x-trace"], "abc");
+    assert_eq!(typed["payload"]["who"], "Zoë");
+    assert_eq!(by_id(&more[0]["id"])["payload"], "plain text ✓");
+    assert_eq!(by_id(&more[1]["id"])["payload"]["order"], 2);
+}
+
+#[test]
+fn publish_and_tail_on_redis_streams() {
+    publish_then_tail(REDIS, true);
+}
+
+#[test]
+fn publish_and_tail_on_jetstream() {
+    publish_then_tail(NATS, true);
+}
+
+#[test]
+fn publish_and_tail_on_kafka() {
+    publish_then_tail(
+        &format!(
+            "kafka://{}?auto_create_topics=true",
+            tidings_tests::kafka_mock()
+        ),
+        false,
+    );
+}
+
+/// RabbitMQ keeps no history for a new subscription: tail first, wait until
+/// it says it is tailing, then publish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_sees_what_is_published_meanwhile_on_rabbitmq() {
+    let topic = unique("cli-amqp");
+    let mut tail = tokio::process::Command::new(env!("CARGO_BIN_EXE_tidings"))
+        .args(["--url", AMQP, "--json", "tail", &topic, "--count", "2"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("started");
+    let mut stderr = BufReader::new(tail.stderr.take().expect("piped")).lines();
+    let ready = tokio::time::timeout(Duration::from_secs(30), stderr.next_line())
+        .await
+        .expect("tail says it is tailing within 30 s")
+        .expect("read")
+        .unwrap_or_default();
+    assert!(ready.starts_with("tailing"), "{ready}");
+    let url_topic = topic.clone();
+    let published = tokio::task::spawn_blocking(move || {
+        json_lines(
+            tidings(AMQP)
+                .args(["--json", "publish", &url_topic, "--lines"])
+                .write_stdin("a\nb\n"),
+        )
+    })
+    .await
+    .expect("joined");
+    let out = tokio::time::timeout(Duration::from_secs(30), tail.wait_with_output())
+        .await
+        .expect("tail stops after --count")
+        .expect("output");
+    assert!(out.status.success());
+    let seen: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).expect("JSON");
+            v["id"].as_str().expect("id").to_owned()
+        })
+        .collect();
+    let sent: Vec<String> = published
+        .iter()
+        .map(|p| p["id"].as_str().expect("id").to_owned())
+        .collect();
+    assert_eq!(seen, sent);
+}
