@@ -72,6 +72,7 @@ pub mod app;
 pub mod config;
 #[cfg(feature = "prometheus")]
 pub mod metrics;
+pub mod registry;
 
 #[doc = include_str!("../docs/guide.md")]
 pub mod guide {}
@@ -81,6 +82,8 @@ pub mod middleware_guide {}
 
 pub use app::{App, AppReport, Restart, ServiceHealth, ShutdownHandle, StopCause};
 pub use config::Config;
+pub use registry::Registry;
+use registry::{Closer, DialectPublisher};
 
 /// A connected broker: a publisher and a subscriber, chosen at run time,
 /// and the middleware its configuration describes.
@@ -102,15 +105,8 @@ pub struct Bus {
     publish_layers: Vec<Arc<dyn middleware::PublishMiddleware>>,
 }
 
-/// Makes the adapter's publisher in another dialect.
-type DialectPublisher = Arc<dyn Fn(Dialect) -> Arc<dyn Publisher> + Send + Sync>;
-
 /// A settlement observer the configuration installs on every consumer.
 type SettleObserver = Arc<dyn Fn(&tidings_core::Settlement<'_>) + Send + Sync>;
-
-/// Closes the adapter's connection the way its own bus's `close` does
-/// (RabbitMQ waits for outstanding confirms, NATS drains).
-type Closer = Arc<dyn Fn() -> futures::future::BoxFuture<'static, Result<()>> + Send + Sync>;
 
 impl Bus {
     /// A bus from a publisher and a subscriber (of the same broker, usually),
@@ -287,88 +283,21 @@ impl IntoConfig for &Config {
 /// scheme, or one whose feature is off, is an [`Error::Config`] naming the
 /// allowed values. Credentials never appear in errors or logs.
 pub async fn connect(config: impl IntoConfig) -> Result<Bus> {
+    connect_with(&Registry::builtin(), config).await
+}
+
+/// [`connect`] with the adapters of `registry` (a third-party adapter's
+/// scheme, say; see [`registry`]).
+pub async fn connect_with(registry: &Registry, config: impl IntoConfig) -> Result<Bus> {
     let config = config.into_config()?;
-    let url = config.full_url();
-    let scheme = url.split("://").next().unwrap_or_default();
-    #[cfg_attr(not(any(feature = "amqp", feature = "nats")), allow(unused_mut))]
-    let mut closer: Option<Closer> = None;
-    #[cfg_attr(
-        not(any(
-            feature = "redis",
-            feature = "amqp",
-            feature = "nats",
-            feature = "kafka"
-        )),
-        allow(unused_mut)
-    )]
-    let mut in_dialect: Option<DialectPublisher> = None;
-    let (publisher, subscriber, check): (
-        Arc<dyn Publisher>,
-        Arc<dyn Subscriber>,
-        Arc<dyn HealthCheck>,
-    ) = match scheme {
-        #[cfg(feature = "memory")]
-        "memory" => {
-            let bus = tidings_memory::MemoryBus::with_config(
-                tidings_memory::MemoryConfig::from_url(&url)?,
-            );
-            (bus.publisher(), bus.subscriber(), Arc::new(bus))
-        }
-        #[cfg(feature = "redis")]
-        "redis" | "rediss" => {
-            let bus = tidings_redis::RedisBus::connect(tidings_redis::RedisConfig::from_url(&url)?)
-                .await?;
-            let adapter = bus.clone();
-            in_dialect = Some(Arc::new(move |d| adapter.publisher_in(d)));
-            (bus.publisher(), bus.subscriber(), Arc::new(bus))
-        }
-        #[cfg(feature = "amqp")]
-        "amqp" | "amqps" => {
-            let bus =
-                tidings_amqp::AmqpBus::connect(tidings_amqp::AmqpConfig::from_url(&url)?).await?;
-            let adapter = bus.clone();
-            closer = Some(Arc::new(move || {
-                let adapter = adapter.clone();
-                Box::pin(async move {
-                    adapter.close().await;
-                    Ok(())
-                })
-            }));
-            let adapter = bus.clone();
-            in_dialect = Some(Arc::new(move |d| adapter.publisher_in(d)));
-            (bus.publisher(), bus.subscriber(), Arc::new(bus))
-        }
-        #[cfg(feature = "kafka")]
-        "kafka" => {
-            let bus = tidings_kafka::KafkaBus::connect(tidings_kafka::KafkaConfig::from_url(&url)?)
-                .await?;
-            let adapter = bus.clone();
-            in_dialect = Some(Arc::new(move |d| adapter.publisher_in(d)));
-            (bus.publisher(), bus.subscriber(), Arc::new(bus))
-        }
-        #[cfg(feature = "nats")]
-        "nats" | "tls" => {
-            let bus =
-                tidings_nats::NatsBus::connect(tidings_nats::NatsConfig::from_url(&url)?).await?;
-            let adapter = bus.clone();
-            closer = Some(Arc::new(move || {
-                let adapter = adapter.clone();
-                Box::pin(async move { adapter.close().await })
-            }));
-            let adapter = bus.clone();
-            in_dialect = Some(Arc::new(move |d| adapter.publisher_in(d)));
-            (bus.publisher(), bus.subscriber(), Arc::new(bus))
-        }
-        other => {
-            return Err(Error::Config {
-                key: "url".into(),
-                message: format!(
-                    "unknown or disabled scheme `{other}`; this build supports: {}",
-                    SCHEMES.join(", ")
-                ),
-            });
-        }
-    };
+    let adapter = registry.adapter_for(&config)?;
+    let registry::Parts {
+        publisher,
+        subscriber,
+        health: check,
+        close: closer,
+        publisher_in: in_dialect,
+    } = adapter.connect(&config.full_url()).await?;
     let mut bus = Bus::new(publisher, subscriber).with_health(check);
     bus.closer = closer;
     bus.in_dialect = in_dialect;
@@ -476,25 +405,6 @@ async fn layers(config: &Config) -> Result<Vec<Arc<dyn Middleware>>> {
     Ok(layers)
 }
 
-pub(crate) const SCHEMES: &[&str] = &[
-    #[cfg(feature = "memory")]
-    "memory://",
-    #[cfg(feature = "redis")]
-    "redis://",
-    #[cfg(feature = "redis")]
-    "rediss://",
-    #[cfg(feature = "amqp")]
-    "amqp://",
-    #[cfg(feature = "amqp")]
-    "amqps://",
-    #[cfg(feature = "kafka")]
-    "kafka://",
-    #[cfg(feature = "nats")]
-    "nats://",
-    #[cfg(feature = "nats")]
-    "tls://",
-];
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -507,6 +417,26 @@ mod tests {
             text.contains("carrier-pigeon") && text.contains("memory://"),
             "{text}"
         );
+    }
+
+    /// Which schemes take `[tls]` is the adapters' to say (the registry's).
+    #[tokio::test]
+    async fn tls_needs_a_scheme_that_takes_it() {
+        let tls = |url: &str| {
+            Config::from_toml(&format!("url = \"{url}\"\n[tls]\nca_file = \"c.pem\""))
+                .expect("valid alone")
+        };
+        let Err(Error::Config { key, message }) = connect(tls("memory://")).await else {
+            panic!("memory:// takes no TLS");
+        };
+        assert_eq!(key, "tls");
+        if cfg!(feature = "amqp") {
+            assert!(message.contains("amqps://"), "{message}");
+            let Err(Error::Config { key, .. }) = connect(tls("amqp://h")).await else {
+                panic!("TLS with RabbitMQ is chosen by amqps://");
+            };
+            assert_eq!(key, "tls");
+        }
     }
 
     #[test]

@@ -167,7 +167,16 @@ async fn a_publisher_in_another_dialect() {
     let client = async_nats::connect("127.0.0.1:4222").await.unwrap();
     let subject = tidings::testkit::unique("dialects");
     let mut raw = client.subscribe(subject.clone()).await.unwrap();
-    client.flush().await.unwrap();
+    // In place at the server once a probe on the same connection comes
+    // back (a flush only empties the socket buffer).
+    client
+        .publish(subject.clone(), "probe".into())
+        .await
+        .unwrap();
+    let probe = tidings::testkit::within(10, "the probe", raw.next())
+        .await
+        .unwrap();
+    assert_eq!(probe.payload.as_ref(), b"probe");
 
     let structured = bus.publisher_in(Dialect::CloudEventsStructured);
     structured
@@ -214,4 +223,104 @@ async fn a_publisher_in_another_dialect() {
         headers.get("ce-type").is_some() || headers.get("ce_type").is_some(),
         "CloudEvents binary headers: {headers:?}"
     );
+}
+
+/// A third-party adapter joins `connect_with` through the registry: its
+/// scheme is known to the checks, and its bus gets the configured stack.
+mod registry {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::time::Duration;
+
+    use futures::future::BoxFuture;
+    use tidings::registry::{Adapter, Parts, Registry};
+    use tidings::{Config, Error, Event, HandlerError, HealthCheck, PublisherExt};
+
+    /// The in-process bus under the scheme `loopback`, counting connections.
+    struct Loopback(Arc<AtomicU32>);
+
+    impl Adapter for Loopback {
+        fn schemes(&self) -> &'static [&'static str] {
+            &["loopback"]
+        }
+        fn connect<'a>(&'a self, url: &'a str) -> BoxFuture<'a, tidings::Result<Parts>> {
+            assert!(url.starts_with("loopback://"), "{url}");
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async {
+                let bus = tidings::memory::MemoryBus::new();
+                Ok(Parts::new(bus.publisher(), bus.subscriber(), Arc::new(bus)))
+            })
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_third_party_adapter_gets_the_configured_stack() {
+        let connections = Arc::new(AtomicU32::new(0));
+        let registry = Registry::builtin().register(Loopback(connections.clone()));
+        assert!(registry.schemes().contains(&"loopback://".to_owned()));
+        let config = Config::from_toml(
+            "url = \"loopback://here\"\n[retry]\nmax_attempts = 2\ninitial_backoff = \"1ms\"\nmax_backoff = \"1ms\"",
+        )
+        .unwrap();
+        let bus = tidings::connect_with(&registry, config).await.unwrap();
+        assert_eq!(connections.load(Ordering::SeqCst), 1);
+        assert!(
+            bus.check().await.is_ready(),
+            "its health check is the bus's"
+        );
+
+        // The configured retry policy (two attempts) applies to its consumers.
+        let attempts = Arc::new(AtomicU32::new(0));
+        let seen = attempts.clone();
+        let consumer = bus
+            .consumer("g")
+            .handle("t", move |_: Event<u32>| {
+                seen.fetch_add(1, Ordering::SeqCst);
+                async { Err::<(), _>(HandlerError::retryable("always")) }
+            })
+            .start()
+            .await
+            .unwrap();
+        bus.publish_event("t", Event::new(1u32)).await.unwrap();
+        tidings::testkit::within(10, "two attempts", async {
+            while attempts.load(Ordering::SeqCst) < 2 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            attempts.load(Ordering::SeqCst),
+            2,
+            "then dead-lettered, not retried"
+        );
+        consumer.shutdown(Duration::from_secs(5)).await;
+
+        // The checks know it: no [tls] for it, and it is listed as allowed.
+        let mut with_tls = Config::from_url("loopback://here");
+        with_tls.tls = Some(Default::default());
+        match tidings::connect_with(&registry, with_tls).await {
+            Err(Error::Config { key, .. }) => assert_eq!(key, "tls"),
+            other => panic!("expected a tls error, got {:?}", other.map(|_| ())),
+        }
+        match tidings::connect("loopback://here").await {
+            Err(Error::Config { key, message }) => {
+                assert_eq!(key, "url");
+                assert!(
+                    !message.contains("loopback://"),
+                    "not a built-in: {message}"
+                );
+            }
+            other => panic!("expected a url error, got {:?}", other.map(|_| ())),
+        }
+        match tidings::connect_with(&registry, "pigeon://coop").await {
+            Err(Error::Config { message, .. }) => {
+                assert!(
+                    message.contains("loopback://") && message.contains("memory://"),
+                    "{message}"
+                )
+            }
+            other => panic!("expected a url error, got {:?}", other.map(|_| ())),
+        }
+    }
 }

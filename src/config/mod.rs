@@ -189,33 +189,9 @@ impl Config {
                 return bad("tls.cert_file", "is required when tls.key_file is set");
             }
         }
-        // Only the scheme is checked here: the adapter parses the rest (a Kafka
+        // The scheme, and whether it takes `[tls]`, are checked by the
+        // adapter registry at connect; the adapter parses the rest (a Kafka
         // URL lists several hosts, which is no URL to a URL parser).
-        let scheme = match self.url.split_once("://") {
-            Some((scheme, _)) if !scheme.is_empty() => scheme,
-            _ => {
-                return bad(
-                    "url",
-                    &format!(
-                        "`{}` has no scheme; expected one of {}",
-                        redact(&self.url),
-                        crate::SCHEMES.join(", ")
-                    ),
-                );
-            }
-        };
-        if !crate::SCHEMES
-            .iter()
-            .any(|s| s.trim_end_matches("://") == scheme)
-        {
-            return bad(
-                "url",
-                &format!(
-                    "unknown or disabled scheme `{scheme}`; this build supports: {}",
-                    crate::SCHEMES.join(", ")
-                ),
-            );
-        }
         if self.retry.max_attempts == 0 {
             return bad("retry.max_attempts", "must be at least 1");
         }
@@ -245,15 +221,6 @@ impl Config {
             && p.max_attempts == 0
         {
             return bad("publish_retry.max_attempts", "must be at least 1");
-        }
-        if self.tls.is_some() && !matches!(scheme, "nats" | "tls" | "amqps" | "rediss" | "kafka") {
-            return bad(
-                "tls",
-                &format!(
-                    "TLS options need nats://, tls://, amqps://, rediss:// or kafka://, \
-                     not {scheme}://"
-                ),
-            );
         }
         if cfg!(not(feature = "otel")) && self.telemetry_enabled() {
             return bad(

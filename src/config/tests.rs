@@ -56,10 +56,6 @@ fn invalid_values_name_the_key_and_the_allowed_values() {
         "{message}"
     );
 
-    let (key, message) = err("url = \"pigeon://coop\"");
-    assert_eq!(key, "url");
-    assert!(message.contains("memory://"), "{message}");
-
     let (key, _) = err("url = \"memory://\"\n[retry]\nmax_attempts = 0");
     assert_eq!(key, "retry.max_attempts");
 
@@ -206,11 +202,6 @@ fn invalid_tls_options_name_the_key() {
     assert_eq!(key, "tls.cert_file");
     let (key, message) = err("url = \"memory://\"\n[tls]\nca = \"c.pem\"");
     assert!(message.contains("ca"), "{key}: {message}");
-    let (key, message) = err("url = \"memory://\"\n[tls]\nca_file = \"c.pem\"");
-    assert_eq!(key, "tls");
-    assert!(message.contains("amqps://"), "{message}");
-    let (key, _) = err("url = \"amqp://h\"\n[tls]\nca_file = \"c.pem\"");
-    assert_eq!(key, "tls", "TLS with RabbitMQ is chosen by amqps://");
 }
 
 #[cfg(feature = "nats")]

@@ -44,7 +44,19 @@ async fn an_existing_stream_with_its_own_subjects_and_dead_letters_outside_the_d
         .subscribe(format!("{ns}.dlq.>"))
         .await
         .expect("a dead-letter watcher");
-    client.flush().await.expect("subscriptions in place");
+    // In place at the server once probes on the same connection come back
+    // (a flush only empties the socket buffer). The domain's probe is on a
+    // subject the stream does not capture.
+    client
+        .publish(format!("{ns}.orders.probe.x"), "probe".into())
+        .await
+        .expect("probe");
+    client
+        .publish(format!("{ns}.dlq.probe"), "probe".into())
+        .await
+        .expect("probe");
+    within(10, "the domain probe", domain.next()).await;
+    within(10, "the dead-letter probe", dead.next()).await;
 
     let config = NatsConfig::from_url(&format!(
         "nats://{SERVER}?stream={stream}&subject_prefix={ns}&dead_letters=dlq.{{group}}.{{topic}}"
