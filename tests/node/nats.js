@@ -109,7 +109,13 @@ async function consume(servers, subject, count, mode, stream, durable) {
       if (seen >= count) break;
     }
     await nc.flush();
-    const info = await jsm.consumers.info(stream, durable);
+    // m.ack() does not wait for the server, which may count the last acks a
+    // moment later: ask again (bounded, 5 s) before reporting what is pending.
+    let info = await jsm.consumers.info(stream, durable);
+    for (let i = 0; i < 50 && info.num_pending + info.num_ack_pending > 0; i++) {
+      await new Promise((resolve) => setTimeout(resolve, 100));
+      info = await jsm.consumers.info(stream, durable);
+    }
     console.log(JSON.stringify({ pending: info.num_pending + info.num_ack_pending }));
   } else {
     const sub = nc.subscribe(subject);
