@@ -41,6 +41,19 @@ async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
     (status, body)
 }
 
+/// A consumer of `topic` that counts what it handled.
+fn counting(
+    builder: tidings::ConsumerBuilder,
+    topic: &str,
+    handled: &Arc<AtomicUsize>,
+) -> tidings::ConsumerBuilder {
+    let handled = handled.clone();
+    builder.handle(topic, move |_: Event<u64>| {
+        handled.fetch_add(1, Ordering::SeqCst);
+        async { Ok::<_, HandlerError>(()) }
+    })
+}
+
 fn state_of(report: &HealthReport, name: &str) -> State {
     report
         .components
@@ -179,13 +192,7 @@ async fn metrics_are_scraped_from_the_configured_endpoint() {
     let bus = tidings::connect(config).await.expect("memory");
     let topic = unique("metrics");
     let handled = Arc::new(AtomicUsize::new(0));
-    let consumer = bus.consumer("g").handle(&topic, {
-        let handled = handled.clone();
-        move |_: Event<u64>| {
-            handled.fetch_add(1, Ordering::SeqCst);
-            async { Ok::<_, HandlerError>(()) }
-        }
-    });
+    let consumer = counting(bus.consumer("g"), &topic, &handled);
     let app = App::new()
         .without_signals()
         .bus(&bus)
@@ -379,13 +386,11 @@ async fn an_ended_consumer_is_restarted_by_policy_then_takes_the_app_down() {
     });
     let topic = unique("restart");
     let handled = Arc::new(AtomicUsize::new(0));
-    let consumer = tidings::Consumer::group(ending.clone(), "g").handle(&topic, {
-        let handled = handled.clone();
-        move |_: Event<u64>| {
-            handled.fetch_add(1, Ordering::SeqCst);
-            async { Ok::<_, HandlerError>(()) }
-        }
-    });
+    let consumer = counting(
+        tidings::Consumer::group(ending.clone(), "g"),
+        &topic,
+        &handled,
+    );
     let app = App::new()
         .without_signals()
         .restart(Restart::up_to(1, Duration::from_millis(10)))

@@ -11,7 +11,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
-use super::health::ServiceHealth;
+use super::health::{HealthReport, ServiceHealth};
 
 #[derive(Clone)]
 struct Served {
@@ -50,18 +50,17 @@ pub(crate) async fn serve(
 }
 
 async fn healthz(State(served): State<Served>) -> Response {
-    let report = served.health.report().await;
-    let status = if report.live {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (status, axum::Json(report)).into_response()
+    probe(&served, |r| r.live).await
 }
 
 async fn readyz(State(served): State<Served>) -> Response {
+    probe(&served, |r| r.ready).await
+}
+
+/// The health report, 200 when `passes` says so, 503 otherwise.
+async fn probe(served: &Served, passes: impl Fn(&HealthReport) -> bool) -> Response {
     let report = served.health.report().await;
-    let status = if report.ready {
+    let status = if passes(&report) {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
