@@ -298,6 +298,10 @@ pub mod header {
     /// When a dead letter was replayed: a replay is a deliberate new publish of
     /// the same message, so brokers that deduplicate publishes by id must not drop it.
     pub const REPLAYED_AT: &str = "tidings-replayed-at";
+    /// On a replayed dead letter: the one group meant to handle it again.
+    /// The consumers of the topic's other groups ack it without running
+    /// their handlers (private subscriptions see it as any message).
+    pub const REPLAY_FOR: &str = "tidings-replay-for";
 }
 
 /// The group that reads dead letters: the dead-letter tooling consumes each

@@ -11,8 +11,10 @@
 //! closing the inbox (or dropping it) hands back whatever is left, and the
 //! broker keeps it. Replay publishes the original message — same id,
 //! payload, key and metadata, without the dead-letter headers — to its
-//! original topic, so every group of that topic sees it again; groups that
-//! already handled it skip it when they use the idempotency layer.
+//! original topic, **for the group that failed it**: it carries
+//! [`header::REPLAY_FOR`], and the consumers of the topic's other groups
+//! ack it without running their handlers (they handled it the first time).
+//! [`ReplayTo::AllGroups`] replays to every group instead.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -45,12 +47,24 @@ impl Filter {
 
 type Hook = Box<dyn Fn(usize) + Send + Sync>;
 
+/// Which groups a replayed letter is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReplayTo {
+    /// Only the group that dead-lettered it (the default); a letter that
+    /// names no group goes to every group.
+    #[default]
+    FailedGroup,
+    /// Every group of the original topic.
+    AllGroups,
+}
+
 /// Dead letters of one dead-letter topic, held for inspection; see the [module docs](self).
 pub struct DeadLetterInbox {
     publisher: Arc<dyn Publisher>,
     stream: Box<dyn DeliveryStream>,
     held: Vec<(Delivery, DeadLetter)>,
     threshold: Option<(usize, Hook)>,
+    replay_to: ReplayTo,
 }
 
 impl DeadLetterInbox {
@@ -84,6 +98,7 @@ impl DeadLetterInbox {
             stream,
             held: Vec::new(),
             threshold: None,
+            replay_to: ReplayTo::default(),
         })
     }
 
@@ -137,14 +152,27 @@ impl DeadLetterInbox {
         Ok(self.held.swap_remove(index))
     }
 
-    /// Republishes one letter to its original topic, then removes it.
+    /// Which groups replays are for from now on (default: the group that
+    /// failed each letter).
+    pub fn replay_to(&mut self, target: ReplayTo) {
+        self.replay_to = target;
+    }
+
+    /// Republishes one letter to its original topic (for the group that
+    /// failed it, unless [`replay_to`](Self::replay_to) says otherwise),
+    /// then removes it.
     pub async fn replay(&mut self, id: &str) -> Result<()> {
         let (delivery, letter) = self.take(id)?;
         self.replay_one(delivery, letter).await
     }
 
     async fn replay_one(&mut self, mut delivery: Delivery, letter: DeadLetter) -> Result<()> {
-        let original = restore(delivery.message());
+        let mut original = restore(delivery.message());
+        if let (ReplayTo::FailedGroup, Some(group)) = (self.replay_to, &letter.group) {
+            original
+                .headers
+                .insert(header::REPLAY_FOR.to_owned(), group.clone());
+        }
         match self.publisher.publish(&letter.topic, original).await {
             Ok(_) => delivery.ack().await,
             Err(error) => {
@@ -203,9 +231,9 @@ impl DeadLetterInbox {
 /// store it again.
 pub fn restore(letter: &Message) -> Message {
     let mut original = letter.clone();
-    original
-        .headers
-        .retain(|name, _| !name.starts_with("tidings-dlq-") && name != header::ATTEMPT);
+    original.headers.retain(|name, _| {
+        !name.starts_with("tidings-dlq-") && name != header::ATTEMPT && name != header::REPLAY_FOR
+    });
     original.headers.insert(
         header::REPLAYED_AT.to_owned(),
         tidings_core::time::now_rfc3339(),

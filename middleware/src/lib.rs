@@ -38,7 +38,7 @@ pub mod limit;
 pub mod retry;
 
 pub use breaker::{BreakerState, CircuitBreaker, Threshold};
-pub use dead_letters::{DeadLetterInbox, Filter};
+pub use dead_letters::{DeadLetterInbox, Filter, ReplayTo};
 pub use idempotency::{Idempotency, IdempotencyStore, MemoryStore};
 pub use limit::{ConcurrencyLimit, MaxChainDepth, RateLimit, Timeout};
 pub use retry::{PublishRetry, Retry, RetryMode};

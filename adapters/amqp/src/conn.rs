@@ -330,7 +330,11 @@ impl GroupNames {
             config.exchange.clone()
         };
         let own = format!("{group}.{pattern}");
-        let existing = config.existing_queues.get(group).cloned();
+        let existing = config
+            .existing_queues
+            .get(group)
+            .cloned()
+            .or_else(|| kept_dead_letters(config, pattern, group));
         GroupNames {
             exchange,
             pattern: pattern.to_owned(),
@@ -340,6 +344,31 @@ impl GroupNames {
             dlq_topic: dead_letter_topic(config, pattern, group),
         }
     }
+}
+
+/// For the dead-letter tooling's group on a dead-letter topic
+/// (`dlq.<group>.<pattern>`): the queue that keeps that group's dead letters
+/// — its own `<group>.<pattern>.dlq`, or the queue `dead_letters.<group>`
+/// names. The inbox reads it rather than a queue of its own, so it sees the
+/// letters written before it opened, and a letter it replays or purges
+/// leaves that queue.
+fn kept_dead_letters(config: &AmqpConfig, pattern: &str, group: &str) -> Option<String> {
+    if group != tidings_core::delivery::DEAD_LETTER_GROUP || config.dead_letter_prefix.is_empty() {
+        return None;
+    }
+    let failed = pattern.strip_prefix(&config.dead_letter_prefix)?;
+    let named = config
+        .dead_letters
+        .iter()
+        .find_map(|(g, target)| match target {
+            crate::config::DeadLetterTarget::Queue(queue)
+                if failed.starts_with(&format!("{g}.")) =>
+            {
+                Some(queue.clone())
+            }
+            _ => None,
+        });
+    Some(named.unwrap_or_else(|| format!("{failed}.dlq")))
 }
 
 pub(crate) fn dead_letter_topic(config: &AmqpConfig, pattern: &str, group: &str) -> String {

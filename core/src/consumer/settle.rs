@@ -17,6 +17,18 @@ use crate::middleware::{Middleware, Next};
 use crate::retry::RetryPolicy;
 use crate::subscriber::Capabilities;
 
+/// Whether a replayed dead letter names another group than the one
+/// receiving it ([`header::REPLAY_FOR`]).
+fn replayed_for_another_group(delivery: &Delivery) -> bool {
+    match (
+        delivery.message().headers.get(header::REPLAY_FOR),
+        delivery.group(),
+    ) {
+        (Some(target), Some(group)) => target != group,
+        _ => false,
+    }
+}
+
 /// A settlement observer: see [`ConsumerBuilder::on_settle`](super::ConsumerBuilder::on_settle).
 pub(crate) type Observer = Arc<dyn Fn(&Settlement<'_>) + Send + Sync>;
 
@@ -142,13 +154,14 @@ impl Route {
             .unwrap_or_else(|panic| Err(HandlerError::retryable(Panicked::from(panic))))
     }
 
-    /// Handles and settles one delivery. Never panics and never returns
-    /// with the delivery unsettled unless settling itself failed (then the
-    /// broker redelivers it).
-    pub async fn process(&self, delivery: &mut Delivery, counts: &WorkerCounts) {
-        delivery.set_max_attempts(self.retry.max_attempts);
-        let mut first_failure = first_failure_of(delivery);
-        let (action, error) = loop {
+    /// Runs the handler (retrying in process where the broker does not
+    /// redeliver) and decides the settlement.
+    async fn handle(
+        &self,
+        delivery: &mut Delivery,
+        first_failure: &mut Option<SystemTime>,
+    ) -> (SettleAction, Option<HandlerError>) {
+        loop {
             let result = match delivery.take_rejection() {
                 // The adapter could not read it, or the broker gave up on
                 // it: no handler runs, the error is final.
@@ -163,8 +176,23 @@ impl Route {
                     tokio::time::sleep(delay).await;
                     delivery.next_attempt();
                 }
-                action => break (action, result.err()),
+                action => return (action, result.err()),
             }
+        }
+    }
+
+    /// Handles and settles one delivery. Never panics and never returns
+    /// with the delivery unsettled unless settling itself failed (then the
+    /// broker redelivers it).
+    pub async fn process(&self, delivery: &mut Delivery, counts: &WorkerCounts) {
+        delivery.set_max_attempts(self.retry.max_attempts);
+        let mut first_failure = first_failure_of(delivery);
+        let (action, error) = if replayed_for_another_group(delivery) {
+            // A dead letter replayed to the group that failed it: the
+            // topic's other groups handled it already.
+            (SettleAction::Ack, None)
+        } else {
+            self.handle(delivery, &mut first_failure).await
         };
         let settled = AssertUnwindSafe(self.settle(delivery, action, error, first_failure))
             .catch_unwind()

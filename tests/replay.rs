@@ -1,0 +1,175 @@
+//! Replaying a dead letter reaches only the group that failed it, on every
+//! broker: the topic's other groups ack the replay without running their
+//! handlers, and the dead-letter destination is empty afterwards.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tidings::layers::dead_letters::{DeadLetterInbox, Filter};
+use tidings::prelude::*;
+use tidings::testkit::{unique, within};
+use tidings::{DeadLetterReason, SettleAction};
+use tidings_tests::kafka_mock;
+
+/// What one group's consumer did: handler runs and settlements by id.
+#[derive(Default)]
+struct Seen {
+    handled: AtomicUsize,
+    settled: Mutex<HashMap<String, Vec<SettleAction>>>,
+}
+
+impl Seen {
+    fn settled(&self, id: &str) -> Vec<SettleAction> {
+        self.settled
+            .lock()
+            .expect("lock")
+            .get(id)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    async fn until(&self, what: &str, id: &str, n: usize) {
+        within(60, what, async {
+            while self.settled(id).len() < n {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+    }
+}
+
+/// A consumer of `group` whose handler fails permanently until `fixed`.
+fn consumer(
+    bus: &Bus,
+    topic: &str,
+    group: &str,
+    seen: &Arc<Seen>,
+    fixed: &Arc<AtomicBool>,
+) -> tidings::ConsumerBuilder {
+    let (handled, fixed, record) = (seen.clone(), fixed.clone(), seen.clone());
+    bus.consumer(group)
+        .handle(topic, move |_: Event<String>| {
+            let (handled, fixed) = (handled.clone(), fixed.clone());
+            async move {
+                if !fixed.load(Ordering::SeqCst) {
+                    return Err(HandlerError::permanent("the mail server rejects it"));
+                }
+                handled.handled.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }
+        })
+        .on_settle(move |s| {
+            record
+                .settled
+                .lock()
+                .expect("lock")
+                .entry(s.delivery.message().id.clone())
+                .or_default()
+                .push(s.action);
+        })
+}
+
+async fn inbox(bus: &Bus, topic: &str) -> DeadLetterInbox {
+    let dlq = bus.subscriber().dead_letter_topic(topic, "billing");
+    DeadLetterInbox::open(&**bus.subscriber(), bus.publisher().clone(), &dlq, 100)
+        .await
+        .expect("the inbox opens")
+}
+
+async fn replay_reaches_only_the_failed_group(url: &str) {
+    let bus = tidings::connect(url)
+        .await
+        .unwrap_or_else(|e| panic!("{url}: {e}; scripts/brokers.sh starts the brokers"));
+    let topic = unique("replay");
+    let (billing, audit) = (Arc::new(Seen::default()), Arc::new(Seen::default()));
+    let broken = Arc::new(AtomicBool::new(false));
+    let always = Arc::new(AtomicBool::new(true));
+    let billing_consumer = consumer(&bus, &topic, "billing", &billing, &broken)
+        .start()
+        .await
+        .expect("billing");
+    let audit_consumer = consumer(&bus, &topic, "audit", &audit, &always)
+        .start()
+        .await
+        .expect("audit");
+
+    let event = Event::new("welcome mail".to_owned());
+    let id = event.id().to_owned();
+    bus.publish_event(&topic, event).await.expect("published");
+    billing.until("billing to dead-letter it", &id, 1).await;
+    audit.until("audit to handle it", &id, 1).await;
+    assert_eq!(
+        billing.settled(&id),
+        [SettleAction::DeadLetter {
+            reason: DeadLetterReason::Permanent
+        }]
+    );
+
+    // The operator fixes the mail server, then replays.
+    broken.store(true, Ordering::SeqCst);
+    let mut letters = inbox(&bus, &topic).await;
+    within(60, "the letter in the inbox", async {
+        while letters.fetch(Duration::from_millis(200)).await == 0 {}
+    })
+    .await;
+    letters.replay(&id).await.expect("replayed");
+    letters.close().await.expect("closed");
+
+    billing.until("billing to handle the replay", &id, 2).await;
+    audit.until("audit to receive the replay", &id, 2).await;
+    assert_eq!(
+        billing.handled.load(Ordering::SeqCst),
+        1,
+        "billing handled it"
+    );
+    assert_eq!(
+        audit.handled.load(Ordering::SeqCst),
+        1,
+        "audit's handler did not run again"
+    );
+    assert_eq!(audit.settled(&id), [SettleAction::Ack, SettleAction::Ack]);
+
+    // The destination no longer holds it.
+    let mut after = inbox(&bus, &topic).await;
+    let left = after.fetch(Duration::from_millis(1500)).await;
+    assert_eq!(
+        left, 0,
+        "the replayed letter left the dead-letter destination"
+    );
+    let purged = after.purge(&Filter::default()).await.expect("purge");
+    assert_eq!(purged, 0);
+    after.close().await.expect("closed");
+    billing_consumer.shutdown(Duration::from_secs(10)).await;
+    audit_consumer.shutdown(Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_memory() {
+    replay_reaches_only_the_failed_group("memory://?history=1000").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_redis() {
+    replay_reaches_only_the_failed_group("redis://127.0.0.1:6379").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_rabbitmq() {
+    replay_reaches_only_the_failed_group("amqp://guest:guest@127.0.0.1:5672/%2f").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_jetstream() {
+    replay_reaches_only_the_failed_group("nats://127.0.0.1:4222").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_kafka() {
+    replay_reaches_only_the_failed_group(&format!(
+        "kafka://{}?auto_create_topics=true",
+        kafka_mock()
+    ))
+    .await;
+}
