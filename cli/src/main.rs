@@ -49,6 +49,8 @@ enum Command {
     Publish(commands::publish::Args),
     /// Prints messages of a topic as they arrive, without joining any group's load.
     Tail(commands::tail::Args),
+    /// A group's dead letters: ls, show, replay (to the failed group), purge.
+    Dlq(commands::dlq::Args),
 }
 
 /// How a command failed, and so the exit code.

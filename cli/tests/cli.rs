@@ -289,3 +289,152 @@ async fn tail_sees_what_is_published_meanwhile_on_rabbitmq() {
         .collect();
     assert_eq!(seen, sent);
 }
+
+/// `tidings dlq` on a group's dead letters: listed, a bulk purge refused
+/// without --yes, one replayed (the fixed group handles it), one purged,
+/// and nothing left.
+/// `wait`: how long each `dlq` command waits for letters (JetStream hands
+/// back a letter the previous command held only after its pull request
+/// lapses: up to `ack_wait`, 4 s).
+async fn dlq_round(url: &'static str, wait: &'static str) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use tidings::prelude::*;
+
+    let bus = tidings::connect(url).await.expect("the broker");
+    let topic = unique("cli-dlq");
+    let fixed = Arc::new(AtomicBool::new(false));
+    let (handled, dead) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let consumer = {
+        let (fixed, handled, dead) = (fixed.clone(), handled.clone(), dead.clone());
+        bus.consumer("billing")
+            .handle(&topic, move |_: Event<String>| {
+                let (fixed, handled) = (fixed.clone(), handled.clone());
+                async move {
+                    if !fixed.load(Ordering::SeqCst) {
+                        return Err(HandlerError::permanent("card declined"));
+                    }
+                    handled.fetch_add(1, Ordering::SeqCst);
+                    Ok(())
+                }
+            })
+            .on_settle(move |s| {
+                if matches!(s.action, tidings::SettleAction::DeadLetter { .. }) {
+                    dead.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+            .start()
+            .await
+            .expect("started")
+    };
+    let mut ids = Vec::new();
+    for n in 0..2 {
+        let event = Event::new(format!("order {n}"));
+        ids.push(event.id().to_owned());
+        bus.publish_event(&topic, event).await.expect("published");
+    }
+    tidings::testkit::within(30, "two dead letters", async {
+        while dead.load(Ordering::SeqCst) < 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+
+    let run = |args: Vec<String>| {
+        tokio::task::spawn_blocking(move || {
+            let mut cmd = tidings(url);
+            cmd.arg("--json").arg("dlq").args(&args);
+            cmd.output().expect("ran")
+        })
+    };
+    let at = |extra: &[&str]| {
+        let mut args = vec![
+            "--topic".to_owned(),
+            topic.clone(),
+            "--group".into(),
+            "billing".into(),
+            "--wait".into(),
+            wait.into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
+    let lines = |out: &std::process::Output| -> Vec<Value> {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("JSON"))
+            .collect()
+    };
+
+    let mut listed: Vec<String> = lines(
+        &run([vec!["ls".into()], at(&[])].concat())
+            .await
+            .expect("ls"),
+    )
+    .iter()
+    .map(|l| {
+        assert_eq!(l["reason"], "permanent-error", "{l}");
+        assert_eq!(l["error"], "card declined", "{l}");
+        l["id"].as_str().expect("id").to_owned()
+    })
+    .collect();
+    listed.sort();
+    let mut expected = ids.clone();
+    expected.sort();
+    assert_eq!(
+        listed, expected,
+        "an inbox opened after the failure sees both"
+    );
+
+    let refused = run([vec!["purge".into()], at(&["--all"])].concat())
+        .await
+        .expect("purge");
+    assert_eq!(refused.status.code(), Some(2), "a bulk purge needs --yes");
+
+    fixed.store(true, Ordering::SeqCst);
+    let replayed = lines(
+        &run([vec!["replay".into()], at(&["--id", &ids[0]])].concat())
+            .await
+            .expect("replay"),
+    );
+    assert_eq!(replayed[0]["replayed"], 1);
+    tidings::testkit::within(30, "the fixed group handles the replay", async {
+        while handled.load(Ordering::SeqCst) < 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let purged = lines(
+        &run([vec!["purge".into()], at(&["--id", &ids[1]])].concat())
+            .await
+            .expect("purge"),
+    );
+    assert_eq!(purged[0]["purged"], 1);
+    let left = lines(
+        &run([vec!["ls".into()], at(&[])].concat())
+            .await
+            .expect("ls"),
+    );
+    assert!(left.is_empty(), "nothing left: {left:?}");
+    consumer.shutdown(Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_on_redis() {
+    dlq_round(REDIS, "500ms").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_on_rabbitmq() {
+    dlq_round(AMQP, "500ms").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_on_jetstream() {
+    dlq_round(NATS, "6s").await;
+}

@@ -51,6 +51,17 @@ pub trait Acker: Send + Sync + 'static {
     /// Send the message to the group's dead-letter destination with the
     /// letter's headers, then remove it for this group.
     async fn dead_letter(self: Box<Self>, letter: DeadLetter) -> Result<()>;
+
+    /// Hand the message back unhandled, at once and without counting an
+    /// attempt, and return once the broker has it. By default the acker is
+    /// dropped, which does the same in the background; adapters whose
+    /// hand-back is a broker call await it here, so a process that exits
+    /// right after (a command-line tool) does not leave the message
+    /// invisible until a timeout.
+    async fn release(self: Box<Self>) -> Result<()> {
+        drop(self);
+        Ok(())
+    }
 }
 
 impl Delivery {
@@ -196,6 +207,13 @@ impl Delivery {
     /// Sends the message to the dead-letter destination of its group, then acks it.
     pub async fn dead_letter(&mut self, letter: DeadLetter) -> Result<()> {
         self.take_acker()?.dead_letter(letter).await
+    }
+
+    /// Hands the message back unhandled (no attempt counted), for another
+    /// member or a later reader at once; see [`Acker::release`]. Dropping
+    /// an unsettled delivery does the same without waiting.
+    pub async fn release(&mut self) -> Result<()> {
+        self.take_acker()?.release().await
     }
 }
 

@@ -183,6 +183,12 @@ impl DeadLetterInbox {
         }
     }
 
+    /// Deletes one held letter.
+    pub async fn purge_one(&mut self, id: &str) -> Result<()> {
+        let (mut delivery, _) = self.take(id)?;
+        delivery.ack().await
+    }
+
     /// Replays every held letter the filter matches; returns how many.
     pub async fn replay_all(&mut self, filter: &Filter) -> Result<usize> {
         let (chosen, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held)
@@ -218,10 +224,19 @@ impl DeadLetterInbox {
     /// returns once the adapter finished closing (Kafka: the acks of replayed
     /// and purged letters are committed), so they are not read again.
     pub async fn close(mut self) -> Result<()> {
-        drop(std::mem::take(&mut self.held));
+        // Intake first, so what is handed back goes to the next reader (an
+        // inbox opened next, by this process or another) at once, not back
+        // into this closing subscription.
         self.stream.close().await?;
+        let mut handed_back = Ok(());
+        for (mut delivery, _) in std::mem::take(&mut self.held) {
+            if let Err(e) = delivery.release().await {
+                // The broker hands it back after its timeout anyway.
+                handed_back = Err(e);
+            }
+        }
         self.stream.closed().await;
-        Ok(())
+        handed_back
     }
 }
 

@@ -422,6 +422,14 @@ impl Acker for AmqpAcker {
         self.basic_ack().await
     }
 
+    async fn release(mut self: Box<Self>) -> Result<()> {
+        self.settled = true;
+        self.channel
+            .basic_reject(self.tag, BasicRejectOptions { requeue: true })
+            .await
+            .map_err(crate::conn::connection_error)
+    }
+
     async fn dead_letter(mut self: Box<Self>, letter: DeadLetter) -> Result<()> {
         let dead = letter.letter_for(&self.message);
         let route = self.route.clone();

@@ -858,6 +858,23 @@ impl Acker for JsAcker {
             .await
     }
 
+    async fn release(mut self: Box<Self>) -> Result<()> {
+        // A nak without delay, counted by the server as a delivery but by
+        // nobody as a failed attempt; flushed, so it reaches the server
+        // even when the process exits next.
+        self.settled = true;
+        self.untrack();
+        if let Some(reply) = self.reply.clone() {
+            let client = &self.shared.client;
+            client
+                .publish(reply, Bytes::from(AckKind::Nak(None)))
+                .await
+                .map_err(crate::connection_error)?;
+            client.flush().await.map_err(crate::connection_error)?;
+        }
+        Ok(())
+    }
+
     async fn dead_letter(self: Box<Self>, letter: DeadLetter) -> Result<()> {
         let dead = letter.letter_for(&self.message);
         let topic = self

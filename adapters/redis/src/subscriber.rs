@@ -707,6 +707,24 @@ impl Acker for RedisAcker {
         Ok(())
     }
 
+    async fn release(mut self: Box<Self>) -> Result<()> {
+        // Settled here, so the drop does nothing more.
+        self.settled = true;
+        self.unhold();
+        match (&self.origin, self.shared.is_closed()) {
+            (_, false) => {
+                let attempt = self.attempt;
+                self.redeliver(None, attempt);
+            }
+            (Origin::Group { entry_id }, true) => {
+                let count = self.attempt.saturating_sub(1);
+                self.shared.release(entry_id, count).await;
+            }
+            (Origin::Local, true) => {}
+        }
+        Ok(())
+    }
+
     async fn dead_letter(mut self: Box<Self>, letter: DeadLetter) -> Result<()> {
         self.settled = true;
         self.unhold();

@@ -1,6 +1,7 @@
 //! The subcommands, and what they share: the configuration and a bounded
 //! connection.
 
+pub(crate) mod dlq;
 pub(crate) mod ping;
 pub(crate) mod publish;
 pub(crate) mod tail;
@@ -27,6 +28,7 @@ pub(crate) async fn run(cli: &Cli) -> Result<(), Failure> {
         Command::Ping => ping::run(cli, &bus, &shown).await,
         Command::Publish(args) => publish::run(cli, &bus, args).await,
         Command::Tail(args) => tail::run(cli, &bus, args).await,
+        Command::Dlq(args) => dlq::run(cli, &bus, args).await,
     };
     // Closing drains what the adapter holds (confirms, buffered publishes);
     // a broker that stopped answering does not hold the command.

@@ -118,7 +118,7 @@ pub(crate) async fn run(cli: &Cli, bus: &Bus, args: &Args) -> Result<(), Failure
 }
 
 /// `--since`: an RFC 3339 time, or a duration ago.
-fn since_time(text: &str) -> Result<SystemTime, Failure> {
+pub(crate) fn since_time(text: &str) -> Result<SystemTime, Failure> {
     if let Some(time) = tidings::time::parse_rfc3339(text) {
         return Ok(time);
     }
