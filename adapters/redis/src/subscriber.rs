@@ -708,19 +708,8 @@ impl Acker for RedisAcker {
     }
 
     async fn release(mut self: Box<Self>) -> Result<()> {
-        // Settled here, so the drop does nothing more.
-        self.settled = true;
-        self.unhold();
-        match (&self.origin, self.shared.is_closed()) {
-            (_, false) => {
-                let attempt = self.attempt;
-                self.redeliver(None, attempt);
-            }
-            (Origin::Group { entry_id }, true) => {
-                let count = self.attempt.saturating_sub(1);
-                self.shared.release(entry_id, count).await;
-            }
-            (Origin::Local, true) => {}
+        if let Some((shared, entry_id, count)) = self.hand_back() {
+            shared.release(&entry_id, count).await;
         }
         Ok(())
     }
@@ -770,28 +759,38 @@ impl Acker for RedisAcker {
     }
 }
 
+impl RedisAcker {
+    /// Hands the delivery back unsettled: to this subscription again while
+    /// it runs (same attempt); once it is closed, what the caller must
+    /// release to make the entry available to the other members at once.
+    fn hand_back(&mut self) -> Option<(Arc<Shared>, String, u32)> {
+        self.settled = true;
+        self.unhold();
+        match (&self.origin, self.shared.is_closed()) {
+            (_, false) => {
+                let attempt = self.attempt;
+                self.redeliver(None, attempt);
+                None
+            }
+            (Origin::Group { entry_id }, true) => Some((
+                self.shared.clone(),
+                entry_id.clone(),
+                self.attempt.saturating_sub(1),
+            )),
+            (Origin::Local, true) => None,
+        }
+    }
+}
+
 impl Drop for RedisAcker {
     fn drop(&mut self) {
         if self.settled {
             return;
         }
-        self.unhold();
-        match (&self.origin, self.shared.is_closed()) {
-            // Still running: hand it to this subscription again, same attempt.
-            (_, false) => {
-                let attempt = self.attempt;
-                self.redeliver(None, attempt);
-            }
-            // Closed: make it available to the other members at once.
-            (Origin::Group { entry_id }, true) => {
-                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                    let shared = self.shared.clone();
-                    let entry_id = entry_id.clone();
-                    let count = self.attempt.saturating_sub(1);
-                    runtime.spawn(async move { shared.release(&entry_id, count).await });
-                }
-            }
-            (Origin::Local, true) => {}
+        if let Some((shared, entry_id, count)) = self.hand_back()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(async move { shared.release(&entry_id, count).await });
         }
     }
 }
