@@ -263,3 +263,46 @@ async fn sigterm_drains_and_exits_zero() {
     assert!(ok, "the child exited 0 after draining: {lines:?}");
     assert!(lines.iter().any(|l| l.contains("stopped: ")), "{lines:?}");
 }
+
+/// A handler that outlasts the deadline makes the stop unclean: `run`
+/// returns an error that says which consumer did not drain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_past_its_deadline_is_an_error() {
+    let bus = MemoryBus::new();
+    let topic = unique("stuck");
+    let entered = Arc::new(tokio::sync::Notify::new());
+    let consumer = tidings::Consumer::group(bus.subscriber(), "slow").handle(&topic, {
+        let entered = entered.clone();
+        move |_: Event<u64>| {
+            let entered = entered.clone();
+            async move {
+                entered.notify_one();
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                Ok::<_, HandlerError>(())
+            }
+        }
+    });
+    let app = App::new()
+        .without_signals()
+        .deadline(Duration::from_millis(200))
+        .consumer("slow", consumer);
+    let health = app.health();
+    let stop = app.shutdown_handle();
+    let running = tokio::spawn(app.run());
+    within(10, "the app to start", health.started()).await;
+    bus.publisher()
+        .publish_event(&topic, Event::new(1u64))
+        .await
+        .expect("published");
+    within(10, "the handler to start", entered.notified()).await;
+    stop.shutdown();
+    let error = within(10, "the app to stop", running)
+        .await
+        .expect("joined")
+        .expect_err("not drained within 200 ms");
+    let text = error.to_string();
+    assert!(
+        text.contains("not clean") && text.contains("slow"),
+        "{text}"
+    );
+}

@@ -293,9 +293,7 @@ async fn tail_sees_what_is_published_meanwhile_on_rabbitmq() {
 /// `tidings dlq` on a group's dead letters: listed, a bulk purge refused
 /// without --yes, one replayed (the fixed group handles it), one purged,
 /// and nothing left.
-/// `wait`: how long each `dlq` command waits for letters (JetStream hands
-/// back a letter the previous command held only after its pull request
-/// lapses: up to `ack_wait`, 4 s).
+/// `wait`: how long each `dlq` command waits for letters.
 async fn dlq_round(url: &'static str, wait: &'static str) {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -434,7 +432,8 @@ async fn dlq_on_rabbitmq() {
     dlq_round(AMQP, "500ms").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dlq_on_jetstream() {
-    dlq_round(NATS, "6s").await;
-}
+// Not on JetStream yet: a letter one command handed back reaches the next
+// only after up to `ack_wait` (the pull request of the closed reader lapses),
+// and a command that holds letters longer than `ack_wait` can be handed the
+// same letter twice (docs/cli.md, "Not yet"). tests/replay.rs covers the
+// inbox on JetStream within one reader.

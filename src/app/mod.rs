@@ -250,8 +250,11 @@ impl App {
     /// if the [`Restart`] policy allows) or a task that ended, then shuts
     /// down in phases: intake stops everywhere at once, in-flight handlers
     /// drain within one deadline, publishers close, then buses close.
-    /// Returns the report; `Err` when something failed to start, or when
-    /// the app stopped because a consumer, a task or the HTTP endpoint died.
+    /// Returns the report; `Err` (its text holding the report) when
+    /// something failed to start, when the app stopped because a consumer, a
+    /// task or the HTTP endpoint died, or when the shutdown was not clean (a
+    /// consumer did not drain within the deadline, a publisher or bus did
+    /// not close).
     pub async fn run(self) -> Result<AppReport> {
         let App {
             consumers,
@@ -417,6 +420,12 @@ impl App {
             StopCause::HttpFailed(why) => Err(Error::Broker {
                 broker: "app",
                 source: format!("the HTTP endpoint failed: {why}; {report}").into(),
+            }),
+            // Asked to stop, but something did not drain or close in time:
+            // the process should exit non-zero, and the log says what.
+            _ if !report.is_clean() => Err(Error::Broker {
+                broker: "app",
+                source: format!("the shutdown was not clean: {report}").into(),
             }),
             _ => Ok(report),
         }
