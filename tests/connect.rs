@@ -271,24 +271,24 @@ mod registry {
 
         // The configured retry policy (two attempts) applies to its consumers.
         let attempts = Arc::new(AtomicU32::new(0));
-        let seen = attempts.clone();
+        let dead = Arc::new(tokio::sync::Notify::new());
+        let (seen, lettered) = (attempts.clone(), dead.clone());
         let consumer = bus
             .consumer("g")
             .handle("t", move |_: Event<u32>| {
                 seen.fetch_add(1, Ordering::SeqCst);
                 async { Err::<(), _>(HandlerError::retryable("always")) }
             })
+            .on_settle(move |s| {
+                if matches!(s.action, tidings::SettleAction::DeadLetter { .. }) {
+                    lettered.notify_one();
+                }
+            })
             .start()
             .await
             .unwrap();
         bus.publish_event("t", Event::new(1u32)).await.unwrap();
-        tidings::testkit::within(10, "two attempts", async {
-            while attempts.load(Ordering::SeqCst) < 2 {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-        .await;
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tidings::testkit::within(10, "the dead letter", dead.notified()).await;
         assert_eq!(
             attempts.load(Ordering::SeqCst),
             2,

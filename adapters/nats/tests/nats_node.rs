@@ -57,20 +57,7 @@ async fn node_to_tidings(core: bool, format: &str, dialect: &str) {
     assert!(ok, "the Node publisher failed");
     recorder.wait_for(COUNT).await;
     let (seen, actions) = recorder.stop().await;
-    let sent: Vec<_> = lines
-        .iter()
-        .map(|line| {
-            let e: Value = serde_json::from_str(line).expect("a JSON line");
-            let s = |v: &Value| v.as_str().expect("a string").to_owned();
-            (
-                s(&e["id"]),
-                s(&e["type"]),
-                s(&e["timestamp"]),
-                s(&e["metadata"]["correlationId"]),
-                e["payload"].clone(),
-            )
-        })
-        .collect();
+    let sent = interop::sent_envelopes(&lines);
     interop::check_received(&seen, &actions, &sent);
 }
 

@@ -103,6 +103,29 @@ impl Recorder {
     }
 }
 
+/// The JSON lines a Node publisher printed, one envelope
+/// `{ id, type, timestamp, payload, metadata: { correlationId } }` each, as
+/// [`check_received`] takes them.
+///
+/// # Panics
+/// On a line that is not such an envelope.
+pub fn sent_envelopes(lines: &[String]) -> Vec<(String, String, String, String, Value)> {
+    lines
+        .iter()
+        .map(|line| {
+            let e: Value = serde_json::from_str(line).expect("a JSON line");
+            let s = |v: &Value| v.as_str().expect("a string").to_owned();
+            (
+                s(&e["id"]),
+                s(&e["type"]),
+                s(&e["timestamp"]),
+                s(&e["metadata"]["correlationId"]),
+                e["payload"].clone(),
+            )
+        })
+        .collect()
+}
+
 /// Checks recorded messages against what the other side sent (by id):
 /// each handled once, with type, time, correlation id and data intact, and
 /// nothing dead-lettered. `sent` gives, per message, its id, type, time
