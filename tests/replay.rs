@@ -1,6 +1,7 @@
 //! Replaying a dead letter reaches only the group that failed it, on every
 //! broker: the topic's other groups ack the replay without running their
-//! handlers, and the dead-letter destination is empty afterwards.
+//! handlers, and the dead-letter destination is empty afterwards. Two
+//! operators replaying everything at once deliver each letter once.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -145,6 +146,93 @@ async fn replay_reaches_only_the_failed_group(url: &str) {
     audit_consumer.shutdown(Duration::from_secs(10)).await;
 }
 
+/// Two inboxes open at once on the same letters (two operators), both
+/// replay everything: the fixed group handles each letter exactly once.
+async fn concurrent_replays_deliver_once(url: &str) {
+    const LETTERS: usize = 20;
+    let bus = tidings::connect(url)
+        .await
+        .unwrap_or_else(|e| panic!("{url}: {e}; scripts/brokers.sh starts the brokers"));
+    let topic = unique("replay-twice");
+    let billing = Arc::new(Seen::default());
+    let fixed = Arc::new(AtomicBool::new(false));
+    let consumer = consumer(&bus, &topic, "billing", &billing, &fixed)
+        .start()
+        .await
+        .expect("billing");
+    let mut ids = Vec::new();
+    for n in 0..LETTERS {
+        let event = Event::new(format!("mail {n}"));
+        ids.push(event.id().to_owned());
+        bus.publish_event(&topic, event).await.expect("published");
+    }
+    for id in &ids {
+        billing.until("every message dead-lettered", id, 1).await;
+    }
+    fixed.store(true, Ordering::SeqCst);
+
+    let (mut first, mut second) = tokio::join!(inbox(&bus, &topic), inbox(&bus, &topic));
+    within(
+        60,
+        "the two inboxes to hold every letter between them",
+        async {
+            loop {
+                tokio::join!(
+                    first.fetch(Duration::from_millis(200)),
+                    second.fetch(Duration::from_millis(200))
+                );
+                let mut held: Vec<String> = first
+                    .list()
+                    .chain(second.list())
+                    .map(|(m, _)| m.id.clone())
+                    .collect();
+                held.sort_unstable();
+                held.dedup();
+                if held.len() == LETTERS {
+                    break;
+                }
+            }
+        },
+    )
+    .await;
+    let all = Filter::default();
+    let (a, b) = tokio::join!(first.replay_all(&all), second.replay_all(&all));
+    let (a, b) = (a.expect("replayed"), b.expect("replayed"));
+    assert_eq!(
+        a + b,
+        LETTERS,
+        "each letter replayed by one of them ({a} + {b})"
+    );
+    let (x, y) = tokio::join!(first.close(), second.close());
+    x.expect("closed");
+    y.expect("closed");
+
+    for id in &ids {
+        billing.until("billing to handle the replay", id, 2).await;
+    }
+    // Nothing more comes: a second delivery would follow the first within
+    // the broker's redelivery of a handed-back letter, well inside this.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        billing.handled.load(Ordering::SeqCst),
+        LETTERS,
+        "each handled once"
+    );
+    for id in &ids {
+        assert_eq!(
+            billing.settled(id),
+            [
+                SettleAction::DeadLetter {
+                    reason: DeadLetterReason::Permanent
+                },
+                SettleAction::Ack
+            ],
+            "{id}"
+        );
+    }
+    consumer.shutdown(Duration::from_secs(10)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_memory() {
     replay_reaches_only_the_failed_group("memory://?history=1000").await;
@@ -172,4 +260,30 @@ async fn on_kafka() {
         kafka_mock()
     ))
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replays_at_once_on_memory() {
+    concurrent_replays_deliver_once("memory://?history=1000").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replays_at_once_on_redis() {
+    concurrent_replays_deliver_once("redis://127.0.0.1:6379").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replays_at_once_on_rabbitmq() {
+    concurrent_replays_deliver_once("amqp://guest:guest@127.0.0.1:5672/%2f").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replays_at_once_on_jetstream() {
+    concurrent_replays_deliver_once("nats://127.0.0.1:4222").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replays_at_once_on_kafka() {
+    concurrent_replays_deliver_once(&format!("kafka://{}?auto_create_topics=true", kafka_mock()))
+        .await;
 }

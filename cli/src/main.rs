@@ -5,6 +5,7 @@
 //! tidings --url redis://127.0.0.1:6379 ping
 //! tidings --url nats://127.0.0.1:4222 publish orders.placed '{"id":1}' --type order.placed
 //! tidings --url nats://127.0.0.1:4222 tail orders.placed --from-beginning --count 10 --json
+//! tidings --url redis://127.0.0.1:6379 groups orders.placed
 //! ```
 //!
 //! Exit codes: 0 success, 1 the broker failed or did not answer in time,
@@ -51,6 +52,8 @@ enum Command {
     Tail(commands::tail::Args),
     /// A group's dead letters: ls, show, replay (to the failed group), purge.
     Dlq(commands::dlq::Args),
+    /// The groups of a topic: members, pending, lag and dead letters.
+    Groups(commands::groups::Args),
 }
 
 /// How a command failed, and so the exit code.

@@ -437,3 +437,112 @@ async fn dlq_on_rabbitmq() {
 // and a command that holds letters longer than `ack_wait` can be handed the
 // same letter twice (docs/cli.md, "Not yet"). tests/replay.rs covers the
 // inbox on JetStream within one reader.
+
+/// `tidings groups`: a group that dead-lettered three messages and a
+/// declared group that has not read them, as the broker reports them.
+/// `named`: the broker cannot list a topic's groups (RabbitMQ, Kafka), so
+/// they are given with `--group`, and asking without them is a usage error.
+async fn groups_round(url: String, named: bool) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tidings::prelude::*;
+
+    let bus = tidings::connect(url.as_str()).await.expect("the broker");
+    let topic = unique("cli-groups");
+    bus.subscriber()
+        .declare_group(&topic, "audit")
+        .await
+        .expect("declared");
+    let dead = Arc::new(AtomicUsize::new(0));
+    let consumer = {
+        let dead = dead.clone();
+        bus.consumer("billing")
+            .handle(&topic, |_: Event<String>| async {
+                Err(HandlerError::permanent("card declined"))
+            })
+            .on_settle(move |s| {
+                if matches!(s.action, tidings::SettleAction::DeadLetter { .. }) {
+                    dead.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+            .start()
+            .await
+            .expect("started")
+    };
+    for n in 0..3 {
+        bus.publish_event(&topic, Event::new(format!("order {n}")))
+            .await
+            .expect("published");
+    }
+    tidings::testkit::within(30, "three dead letters", async {
+        while dead.load(Ordering::SeqCst) < 3 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+
+    let (url, topic) = (url.clone(), topic.clone());
+    tokio::task::spawn_blocking(move || {
+        let mut args = vec!["--json", "groups", topic.as_str()];
+        if named {
+            let out = tidings(&url).args(&args).output().expect("ran");
+            assert_eq!(out.status.code(), Some(2), "groups must be named here");
+            assert!(
+                String::from_utf8_lossy(&out.stderr).contains("--group"),
+                "the error says what to give"
+            );
+            args.extend(["--group", "billing", "--group", "audit"]);
+        }
+        let rows = json_lines(tidings(&url).args(&args));
+        let row = |group: &str| {
+            rows.iter()
+                .find(|r| r["group"] == group)
+                .unwrap_or_else(|| panic!("{group} in {rows:?}"))
+                .clone()
+        };
+        let billing = row("billing");
+        assert_eq!(billing["dead_letters"], 3, "{billing}");
+        for figure in ["lag", "pending"] {
+            assert!(
+                billing[figure].is_null() || billing[figure] == 0,
+                "billing's {figure}: {billing}"
+            );
+        }
+        let audit = row("audit");
+        assert_eq!(
+            audit["lag"], 3,
+            "the declared group has read nothing: {audit}"
+        );
+        assert_eq!(audit["dead_letters"], 0, "{audit}");
+    })
+    .await
+    .expect("the checks ran");
+    consumer.shutdown(Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_on_redis() {
+    groups_round(REDIS.into(), false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_on_jetstream() {
+    groups_round(NATS.into(), false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_on_rabbitmq() {
+    groups_round(AMQP.into(), true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_on_kafka() {
+    groups_round(
+        format!(
+            "kafka://{}?auto_create_topics=true",
+            tidings_tests::kafka_mock()
+        ),
+        true,
+    )
+    .await;
+}

@@ -52,6 +52,16 @@ pub trait Acker: Send + Sync + 'static {
     /// letter's headers, then remove it for this group.
     async fn dead_letter(self: Box<Self>, letter: DeadLetter) -> Result<()>;
 
+    /// Whether this reader still holds the message: false once the broker
+    /// has handed it to another member of the group (a Kafka partition
+    /// revoked from this member while the message was unsettled). Settling
+    /// a message no longer held changes nothing at the broker. True by
+    /// default: brokers that lease each message (Redis, RabbitMQ, NATS)
+    /// hand it to no one else while it is held.
+    fn is_held(&self) -> bool {
+        true
+    }
+
     /// Hand the message back unhandled, at once and without counting an
     /// attempt, and return once the broker has it. By default the acker is
     /// dropped, which does the same in the background; adapters whose
@@ -207,6 +217,14 @@ impl Delivery {
     /// Sends the message to the dead-letter destination of its group, then acks it.
     pub async fn dead_letter(&mut self, letter: DeadLetter) -> Result<()> {
         self.take_acker()?.dead_letter(letter).await
+    }
+
+    /// Whether this delivery is unsettled and still this reader's: see
+    /// [`Acker::is_held`]. A tool that holds messages for a while (the
+    /// dead-letter inbox) checks it before acting on one, so that two
+    /// readers never both act on the same message.
+    pub fn is_held(&self) -> bool {
+        self.acker.as_ref().is_some_and(|a| a.is_held())
     }
 
     /// Hands the message back unhandled (no attempt counted), for another

@@ -30,6 +30,7 @@ pub mod delivery;
 pub mod dialect;
 pub mod error;
 pub mod event;
+pub mod groups;
 pub mod handler;
 pub mod health;
 pub mod message;
@@ -52,6 +53,7 @@ pub use delivery::{Acker, DeadLetter, DeadLetterReason, Delivery};
 pub use dialect::Dialect;
 pub use error::{BoxError, Error, Result};
 pub use event::Event;
+pub use groups::GroupStats;
 pub use handler::{
     Failure, FromDelivery, Handler, HandlerError, HandlerResult, Panicked, ResultExt,
 };

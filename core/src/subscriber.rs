@@ -238,4 +238,18 @@ pub trait Subscriber: Send + Sync {
     /// The topic that the dead letters of `group` on `topic` can be read from
     /// with this same subscriber.
     fn dead_letter_topic(&self, topic: &str, group: &str) -> String;
+
+    /// What the broker can tell about the groups of `topic`: the ones named
+    /// in `groups`, or every group it knows of when `groups` is empty. A
+    /// named group the broker has no state for is reported with no figures.
+    /// Brokers that cannot list a topic's groups (RabbitMQ over AMQP, Kafka
+    /// without its admin API) answer an empty `groups` with
+    /// [`Error::Unsupported`] naming what to give instead.
+    async fn groups(&self, topic: &str, groups: &[String]) -> Result<Vec<crate::GroupStats>> {
+        let _ = (topic, groups);
+        Err(Error::Unsupported {
+            adapter: self.name(),
+            what: "reporting the groups of a topic".into(),
+        })
+    }
 }

@@ -131,8 +131,19 @@ impl DeadLetterInbox {
     }
 
     /// The held letters: each message with what its dead-letter headers say.
+    /// Letters the broker has since handed to another reader (Kafka, after a
+    /// rebalance) are not listed: that reader has them now.
     pub fn list(&self) -> impl Iterator<Item = (&Message, &DeadLetter)> {
-        self.held.iter().map(|(d, l)| (d.message(), l))
+        self.held
+            .iter()
+            .filter(|(d, _)| d.is_held())
+            .map(|(d, l)| (d.message(), l))
+    }
+
+    /// Drops the letters another reader holds now, so that this inbox never
+    /// replays or purges what that one may replay too.
+    fn forget_lost(&mut self) {
+        self.held.retain(|(d, _)| d.is_held());
     }
 
     /// One held letter by message id.
@@ -141,6 +152,7 @@ impl DeadLetterInbox {
     }
 
     fn take(&mut self, id: &str) -> Result<(Delivery, DeadLetter)> {
+        self.forget_lost();
         let index = self
             .held
             .iter()
@@ -163,10 +175,27 @@ impl DeadLetterInbox {
     /// then removes it.
     pub async fn replay(&mut self, id: &str) -> Result<()> {
         let (delivery, letter) = self.take(id)?;
-        self.replay_one(delivery, letter).await
+        if self.replay_one(delivery, letter).await? {
+            Ok(())
+        } else {
+            Err(Error::Config {
+                key: "id".into(),
+                message: format!(
+                    "dead letter {id} was handed to another reader of the dead letters"
+                ),
+            })
+        }
     }
 
-    async fn replay_one(&mut self, mut delivery: Delivery, letter: DeadLetter) -> Result<()> {
+    /// Replays one letter; `false` when another reader holds it now (it is
+    /// that reader's to replay, and this inbox drops it).
+    async fn replay_one(&mut self, mut delivery: Delivery, letter: DeadLetter) -> Result<bool> {
+        // Checked just before publishing: a revoke waits for the letters an
+        // inbox holds (within the broker's rebalance timeout), so the
+        // window left is one publish long.
+        if !delivery.is_held() {
+            return Ok(false);
+        }
         let mut original = restore(delivery.message());
         if let (ReplayTo::FailedGroup, Some(group)) = (self.replay_to, &letter.group) {
             original
@@ -174,7 +203,7 @@ impl DeadLetterInbox {
                 .insert(header::REPLAY_FOR.to_owned(), group.clone());
         }
         match self.publisher.publish(&letter.topic, original).await {
-            Ok(_) => delivery.ack().await,
+            Ok(_) => delivery.ack().await.map(|()| true),
             Err(error) => {
                 // Keep the letter: nothing was replayed.
                 self.held.push((delivery, letter));
@@ -191,6 +220,7 @@ impl DeadLetterInbox {
 
     /// Replays every held letter the filter matches; returns how many.
     pub async fn replay_all(&mut self, filter: &Filter) -> Result<usize> {
+        self.forget_lost();
         let (chosen, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held)
             .into_iter()
             .partition(|(_, l)| filter.matches(l));
@@ -198,17 +228,21 @@ impl DeadLetterInbox {
         let mut replayed = 0;
         let mut chosen = chosen.into_iter();
         while let Some((delivery, letter)) = chosen.next() {
-            if let Err(error) = self.replay_one(delivery, letter).await {
-                self.held.extend(chosen);
-                return Err(error);
+            match self.replay_one(delivery, letter).await {
+                Ok(true) => replayed += 1,
+                Ok(false) => {}
+                Err(error) => {
+                    self.held.extend(chosen);
+                    return Err(error);
+                }
             }
-            replayed += 1;
         }
         Ok(replayed)
     }
 
     /// Deletes the held letters the filter matches; returns how many.
     pub async fn purge(&mut self, filter: &Filter) -> Result<usize> {
+        self.forget_lost();
         let (chosen, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held)
             .into_iter()
             .partition(|(_, l)| filter.matches(l));

@@ -47,6 +47,7 @@
 
 mod config;
 mod conn;
+mod groups;
 pub mod headers;
 mod publisher;
 mod subscriber;

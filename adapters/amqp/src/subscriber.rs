@@ -129,6 +129,10 @@ impl Subscriber for AmqpSubscriber {
     fn dead_letter_topic(&self, topic: &str, group: &str) -> String {
         conn::dead_letter_topic(&self.connector.config, topic, group)
     }
+
+    async fn groups(&self, topic: &str, named: &[String]) -> Result<Vec<tidings_core::GroupStats>> {
+        crate::groups::report(&self.connector, topic, named).await
+    }
 }
 
 enum Target {

@@ -64,49 +64,95 @@ impl KafkaAdmin {
     /// The committed offset of `group` for each partition of `topic`
     /// (`None` where the group committed nothing).
     pub async fn committed(&self, topic: &str, group: &str) -> Result<Vec<(i32, Option<i64>)>> {
+        let positions = self.positions(topic, group).await?;
+        Ok(positions
+            .iter()
+            .map(|p| (p.partition, p.committed))
+            .collect())
+    }
+
+    /// Where `group` stands on each partition of `topic`: its committed
+    /// offset beside the partition's watermarks.
+    pub async fn positions(&self, topic: &str, group: &str) -> Result<Vec<Position>> {
         let config = self.config.clone();
         let (topic, group) = (topic.to_owned(), group.to_owned());
         let limit = config.operation_timeout;
-        run_blocking("reading committed offsets", limit * 2, move || {
-            let consumer: BaseConsumer =
-                config
-                    .consumer(Some(&group))
-                    .create()
-                    .map_err(|e| Error::Connection {
-                        broker: "kafka",
-                        source: Box::new(e),
-                    })?;
-            let broker = |e: rdkafka::error::KafkaError| Error::Broker {
-                broker: "kafka",
-                source: Box::new(e),
-            };
-            let metadata = consumer
-                .fetch_metadata(Some(&topic), limit)
-                .map_err(broker)?;
-            let mut tpl = TopicPartitionList::new();
-            for t in metadata.topics().iter().filter(|t| t.name() == topic) {
-                for p in t.partitions() {
-                    tpl.add_partition(&topic, p.id());
-                }
-            }
-            // Never `committed()`: dropping a consumer after it can hang.
-            let committed = consumer.committed_offsets(tpl, limit).map_err(broker)?;
-            let mut out: Vec<(i32, Option<i64>)> = committed
-                .elements()
-                .iter()
-                .map(|e| {
-                    let offset = match e.offset() {
-                        Offset::Offset(n) if n >= 0 => Some(n),
-                        _ => None,
-                    };
-                    (e.partition(), offset)
-                })
-                .collect();
-            out.sort_unstable();
-            Ok(out)
+        // A metadata call, an offset fetch and a watermark call per partition.
+        run_blocking("reading committed offsets", limit * 4, move || {
+            positions_blocking(&config, &topic, &group, limit)
         })
         .await
     }
+}
+
+/// One partition as a group sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    /// The partition.
+    pub partition: i32,
+    /// The group's committed offset, if it committed one.
+    pub committed: Option<i64>,
+    /// The oldest offset the partition still holds.
+    pub low: i64,
+    /// The offset the next message will get.
+    pub high: i64,
+}
+
+impl Position {
+    /// Messages after the committed offset (every message held when the
+    /// group committed nothing).
+    pub fn behind(&self) -> u64 {
+        (self.high - self.committed.unwrap_or(self.low).max(self.low)).max(0) as u64
+    }
+}
+
+/// Reads the group's positions on `topic`, blocking the calling thread.
+fn positions_blocking(
+    config: &KafkaConfig,
+    topic: &str,
+    group: &str,
+    limit: std::time::Duration,
+) -> Result<Vec<Position>> {
+    let consumer: BaseConsumer =
+        config
+            .consumer(Some(group))
+            .create()
+            .map_err(|e| Error::Connection {
+                broker: "kafka",
+                source: Box::new(e),
+            })?;
+    let broker = |e: rdkafka::error::KafkaError| Error::Broker {
+        broker: "kafka",
+        source: Box::new(e),
+    };
+    let metadata = consumer
+        .fetch_metadata(Some(topic), limit)
+        .map_err(broker)?;
+    let mut tpl = TopicPartitionList::new();
+    for t in metadata.topics().iter().filter(|t| t.name() == topic) {
+        for p in t.partitions() {
+            tpl.add_partition(topic, p.id());
+        }
+    }
+    // Never `committed()`: dropping a consumer after it can hang.
+    let committed = consumer.committed_offsets(tpl, limit).map_err(broker)?;
+    let mut out = Vec::new();
+    for e in committed.elements() {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, e.partition(), limit)
+            .map_err(broker)?;
+        out.push(Position {
+            partition: e.partition(),
+            committed: match e.offset() {
+                Offset::Offset(n) if n >= 0 => Some(n),
+                _ => None,
+            },
+            low,
+            high,
+        });
+    }
+    out.sort_unstable_by_key(|p| p.partition);
+    Ok(out)
 }
 
 /// Creates `topics` through the Admin API within `limit`, blocking the

@@ -57,7 +57,7 @@ use rdkafka::producer::FutureProducer;
 use tidings_core::health::{self, Health, HealthCheck};
 use tidings_core::{Error, Publisher, Result, Subscriber};
 
-pub use admin::KafkaAdmin;
+pub use admin::{KafkaAdmin, Position};
 pub use config::{Acks, KafkaConfig, PartitionOrder};
 pub use publisher::KafkaPublisher;
 pub use subscriber::{CAPABILITIES, KafkaSubscriber, dead_letter_topic, retry_topic};

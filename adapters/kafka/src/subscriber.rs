@@ -37,6 +37,7 @@ use rdkafka::message::Message as _;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, TopicPartitionList as Tpl};
+use tidings_core::delivery::DEAD_LETTER_GROUP;
 use tidings_core::dialect::Undecodable;
 use tidings_core::{
     Acker, Capabilities, DeadLetter, Delivery, DeliveryStream, Dialect, Error, Message, Receipt,
@@ -93,7 +94,15 @@ impl Subscriber for KafkaSubscriber {
         subscription.check(self.name(), self.capabilities())?;
         let config = self.config.clone();
         let (ready_tx, ready_rx) = oneshot::channel();
-        let shared = Arc::new(Shared::new(subscription.prefetch, config.ordering));
+        // The dead-letter tooling holds the letters it lists until an
+        // operator replays or purges them: one held letter per partition
+        // would hide the rest, and no handler's order is at stake.
+        let ordering = if subscription.group.as_deref() == Some(DEAD_LETTER_GROUP) {
+            PartitionOrder::None
+        } else {
+            config.ordering
+        };
+        let shared = Arc::new(Shared::new(subscription.prefetch, ordering));
         let (tx, rx) = mpsc::unbounded_channel();
         let setup = Setup {
             config: config.clone(),
@@ -170,7 +179,37 @@ impl Subscriber for KafkaSubscriber {
     fn dead_letter_topic(&self, topic: &str, group: &str) -> String {
         dead_letter_topic(topic, group)
     }
+
+    /// Lag from committed offsets and watermarks. Kafka lists groups only
+    /// through its admin API (ListGroups), which not every deployment
+    /// allows, so the groups must be named.
+    async fn groups(&self, topic: &str, named: &[String]) -> Result<Vec<tidings_core::GroupStats>> {
+        if named.is_empty() {
+            return Err(Error::Unsupported {
+                adapter: NAME,
+                what: "listing a topic's groups; name them (`--group billing`)".into(),
+            });
+        }
+        let admin = crate::KafkaAdmin::new(self.config.clone());
+        let mut out = Vec::new();
+        for group in named {
+            let mut stats = tidings_core::GroupStats::new(group.as_str());
+            let positions = admin.positions(topic, group).await?;
+            if positions.iter().any(|p| p.committed.is_some()) {
+                stats.lag = Some(positions.iter().map(|p| p.behind()).sum());
+            }
+            let letters = admin
+                .positions(&dead_letter_topic(topic, group), DEAD_LETTER_GROUP)
+                .await?;
+            stats.dead_letters = Some(letters.iter().map(|p| p.behind()).sum());
+            out.push(stats);
+        }
+        Ok(out)
+    }
 }
+
+/// How long a revoke waits for the letters a dead-letter inbox holds.
+const DEAD_LETTER_REVOKE_TIMEOUT: Duration = Duration::from_secs(240);
 
 /// Runs a blocking librdkafka call on its own thread (never a runtime
 /// thread: client drops can block), bounded by `limit`.
@@ -569,6 +608,15 @@ impl Shared {
         st.dirty = true;
     }
 
+    /// Whether the partition is still assigned in the same generation as
+    /// when a record of it was handed out.
+    fn owns(&self, key: &(Arc<str>, i32), generation: u64) -> bool {
+        self.lock()
+            .parts
+            .get(key)
+            .is_some_and(|p| p.generation == generation)
+    }
+
     fn settle(&self, key: &(Arc<str>, i32), generation: u64, offset: i64, abandoned: bool) {
         let mut st = self.lock();
         if let Some(p) = st.parts.get_mut(key)
@@ -807,10 +855,20 @@ fn engine(setup: Setup, ready: oneshot::Sender<Result<()>>) {
     let topic = subscription.topic.clone();
     let group = subscription.group.clone();
     let retry = group.as_deref().map(|g| retry_topic(&topic, g));
+    // The dead-letter tooling holds letters while an operator decides. A
+    // second inbox joining the group must not be handed letters the first
+    // still holds (both would replay them): its revoke waits for them to be
+    // replayed, purged or handed back, within librdkafka's default
+    // `max.poll.interval.ms` (300 s) so the holder stays in the group.
+    let revoke_timeout = if group.as_deref() == Some(DEAD_LETTER_GROUP) {
+        DEAD_LETTER_REVOKE_TIMEOUT.max(config.revoke_timeout)
+    } else {
+        config.revoke_timeout
+    };
     let ctx = Ctx {
         shared: shared.clone(),
         starts: Mutex::default(),
-        revoke_timeout: config.revoke_timeout,
+        revoke_timeout,
         operation_timeout: config.operation_timeout,
     };
     // A private subscription needs a group id for `assign`, but never joins
@@ -1280,6 +1338,10 @@ impl Acker for KafkaAcker {
     async fn ack(self: Box<Self>) -> Result<()> {
         self.done();
         Ok(())
+    }
+
+    fn is_held(&self) -> bool {
+        self.ctx.shared.owns(&self.key, self.generation)
     }
 
     async fn nack(self: Box<Self>, delay: Option<Duration>) -> Result<()> {

@@ -46,8 +46,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tidings_core::delivery::header;
 use tidings_core::health::{Health, HealthCheck, State};
 use tidings_core::{
-    Acker, Capabilities, DeadLetter, Delivery, DeliveryStream, Error, Message, Publisher, Receipt,
-    Result, StartFrom, Subscriber, Subscription,
+    Acker, Capabilities, DeadLetter, Delivery, DeliveryStream, Error, GroupStats, Message,
+    Publisher, Receipt, Result, StartFrom, Subscriber, Subscription,
 };
 
 pub use tidings_core::delivery::DEAD_LETTER_GROUP;
@@ -404,6 +404,44 @@ impl Subscriber for MemoryBus {
 
     fn dead_letter_topic(&self, _topic: &str, group: &str) -> String {
         format!("{group}.dlq")
+    }
+
+    async fn groups(&self, topic: &str, named: &[String]) -> Result<Vec<GroupStats>> {
+        let capacity = self.inner.config.group_capacity;
+        let topics = self.inner.topics();
+        let groups = topics.get(topic).map(|t| &t.groups);
+        let wanted: Vec<String> = if named.is_empty() {
+            let mut all: Vec<String> = groups.into_iter().flat_map(|g| g.keys().cloned()).collect();
+            all.sort_unstable();
+            all
+        } else {
+            named.to_vec()
+        };
+        let stats = |queue: &Queue| {
+            let queued = queue.rx.len() as u64;
+            let held = capacity.saturating_sub(queue.room.available_permits()) as u64;
+            (queued, held.saturating_sub(queued))
+        };
+        Ok(wanted
+            .into_iter()
+            .map(|group| {
+                let mut out = GroupStats::new(group.as_str());
+                if let Some(queue) = groups.and_then(|g| g.get(&group)) {
+                    // Members are not counted: subscriptions share the
+                    // group's queue without registering.
+                    let (lag, pending) = stats(queue);
+                    (out.lag, out.pending) = (Some(lag), Some(pending));
+                }
+                let letters = topics
+                    .get(&self.dead_letter_topic(topic, &group))
+                    .and_then(|t| t.groups.get(DEAD_LETTER_GROUP));
+                out.dead_letters = Some(letters.map_or(0, |q| {
+                    let (lag, pending) = stats(q);
+                    lag + pending
+                }));
+                out
+            })
+            .collect())
     }
 }
 

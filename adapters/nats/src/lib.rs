@@ -45,6 +45,7 @@
 
 mod config;
 mod given_up;
+mod groups;
 pub mod headers;
 mod publisher;
 mod subscriber;

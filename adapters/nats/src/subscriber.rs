@@ -300,6 +300,16 @@ impl Subscriber for NatsSubscriber {
     fn dead_letter_topic(&self, topic: &str, group: &str) -> String {
         self.shared.topology.dead_letter_topic(topic, group)
     }
+
+    async fn groups(&self, topic: &str, named: &[String]) -> Result<Vec<tidings_core::GroupStats>> {
+        match self.shared.config.mode {
+            Mode::JetStream => crate::groups::report(&self.shared, topic, named).await,
+            Mode::Core => Err(Error::Unsupported {
+                adapter: NAME,
+                what: "groups on core NATS (queue groups keep no state)".into(),
+            }),
+        }
+    }
 }
 
 async fn pull_messages(

@@ -52,6 +52,7 @@
 //! ```
 
 mod config;
+mod groups;
 pub mod headers;
 mod publisher;
 mod pubsub;

@@ -13,8 +13,8 @@ use futures::future::BoxFuture;
 use redis::aio::ConnectionManager;
 use redis::{Client, RedisResult, Value};
 use tidings_core::{
-    Acker, Capabilities, DeadLetter, Delivery, DeliveryStream, Error, Message, Receipt, Result,
-    StartFrom, Subscriber, Subscription,
+    Acker, Capabilities, DeadLetter, Delivery, DeliveryStream, Error, GroupStats, Message, Receipt,
+    Result, StartFrom, Subscriber, Subscription,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tracing::{debug, warn};
@@ -193,6 +193,20 @@ impl Subscriber for RedisSubscriber {
         } else {
             format!("{topic}:{group}:dlq")
         }
+    }
+
+    async fn groups(&self, topic: &str, named: &[String]) -> Result<Vec<GroupStats>> {
+        if self.config.mode == RedisMode::PubSub {
+            return Err(Error::Unsupported {
+                adapter: NAME,
+                what: "groups in Pub/Sub mode (channels keep no group state)".into(),
+            });
+        }
+        crate::groups::report(&mut self.control.clone(), topic, named, |group| {
+            self.dead_letter_topic(topic, group)
+        })
+        .await
+        .map_err(broker_error)
     }
 }
 

@@ -2,6 +2,7 @@
 //! connection.
 
 pub(crate) mod dlq;
+pub(crate) mod groups;
 pub(crate) mod ping;
 pub(crate) mod publish;
 pub(crate) mod tail;
@@ -29,6 +30,7 @@ pub(crate) async fn run(cli: &Cli) -> Result<(), Failure> {
         Command::Publish(args) => publish::run(cli, &bus, args).await,
         Command::Tail(args) => tail::run(cli, &bus, args).await,
         Command::Dlq(args) => dlq::run(cli, &bus, args).await,
+        Command::Groups(args) => groups::run(cli, &bus, args).await,
     };
     // Closing drains what the adapter holds (confirms, buffered publishes);
     // a broker that stopped answering does not hold the command.
@@ -53,11 +55,12 @@ fn config(cli: &Cli) -> Result<Config, Failure> {
     Ok(config)
 }
 
-/// An error of the library as a failure: configuration errors are usage
-/// errors (exit 2), everything else the broker's (exit 1).
+/// An error of the library as a failure: configuration errors and what the
+/// adapter cannot do are usage errors (exit 2), everything else the
+/// broker's (exit 1).
 pub(crate) fn failed(doing: &str, e: Error) -> Failure {
     match e {
-        Error::Config { .. } => Failure::Usage(format!("{doing}: {e}")),
+        Error::Config { .. } | Error::Unsupported { .. } => Failure::Usage(format!("{doing}: {e}")),
         e => Failure::Broker(format!("{doing}: {e}")),
     }
 }
