@@ -16,6 +16,7 @@
 //! ack it without running their handlers (they handled it the first time).
 //! [`ReplayTo::AllGroups`] replays to every group instead.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -35,6 +36,8 @@ pub struct Filter {
     pub since: Option<SystemTime>,
     /// Only letters whose last failure is before this time.
     pub until: Option<SystemTime>,
+    /// Only the letters with these message ids.
+    pub ids: Option<HashSet<String>>,
 }
 
 impl Filter {
@@ -42,6 +45,13 @@ impl Filter {
         self.topic.as_ref().is_none_or(|t| *t == letter.topic)
             && self.since.is_none_or(|s| letter.last_failure >= s)
             && self.until.is_none_or(|u| letter.last_failure < u)
+    }
+
+    fn picks(&self, message: &Message, letter: &DeadLetter) -> bool {
+        self.ids
+            .as_ref()
+            .is_none_or(|ids| ids.contains(&message.id))
+            && self.matches(letter)
     }
 }
 
@@ -189,24 +199,11 @@ impl DeadLetterInbox {
 
     /// Replays one letter; `false` when another reader holds it now (it is
     /// that reader's to replay, and this inbox drops it).
-    async fn replay_one(&mut self, mut delivery: Delivery, letter: DeadLetter) -> Result<bool> {
-        // Checked just before publishing: a revoke waits for the letters an
-        // inbox holds (within the broker's rebalance timeout), so the
-        // window left is one publish long.
-        if !delivery.is_held() {
-            return Ok(false);
-        }
-        let mut original = restore(delivery.message());
-        if let (ReplayTo::FailedGroup, Some(group)) = (self.replay_to, &letter.group) {
-            original
-                .headers
-                .insert(header::REPLAY_FOR.to_owned(), group.clone());
-        }
-        match self.publisher.publish(&letter.topic, original).await {
-            Ok(_) => delivery.ack().await.map(|()| true),
-            Err(error) => {
-                // Keep the letter: nothing was replayed.
-                self.held.push((delivery, letter));
+    async fn replay_one(&mut self, delivery: Delivery, letter: DeadLetter) -> Result<bool> {
+        match replay_letter(&*self.publisher, self.replay_to, delivery, letter).await {
+            Replayed::Done(done) => done,
+            Replayed::Kept(kept, error) => {
+                self.held.push(*kept);
                 Err(error)
             }
         }
@@ -219,39 +216,63 @@ impl DeadLetterInbox {
     }
 
     /// Replays every held letter the filter matches; returns how many.
+    ///
+    /// Up to [`REPLAY_WINDOW`] replays are under way at once, started in
+    /// the order the letters were read (so each publish is issued in that
+    /// order), which keeps a bulk replay at the broker's pipelined speed
+    /// rather than one round trip per letter. On an error the letters not
+    /// replayed stay held, and the first error is returned.
     pub async fn replay_all(&mut self, filter: &Filter) -> Result<usize> {
-        self.forget_lost();
-        let (chosen, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held)
-            .into_iter()
-            .partition(|(_, l)| filter.matches(l));
-        self.held = kept;
-        let mut replayed = 0;
-        let mut chosen = chosen.into_iter();
-        while let Some((delivery, letter)) = chosen.next() {
-            match self.replay_one(delivery, letter).await {
-                Ok(true) => replayed += 1,
-                Ok(false) => {}
-                Err(error) => {
-                    self.held.extend(chosen);
-                    return Err(error);
+        let chosen = self.choose(filter);
+        let (publisher, target) = (self.publisher.clone(), self.replay_to);
+        let mut results = futures::stream::iter(chosen)
+            .map(|(delivery, letter)| replay_letter(&*publisher, target, delivery, letter))
+            .buffered(REPLAY_WINDOW);
+        let (mut replayed, mut first_error) = (0, None);
+        while let Some(result) = results.next().await {
+            match result {
+                Replayed::Done(Ok(true)) => replayed += 1,
+                Replayed::Done(Ok(false)) => {}
+                Replayed::Done(Err(error)) => {
+                    first_error.get_or_insert(error);
+                }
+                Replayed::Kept(kept, error) => {
+                    self.held.push(*kept);
+                    first_error.get_or_insert(error);
                 }
             }
         }
-        Ok(replayed)
+        match first_error {
+            Some(error) => Err(error),
+            None => Ok(replayed),
+        }
     }
 
     /// Deletes the held letters the filter matches; returns how many.
     pub async fn purge(&mut self, filter: &Filter) -> Result<usize> {
+        let chosen = self.choose(filter);
+        let count = chosen.len();
+        let mut acks = futures::stream::iter(chosen)
+            .map(|(mut delivery, _)| async move { delivery.ack().await })
+            .buffered(REPLAY_WINDOW);
+        let mut first_error = None;
+        while let Some(acked) = acks.next().await {
+            if let Err(error) = acked {
+                first_error.get_or_insert(error);
+            }
+        }
+        first_error.map_or(Ok(count), Err)
+    }
+
+    /// Takes the held letters the filter matches out of the inbox (the
+    /// ones another reader holds now are dropped first).
+    fn choose(&mut self, filter: &Filter) -> Vec<(Delivery, DeadLetter)> {
         self.forget_lost();
         let (chosen, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held)
             .into_iter()
-            .partition(|(_, l)| filter.matches(l));
+            .partition(|(d, l)| filter.picks(d.message(), l));
         self.held = kept;
-        let count = chosen.len();
-        for (mut delivery, _) in chosen {
-            delivery.ack().await?;
-        }
-        Ok(count)
+        chosen
     }
 
     /// Stops reading, hands the letters still held back to the broker, and
@@ -271,6 +292,44 @@ impl DeadLetterInbox {
         }
         self.stream.closed().await;
         handed_back
+    }
+}
+
+/// How many replays (or purges) of a bulk operation are under way at once.
+pub const REPLAY_WINDOW: usize = 64;
+
+/// What became of one letter's replay.
+enum Replayed {
+    /// Replayed and acked (`true`), left to the reader that holds it now
+    /// (`false`), or published but not acked (the error).
+    Done(Result<bool>),
+    /// Not published: the letter stays held.
+    Kept(Box<(Delivery, DeadLetter)>, Error),
+}
+
+/// Republishes one letter for `target` and acks it once the broker has the
+/// replay.
+async fn replay_letter(
+    publisher: &dyn Publisher,
+    target: ReplayTo,
+    mut delivery: Delivery,
+    letter: DeadLetter,
+) -> Replayed {
+    // Checked just before publishing: a revoke waits for the letters an
+    // inbox holds (within the broker's rebalance timeout), so the window
+    // left is one publish long.
+    if !delivery.is_held() {
+        return Replayed::Done(Ok(false));
+    }
+    let mut original = restore(delivery.message());
+    if let (ReplayTo::FailedGroup, Some(group)) = (target, &letter.group) {
+        original
+            .headers
+            .insert(header::REPLAY_FOR.to_owned(), group.clone());
+    }
+    match publisher.publish(&letter.topic, original).await {
+        Ok(_) => Replayed::Done(delivery.ack().await.map(|()| true)),
+        Err(error) => Replayed::Kept(Box::new((delivery, letter)), error),
     }
 }
 

@@ -14,6 +14,9 @@ use super::{bounded, failed};
 use crate::output::message_json;
 use crate::{Cli, Failure};
 
+/// Letters replayed or purged between two progress lines.
+const CHUNK: usize = 1000;
+
 /// `tidings dlq <action>`.
 #[derive(clap::Args, Debug)]
 pub(crate) struct Args {
@@ -181,22 +184,35 @@ async fn act(
             if target.to == "all-groups" {
                 inbox.replay_to(ReplayTo::AllGroups);
             }
-            for (n, id) in ids.iter().enumerate() {
-                let done = if replay {
-                    inbox.replay(id).await
-                } else {
-                    inbox.purge_one(id).await
+            // In chunks, each pipelined by the inbox, with progress
+            // between them for long runs.
+            let mut done = 0;
+            for chunk in ids.chunks(CHUNK) {
+                let filter = Filter {
+                    ids: Some(chunk.iter().cloned().collect()),
+                    ..Filter::default()
                 };
-                done.map_err(|e| failed(&format!("letter {id} ({n} done before it)"), e))?;
-                if !cli.json && ids.len() > 100 && (n + 1) % 1000 == 0 {
-                    eprintln!("{} of {}", n + 1, ids.len());
+                let result = if replay {
+                    inbox.replay_all(&filter).await
+                } else {
+                    inbox.purge(&filter).await
+                };
+                done += result.map_err(|e| failed(&format!("after {done} letter(s)"), e))?;
+                if !cli.json && ids.len() > CHUNK {
+                    eprintln!("{done} of {}", ids.len());
                 }
+            }
+            if done < ids.len() {
+                eprintln!(
+                    "{} letter(s) were handed to another reader of the dead letters meanwhile; it has them",
+                    ids.len() - done
+                );
             }
             let verb = if replay { "replayed" } else { "purged" };
             if cli.json {
-                println!("{}", json!({ verb: ids.len(), "ids": ids }));
+                println!("{}", json!({ verb: done, "ids": ids }));
             } else {
-                println!("{verb} {} letter(s)", ids.len());
+                println!("{verb} {done} letter(s)");
             }
             Ok(())
         }

@@ -2,6 +2,7 @@
 //! private subscription, which takes nothing from any group; with
 //! `--group`, as a member of that group (what it prints, it acks).
 
+use std::io::Write as _;
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -51,10 +52,16 @@ pub(crate) async fn run(cli: &Cli, bus: &Bus, args: &Args) -> Result<(), Failure
     let (lines, mut received) = mpsc::channel::<Printed>(64);
     let json = cli.json;
     let topic = args.topic.clone();
-    // One at a time, so that nothing is taken past what is printed.
-    let consumer = builder.concurrency(1).prefetch(1).start_from(start).handle(
-        args.topic.clone(),
-        move |e: Event<Bytes, Raw>| {
+    // Handled one at a time, so lines come out in the order received. A
+    // private subscription takes nothing from anyone, so it reads ahead at
+    // the broker's speed; a member reads one at a time, so that nothing of
+    // the group's share is held past what is printed.
+    let prefetch = if args.group.is_some() { 1 } else { 512 };
+    let consumer = builder
+        .concurrency(1)
+        .prefetch(prefetch)
+        .start_from(start)
+        .handle(args.topic.clone(), move |e: Event<Bytes, Raw>| {
             let lines = lines.clone();
             let topic = topic.clone();
             async move {
@@ -71,8 +78,7 @@ pub(crate) async fn run(cli: &Cli, bus: &Bus, args: &Args) -> Result<(), Failure
                     "tidings tail stopped before printing it",
                 ))
             }
-        },
-    );
+        });
     let consumer = bounded(cli.timeout, "subscribing", consumer.start())
         .await?
         .map_err(|e| failed(&format!("subscribing to {} failed", args.topic), e))?;
@@ -85,6 +91,10 @@ pub(crate) async fn run(cli: &Cli, bus: &Bus, args: &Args) -> Result<(), Failure
             .map(|g| format!(" as a member of {g}"))
             .unwrap_or_default()
     );
+    // Buffered, and flushed whenever nothing more is waiting: a million
+    // lines are not a million writes, and an idle tail still shows each
+    // line at once.
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let mut printed = 0u64;
     let interrupted = tidings::shutdown_signal();
     tokio::pin!(interrupted);
@@ -92,7 +102,17 @@ pub(crate) async fn run(cli: &Cli, bus: &Bus, args: &Args) -> Result<(), Failure
         tokio::select! {
             next = received.recv() => match next {
                 Some((line, answer)) => {
-                    println!("{line}");
+                    let written = writeln!(out, "{line}")
+                        .and_then(|()| if received.is_empty() { out.flush() } else { Ok(()) });
+                    if let Err(e) = written {
+                        // A closed pipe (`| head`): stop, and what was not
+                        // printed goes back.
+                        let _ = answer.send(false);
+                        if e.kind() != std::io::ErrorKind::BrokenPipe {
+                            eprintln!("error: writing to stdout: {e}");
+                        }
+                        break;
+                    }
                     let _ = answer.send(true);
                     printed += 1;
                 }
@@ -102,6 +122,8 @@ pub(crate) async fn run(cli: &Cli, bus: &Bus, args: &Args) -> Result<(), Failure
             _ = consumer.ended() => break,
         }
     }
+    let _ = out.flush();
+    drop(out);
     let ended = consumer.has_ended();
     // What arrives now goes back unprinted (and, in a group, unacked).
     received.close();
