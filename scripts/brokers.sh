@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Makes sure the brokers the test suite talks to are running on 127.0.0.1:
-# Redis 6379, RabbitMQ 5672, NATS (JetStream) 4222. Starts what is down and
+# Redis 6379, RabbitMQ 5672, NATS (JetStream) 4222, PostgreSQL 5432 (trust
+# authentication for `postgres`, a database `test`). Starts what is down and
 # installs from Debian's packages what is missing. Fails loudly otherwise.
 set -euo pipefail
 
@@ -65,6 +66,42 @@ ensure_nats() {
     || die "nats did not start: see /tmp/tidings-nats.log; start it with: nats-server -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server"
 }
 
+pg_ready() { psql -h 127.0.0.1 -U postgres -d postgres -Atqc 'select 1' ; }
+
+ensure_postgres() {
+  command -v psql >/dev/null || install postgresql-client
+  if ! port_open 5432; then
+    command -v pg_ctlcluster >/dev/null || install postgresql
+    local version
+    version=$(ls /etc/postgresql 2>/dev/null | sort -V | tail -n 1)
+    [ -n "$version" ] || die "postgresql is installed but has no cluster: pg_createcluster <version> main"
+    log "starting postgresql $version"
+    pg_ctlcluster --skip-systemctl-redirect "$version" main start \
+      || die "pg_ctlcluster $version main start failed: see /var/log/postgresql"
+    wait_for postgres 60 port_open 5432 \
+      || die "postgresql did not open 5432: see /var/log/postgresql"
+  fi
+  if ! pg_ready >/dev/null 2>&1; then
+    # A fresh Debian cluster asks for passwords over TCP: the tests connect
+    # as postgres without one (trust on loopback, as on the CI machines).
+    local hba
+    hba=$(runuser -u postgres -- psql -Atqc 'show hba_file' 2>/dev/null) \
+      || die "cannot reach postgresql as postgres over its socket; let postgres connect from 127.0.0.1 without a password"
+    log "trusting loopback connections in $hba"
+    sed -i -E 's/^(host\s+all\s+all\s+(127\.0\.0\.1\/32|::1\/128)\s+)\S+/\1trust/' "$hba"
+    runuser -u postgres -- psql -Atqc 'select pg_reload_conf()' >/dev/null
+    wait_for postgres-login 20 pg_ready \
+      || die "postgres cannot log in over 127.0.0.1 without a password: set its pg_hba.conf lines for 127.0.0.1 to trust"
+  fi
+  if [ "$(psql -h 127.0.0.1 -U postgres -d postgres -Atqc "select 1 from pg_database where datname = 'test'")" != 1 ]; then
+    log "creating database test"
+    psql -h 127.0.0.1 -U postgres -d postgres -qc 'create database test' \
+      || die "could not create the database test"
+  fi
+  log "postgres is up"
+}
+
 ensure_redis
 ensure_rabbitmq
 ensure_nats
+ensure_postgres

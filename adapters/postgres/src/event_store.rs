@@ -1,0 +1,459 @@
+//! The event store: append with an expected version, read a stream, read
+//! everything or a category in global order.
+
+use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use sqlx::postgres::{PgPoolOptions, PgRow};
+use sqlx::{PgPool, Postgres, Row, Transaction};
+use tidings_core::{Headers, Message, Metadata};
+
+use crate::error::StoreError;
+use crate::position::GlobalPosition;
+use crate::schema;
+
+/// What an append expects of its stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExpectedVersion {
+    /// Whatever the stream holds (no concurrency check).
+    Any,
+    /// The stream has no events yet.
+    NoStream,
+    /// The stream has at least one event.
+    StreamExists,
+    /// The stream holds exactly this many events (its version).
+    Exact(u64),
+}
+
+impl fmt::Display for ExpectedVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExpectedVersion::Any => f.write_str("any version"),
+            ExpectedVersion::NoStream => f.write_str("no stream"),
+            ExpectedVersion::StreamExists => f.write_str("an existing stream"),
+            ExpectedVersion::Exact(n) => write!(f, "version {n}"),
+        }
+    }
+}
+
+impl ExpectedVersion {
+    fn allows(self, actual: u64) -> bool {
+        match self {
+            ExpectedVersion::Any => true,
+            ExpectedVersion::NoStream => actual == 0,
+            ExpectedVersion::StreamExists => actual > 0,
+            ExpectedVersion::Exact(n) => actual == n,
+        }
+    }
+}
+
+/// Which way a stream is read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// From the given version up.
+    Forward,
+    /// From the given version down (`u64::MAX`: from the end).
+    Backward,
+}
+
+/// What an append wrote.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Appended {
+    /// The version of the first event appended (versions count from 1).
+    pub first_version: u64,
+    /// The stream's version after the append: what the next append expects.
+    pub version: u64,
+    /// Whether the events were stored already by an earlier call with the
+    /// same event ids (a retry after a lost reply): nothing was written.
+    pub already_stored: bool,
+}
+
+/// An event as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordedEvent {
+    /// Its stream.
+    pub stream: String,
+    /// Its version in the stream (1 for the first event).
+    pub version: u64,
+    /// Where it stands in the store as a whole.
+    pub position: GlobalPosition,
+    /// The event: id, key, metadata, headers and payload as appended.
+    pub message: Message,
+}
+
+/// An event store on PostgreSQL; see the [crate docs](crate).
+#[derive(Clone, Debug)]
+pub struct EventStore {
+    pool: PgPool,
+}
+
+/// The columns every read selects, in the order [`recorded`] reads them.
+const COLUMNS: &str = "transaction_id::text AS transaction_id, sequence, stream_id, version, \
+     event_id, event_type, source, time_us, schema_version, correlation_id, causation_id, \
+     content_type, message_key, headers, payload";
+
+/// Only events no transaction in progress can commit behind.
+const SETTLED: &str = "transaction_id < pg_snapshot_xmin(pg_current_snapshot())";
+
+impl EventStore {
+    /// Connects (a pool of up to 10 connections) and creates the tables
+    /// where missing.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(10)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(url)
+            .await?;
+        Self::with_pool(pool).await
+    }
+
+    /// The store on the caller's pool; creates the tables where missing.
+    pub async fn with_pool(pool: PgPool) -> Result<Self, StoreError> {
+        schema::create(&pool).await?;
+        Ok(EventStore { pool })
+    }
+
+    /// The pool the store uses.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Appends `events` to `stream` if it is at the `expected` version, in
+    /// one transaction. Each event's [`Message::id`] is its identity: an
+    /// append whose events are all stored already as one earlier append of
+    /// this stream writes nothing and answers as that one did
+    /// ([`Appended::already_stored`]).
+    pub async fn append(
+        &self,
+        stream: &str,
+        expected: ExpectedVersion,
+        events: Vec<Message>,
+    ) -> Result<Appended, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let appended = Self::append_in(&mut tx, stream, expected, &events).await?;
+        if !appended.already_stored {
+            tx.commit().await?;
+        }
+        Ok(appended)
+    }
+
+    /// As [`append`](Self::append), inside the caller's transaction: the
+    /// events are stored if and when that transaction commits, together
+    /// with whatever else it wrote. The stream stays locked for other
+    /// appends until then, so keep the transaction short.
+    pub async fn append_in(
+        tx: &mut Transaction<'_, Postgres>,
+        stream: &str,
+        expected: ExpectedVersion,
+        events: &[Message],
+    ) -> Result<Appended, StoreError> {
+        if stream.is_empty() {
+            return Err(StoreError::InvalidStream(stream.to_owned()));
+        }
+        let actual = lock_stream(tx, stream).await?;
+        if let Some(earlier) = stored_already(tx, stream, events).await? {
+            return Ok(earlier);
+        }
+        if !expected.allows(actual) {
+            return Err(StoreError::WrongExpectedVersion {
+                stream: stream.to_owned(),
+                expected,
+                actual,
+            });
+        }
+        if events.is_empty() {
+            return Ok(Appended {
+                first_version: actual + 1,
+                version: actual,
+                already_stored: false,
+            });
+        }
+        let version = insert(tx, stream, actual, events).await?;
+        sqlx::query(
+            "INSERT INTO tidings_streams (stream_id, version) VALUES ($1, $2) \
+             ON CONFLICT (stream_id) DO UPDATE SET version = EXCLUDED.version",
+        )
+            .bind(stream)
+            .bind(version as i64)
+            .execute(&mut **tx)
+            .await?;
+        Ok(Appended {
+            first_version: actual + 1,
+            version,
+            already_stored: false,
+        })
+    }
+
+    /// The stream's version (how many events it holds; 0 for none).
+    pub async fn version(&self, stream: &str) -> Result<u64, StoreError> {
+        let version: Option<i64> =
+            sqlx::query_scalar("SELECT version FROM tidings_streams WHERE stream_id = $1")
+                .bind(stream)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(version.unwrap_or(0) as u64)
+    }
+
+    /// Up to `limit` events of `stream` from version `from` (inclusive),
+    /// forward or backward.
+    pub async fn read_stream(
+        &self,
+        stream: &str,
+        from: u64,
+        direction: Direction,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let sql = match direction {
+            Direction::Forward => format!(
+                "SELECT {COLUMNS} FROM tidings_events WHERE stream_id = $1 AND version >= $2 \
+                 ORDER BY version LIMIT $3"
+            ),
+            Direction::Backward => format!(
+                "SELECT {COLUMNS} FROM tidings_events WHERE stream_id = $1 AND version <= $2 \
+                 ORDER BY version DESC LIMIT $3"
+            ),
+        };
+        let rows = sqlx::query(&sql)
+            .bind(stream)
+            .bind(from.min(i64::MAX as u64) as i64)
+            .bind(limit.min(i64::MAX as usize) as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(recorded).collect()
+    }
+
+    /// Up to `limit` events of every stream after `after`, in global order;
+    /// only events no transaction in progress can commit behind (see
+    /// [`GlobalPosition`]). Pass the last returned position as the next
+    /// `after` to follow the store without skipping an event.
+    pub async fn read_all(
+        &self,
+        after: GlobalPosition,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM tidings_events \
+             WHERE (transaction_id, sequence) > ($1::text::xid8, $2) AND {SETTLED} \
+             ORDER BY transaction_id, sequence LIMIT $3"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(after.transaction.to_string())
+            .bind(after.sequence as i64)
+            .bind(limit.min(i64::MAX as usize) as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(recorded).collect()
+    }
+
+    /// As [`read_all`](Self::read_all), for the streams of one category:
+    /// the part of the stream id before its first `-` (`account` for
+    /// `account-42`).
+    pub async fn read_category(
+        &self,
+        category: &str,
+        after: GlobalPosition,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM tidings_events \
+             WHERE category = $4 AND (transaction_id, sequence) > ($1::text::xid8, $2) \
+             AND {SETTLED} ORDER BY transaction_id, sequence LIMIT $3"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(after.transaction.to_string())
+            .bind(after.sequence as i64)
+            .bind(limit.min(i64::MAX as usize) as i64)
+            .bind(category)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(recorded).collect()
+    }
+}
+
+/// The category of a stream id: before its first `-`.
+pub(crate) fn category(stream: &str) -> &str {
+    stream.split_once('-').map_or(stream, |(c, _)| c)
+}
+
+/// The namespace of the store's advisory locks (the first key of the
+/// two-key form), so they do not meet an application's own.
+const LOCK_NAMESPACE: i32 = 0x7464_6e67; // "tdng"
+
+/// Takes the stream's append lock and returns its version (0 for a new
+/// stream).
+///
+/// The lock is an advisory lock taken before the transaction writes
+/// anything: PostgreSQL assigns a transaction id at its first write, so
+/// appends to one stream get increasing transaction ids in the order they
+/// hold the lock, which makes [`GlobalPosition`] order agree with version
+/// order within a stream. (A row lock would not: two transactions creating
+/// the same stream may both take their ids before one waits for the other.)
+async fn lock_stream(tx: &mut Transaction<'_, Postgres>, stream: &str) -> Result<u64, StoreError> {
+    sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))")
+        .bind(LOCK_NAMESPACE)
+        .bind(stream)
+        .execute(&mut **tx)
+        .await?;
+    let version: Option<i64> =
+        sqlx::query_scalar("SELECT version FROM tidings_streams WHERE stream_id = $1")
+            .bind(stream)
+            .fetch_optional(&mut **tx)
+            .await?;
+    Ok(version.unwrap_or(0) as u64)
+}
+
+/// When every event is stored already as one earlier append of `stream`
+/// (same ids, consecutive versions, same order): that append's answer.
+/// When only some are, or elsewhere: a duplicate.
+async fn stored_already(
+    tx: &mut Transaction<'_, Postgres>,
+    stream: &str,
+    events: &[Message],
+) -> Result<Option<Appended>, StoreError> {
+    let ids: Vec<&str> = events.iter().map(|m| m.id.as_str()).collect();
+    let found: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT event_id, stream_id, version FROM tidings_events WHERE event_id = ANY($1)",
+    )
+    .bind(&ids)
+    .fetch_all(&mut **tx)
+    .await?;
+    let Some((first_id, first_stream, _)) = found.first().cloned() else {
+        return Ok(None);
+    };
+    // The same append again: every id found, in this stream, at
+    // consecutive versions in the order given.
+    let version_of = |id: &str| {
+        found
+            .iter()
+            .find(|(i, s, _)| i == id && s == stream)
+            .map(|f| f.2)
+    };
+    let base = version_of(ids[0]);
+    let same = found.len() == ids.len()
+        && base.is_some_and(|base| {
+            ids.iter()
+                .enumerate()
+                .all(|(n, id)| version_of(id) == Some(base + n as i64))
+        });
+    match base {
+        Some(base) if same => Ok(Some(Appended {
+            first_version: base as u64,
+            version: base as u64 + ids.len() as u64 - 1,
+            already_stored: true,
+        })),
+        _ => Err(StoreError::DuplicateEvent {
+            id: first_id,
+            stream: first_stream,
+        }),
+    }
+}
+
+/// Inserts the events after `version` in one statement; returns the
+/// stream's new version.
+async fn insert(
+    tx: &mut Transaction<'_, Postgres>,
+    stream: &str,
+    version: u64,
+    events: &[Message],
+) -> Result<u64, StoreError> {
+    let n = events.len();
+    let mut versions = Vec::with_capacity(n);
+    let mut ids = Vec::with_capacity(n);
+    let mut types = Vec::with_capacity(n);
+    let mut sources = Vec::with_capacity(n);
+    let mut times = Vec::with_capacity(n);
+    let mut schemas = Vec::with_capacity(n);
+    let mut correlations = Vec::with_capacity(n);
+    let mut causations = Vec::with_capacity(n);
+    let mut content_types = Vec::with_capacity(n);
+    let mut keys = Vec::with_capacity(n);
+    let mut headers = Vec::with_capacity(n);
+    let mut payloads = Vec::with_capacity(n);
+    for (i, m) in events.iter().enumerate() {
+        let meta = &m.metadata;
+        versions.push((version + 1 + i as u64) as i64);
+        ids.push(m.id.as_str());
+        types.push(meta.event_type.as_deref());
+        sources.push(meta.source.as_deref());
+        times.push(meta.time.map(micros));
+        schemas.push(meta.schema_version.as_deref());
+        correlations.push(meta.correlation_id.as_deref());
+        causations.push(meta.causation_id.as_deref());
+        content_types.push(meta.content_type.as_deref());
+        keys.push(m.key.as_deref());
+        headers.push(serde_json::to_value(&m.headers).unwrap_or_default());
+        payloads.push(m.payload.as_ref());
+    }
+    sqlx::query(
+        "INSERT INTO tidings_events (stream_id, category, version, event_id, event_type, source, \
+         time_us, schema_version, correlation_id, causation_id, content_type, message_key, \
+         headers, payload) \
+         SELECT $1, $2, * FROM UNNEST($3::bigint[], $4::text[], $5::text[], $6::text[], \
+         $7::bigint[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], \
+         $13::jsonb[], $14::bytea[])",
+    )
+    .bind(stream)
+    .bind(category(stream))
+    .bind(&versions)
+    .bind(&ids)
+    .bind(&types)
+    .bind(&sources)
+    .bind(&times)
+    .bind(&schemas)
+    .bind(&correlations)
+    .bind(&causations)
+    .bind(&content_types)
+    .bind(&keys)
+    .bind(&headers)
+    .bind(&payloads)
+    .execute(&mut **tx)
+    .await
+    .map_err(|e| match e.as_database_error().and_then(|d| d.constraint()) {
+        // Another append stored one of these ids between our check and
+        // this insert (it holds another stream's lock).
+        Some("tidings_events_event_id_key") => StoreError::DuplicateEvent {
+            id: ids.first().map_or_else(String::new, |s| (*s).to_owned()),
+            stream: String::new(),
+        },
+        _ => StoreError::Database(e),
+    })?;
+    Ok(version + n as u64)
+}
+
+fn micros(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros().min(i64::MAX as u128) as i64)
+}
+
+/// A selected row as an event.
+fn recorded(row: &PgRow) -> Result<RecordedEvent, StoreError> {
+    let transaction: String = row.try_get("transaction_id")?;
+    let headers: serde_json::Value = row.try_get("headers")?;
+    let headers: Headers = serde_json::from_value(headers).unwrap_or_default();
+    let time: Option<i64> = row.try_get("time_us")?;
+    let payload: Vec<u8> = row.try_get("payload")?;
+    Ok(RecordedEvent {
+        stream: row.try_get("stream_id")?,
+        version: row.try_get::<i64, _>("version")? as u64,
+        position: GlobalPosition {
+            transaction: transaction.parse().unwrap_or_default(),
+            sequence: row.try_get::<i64, _>("sequence")? as u64,
+        },
+        message: Message {
+            id: row.try_get("event_id")?,
+            key: row.try_get("message_key")?,
+            headers,
+            payload: Bytes::from(payload),
+            metadata: Metadata {
+                event_type: row.try_get("event_type")?,
+                source: row.try_get("source")?,
+                time: time.map(|us| UNIX_EPOCH + Duration::from_micros(us.max(0) as u64)),
+                schema_version: row.try_get("schema_version")?,
+                correlation_id: row.try_get("correlation_id")?,
+                causation_id: row.try_get("causation_id")?,
+                content_type: row.try_get("content_type")?,
+            },
+        },
+    })
+}

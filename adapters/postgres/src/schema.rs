@@ -1,0 +1,50 @@
+//! The tables, created when missing.
+
+use sqlx::PgPool;
+
+/// Serialises concurrent creations (two services starting at once would
+/// otherwise race on `CREATE TABLE IF NOT EXISTS`).
+const DDL_LOCK: i64 = 0x7469_6469_6e67_7301; // "tidings" + 1
+
+const DDL: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS tidings_streams (
+        stream_id text PRIMARY KEY,
+        version bigint NOT NULL
+    )",
+    "CREATE TABLE IF NOT EXISTS tidings_events (
+        sequence bigint GENERATED ALWAYS AS IDENTITY,
+        transaction_id xid8 NOT NULL DEFAULT pg_current_xact_id(),
+        stream_id text NOT NULL,
+        category text NOT NULL,
+        version bigint NOT NULL,
+        event_id text NOT NULL,
+        event_type text,
+        source text,
+        time_us bigint,
+        schema_version text,
+        correlation_id text,
+        causation_id text,
+        content_type text,
+        message_key text,
+        headers jsonb NOT NULL DEFAULT '{}',
+        payload bytea NOT NULL,
+        PRIMARY KEY (transaction_id, sequence),
+        UNIQUE (stream_id, version),
+        UNIQUE (event_id)
+    )",
+    "CREATE INDEX IF NOT EXISTS tidings_events_by_category
+        ON tidings_events (category, transaction_id, sequence)",
+];
+
+/// Creates the store's tables and indexes where they do not exist.
+pub(crate) async fn create(pool: &PgPool) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(DDL_LOCK)
+        .execute(&mut *tx)
+        .await?;
+    for statement in DDL {
+        sqlx::query(statement).execute(&mut *tx).await?;
+    }
+    tx.commit().await
+}
