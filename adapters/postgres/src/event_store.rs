@@ -174,10 +174,10 @@ impl EventStore {
             "INSERT INTO tidings_streams (stream_id, version) VALUES ($1, $2) \
              ON CONFLICT (stream_id) DO UPDATE SET version = EXCLUDED.version",
         )
-            .bind(stream)
-            .bind(version as i64)
-            .execute(&mut **tx)
-            .await?;
+        .bind(stream)
+        .bind(version as i64)
+        .execute(&mut **tx)
+        .await?;
         Ok(Appended {
             first_version: actual + 1,
             version,
@@ -409,15 +409,17 @@ async fn insert(
     .bind(&payloads)
     .execute(&mut **tx)
     .await
-    .map_err(|e| match e.as_database_error().and_then(|d| d.constraint()) {
-        // Another append stored one of these ids between our check and
-        // this insert (it holds another stream's lock).
-        Some("tidings_events_event_id_key") => StoreError::DuplicateEvent {
-            id: ids.first().map_or_else(String::new, |s| (*s).to_owned()),
-            stream: String::new(),
+    .map_err(
+        |e| match e.as_database_error().and_then(|d| d.constraint()) {
+            // Another append stored one of these ids between our check and
+            // this insert (it holds another stream's lock).
+            Some("tidings_events_event_id_key") => StoreError::DuplicateEvent {
+                id: ids.first().map_or_else(String::new, |s| (*s).to_owned()),
+                stream: String::new(),
+            },
+            _ => StoreError::Database(e),
         },
-        _ => StoreError::Database(e),
-    })?;
+    )?;
     Ok(version + n as u64)
 }
 

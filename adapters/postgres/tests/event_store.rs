@@ -57,7 +57,10 @@ async fn events_come_back_as_appended_forward_and_backward() {
         let mut sent = sent.clone();
         // Stored to the microsecond.
         sent.metadata.time = sent.metadata.time.map(|t| {
-            let us = t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_micros();
+            let us = t
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap()
+                .as_micros();
             SystemTime::UNIX_EPOCH + Duration::from_micros(us as u64)
         });
         assert_eq!(read.message, sent, "every field intact");
@@ -168,7 +171,11 @@ async fn a_retried_append_writes_nothing_twice() {
     assert_eq!(store.version(&stream).await.expect("version"), 2);
     // One of them again, with a new one: not the same append.
     let mixed = store
-        .append(&stream, ExpectedVersion::Any, vec![events[1].clone(), event(2)])
+        .append(
+            &stream,
+            ExpectedVersion::Any,
+            vec![events[1].clone(), event(2)],
+        )
         .await;
     assert!(
         matches!(mixed, Err(StoreError::DuplicateEvent { ref id, .. }) if *id == events[1].id),
@@ -205,7 +212,11 @@ async fn a_global_read_waits_for_a_transaction_that_can_still_commit_behind_it()
         .await
         .expect("read");
     let streams: Vec<&str> = read.iter().map(|e| e.stream.as_str()).collect();
-    assert_eq!(streams, [slow.as_str(), fast.as_str()], "in commit-safe order");
+    assert_eq!(
+        streams,
+        [slow.as_str(), fast.as_str()],
+        "in commit-safe order"
+    );
 }
 
 /// Many writers append concurrently, some in transactions held open a
@@ -285,7 +296,10 @@ async fn a_reader_following_concurrent_writers_never_skips_an_event() {
     let unique_ids: HashSet<&str> = ids.iter().copied().collect();
     assert_eq!(ids.len(), unique_ids.len(), "each event once");
     let expected: HashSet<&str> = committed.iter().map(String::as_str).collect();
-    assert_eq!(unique_ids, expected, "every committed event, no rolled-back one");
+    assert_eq!(
+        unique_ids, expected,
+        "every committed event, no rolled-back one"
+    );
     assert!(
         seen.windows(2).all(|w| w[0].position < w[1].position),
         "in position order"

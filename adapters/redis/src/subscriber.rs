@@ -293,9 +293,10 @@ pub(crate) struct Shared {
 /// Entries handed out and not yet acked for sure, kept alive by the heartbeat.
 type Held = Arc<std::sync::Mutex<HashSet<String>>>;
 
-/// One entry to `XACK`, and where to report the result if the caller waits.
+/// One entry to `XACK` (none: a flush, answered once every ack queued
+/// before it went out), and where to report the result if the caller waits.
 struct AckRequest {
-    entry_id: String,
+    entry_id: Option<String>,
     done: Option<oneshot::Sender<RedisResult<()>>>,
 }
 
@@ -313,11 +314,18 @@ fn spawn_acker(
     tokio::spawn(async move {
         let mut batch = Vec::new();
         while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-            let mut cmd = redis::cmd("XACK");
-            cmd.arg(&topic).arg(&group);
-            for request in &batch {
-                cmd.arg(&request.entry_id);
+            let ids: Vec<&str> = batch.iter().filter_map(|r| r.entry_id.as_deref()).collect();
+            if ids.is_empty() {
+                // Only flushes: everything before them went out already.
+                for request in batch.drain(..) {
+                    if let Some(done) = request.done {
+                        let _ = done.send(Ok(()));
+                    }
+                }
+                continue;
             }
+            let mut cmd = redis::cmd("XACK");
+            cmd.arg(&topic).arg(&group).arg(&ids);
             // An ack lost to a connection fault is sent again once the
             // connection is back, rather than leaving handled entries to be
             // reclaimed and handled again after the visibility timeout.
@@ -346,7 +354,9 @@ fn spawn_acker(
             {
                 let mut held = held.lock().unwrap_or_else(|e| e.into_inner());
                 for request in &batch {
-                    held.remove(&request.entry_id);
+                    if let Some(id) = &request.entry_id {
+                        held.remove(id);
+                    }
                 }
             }
             for request in batch.drain(..) {
@@ -472,23 +482,32 @@ async fn heartbeat(shared: std::sync::Weak<Shared>) {
         if held.is_empty() {
             continue;
         }
-        let mut cmd = redis::cmd("XCLAIM");
-        // Only entries idle for a while: one another member reclaimed a
-        // moment ago (after a stall of ours) is not taken back.
-        cmd.arg(&*shared.topic)
-            .arg(shared.group_name())
-            .arg(&shared.consumer)
-            .arg(Shared::millis(every / 2));
-        for id in &held {
-            cmd.arg(id);
-        }
-        cmd.arg("JUSTID");
-        let result: RedisResult<Value> = cmd.query_async(&mut shared.control.clone()).await;
-        if let Err(error) = result {
-            debug!(%error, topic = %shared.topic, "heartbeat of held entries failed");
+        // In chunks, one command each: a single XCLAIM of every held entry
+        // (tens of thousands for a dead-letter inbox) would hold Redis, and
+        // every client of it, for the whole command.
+        for chunk in held.chunks(HEARTBEAT_CHUNK) {
+            let mut cmd = redis::cmd("XCLAIM");
+            // Only entries idle for a while: one another member reclaimed a
+            // moment ago (after a stall of ours) is not taken back.
+            cmd.arg(&*shared.topic)
+                .arg(shared.group_name())
+                .arg(&shared.consumer)
+                .arg(Shared::millis(every / 2));
+            for id in chunk {
+                cmd.arg(id);
+            }
+            cmd.arg("JUSTID");
+            let result: RedisResult<Value> = cmd.query_async(&mut shared.control.clone()).await;
+            if let Err(error) = result {
+                debug!(%error, topic = %shared.topic, "heartbeat of held entries failed");
+                break;
+            }
         }
     }
 }
+
+/// Entries per heartbeat command.
+const HEARTBEAT_CHUNK: usize = 1000;
 
 /// Where a delivery came from, and so how it is settled.
 #[derive(Clone)]
@@ -698,7 +717,7 @@ impl Acker for RedisAcker {
             (None, None)
         };
         let request = AckRequest {
-            entry_id: entry_id.clone(),
+            entry_id: Some(entry_id.clone()),
             done,
         };
         if acks.send(request).is_err() {
@@ -846,6 +865,30 @@ impl DeliveryStream for RedisStream {
     fn close(&mut self) -> BoxFuture<'_, Result<()>> {
         self.shut();
         Box::pin(std::future::ready(Ok(())))
+    }
+
+    /// Waits until the acks queued so far went out (acks are batched in
+    /// the background), within the visibility timeout: a process that
+    /// exits next (a command-line tool) must not leave handled entries to
+    /// be reclaimed and handled again.
+    fn closed(&mut self) -> BoxFuture<'_, ()> {
+        let flushed = self.shared.acks.as_ref().and_then(|acks| {
+            let (done, flushed) = oneshot::channel();
+            acks.send(AckRequest {
+                entry_id: None,
+                done: Some(done),
+            })
+            .ok()
+            .map(|()| flushed)
+        });
+        let limit = self.shared.config.visibility_timeout;
+        Box::pin(async move {
+            if let Some(flushed) = flushed
+                && tokio::time::timeout(limit, flushed).await.is_err()
+            {
+                warn!("acks were still going out when the subscription closed");
+            }
+        })
     }
 }
 

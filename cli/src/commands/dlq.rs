@@ -62,7 +62,8 @@ struct Target {
     /// Confirms a bulk purge.
     #[arg(long)]
     yes: bool,
-    /// The most letters to take at once.
+    /// The most letters held at once (bulk replays and purges go window
+    /// by window; `ls` shows at most this many).
     #[arg(long, default_value_t = 10_000)]
     limit: usize,
     /// How long to wait for more letters after the last one (JetStream:
@@ -168,7 +169,7 @@ async fn act(
                     "say which letters: --id, --since or --all".into(),
                 ));
             }
-            let ids = chosen(inbox)?;
+            let mut ids = chosen(inbox)?;
             if let Some(id) = &target.id
                 && ids.is_empty()
             {
@@ -176,41 +177,59 @@ async fn act(
             }
             let replay = matches!(action, Action::Replay(_));
             if !replay && target.id.is_none() && !target.yes {
+                let more = if inbox.list().count() >= target.limit {
+                    " or more"
+                } else {
+                    ""
+                };
                 return Err(Failure::Usage(format!(
-                    "this would purge {} letter(s); add --yes to do it",
+                    "this would purge {}{more} letter(s); add --yes to do it",
                     ids.len()
                 )));
             }
             if target.to == "all-groups" {
                 inbox.replay_to(ReplayTo::AllGroups);
             }
-            // In chunks, each pipelined by the inbox, with progress
-            // between them for long runs.
-            let mut done = 0;
-            for chunk in ids.chunks(CHUNK) {
-                let filter = Filter {
-                    ids: Some(chunk.iter().cloned().collect()),
-                    ..Filter::default()
-                };
-                let result = if replay {
-                    inbox.replay_all(&filter).await
-                } else {
-                    inbox.purge(&filter).await
-                };
-                done += result.map_err(|e| failed(&format!("after {done} letter(s)"), e))?;
-                if !cli.json && ids.len() > CHUNK {
-                    eprintln!("{done} of {}", ids.len());
+            // Window by window (at most --limit letters held at once, so
+            // memory stays flat however many there are), each in chunks
+            // the inbox pipelines, with progress between them.
+            let (mut done, mut chosen_total, mut all_ids) = (0, 0, Vec::new());
+            loop {
+                for chunk in ids.chunks(CHUNK) {
+                    let filter = Filter {
+                        ids: Some(chunk.iter().cloned().collect()),
+                        ..Filter::default()
+                    };
+                    let result = if replay {
+                        inbox.replay_all(&filter).await
+                    } else {
+                        inbox.purge(&filter).await
+                    };
+                    done += result.map_err(|e| failed(&format!("after {done} letter(s)"), e))?;
+                    if !cli.json && (chosen_total > 0 || ids.len() > CHUNK) {
+                        eprintln!("{done} done");
+                    }
+                }
+                chosen_total += ids.len();
+                all_ids.append(&mut ids);
+                if target.id.is_some() {
+                    break;
+                }
+                let _ = tokio::time::timeout(cli.timeout, inbox.fetch(target.wait)).await;
+                ids = chosen(inbox)?;
+                if ids.is_empty() {
+                    break;
                 }
             }
-            if done < ids.len() {
+            if done < chosen_total {
                 eprintln!(
                     "{} letter(s) were handed to another reader of the dead letters meanwhile; it has them",
-                    ids.len() - done
+                    chosen_total - done
                 );
             }
             let verb = if replay { "replayed" } else { "purged" };
             if cli.json {
-                println!("{}", json!({ verb: done, "ids": ids }));
+                println!("{}", json!({ verb: done, "ids": all_ids }));
             } else {
                 println!("{verb} {done} letter(s)");
             }

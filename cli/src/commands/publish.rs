@@ -1,9 +1,10 @@
 //! `tidings publish`: one message from the arguments, a file or stdin (or
 //! one per line), with its receipt.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::PathBuf;
 
+use futures::StreamExt;
 use tidings::{Bus, Message, Publisher};
 
 use super::{bounded, failed};
@@ -44,6 +45,9 @@ fn header(text: &str) -> Result<(String, String), String> {
     }
 }
 
+/// How many publishes of `--lines` are under way at once.
+const IN_FLIGHT: usize = 64;
+
 pub(crate) async fn run(cli: &Cli, bus: &Bus, args: &Args) -> Result<(), Failure> {
     let input = match (&args.data, &args.file) {
         (Some(data), _) => data.clone().into_bytes(),
@@ -66,7 +70,8 @@ pub(crate) async fn run(cli: &Cli, bus: &Bus, args: &Args) -> Result<(), Failure
     } else {
         vec![input]
     };
-    for payload in payloads {
+    // Pipelined: up to 64 publishes under way, receipts printed in order.
+    let messages = payloads.into_iter().map(|payload| {
         let mut message = Message::new(payload);
         if let Some(id) = &args.id {
             message = message.with_id(id.clone());
@@ -80,19 +85,29 @@ pub(crate) async fn run(cli: &Cli, bus: &Bus, args: &Args) -> Result<(), Failure
         for (name, value) in &args.headers {
             message = message.with_header(name.clone(), value.clone());
         }
-        let id = message.id.clone();
-        let receipt = bounded(cli.timeout, "publishing", bus.publish(&args.topic, message))
-            .await?
-            .map_err(|e| failed(&format!("publishing to {} failed", args.topic), e))?;
+        message
+    });
+    let mut receipts = futures::stream::iter(messages)
+        .map(|message| async move {
+            let id = message.id.clone();
+            let receipt = bounded(cli.timeout, "publishing", bus.publish(&args.topic, message))
+                .await?
+                .map_err(|e| failed(&format!("publishing to {} failed", args.topic), e))?;
+            Ok::<_, Failure>((id, receipt))
+        })
+        .buffered(IN_FLIGHT);
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    while let Some(published) = receipts.next().await {
+        let (id, receipt) = published?;
         let receipt = receipt_json(&receipt);
-        if cli.json {
-            println!(
-                "{}",
-                serde_json::json!({"topic": args.topic, "id": id, "receipt": receipt})
-            );
+        let line = if cli.json {
+            serde_json::json!({"topic": args.topic, "id": id, "receipt": receipt}).to_string()
         } else {
-            println!("published {id} to {}: {receipt}", args.topic);
-        }
+            format!("published {id} to {}: {receipt}", args.topic)
+        };
+        writeln!(out, "{line}").map_err(|e| Failure::Usage(format!("writing to stdout: {e}")))?;
     }
+    out.flush()
+        .map_err(|e| Failure::Usage(format!("writing to stdout: {e}")))?;
     Ok(())
 }
