@@ -178,6 +178,12 @@ impl EventStore {
         .bind(version as i64)
         .execute(&mut **tx)
         .await?;
+        // Wakes the subscriptions at commit (and only if it commits).
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(crate::subscription::CHANNEL)
+            .bind(category(stream))
+            .execute(&mut **tx)
+            .await?;
         Ok(Appended {
             first_version: actual + 1,
             version,
@@ -423,7 +429,7 @@ async fn insert(
     Ok(version + n as u64)
 }
 
-fn micros(t: SystemTime) -> i64 {
+pub(crate) fn micros(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_micros().min(i64::MAX as u128) as i64)
 }

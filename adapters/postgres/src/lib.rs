@@ -35,9 +35,11 @@ mod error;
 mod event_store;
 mod position;
 mod schema;
+mod subscription;
 
 pub use error::StoreError;
 pub use event_store::{Appended, Direction, EventStore, ExpectedVersion, RecordedEvent};
 pub use position::GlobalPosition;
 pub use sqlx::{PgPool, Postgres, Transaction};
+pub use subscription::{ALL, EventStoreSubscriber};
 pub use tidings_core::Message;

@@ -34,6 +34,13 @@ const DDL: &[&str] = &[
     )",
     "CREATE INDEX IF NOT EXISTS tidings_events_by_category
         ON tidings_events (category, transaction_id, sequence)",
+    "CREATE TABLE IF NOT EXISTS tidings_checkpoints (
+        topic text NOT NULL,
+        group_name text NOT NULL,
+        transaction_id xid8 NOT NULL,
+        sequence bigint NOT NULL,
+        PRIMARY KEY (topic, group_name)
+    )",
 ];
 
 /// Creates the store's tables and indexes where they do not exist.

@@ -1,0 +1,655 @@
+//! The store's events as a Tidings [`Subscriber`]: a projection is an
+//! ordinary consumer — the same runtime, retries, dead letters, idempotency
+//! and telemetry as on a broker.
+//!
+//! - **Topics** are categories (`account` reads every `account-*` stream)
+//!   or [`ALL`] for every event, read in [`GlobalPosition`] order with the
+//!   store's never-skip guarantee.
+//! - **Groups** keep their checkpoint in `tidings_checkpoints`: the
+//!   position before which every event was settled. It advances over a
+//!   contiguous settled prefix only, so an event still being handled (or
+//!   waiting for a retry) is never passed; after a restart the group
+//!   resumes there (events settled after it are delivered again: at least
+//!   once, as on every broker).
+//! - **Members** of a group take turns rather than share: one holds the
+//!   group's advisory lock and reads, the others wait as hot standbys and
+//!   take over from the checkpoint within a poll interval of the lock's
+//!   release (its connection closing, whether cleanly or by a crash). A
+//!   projection's events stay in order; the price is one reader per group.
+//! - **Wake-up** by `LISTEN`/`NOTIFY` (each append notifies at commit), with
+//!   a poll every `poll_interval` as the fallback.
+//! - **Nack** hands the event out again (after the delay) with the attempt
+//!   one higher, from the subscriber's memory; the checkpoint waits for it.
+//! - **Dead letters** are appended to the store, in the category
+//!   [`dead_letter_topic`](Subscriber::dead_letter_topic) names
+//!   (`<topic>_<group>_dlq`, one stream per letter), where `read_category`
+//!   and the dead-letter inbox read them.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::Stream;
+use futures::future::BoxFuture;
+use sqlx::Connection;
+use sqlx::postgres::PgListener;
+use tidings_core::{
+    Acker, Capabilities, DeadLetter, Delivery, DeliveryStream, Error, Message, Result, StartFrom,
+    Subscriber, Subscription,
+};
+use tokio::sync::{mpsc, watch};
+
+use crate::event_store::{EventStore, ExpectedVersion, RecordedEvent, micros};
+use crate::position::GlobalPosition;
+
+/// The topic of every event of the store.
+pub const ALL: &str = "$all";
+
+/// The channel appends notify on.
+pub(crate) const CHANNEL: &str = "tidings_events";
+
+/// The namespace of group membership locks (the first key of the two-key
+/// advisory lock form).
+const MEMBER_LOCKS: i32 = 0x7464_6d62; // "tdmb"
+
+/// Subscriptions to an [`EventStore`]'s events; see the [module docs](self).
+#[derive(Clone, Debug)]
+pub struct EventStoreSubscriber {
+    store: EventStore,
+    poll_interval: Duration,
+}
+
+impl EventStoreSubscriber {
+    /// Subscriptions to `store`, polling every 500 ms besides `NOTIFY`.
+    pub fn new(store: EventStore) -> Self {
+        EventStoreSubscriber {
+            store,
+            poll_interval: Duration::from_millis(500),
+        }
+    }
+
+    /// How often members look for events when no notification came, and
+    /// standbys try to take over.
+    #[must_use]
+    pub fn poll_interval(mut self, every: Duration) -> Self {
+        self.poll_interval = every.max(Duration::from_millis(10));
+        self
+    }
+
+    /// The group's checkpoint on `topic`: every event up to it was settled.
+    /// `None` for a group that never subscribed.
+    pub async fn checkpoint(&self, topic: &str, group: &str) -> Result<Option<GlobalPosition>> {
+        let row: Option<(String, i64)> = sqlx::query_as(
+            "SELECT transaction_id::text, sequence FROM tidings_checkpoints \
+             WHERE topic = $1 AND group_name = $2",
+        )
+        .bind(topic)
+        .bind(group)
+        .fetch_optional(self.store.pool())
+        .await
+        .map_err(db)?;
+        Ok(row.map(|(t, s)| position(&t, s)))
+    }
+
+    /// Moves the group's checkpoint, to reprocess from an earlier position
+    /// (a rebuilt read model: [`GlobalPosition::START`]) or to skip ahead.
+    /// Takes effect when the group's reader next starts.
+    pub async fn set_checkpoint(&self, topic: &str, group: &str, at: GlobalPosition) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO tidings_checkpoints (topic, group_name, transaction_id, sequence) \
+             VALUES ($1, $2, $3::text::xid8, $4) ON CONFLICT (topic, group_name) \
+             DO UPDATE SET transaction_id = EXCLUDED.transaction_id, sequence = EXCLUDED.sequence",
+        )
+        .bind(topic)
+        .bind(group)
+        .bind(at.transaction.to_string())
+        .bind(at.sequence as i64)
+        .execute(self.store.pool())
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    /// Where a new reader starts: the start, the end of what is settled
+    /// now, or the last settled event before a time.
+    async fn start_position(&self, topic: &str, start: StartFrom) -> Result<GlobalPosition> {
+        let before = match start {
+            StartFrom::Earliest => return Ok(GlobalPosition::START),
+            StartFrom::Latest => i64::MAX,
+            StartFrom::Time(t) => micros(t),
+        };
+        let row: Option<(String, i64)> = sqlx::query_as(
+            "SELECT transaction_id::text, sequence FROM tidings_events \
+             WHERE ($1 = '$all' OR category = $1) AND coalesce(time_us, 0) < $2 \
+             AND transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
+             ORDER BY transaction_id DESC, sequence DESC LIMIT 1",
+        )
+        .bind(topic)
+        .bind(before)
+        .fetch_optional(self.store.pool())
+        .await
+        .map_err(db)?;
+        Ok(row.map_or(GlobalPosition::START, |(t, s)| position(&t, s)))
+    }
+}
+
+impl EventStore {
+    /// Subscriptions to this store's events.
+    pub fn subscriber(&self) -> EventStoreSubscriber {
+        EventStoreSubscriber::new(self.clone())
+    }
+}
+
+#[async_trait]
+impl Subscriber for EventStoreSubscriber {
+    fn name(&self) -> &'static str {
+        "postgres"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            persistent: true,
+            consumer_groups: true,
+            private_subscriptions: true,
+            order_per_key: false,
+            redelivery: true,
+            delayed_nack: true,
+            native_dead_letters: false,
+            at_most_once: false,
+            replay: true,
+            retains_for_declared_groups: true,
+        }
+    }
+
+    async fn subscribe(&self, subscription: Subscription) -> Result<Box<dyn DeliveryStream>> {
+        subscription.check(self.name(), self.capabilities())?;
+        let topic = subscription.topic.clone();
+        let start = match &subscription.group {
+            Some(group) => {
+                self.declare_at(&topic, group, subscription.start).await?;
+                None
+            }
+            None => Some(self.start_position(&topic, subscription.start).await?),
+        };
+        let listener = match PgListener::connect_with(self.store.pool()).await {
+            Ok(mut listener) => match listener.listen(CHANNEL).await {
+                Ok(()) => Some(listener),
+                Err(_) => None,
+            },
+            Err(_) => None,
+        };
+        let (tx, rx) = mpsc::channel(subscription.prefetch.max(1));
+        let (settle_tx, settle_rx) = mpsc::unbounded_channel();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let reader = Reader {
+            store: self.store.clone(),
+            poll_interval: self.poll_interval,
+            topic: topic.clone().into(),
+            group: subscription.group.clone().map(Into::into),
+            dead_letters: self
+                .dead_letter_topic(&topic, subscription.group.as_deref().unwrap_or("")),
+            prefetch: subscription.prefetch.max(1),
+            tx,
+            settle_tx,
+            stop: stop_rx,
+        };
+        let task = tokio::spawn(reader.run(start, settle_rx, listener));
+        Ok(Box::new(StoreStream {
+            rx,
+            stop: stop_tx,
+            task: Some(task),
+        }))
+    }
+
+    async fn declare_group(&self, topic: &str, group: &str) -> Result<()> {
+        self.declare_at(topic, group, StartFrom::Latest).await
+    }
+
+    fn dead_letter_topic(&self, topic: &str, group: &str) -> String {
+        let base = if group.is_empty() {
+            format!("{topic}_dlq")
+        } else {
+            format!("{topic}_{group}_dlq")
+        };
+        // A category ends at the first `-` of a stream id.
+        base.replace(['-', '$'], "_")
+    }
+}
+
+impl EventStoreSubscriber {
+    /// Creates the group's checkpoint where it has none.
+    async fn declare_at(&self, topic: &str, group: &str, start: StartFrom) -> Result<()> {
+        if self.checkpoint(topic, group).await?.is_some() {
+            return Ok(());
+        }
+        let at = self.start_position(topic, start).await?;
+        sqlx::query(
+            "INSERT INTO tidings_checkpoints (topic, group_name, transaction_id, sequence) \
+             VALUES ($1, $2, $3::text::xid8, $4) ON CONFLICT DO NOTHING",
+        )
+        .bind(topic)
+        .bind(group)
+        .bind(at.transaction.to_string())
+        .bind(at.sequence as i64)
+        .execute(self.store.pool())
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+}
+
+/// How long a stopping reader waits for the deliveries it handed out.
+const DRAIN: Duration = Duration::from_secs(10);
+
+/// What woke the reader.
+enum Wake {
+    Stop,
+    Settled(Settle),
+    /// A notification (`false`: the listener failed).
+    Notified(bool),
+    Poll,
+}
+
+/// What ackers tell the reader.
+enum Settle {
+    /// Settled for good (acked, or dead-lettered).
+    Done(GlobalPosition),
+    /// To be handed out again, after `delay`.
+    Again {
+        position: GlobalPosition,
+        message: Arc<Message>,
+        attempt: u32,
+        delay: Option<Duration>,
+    },
+}
+
+/// The task behind one subscription.
+struct Reader {
+    store: EventStore,
+    poll_interval: Duration,
+    topic: Arc<str>,
+    group: Option<Arc<str>>,
+    dead_letters: String,
+    prefetch: usize,
+    tx: mpsc::Sender<Result<Delivery>>,
+    settle_tx: mpsc::UnboundedSender<Settle>,
+    stop: watch::Receiver<bool>,
+}
+
+impl Reader {
+    async fn run(
+        mut self,
+        start: Option<GlobalPosition>,
+        mut settle_rx: mpsc::UnboundedReceiver<Settle>,
+        mut listener: Option<PgListener>,
+    ) {
+        // A group reads only while it holds its membership lock, on a
+        // connection of its own: closing it (or the process dying) lets a
+        // standby take over.
+        let mut _member = None;
+        let mut checkpoint = match (start, &self.group) {
+            (Some(start), _) => start,
+            (None, Some(group)) => {
+                let group = group.clone();
+                let Some((conn, at)) = self.take_turn(&group).await else {
+                    return;
+                };
+                _member = Some(conn);
+                at
+            }
+            (None, None) => return,
+        };
+        let mut next_read = checkpoint;
+        // Handed out and not settled: `true` once settled.
+        let mut pending: BTreeMap<GlobalPosition, bool> = BTreeMap::new();
+        let mut wake = true;
+        loop {
+            if *self.stop.borrow() {
+                break;
+            }
+            let free = self.prefetch.saturating_sub(pending.len());
+            if wake && free > 0 {
+                wake = false;
+                match self.read(next_read, free).await {
+                    Ok(events) => {
+                        let full = events.len() == free;
+                        for event in events {
+                            next_read = event.position;
+                            pending.insert(event.position, false);
+                            let delivery =
+                                self.delivery(event.position, Arc::new(event.message), 1);
+                            if self.tx.send(Ok(delivery)).await.is_err() {
+                                return;
+                            }
+                        }
+                        // A full batch: more may be there already.
+                        wake = full;
+                    }
+                    Err(e) => {
+                        if self.tx.send(Err(e)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            let event = tokio::select! {
+                biased;
+                _ = self.stop.changed() => Wake::Stop,
+                settled = settle_rx.recv() => match settled {
+                    Some(settled) => Wake::Settled(settled),
+                    None => Wake::Stop,
+                },
+                notified = recv(&mut listener), if listener.is_some() => Wake::Notified(notified.is_ok()),
+                _ = tokio::time::sleep(self.poll_interval) => Wake::Poll,
+            };
+            match event {
+                Wake::Stop => {}
+                Wake::Settled(settled) => {
+                    self.settle(settled, &mut pending);
+                    while let Ok(more) = settle_rx.try_recv() {
+                        self.settle(more, &mut pending);
+                    }
+                    if self.advance(&mut checkpoint, &mut pending).await {
+                        wake = true;
+                    }
+                }
+                Wake::Notified(ok) => {
+                    if !ok {
+                        // The poll is the fallback.
+                        listener = None;
+                    }
+                    wake = true;
+                }
+                Wake::Poll => wake = true,
+            }
+        }
+        // Stopped: the handlers still running settle what they hold (the
+        // consumer runtime drains them before `closed`); their progress is
+        // saved, within a bound. What is not settled by then comes again
+        // to the next reader from the checkpoint.
+        let deadline = tokio::time::Instant::now() + DRAIN;
+        while pending.values().any(|done| !done) {
+            match tokio::time::timeout_at(deadline, settle_rx.recv()).await {
+                Ok(Some(settled)) => self.settle(settled, &mut pending),
+                _ => break,
+            }
+        }
+        self.advance(&mut checkpoint, &mut pending).await;
+    }
+
+    /// Waits for the group's membership lock; returns its connection and
+    /// the group's checkpoint. `None` when stopped first.
+    async fn take_turn(&mut self, group: &str) -> Option<(sqlx::PgConnection, GlobalPosition)> {
+        let key = format!("{}/{group}", self.topic);
+        loop {
+            if *self.stop.borrow() {
+                return None;
+            }
+            let attempt = async {
+                let mut conn = self.store.pool().acquire().await?.detach();
+                let locked: bool =
+                    sqlx::query_scalar("SELECT pg_try_advisory_lock($1, hashtext($2))")
+                        .bind(MEMBER_LOCKS)
+                        .bind(&key)
+                        .fetch_one(&mut conn)
+                        .await?;
+                if !locked {
+                    let _ = conn.close().await;
+                    return Ok::<_, sqlx::Error>(None);
+                }
+                let at: (String, i64) = sqlx::query_as(
+                    "SELECT transaction_id::text, sequence FROM tidings_checkpoints \
+                     WHERE topic = $1 AND group_name = $2",
+                )
+                .bind(&*self.topic)
+                .bind(group)
+                .fetch_one(&mut conn)
+                .await?;
+                Ok(Some((conn, position(&at.0, at.1))))
+            };
+            match attempt.await {
+                Ok(Some(turn)) => return Some(turn),
+                Ok(None) => {}
+                Err(e) => {
+                    if self.tx.send(Err(db(e))).await.is_err() {
+                        return None;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = self.stop.changed() => {}
+                _ = tokio::time::sleep(self.poll_interval) => {}
+            }
+        }
+    }
+
+    async fn read(&self, after: GlobalPosition, limit: usize) -> Result<Vec<RecordedEvent>> {
+        let read = if &*self.topic == ALL {
+            self.store.read_all(after, limit).await
+        } else {
+            self.store.read_category(&self.topic, after, limit).await
+        };
+        read.map_err(Into::into)
+    }
+
+    fn delivery(&self, position: GlobalPosition, message: Arc<Message>, attempt: u32) -> Delivery {
+        let acker = StoreAcker {
+            position,
+            message: message.clone(),
+            attempt,
+            settle: self.settle_tx.clone(),
+            store: self.store.clone(),
+            dead_letters: self.dead_letters.clone(),
+            group: self.group.clone(),
+            settled: false,
+        };
+        Delivery::new(
+            message,
+            self.topic.clone(),
+            self.group.clone(),
+            attempt,
+            Box::new(acker),
+        )
+    }
+
+    fn settle(&self, settled: Settle, pending: &mut BTreeMap<GlobalPosition, bool>) {
+        match settled {
+            Settle::Done(at) => {
+                if let Some(done) = pending.get_mut(&at) {
+                    *done = true;
+                }
+            }
+            // Stopping: not handed out again (the checkpoint waits for it,
+            // so the next reader gets it).
+            Settle::Again { .. } if *self.stop.borrow() => {}
+            Settle::Again {
+                position,
+                message,
+                attempt,
+                delay,
+            } => {
+                let delivery = self.delivery(position, message, attempt);
+                let tx = self.tx.clone();
+                tokio::spawn(async move {
+                    if let Some(delay) = delay {
+                        tokio::time::sleep(delay).await;
+                    }
+                    let _ = tx.send(Ok(delivery)).await;
+                });
+            }
+        }
+    }
+
+    /// Moves the checkpoint over the settled prefix and saves it; whether
+    /// it moved.
+    async fn advance(
+        &self,
+        checkpoint: &mut GlobalPosition,
+        pending: &mut BTreeMap<GlobalPosition, bool>,
+    ) -> bool {
+        let before = *checkpoint;
+        while let Some((&at, &true)) = pending.first_key_value() {
+            pending.remove(&at);
+            *checkpoint = at;
+        }
+        if *checkpoint == before {
+            return false;
+        }
+        self.save(*checkpoint).await;
+        true
+    }
+
+    async fn save(&self, at: GlobalPosition) {
+        let Some(group) = &self.group else {
+            return;
+        };
+        let saved = sqlx::query(
+            "UPDATE tidings_checkpoints SET transaction_id = $3::text::xid8, sequence = $4 \
+             WHERE topic = $1 AND group_name = $2",
+        )
+        .bind(&*self.topic)
+        .bind(&**group)
+        .bind(at.transaction.to_string())
+        .bind(at.sequence as i64)
+        .execute(self.store.pool())
+        .await;
+        if let Err(error) = saved {
+            // The next save carries this one's progress too.
+            tracing::warn!(%error, %group, topic = %self.topic, "saving the checkpoint failed");
+        }
+    }
+}
+
+async fn recv(listener: &mut Option<PgListener>) -> std::result::Result<(), sqlx::Error> {
+    match listener {
+        Some(l) => l.recv().await.map(|_| ()),
+        None => std::future::pending().await,
+    }
+}
+
+/// Settles one event of a subscription.
+struct StoreAcker {
+    position: GlobalPosition,
+    message: Arc<Message>,
+    attempt: u32,
+    settle: mpsc::UnboundedSender<Settle>,
+    store: EventStore,
+    dead_letters: String,
+    group: Option<Arc<str>>,
+    settled: bool,
+}
+
+impl StoreAcker {
+    fn again(&mut self, attempt: u32, delay: Option<Duration>) {
+        self.settled = true;
+        let _ = self.settle.send(Settle::Again {
+            position: self.position,
+            message: self.message.clone(),
+            attempt,
+            delay,
+        });
+    }
+}
+
+#[async_trait]
+impl Acker for StoreAcker {
+    async fn ack(mut self: Box<Self>) -> Result<()> {
+        self.settled = true;
+        let _ = self.settle.send(Settle::Done(self.position));
+        Ok(())
+    }
+
+    async fn nack(mut self: Box<Self>, delay: Option<Duration>) -> Result<()> {
+        let attempt = self.attempt.saturating_add(1);
+        self.again(attempt, delay);
+        Ok(())
+    }
+
+    async fn dead_letter(mut self: Box<Self>, letter: DeadLetter) -> Result<()> {
+        let mut dead = letter.letter_for(&self.message);
+        // Its own id: the event's id is taken by the event itself.
+        let group = self.group.as_deref().unwrap_or("");
+        dead.id = format!("{}:dlq:{group}", self.message.id);
+        let stream = format!("{}-{}", self.dead_letters, self.message.id);
+        self.store
+            .append(&stream, ExpectedVersion::Any, vec![dead])
+            .await
+            .map_err(|e| Error::Settle {
+                id: self.message.id.clone(),
+                source: Box::new(e),
+            })?;
+        self.settled = true;
+        let _ = self.settle.send(Settle::Done(self.position));
+        Ok(())
+    }
+
+    async fn release(mut self: Box<Self>) -> Result<()> {
+        let attempt = self.attempt;
+        self.again(attempt, None);
+        Ok(())
+    }
+}
+
+impl Drop for StoreAcker {
+    fn drop(&mut self) {
+        if !self.settled {
+            // Unsettled: handed out again, not counted as an attempt.
+            let attempt = self.attempt;
+            self.again(attempt, None);
+        }
+    }
+}
+
+/// The deliveries of one subscription.
+struct StoreStream {
+    rx: mpsc::Receiver<Result<Delivery>>,
+    stop: watch::Sender<bool>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Stream for StoreStream {
+    type Item = Result<Delivery>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+impl DeliveryStream for StoreStream {
+    fn close(&mut self) -> BoxFuture<'_, Result<()>> {
+        self.stop.send_replace(true);
+        self.rx.close();
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Waits (bounded) for the reader to save its last checkpoint and let
+    /// go of the group, so the next member starts after what was settled.
+    fn closed(&mut self) -> BoxFuture<'_, ()> {
+        let task = self.task.take();
+        Box::pin(async move {
+            if let Some(task) = task {
+                let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+            }
+        })
+    }
+}
+
+impl Drop for StoreStream {
+    fn drop(&mut self) {
+        self.stop.send_replace(true);
+    }
+}
+
+fn position(transaction: &str, sequence: i64) -> GlobalPosition {
+    GlobalPosition {
+        transaction: transaction.parse().unwrap_or_default(),
+        sequence: sequence.max(0) as u64,
+    }
+}
+
+fn db(e: sqlx::Error) -> Error {
+    crate::StoreError::Database(e).into()
+}
