@@ -1,29 +1,4 @@
-//! The store's events as a Tidings [`Subscriber`]: a projection is an
-//! ordinary consumer — the same runtime, retries, dead letters, idempotency
-//! and telemetry as on a broker.
-//!
-//! - **Topics** are categories (`account` reads every `account-*` stream)
-//!   or [`ALL`] for every event, read in [`GlobalPosition`] order with the
-//!   store's never-skip guarantee.
-//! - **Groups** keep their checkpoint in `tidings_checkpoints`: the
-//!   position before which every event was settled. It advances over a
-//!   contiguous settled prefix only, so an event still being handled (or
-//!   waiting for a retry) is never passed; after a restart the group
-//!   resumes there (events settled after it are delivered again: at least
-//!   once, as on every broker).
-//! - **Members** of a group take turns rather than share: one holds the
-//!   group's advisory lock and reads, the others wait as hot standbys and
-//!   take over from the checkpoint within a poll interval of the lock's
-//!   release (its connection closing, whether cleanly or by a crash). A
-//!   projection's events stay in order; the price is one reader per group.
-//! - **Wake-up** by `LISTEN`/`NOTIFY` (each append notifies at commit), with
-//!   a poll every `poll_interval` as the fallback.
-//! - **Nack** hands the event out again (after the delay) with the attempt
-//!   one higher, from the subscriber's memory; the checkpoint waits for it.
-//! - **Dead letters** are appended to the store, in the category
-//!   [`dead_letter_topic`](Subscriber::dead_letter_topic) names
-//!   (`<topic>_<group>_dlq`, one stream per letter), where `read_category`
-//!   and the dead-letter inbox read them.
+//! The store's events as a Tidings [`Subscriber`] ([`EventStoreSubscriber`]).
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -55,7 +30,32 @@ pub(crate) const CHANNEL: &str = "tidings_events";
 /// advisory lock form).
 const MEMBER_LOCKS: i32 = 0x7464_6d62; // "tdmb"
 
-/// Subscriptions to an [`EventStore`]'s events; see the [module docs](self).
+/// Subscriptions to an [`EventStore`]'s events as a Tidings [`Subscriber`]:
+/// a projection is an ordinary consumer — the same runtime, retries, dead
+/// letters, idempotency and telemetry as on a broker.
+///
+/// - **Topics** are categories (`account` reads every `account-*` stream)
+///   or [`ALL`] for every event, read in [`GlobalPosition`] order with the
+///   store's never-skip guarantee.
+/// - **Groups** keep their checkpoint in `tidings_checkpoints`: the
+///   position before which every event was settled. It advances over a
+///   contiguous settled prefix only, so an event still being handled (or
+///   waiting for a retry) is never passed; after a restart the group
+///   resumes there (events settled after it are delivered again: at least
+///   once, as on every broker).
+/// - **Members** of a group take turns rather than share: one holds the
+///   group's advisory lock and reads, the others wait as hot standbys and
+///   take over from the checkpoint within a poll interval of the lock's
+///   release (its connection closing, whether cleanly or by a crash). A
+///   projection's events stay in order; the price is one reader per group.
+/// - **Wake-up** by `LISTEN`/`NOTIFY` (each append notifies at commit), with
+///   a poll every `poll_interval` as the fallback.
+/// - **Nack** hands the event out again (after the delay) with the attempt
+///   one higher, from the subscriber's memory; the checkpoint waits for it.
+/// - **Dead letters** are appended to the store, in the category
+///   [`dead_letter_topic`](Subscriber::dead_letter_topic) names
+///   (`<topic>_<group>_dlq`, one stream per letter), where `read_category`
+///   and the dead-letter inbox read them.
 #[derive(Clone, Debug)]
 pub struct EventStoreSubscriber {
     store: EventStore,

@@ -167,7 +167,10 @@ async fn a_failing_event_is_dead_lettered_into_the_store_and_the_projection_move
     let consumer = projection(subscriber(&store), &category, &model)
         .on_settle(move |s| {
             if matches!(s.action, SettleAction::DeadLetter { .. }) {
-                record.lock().expect("lock").push(s.delivery.message().id.clone());
+                record
+                    .lock()
+                    .expect("lock")
+                    .push(s.delivery.message().id.clone());
             }
         })
         .start()
