@@ -26,6 +26,16 @@ pub enum StoreError {
         /// The stream that holds it.
         stream: String,
     },
+    /// An aggregate's event that does not read (or write) as its type.
+    #[error("event {version} of stream `{stream}` is not an event of the aggregate: {error}")]
+    Undecodable {
+        /// The stream.
+        stream: String,
+        /// The event's version.
+        version: u64,
+        /// What serde said.
+        error: String,
+    },
     /// A stream id the store cannot hold (empty).
     #[error("invalid stream id `{0}`: must not be empty")]
     InvalidStream(String),

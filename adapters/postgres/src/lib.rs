@@ -31,15 +31,19 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod aggregate;
 mod error;
 mod event_store;
+mod forward;
 mod position;
 mod schema;
 mod subscription;
 
+pub use aggregate::{Aggregate, Conflict, Loaded, retry_on_conflict};
 pub use error::StoreError;
 pub use event_store::{Appended, Direction, EventStore, ExpectedVersion, RecordedEvent};
+pub use forward::forwarder;
 pub use position::GlobalPosition;
 pub use sqlx::{PgPool, Postgres, Transaction};
-pub use subscription::{ALL, EventStoreSubscriber};
+pub use subscription::{ALL, EventStoreSubscriber, STREAM_HEADER, VERSION_HEADER};
 pub use tidings_core::Message;

@@ -23,6 +23,13 @@ use crate::position::GlobalPosition;
 /// The topic of every event of the store.
 pub const ALL: &str = "$all";
 
+/// A header on every delivered event: its stream (not stored; added when
+/// the event is handed out).
+pub const STREAM_HEADER: &str = "tidings-stream";
+
+/// A header on every delivered event: its version in its stream.
+pub const VERSION_HEADER: &str = "tidings-stream-version";
+
 /// The channel appends notify on.
 pub(crate) const CHANNEL: &str = "tidings_events";
 
@@ -56,6 +63,8 @@ const MEMBER_LOCKS: i32 = 0x7464_6d62; // "tdmb"
 ///   [`dead_letter_topic`](Subscriber::dead_letter_topic) names
 ///   (`<topic>_<group>_dlq`, one stream per letter), where `read_category`
 ///   and the dead-letter inbox read them.
+/// - Each delivered event carries its stream and version as the headers
+///   [`STREAM_HEADER`] and [`VERSION_HEADER`].
 #[derive(Clone, Debug)]
 pub struct EventStoreSubscriber {
     store: EventStore,
@@ -319,8 +328,14 @@ impl Reader {
                         for event in events {
                             next_read = event.position;
                             pending.insert(event.position, false);
-                            let delivery =
-                                self.delivery(event.position, Arc::new(event.message), 1);
+                            let mut message = event.message;
+                            message
+                                .headers
+                                .insert(STREAM_HEADER.to_owned(), event.stream);
+                            message
+                                .headers
+                                .insert(VERSION_HEADER.to_owned(), event.version.to_string());
+                            let delivery = self.delivery(event.position, Arc::new(message), 1);
                             if self.tx.send(Ok(delivery)).await.is_err() {
                                 return;
                             }
