@@ -107,19 +107,7 @@ impl EventStoreSubscriber {
     /// (a rebuilt read model: [`GlobalPosition::START`]) or to skip ahead.
     /// Takes effect when the group's reader next starts.
     pub async fn set_checkpoint(&self, topic: &str, group: &str, at: GlobalPosition) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO tidings_checkpoints (topic, group_name, transaction_id, sequence) \
-             VALUES ($1, $2, $3::text::xid8, $4) ON CONFLICT (topic, group_name) \
-             DO UPDATE SET transaction_id = EXCLUDED.transaction_id, sequence = EXCLUDED.sequence",
-        )
-        .bind(topic)
-        .bind(group)
-        .bind(at.transaction.to_string())
-        .bind(at.sequence as i64)
-        .execute(self.store.pool())
-        .await
-        .map_err(db)?;
-        Ok(())
+        put_checkpoint(self.store.pool(), topic, group, at, Put::Replace).await
     }
 
     /// Where a new reader starts: the start, the end of what is settled
@@ -159,17 +147,11 @@ impl Subscriber for EventStoreSubscriber {
     }
 
     fn capabilities(&self) -> Capabilities {
+        // Events are not held back per key: a group's single reader hands
+        // them out in order, and `concurrency(1)` handles them in order.
         Capabilities {
-            persistent: true,
-            consumer_groups: true,
-            private_subscriptions: true,
             order_per_key: false,
-            redelivery: true,
-            delayed_nack: true,
-            native_dead_letters: false,
-            at_most_once: false,
-            replay: true,
-            retains_for_declared_groups: true,
+            ..Capabilities::at_least_once()
         }
     }
 
@@ -235,19 +217,43 @@ impl EventStoreSubscriber {
             return Ok(());
         }
         let at = self.start_position(topic, start).await?;
-        sqlx::query(
-            "INSERT INTO tidings_checkpoints (topic, group_name, transaction_id, sequence) \
-             VALUES ($1, $2, $3::text::xid8, $4) ON CONFLICT DO NOTHING",
-        )
-        .bind(topic)
-        .bind(group)
-        .bind(at.transaction.to_string())
-        .bind(at.sequence as i64)
-        .execute(self.store.pool())
-        .await
-        .map_err(db)?;
-        Ok(())
+        put_checkpoint(self.store.pool(), topic, group, at, Put::IfMissing).await
     }
+}
+
+/// Whether [`put_checkpoint`] replaces a checkpoint that exists.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Put {
+    Replace,
+    IfMissing,
+}
+
+/// Writes the group's checkpoint.
+async fn put_checkpoint(
+    pool: &sqlx::PgPool,
+    topic: &str,
+    group: &str,
+    at: GlobalPosition,
+    put: Put,
+) -> Result<()> {
+    let on_conflict = match put {
+        Put::Replace => {
+            "DO UPDATE SET transaction_id = EXCLUDED.transaction_id, sequence = EXCLUDED.sequence"
+        }
+        Put::IfMissing => "DO NOTHING",
+    };
+    sqlx::query(&format!(
+        "INSERT INTO tidings_checkpoints (topic, group_name, transaction_id, sequence) \
+         VALUES ($1, $2, $3::text::xid8, $4) ON CONFLICT (topic, group_name) {on_conflict}"
+    ))
+    .bind(topic)
+    .bind(group)
+    .bind(at.transaction.to_string())
+    .bind(at.sequence as i64)
+    .execute(pool)
+    .await
+    .map_err(db)?;
+    Ok(())
 }
 
 /// How long a stopping reader waits for the deliveries it handed out.
@@ -521,16 +527,7 @@ impl Reader {
         let Some(group) = &self.group else {
             return;
         };
-        let saved = sqlx::query(
-            "UPDATE tidings_checkpoints SET transaction_id = $3::text::xid8, sequence = $4 \
-             WHERE topic = $1 AND group_name = $2",
-        )
-        .bind(&*self.topic)
-        .bind(&**group)
-        .bind(at.transaction.to_string())
-        .bind(at.sequence as i64)
-        .execute(self.store.pool())
-        .await;
+        let saved = put_checkpoint(self.store.pool(), &self.topic, group, at, Put::Replace).await;
         if let Err(error) = saved {
             // The next save carries this one's progress too.
             tracing::warn!(%error, %group, topic = %self.topic, "saving the checkpoint failed");
