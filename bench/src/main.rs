@@ -16,6 +16,7 @@ mod common;
 mod kafka;
 mod memory;
 mod nats;
+mod postgres;
 mod redis;
 
 use clap::Parser;
@@ -23,7 +24,8 @@ use clap::Parser;
 /// Command-line arguments.
 #[derive(Parser, Debug)]
 pub struct Args {
-    /// Brokers to run: memory, redis, amqp, nats, kafka.
+    /// Brokers to run: memory, redis, amqp, nats, kafka, postgres (the
+    /// event store; cases append, append-batch, read, catch-up).
     #[arg(long, value_delimiter = ',', default_value = "memory")]
     pub broker: Vec<String>,
     /// Cases to run: publish, publish-batch, e2e.
@@ -54,7 +56,10 @@ fn main() {
             "amqp" => rt.block_on(amqp::run(&args)),
             "nats" => rt.block_on(nats::run(&args)),
             "kafka" => rt.block_on(kafka::run(&args)),
-            other => eprintln!("unknown broker `{other}`; known: memory, redis, amqp, nats, kafka"),
+            "postgres" => rt.block_on(postgres::run(&args)),
+            other => eprintln!(
+                "unknown broker `{other}`; known: memory, redis, amqp, nats, kafka, postgres"
+            ),
         }
     }
 }

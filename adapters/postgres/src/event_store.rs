@@ -88,8 +88,11 @@ pub struct EventStore {
     pool: PgPool,
 }
 
-/// The columns every read selects, in the order [`recorded`] reads them.
-const COLUMNS: &str = "transaction_id::text AS transaction_id, sequence, stream_id, version, \
+/// The columns every read selects, as [`recorded`] reads them. The
+/// transaction id is selected as text under another name: an output
+/// column named `transaction_id` would be what `ORDER BY transaction_id`
+/// sorts by — as text, where `100` sorts before `99`.
+const COLUMNS: &str = "transaction_id::text AS transaction_text, sequence, stream_id, version, \
      event_id, event_type, source, time_us, schema_version, correlation_id, causation_id, \
      content_type, message_key, headers, payload";
 
@@ -436,7 +439,7 @@ pub(crate) fn micros(t: SystemTime) -> i64 {
 
 /// A selected row as an event.
 fn recorded(row: &PgRow) -> Result<RecordedEvent, StoreError> {
-    let transaction: String = row.try_get("transaction_id")?;
+    let transaction: String = row.try_get("transaction_text")?;
     let headers: serde_json::Value = row.try_get("headers")?;
     let headers: Headers = serde_json::from_value(headers).unwrap_or_default();
     let time: Option<i64> = row.try_get("time_us")?;

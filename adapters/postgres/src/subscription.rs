@@ -47,9 +47,10 @@ const MEMBER_LOCKS: i32 = 0x7464_6d62; // "tdmb"
 /// - **Groups** keep their checkpoint in `tidings_checkpoints`: the
 ///   position before which every event was settled. It advances over a
 ///   contiguous settled prefix only, so an event still being handled (or
-///   waiting for a retry) is never passed; after a restart the group
-///   resumes there (events settled after it are delivered again: at least
-///   once, as on every broker).
+///   waiting for a retry) is never passed. It is saved at most every
+///   100 ms while it moves and once more when the subscription stops; after
+///   a crash the group resumes from the last save (events settled after it
+///   are delivered again: at least once, as on every broker).
 /// - **Members** of a group take turns rather than share: one holds the
 ///   group's advisory lock and reads, the others wait as hot standbys and
 ///   take over from the checkpoint within a poll interval of the lock's
@@ -119,10 +120,12 @@ impl EventStoreSubscriber {
             StartFrom::Time(t) => micros(t),
         };
         let row: Option<(String, i64)> = sqlx::query_as(
-            "SELECT transaction_id::text, sequence FROM tidings_events \
-             WHERE ($1 = '$all' OR category = $1) AND coalesce(time_us, 0) < $2 \
-             AND transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
-             ORDER BY transaction_id DESC, sequence DESC LIMIT 1",
+            // Ordered by the xid8 column, not by its text (an output
+            // column named like it would win in ORDER BY).
+            "SELECT e.transaction_id::text AS transaction_text, e.sequence FROM tidings_events e \
+             WHERE ($1 = '$all' OR e.category = $1) AND coalesce(e.time_us, 0) < $2 \
+             AND e.transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
+             ORDER BY e.transaction_id DESC, e.sequence DESC LIMIT 1",
         )
         .bind(topic)
         .bind(before)
@@ -256,6 +259,9 @@ async fn put_checkpoint(
     Ok(())
 }
 
+/// How often a moving checkpoint is saved.
+const SAVE_EVERY: Duration = Duration::from_millis(100);
+
 /// How long a stopping reader waits for the deliveries it handed out.
 const DRAIN: Duration = Duration::from_secs(10);
 
@@ -318,6 +324,7 @@ impl Reader {
             (None, None) => return,
         };
         let mut next_read = checkpoint;
+        let (mut saved, mut last_save) = (checkpoint, std::time::Instant::now());
         // Handed out and not settled: `true` once settled.
         let mut pending: BTreeMap<GlobalPosition, bool> = BTreeMap::new();
         let mut wake = true;
@@ -326,7 +333,9 @@ impl Reader {
                 break;
             }
             let free = self.prefetch.saturating_sub(pending.len());
-            if wake && free > 0 {
+            // Refill in batches, not one event per settlement.
+            let refill = free > 0 && (pending.is_empty() || free >= self.prefetch.div_ceil(4));
+            if wake && refill {
                 wake = false;
                 match self.read(next_read, free).await {
                     Ok(events) => {
@@ -373,7 +382,7 @@ impl Reader {
                     while let Ok(more) = settle_rx.try_recv() {
                         self.settle(more, &mut pending);
                     }
-                    if self.advance(&mut checkpoint, &mut pending).await {
+                    if advance(&mut checkpoint, &mut pending) {
                         wake = true;
                     }
                 }
@@ -385,6 +394,13 @@ impl Reader {
                     wake = true;
                 }
                 Wake::Poll => wake = true,
+            }
+            // Saved at most every SAVE_EVERY: a write per event would bound
+            // the projection by the database's round trip. A crash repeats
+            // at most that much (at least once); a stop saves it all.
+            if checkpoint != saved && last_save.elapsed() >= SAVE_EVERY {
+                self.save(checkpoint).await;
+                (saved, last_save) = (checkpoint, std::time::Instant::now());
             }
         }
         // Stopped: the handlers still running settle what they hold (the
@@ -398,7 +414,10 @@ impl Reader {
                 _ => break,
             }
         }
-        self.advance(&mut checkpoint, &mut pending).await;
+        advance(&mut checkpoint, &mut pending);
+        if checkpoint != saved {
+            self.save(checkpoint).await;
+        }
     }
 
     /// Waits for the group's membership lock; returns its connection and
@@ -504,25 +523,6 @@ impl Reader {
         }
     }
 
-    /// Moves the checkpoint over the settled prefix and saves it; whether
-    /// it moved.
-    async fn advance(
-        &self,
-        checkpoint: &mut GlobalPosition,
-        pending: &mut BTreeMap<GlobalPosition, bool>,
-    ) -> bool {
-        let before = *checkpoint;
-        while let Some((&at, &true)) = pending.first_key_value() {
-            pending.remove(&at);
-            *checkpoint = at;
-        }
-        if *checkpoint == before {
-            return false;
-        }
-        self.save(*checkpoint).await;
-        true
-    }
-
     async fn save(&self, at: GlobalPosition) {
         let Some(group) = &self.group else {
             return;
@@ -533,6 +533,16 @@ impl Reader {
             tracing::warn!(%error, %group, topic = %self.topic, "saving the checkpoint failed");
         }
     }
+}
+
+/// Moves the checkpoint over the settled prefix; whether it moved.
+fn advance(checkpoint: &mut GlobalPosition, pending: &mut BTreeMap<GlobalPosition, bool>) -> bool {
+    let before = *checkpoint;
+    while let Some((&at, &true)) = pending.first_key_value() {
+        pending.remove(&at);
+        *checkpoint = at;
+    }
+    *checkpoint != before
 }
 
 async fn recv(listener: &mut Option<PgListener>) -> std::result::Result<(), sqlx::Error> {
