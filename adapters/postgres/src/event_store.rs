@@ -37,17 +37,6 @@ impl fmt::Display for ExpectedVersion {
     }
 }
 
-impl ExpectedVersion {
-    fn allows(self, actual: u64) -> bool {
-        match self {
-            ExpectedVersion::Any => true,
-            ExpectedVersion::NoStream => actual == 0,
-            ExpectedVersion::StreamExists => actual > 0,
-            ExpectedVersion::Exact(n) => actual == n,
-        }
-    }
-}
-
 /// Which way a stream is read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Direction {
@@ -133,65 +122,27 @@ impl EventStore {
         expected: ExpectedVersion,
         events: Vec<Message>,
     ) -> Result<Appended, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let appended = Self::append_in(&mut tx, stream, expected, &events).await?;
-        if !appended.already_stored {
-            tx.commit().await?;
-        }
-        Ok(appended)
+        // One statement: its own transaction, one round trip.
+        crate::append::append(&self.pool, stream, expected, &events).await
     }
 
     /// As [`append`](Self::append), inside the caller's transaction: the
     /// events are stored if and when that transaction commits, together
     /// with whatever else it wrote. The stream stays locked for other
     /// appends until then, so keep the transaction short.
+    ///
+    /// Append before the transaction's other writes: PostgreSQL gives a
+    /// transaction its id at its first write, and the store orders a
+    /// stream's appends by transaction id in global reads. A transaction
+    /// that wrote first took its id before waiting for the stream's lock,
+    /// and could appear before an append it waited for.
     pub async fn append_in(
         tx: &mut Transaction<'_, Postgres>,
         stream: &str,
         expected: ExpectedVersion,
         events: &[Message],
     ) -> Result<Appended, StoreError> {
-        if stream.is_empty() {
-            return Err(StoreError::InvalidStream(stream.to_owned()));
-        }
-        let actual = lock_stream(tx, stream).await?;
-        if let Some(earlier) = stored_already(tx, stream, events).await? {
-            return Ok(earlier);
-        }
-        if !expected.allows(actual) {
-            return Err(StoreError::WrongExpectedVersion {
-                stream: stream.to_owned(),
-                expected,
-                actual,
-            });
-        }
-        if events.is_empty() {
-            return Ok(Appended {
-                first_version: actual + 1,
-                version: actual,
-                already_stored: false,
-            });
-        }
-        let version = insert(tx, stream, actual, events).await?;
-        sqlx::query(
-            "INSERT INTO tidings_streams (stream_id, version) VALUES ($1, $2) \
-             ON CONFLICT (stream_id) DO UPDATE SET version = EXCLUDED.version",
-        )
-        .bind(stream)
-        .bind(version as i64)
-        .execute(&mut **tx)
-        .await?;
-        // Wakes the subscriptions at commit (and only if it commits).
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(crate::subscription::CHANNEL)
-            .bind(category(stream))
-            .execute(&mut **tx)
-            .await?;
-        Ok(Appended {
-            first_version: actual + 1,
-            version,
-            already_stored: false,
-        })
+        crate::append::append(&mut **tx, stream, expected, events).await
     }
 
     /// The stream's version (how many events it holds; 0 for none).
@@ -283,153 +234,6 @@ impl EventStore {
 /// The category of a stream id: before its first `-`.
 pub(crate) fn category(stream: &str) -> &str {
     stream.split_once('-').map_or(stream, |(c, _)| c)
-}
-
-/// The namespace of the store's advisory locks (the first key of the
-/// two-key form), so they do not meet an application's own.
-const LOCK_NAMESPACE: i32 = 0x7464_6e67; // "tdng"
-
-/// Takes the stream's append lock and returns its version (0 for a new
-/// stream).
-///
-/// The lock is an advisory lock taken before the transaction writes
-/// anything: PostgreSQL assigns a transaction id at its first write, so
-/// appends to one stream get increasing transaction ids in the order they
-/// hold the lock, which makes [`GlobalPosition`] order agree with version
-/// order within a stream. (A row lock would not: two transactions creating
-/// the same stream may both take their ids before one waits for the other.)
-async fn lock_stream(tx: &mut Transaction<'_, Postgres>, stream: &str) -> Result<u64, StoreError> {
-    sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))")
-        .bind(LOCK_NAMESPACE)
-        .bind(stream)
-        .execute(&mut **tx)
-        .await?;
-    let version: Option<i64> =
-        sqlx::query_scalar("SELECT version FROM tidings_streams WHERE stream_id = $1")
-            .bind(stream)
-            .fetch_optional(&mut **tx)
-            .await?;
-    Ok(version.unwrap_or(0) as u64)
-}
-
-/// When every event is stored already as one earlier append of `stream`
-/// (same ids, consecutive versions, same order): that append's answer.
-/// When only some are, or elsewhere: a duplicate.
-async fn stored_already(
-    tx: &mut Transaction<'_, Postgres>,
-    stream: &str,
-    events: &[Message],
-) -> Result<Option<Appended>, StoreError> {
-    let ids: Vec<&str> = events.iter().map(|m| m.id.as_str()).collect();
-    let found: Vec<(String, String, i64)> = sqlx::query_as(
-        "SELECT event_id, stream_id, version FROM tidings_events WHERE event_id = ANY($1)",
-    )
-    .bind(&ids)
-    .fetch_all(&mut **tx)
-    .await?;
-    let Some((first_id, first_stream, _)) = found.first().cloned() else {
-        return Ok(None);
-    };
-    // The same append again: every id found, in this stream, at
-    // consecutive versions in the order given.
-    let version_of = |id: &str| {
-        found
-            .iter()
-            .find(|(i, s, _)| i == id && s == stream)
-            .map(|f| f.2)
-    };
-    let base = version_of(ids[0]);
-    let same = found.len() == ids.len()
-        && base.is_some_and(|base| {
-            ids.iter()
-                .enumerate()
-                .all(|(n, id)| version_of(id) == Some(base + n as i64))
-        });
-    match base {
-        Some(base) if same => Ok(Some(Appended {
-            first_version: base as u64,
-            version: base as u64 + ids.len() as u64 - 1,
-            already_stored: true,
-        })),
-        _ => Err(StoreError::DuplicateEvent {
-            id: first_id,
-            stream: first_stream,
-        }),
-    }
-}
-
-/// Inserts the events after `version` in one statement; returns the
-/// stream's new version.
-async fn insert(
-    tx: &mut Transaction<'_, Postgres>,
-    stream: &str,
-    version: u64,
-    events: &[Message],
-) -> Result<u64, StoreError> {
-    let n = events.len();
-    let mut versions = Vec::with_capacity(n);
-    let mut ids = Vec::with_capacity(n);
-    let mut types = Vec::with_capacity(n);
-    let mut sources = Vec::with_capacity(n);
-    let mut times = Vec::with_capacity(n);
-    let mut schemas = Vec::with_capacity(n);
-    let mut correlations = Vec::with_capacity(n);
-    let mut causations = Vec::with_capacity(n);
-    let mut content_types = Vec::with_capacity(n);
-    let mut keys = Vec::with_capacity(n);
-    let mut headers = Vec::with_capacity(n);
-    let mut payloads = Vec::with_capacity(n);
-    for (i, m) in events.iter().enumerate() {
-        let meta = &m.metadata;
-        versions.push((version + 1 + i as u64) as i64);
-        ids.push(m.id.as_str());
-        types.push(meta.event_type.as_deref());
-        sources.push(meta.source.as_deref());
-        times.push(meta.time.map(micros));
-        schemas.push(meta.schema_version.as_deref());
-        correlations.push(meta.correlation_id.as_deref());
-        causations.push(meta.causation_id.as_deref());
-        content_types.push(meta.content_type.as_deref());
-        keys.push(m.key.as_deref());
-        headers.push(serde_json::to_value(&m.headers).unwrap_or_default());
-        payloads.push(m.payload.as_ref());
-    }
-    sqlx::query(
-        "INSERT INTO tidings_events (stream_id, category, version, event_id, event_type, source, \
-         time_us, schema_version, correlation_id, causation_id, content_type, message_key, \
-         headers, payload) \
-         SELECT $1, $2, * FROM UNNEST($3::bigint[], $4::text[], $5::text[], $6::text[], \
-         $7::bigint[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], \
-         $13::jsonb[], $14::bytea[])",
-    )
-    .bind(stream)
-    .bind(category(stream))
-    .bind(&versions)
-    .bind(&ids)
-    .bind(&types)
-    .bind(&sources)
-    .bind(&times)
-    .bind(&schemas)
-    .bind(&correlations)
-    .bind(&causations)
-    .bind(&content_types)
-    .bind(&keys)
-    .bind(&headers)
-    .bind(&payloads)
-    .execute(&mut **tx)
-    .await
-    .map_err(
-        |e| match e.as_database_error().and_then(|d| d.constraint()) {
-            // Another append stored one of these ids between our check and
-            // this insert (it holds another stream's lock).
-            Some("tidings_events_event_id_key") => StoreError::DuplicateEvent {
-                id: ids.first().map_or_else(String::new, |s| (*s).to_owned()),
-                stream: String::new(),
-            },
-            _ => StoreError::Database(e),
-        },
-    )?;
-    Ok(version + n as u64)
 }
 
 pub(crate) fn micros(t: SystemTime) -> i64 {

@@ -32,6 +32,7 @@
 #![forbid(unsafe_code)]
 
 mod aggregate;
+mod append;
 mod error;
 mod event_store;
 mod forward;

@@ -53,5 +53,8 @@ pub(crate) async fn create(pool: &PgPool) -> Result<(), sqlx::Error> {
     for statement in DDL {
         sqlx::query(statement).execute(&mut *tx).await?;
     }
+    sqlx::query(&crate::append::function_ddl())
+        .execute(&mut *tx)
+        .await?;
     tx.commit().await
 }
