@@ -432,6 +432,20 @@ async fn dlq_on_rabbitmq() {
     dlq_round(AMQP, "500ms").await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_on_kafka() {
+    // Each command joins the group `dead-letters`: the first fetch waits
+    // out the join (the command's default --wait on Kafka is 12s).
+    let url: &'static str = Box::leak(
+        format!(
+            "kafka://{}?auto_create_topics=true",
+            tidings_tests::kafka_mock()
+        )
+        .into_boxed_str(),
+    );
+    dlq_round(url, "12s").await;
+}
+
 // Not on JetStream yet: a letter one command handed back reaches the next
 // only after up to `ack_wait` (the pull request of the closed reader lapses),
 // and a command that holds letters longer than `ack_wait` can be handed the

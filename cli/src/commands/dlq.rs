@@ -66,11 +66,23 @@ struct Target {
     /// by window; `ls` shows at most this many).
     #[arg(long, default_value_t = 10_000)]
     limit: usize,
-    /// How long to wait for more letters after the last one (JetStream:
+    /// How long to wait for more letters after the last one; 500ms, and
+    /// 12s on Kafka, where each command joins the group `dead-letters` and
+    /// the partitions come only once the group rebalanced (JetStream:
     /// letters another reader handed back a moment ago can take up to its
     /// `ack_wait` to come back).
-    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
-    wait: Duration,
+    #[arg(long, value_parser = humantime::parse_duration)]
+    wait: Option<Duration>,
+}
+
+impl Target {
+    /// `--wait`, or the broker's default.
+    fn wait(&self, bus: &Bus) -> Duration {
+        self.wait.unwrap_or(match bus.subscriber().name() {
+            "kafka" => Duration::from_secs(12),
+            _ => Duration::from_millis(500),
+        })
+    }
 }
 
 impl Target {
@@ -111,8 +123,9 @@ pub(crate) async fn run(cli: &Cli, bus: &Bus, args: &Args) -> Result<(), Failure
     .map_err(|e| failed(&format!("opening {dlq} failed"), e))?;
     // Everything the destination holds now (until nothing came for --wait,
     // up to --limit); bounded, and what came by then is worked on.
-    let _ = tokio::time::timeout(cli.timeout, inbox.fetch(target.wait)).await;
-    let result = act(cli, &mut inbox, &args.action, target).await;
+    let wait = target.wait(bus);
+    let _ = tokio::time::timeout(cli.timeout + wait, inbox.fetch(wait)).await;
+    let result = act(cli, &mut inbox, &args.action, target, wait).await;
     let closed = bounded(cli.timeout, "closing the dead letters", inbox.close()).await;
     result?;
     closed?.map_err(|e| failed("closing the dead letters failed", e))
@@ -123,6 +136,7 @@ async fn act(
     inbox: &mut DeadLetterInbox,
     action: &Action,
     target: &Target,
+    wait: Duration,
 ) -> Result<(), Failure> {
     let chosen = |inbox: &DeadLetterInbox| -> Result<Vec<String>, Failure> {
         let filter = target.filter()?;
@@ -215,7 +229,7 @@ async fn act(
                 if target.id.is_some() {
                     break;
                 }
-                let _ = tokio::time::timeout(cli.timeout, inbox.fetch(target.wait)).await;
+                let _ = tokio::time::timeout(cli.timeout + wait, inbox.fetch(wait)).await;
                 ids = chosen(inbox)?;
                 if ids.is_empty() {
                     break;
