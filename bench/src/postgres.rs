@@ -59,6 +59,17 @@ async fn bare_table(pool: &PgPool) {
     }
 }
 
+/// Fresh statistics for both tables, so neither side reads with a plan
+/// made for an empty table.
+async fn analyze(pool: &PgPool) {
+    for table in ["bench_bare_events", "tidings_events"] {
+        sqlx::query(&format!("ANALYZE {table}"))
+            .execute(pool)
+            .await
+            .expect("analyze");
+    }
+}
+
 fn events(n: usize, payload: usize) -> Vec<Message> {
     (0..n)
         .map(|_| Message::new(vec![b'x'; payload]).with_type("bench.happened"))
@@ -165,6 +176,7 @@ async fn reads(store: &EventStore, pool: &PgPool, run: &str, count: u64, payload
         bare_append(pool, &stream, version, &events(n, payload)).await;
         version += n as u64;
     }
+    analyze(pool).await;
     let started = Instant::now();
     let mut from = 1;
     while from <= count {
@@ -228,6 +240,7 @@ async fn catch_up(store: &EventStore, pool: &PgPool, run: &str, count: u64, payl
         written += k as u64;
         n += 1;
     }
+    analyze(pool).await;
     let handled = Arc::new(AtomicU64::new(0));
     let counter = handled.clone();
     let subscriber: Arc<dyn Subscriber> =
