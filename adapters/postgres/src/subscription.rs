@@ -328,7 +328,8 @@ impl Reader {
         // Handed out and not settled: `true` once settled.
         let mut pending: BTreeMap<GlobalPosition, bool> = BTreeMap::new();
         let mut wake = true;
-        loop {
+        // Every way out goes through the drain and the last save below.
+        'run: loop {
             if *self.stop.borrow() {
                 break;
             }
@@ -352,7 +353,9 @@ impl Reader {
                                 .insert(VERSION_HEADER.to_owned(), event.version.to_string());
                             let delivery = self.delivery(event.position, Arc::new(message), 1);
                             if self.tx.send(Ok(delivery)).await.is_err() {
-                                return;
+                                // The stream is closed: this one stays
+                                // pending, so the checkpoint stops before it.
+                                break 'run;
                             }
                         }
                         // A full batch: more may be there already.
@@ -360,7 +363,7 @@ impl Reader {
                     }
                     Err(e) => {
                         if self.tx.send(Err(e)).await.is_err() {
-                            return;
+                            break 'run;
                         }
                     }
                 }
