@@ -43,8 +43,64 @@ impl EventStore {
     /// Loads the aggregate of `stream` by folding its events from the
     /// first (a stream without events is the default state at version 0).
     pub async fn load<A: Aggregate>(&self, stream: &str) -> Result<Loaded<A>, StoreError> {
-        let mut state = A::default();
-        let mut version = 0;
+        self.fold(stream, A::default(), 0).await
+    }
+
+    /// Loads the aggregate of `stream` from its latest snapshot (see
+    /// [`save_snapshot`](Self::save_snapshot)), folding only the events
+    /// after it; without a snapshot, or with one that no longer reads as
+    /// `A` (its shape changed), from the first event.
+    pub async fn load_from_snapshot<A>(&self, stream: &str) -> Result<Loaded<A>, StoreError>
+    where
+        A: Aggregate + DeserializeOwned,
+    {
+        let snapshot: Option<(i64, serde_json::Value)> =
+            sqlx::query_as("SELECT version, state FROM tidings_snapshots WHERE stream_id = $1")
+                .bind(stream)
+                .fetch_optional(self.pool())
+                .await?;
+        match snapshot.map(|(v, state)| (v, serde_json::from_value::<A>(state))) {
+            Some((version, Ok(state))) => self.fold(stream, state, version.max(0) as u64).await,
+            Some((_, Err(error))) => {
+                tracing::warn!(%stream, %error, "the snapshot does not read as the aggregate; folding every event");
+                self.load(stream).await
+            }
+            None => self.load(stream).await,
+        }
+    }
+
+    /// Stores the loaded state as the stream's snapshot, unless a newer one
+    /// is stored already. Snapshots are a cache: dropping the table loses
+    /// nothing but load time.
+    pub async fn save_snapshot<A>(&self, loaded: &Loaded<A>) -> Result<(), StoreError>
+    where
+        A: Aggregate + Serialize,
+    {
+        let state = serde_json::to_value(&loaded.state).map_err(|e| StoreError::Undecodable {
+            stream: loaded.stream.clone(),
+            version: loaded.version,
+            error: e.to_string(),
+        })?;
+        sqlx::query(
+            "INSERT INTO tidings_snapshots (stream_id, version, state) VALUES ($1, $2, $3) \
+             ON CONFLICT (stream_id) DO UPDATE SET version = EXCLUDED.version, state = EXCLUDED.state \
+             WHERE tidings_snapshots.version < EXCLUDED.version",
+        )
+        .bind(&loaded.stream)
+        .bind(loaded.version as i64)
+        .bind(state)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// `state` at `version`, with the stream's later events applied.
+    async fn fold<A: Aggregate>(
+        &self,
+        stream: &str,
+        mut state: A,
+        mut version: u64,
+    ) -> Result<Loaded<A>, StoreError> {
         loop {
             let page = self
                 .read_stream(stream, version + 1, Direction::Forward, PAGE)

@@ -34,6 +34,11 @@ const DDL: &[&str] = &[
     )",
     "CREATE INDEX IF NOT EXISTS tidings_events_by_category
         ON tidings_events (category, transaction_id, sequence)",
+    "CREATE TABLE IF NOT EXISTS tidings_snapshots (
+        stream_id text PRIMARY KEY,
+        version bigint NOT NULL,
+        state jsonb NOT NULL
+    )",
     "CREATE TABLE IF NOT EXISTS tidings_checkpoints (
         topic text NOT NULL,
         group_name text NOT NULL,
