@@ -24,6 +24,11 @@ pub(crate) const LOCK_NAMESPACE: i32 = 0x7464_6e67;
 ///   same stream can both take their ids before one waits for the other);
 /// - each statement after it sees what committed before the lock was
 ///   granted (read committed takes a snapshot per statement);
+/// - a transaction that wrote before the append (`append_in` after other
+///   writes, or a second stream in the same transaction) has its id from
+///   before the lock; if the stream's last event has a later id, the
+///   append is refused with `serialization_failure` (SQLSTATE 40001, the
+///   usual signal to retry a transaction) rather than stored out of order;
 /// - the idempotency check comes before the version check, so a retried
 ///   append answers as the first did even though the version moved.
 pub(crate) fn function_ddl() -> String {
@@ -40,10 +45,20 @@ DECLARE
     v_n int := coalesce(array_length(p_ids, 1), 0);
     v_found int;
     v_base bigint;
+    v_xid xid8 := pg_current_xact_id_if_assigned();
 BEGIN
     PERFORM pg_advisory_xact_lock({LOCK_NAMESPACE}, hashtext(p_stream));
     SELECT s.version INTO v_actual FROM tidings_streams s WHERE s.stream_id = p_stream;
     v_actual := coalesce(v_actual, 0);
+    -- A transaction that wrote before this append took its id before the
+    -- lock: if the stream's last event has a later id, this append would
+    -- come before it in global order. Refused; the transaction is retried.
+    IF v_xid IS NOT NULL AND EXISTS (SELECT 1 FROM tidings_events e
+        WHERE e.stream_id = p_stream AND e.version = v_actual AND e.transaction_id > v_xid)
+    THEN
+        RAISE EXCEPTION 'tidings: stream % moved on after this transaction began writing; retry the transaction', p_stream
+            USING ERRCODE = 'serialization_failure';
+    END IF;
     IF v_n > 0 THEN
         SELECT count(*) INTO v_found FROM tidings_events e WHERE e.event_id = ANY(p_ids);
         IF v_found > 0 THEN
@@ -80,7 +95,8 @@ BEGIN
     FROM unnest(p_ids, p_types, p_sources, p_times, p_schemas, p_correlations, p_causations,
         p_content_types, p_keys, p_headers, p_payloads)
         WITH ORDINALITY AS t(id, type, source, time_us, schema, correlation, causation,
-            content_type, key, headers, payload, ord);
+            content_type, key, headers, payload, ord)
+    ORDER BY t.ord;
     INSERT INTO tidings_streams (stream_id, version) VALUES (p_stream, v_actual + v_n)
         ON CONFLICT (stream_id) DO UPDATE SET version = EXCLUDED.version;
     -- Wakes the subscriptions at commit (and only if it commits).

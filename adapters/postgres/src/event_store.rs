@@ -134,8 +134,11 @@ impl EventStore {
     /// Append before the transaction's other writes: PostgreSQL gives a
     /// transaction its id at its first write, and the store orders a
     /// stream's appends by transaction id in global reads. A transaction
-    /// that wrote first took its id before waiting for the stream's lock,
-    /// and could appear before an append it waited for.
+    /// that wrote first (another stream's append included) took its id
+    /// before waiting for this stream's lock; if an append with a later id
+    /// got in meanwhile, this one fails with SQLSTATE 40001
+    /// (`serialization_failure`, in [`StoreError::Database`]) rather than
+    /// be stored out of order: retry the transaction.
     pub async fn append_in(
         tx: &mut Transaction<'_, Postgres>,
         stream: &str,
@@ -183,7 +186,9 @@ impl EventStore {
         rows.iter().map(recorded).collect()
     }
 
-    /// Up to `limit` events of every stream after `after`, in global order;
+    /// Up to `limit` events of every stream after `after`, in global order
+    /// (but the store's own: categories starting with `$`, such as
+    /// projections' dead letters);
     /// only events no transaction in progress can commit behind (see
     /// [`GlobalPosition`]). Pass the last returned position as the next
     /// `after` to follow the store without skipping an event.
@@ -195,7 +200,7 @@ impl EventStore {
         let sql = format!(
             "SELECT {COLUMNS} FROM tidings_events \
              WHERE (transaction_id, sequence) > ($1::text::xid8, $2) AND {SETTLED} \
-             ORDER BY transaction_id, sequence LIMIT $3"
+             AND left(category, 1) <> '$' ORDER BY transaction_id, sequence LIMIT $3"
         );
         let rows = sqlx::query(&sql)
             .bind(after.transaction.to_string())

@@ -20,8 +20,12 @@ use tokio::sync::{mpsc, watch};
 use crate::event_store::{EventStore, ExpectedVersion, RecordedEvent, micros};
 use crate::position::GlobalPosition;
 
-/// The topic of every event of the store.
+/// The topic of every event of the store (but the store's own, such as
+/// dead letters: their categories start with `$`).
 pub const ALL: &str = "$all";
+
+/// The first character of the store's own categories.
+pub(crate) const RESERVED: char = '$';
 
 /// A header on every delivered event: its stream (not stored; added when
 /// the event is handed out).
@@ -62,8 +66,9 @@ const MEMBER_LOCKS: i32 = 0x7464_6d62; // "tdmb"
 ///   one higher, from the subscriber's memory; the checkpoint waits for it.
 /// - **Dead letters** are appended to the store, in the category
 ///   [`dead_letter_topic`](Subscriber::dead_letter_topic) names
-///   (`<topic>_<group>_dlq`, one stream per letter), where `read_category`
-///   and the dead-letter inbox read them.
+///   (`$dlq_<topic>_<group>_dlq`, one stream per letter), where
+///   `read_category` and the dead-letter inbox read them; `$`-categories
+///   are the store's own and not part of [`ALL`].
 /// - Each delivered event carries its stream and version as the headers
 ///   [`STREAM_HEADER`] and [`VERSION_HEADER`].
 #[derive(Clone, Debug)]
@@ -168,13 +173,6 @@ impl Subscriber for EventStoreSubscriber {
             }
             None => Some(self.start_position(&topic, subscription.start).await?),
         };
-        let listener = match PgListener::connect_with(self.store.pool()).await {
-            Ok(mut listener) => match listener.listen(CHANNEL).await {
-                Ok(()) => Some(listener),
-                Err(_) => None,
-            },
-            Err(_) => None,
-        };
         let (tx, rx) = mpsc::channel(subscription.prefetch.max(1));
         let (settle_tx, settle_rx) = mpsc::unbounded_channel();
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -190,7 +188,7 @@ impl Subscriber for EventStoreSubscriber {
             settle_tx,
             stop: stop_rx,
         };
-        let task = tokio::spawn(reader.run(start, settle_rx, listener));
+        let task = tokio::spawn(reader.run(start, settle_rx));
         Ok(Box::new(StoreStream {
             rx,
             stop: stop_tx,
@@ -208,8 +206,9 @@ impl Subscriber for EventStoreSubscriber {
         } else {
             format!("{topic}_{group}_dlq")
         };
-        // A category ends at the first `-` of a stream id.
-        base.replace(['-', '$'], "_")
+        // A category ends at the first `-` of a stream id; categories that
+        // start with `$` are the store's own, left out of `$all`.
+        format!("{RESERVED}dlq_{}", base.replace(['-', '$'], "_"))
     }
 }
 
@@ -232,8 +231,8 @@ enum Put {
 }
 
 /// Writes the group's checkpoint.
-async fn put_checkpoint(
-    pool: &sqlx::PgPool,
+async fn put_checkpoint<'c>(
+    executor: impl sqlx::PgExecutor<'c>,
     topic: &str,
     group: &str,
     at: GlobalPosition,
@@ -253,7 +252,7 @@ async fn put_checkpoint(
     .bind(group)
     .bind(at.transaction.to_string())
     .bind(at.sequence as i64)
-    .execute(pool)
+    .execute(executor)
     .await
     .map_err(db)?;
     Ok(())
@@ -263,7 +262,7 @@ async fn put_checkpoint(
 const SAVE_EVERY: Duration = Duration::from_millis(100);
 
 /// How long a stopping reader waits for the deliveries it handed out.
-const DRAIN: Duration = Duration::from_secs(10);
+const DRAIN: Duration = Duration::from_secs(8);
 
 /// What woke the reader.
 enum Wake {
@@ -305,12 +304,11 @@ impl Reader {
         mut self,
         start: Option<GlobalPosition>,
         mut settle_rx: mpsc::UnboundedReceiver<Settle>,
-        mut listener: Option<PgListener>,
     ) {
         // A group reads only while it holds its membership lock, on a
         // connection of its own: closing it (or the process dying) lets a
         // standby take over.
-        let mut _member = None;
+        let mut member = None;
         let mut checkpoint = match (start, &self.group) {
             (Some(start), _) => start,
             (None, Some(group)) => {
@@ -318,15 +316,18 @@ impl Reader {
                 let Some((conn, at)) = self.take_turn(&group).await else {
                     return;
                 };
-                _member = Some(conn);
+                member = Some(conn);
                 at
             }
             (None, None) => return,
         };
+        // Listening only once reading: a standby would leave notifications
+        // unread, and the server's queue of them would grow for everyone.
+        let mut listener = self.listen().await;
         let mut next_read = checkpoint;
         let (mut saved, mut last_save) = (checkpoint, std::time::Instant::now());
-        // Handed out and not settled: `true` once settled.
-        let mut pending: BTreeMap<GlobalPosition, bool> = BTreeMap::new();
+        // Handed out, by how far each got.
+        let mut pending: BTreeMap<GlobalPosition, Held> = BTreeMap::new();
         let mut wake = true;
         // Every way out goes through the drain and the last save below.
         'run: loop {
@@ -343,7 +344,7 @@ impl Reader {
                         let full = events.len() == free;
                         for event in events {
                             next_read = event.position;
-                            pending.insert(event.position, false);
+                            pending.insert(event.position, Held::Out);
                             let mut message = event.message;
                             message
                                 .headers
@@ -402,7 +403,11 @@ impl Reader {
             // the projection by the database's round trip. A crash repeats
             // at most that much (at least once); a stop saves it all.
             if checkpoint != saved && last_save.elapsed() >= SAVE_EVERY {
-                self.save(checkpoint).await;
+                if !self.save(&mut member, checkpoint).await {
+                    // The membership is gone (its connection broke): a
+                    // standby may be reading already. Stop handing out.
+                    return;
+                }
                 (saved, last_save) = (checkpoint, std::time::Instant::now());
             }
         }
@@ -411,7 +416,7 @@ impl Reader {
         // saved, within a bound. What is not settled by then comes again
         // to the next reader from the checkpoint.
         let deadline = tokio::time::Instant::now() + DRAIN;
-        while pending.values().any(|done| !done) {
+        while pending.values().any(|held| *held == Held::Out) {
             match tokio::time::timeout_at(deadline, settle_rx.recv()).await {
                 Ok(Some(settled)) => self.settle(settled, &mut pending),
                 _ => break,
@@ -419,7 +424,24 @@ impl Reader {
         }
         advance(&mut checkpoint, &mut pending);
         if checkpoint != saved {
-            self.save(checkpoint).await;
+            self.save(&mut member, checkpoint).await;
+        }
+    }
+
+    /// `LISTEN`s on a connection of the pool, or `None` (the poll is the
+    /// fallback), said in the log.
+    async fn listen(&self) -> Option<PgListener> {
+        let listening = async {
+            let mut listener = PgListener::connect_with(self.store.pool()).await?;
+            listener.listen(CHANNEL).await?;
+            Ok::<_, sqlx::Error>(listener)
+        };
+        match listening.await {
+            Ok(listener) => Some(listener),
+            Err(error) => {
+                tracing::warn!(%error, topic = %self.topic, "LISTEN failed; polling instead");
+                None
+            }
         }
     }
 
@@ -498,16 +520,20 @@ impl Reader {
         )
     }
 
-    fn settle(&self, settled: Settle, pending: &mut BTreeMap<GlobalPosition, bool>) {
+    fn settle(&self, settled: Settle, pending: &mut BTreeMap<GlobalPosition, Held>) {
         match settled {
             Settle::Done(at) => {
-                if let Some(done) = pending.get_mut(&at) {
-                    *done = true;
+                if let Some(held) = pending.get_mut(&at) {
+                    *held = Held::Done;
                 }
             }
-            // Stopping: not handed out again (the checkpoint waits for it,
-            // so the next reader gets it).
-            Settle::Again { .. } if *self.stop.borrow() => {}
+            // Stopping: not handed out again, and not waited for; the
+            // checkpoint stops before it, so the next reader gets it.
+            Settle::Again { position, .. } if *self.stop.borrow() => {
+                if let Some(held) = pending.get_mut(&position) {
+                    *held = Held::Abandoned;
+                }
+            }
             Settle::Again {
                 position,
                 message,
@@ -526,22 +552,41 @@ impl Reader {
         }
     }
 
-    async fn save(&self, at: GlobalPosition) {
-        let Some(group) = &self.group else {
-            return;
+    /// Saves the checkpoint over the membership connection (a private
+    /// subscription has none to save); `false` when that connection is
+    /// gone, and with it the group's lock.
+    async fn save(&self, member: &mut Option<sqlx::PgConnection>, at: GlobalPosition) -> bool {
+        let (Some(group), Some(conn)) = (&self.group, member.as_mut()) else {
+            return true;
         };
-        let saved = put_checkpoint(self.store.pool(), &self.topic, group, at, Put::Replace).await;
-        if let Err(error) = saved {
-            // The next save carries this one's progress too.
-            tracing::warn!(%error, %group, topic = %self.topic, "saving the checkpoint failed");
+        match put_checkpoint(&mut *conn, &self.topic, group, at, Put::Replace).await {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::warn!(%error, %group, topic = %self.topic,
+                    "saving the checkpoint failed; this member stops reading (the group's lock went with its connection)");
+                *member = None;
+                false
+            }
         }
     }
 }
 
+/// How far an event handed out got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Held {
+    /// With a handler.
+    Out,
+    /// Settled: the checkpoint may pass it.
+    Done,
+    /// Handed back while stopping: the checkpoint stops before it, and the
+    /// drain does not wait for it.
+    Abandoned,
+}
+
 /// Moves the checkpoint over the settled prefix; whether it moved.
-fn advance(checkpoint: &mut GlobalPosition, pending: &mut BTreeMap<GlobalPosition, bool>) -> bool {
+fn advance(checkpoint: &mut GlobalPosition, pending: &mut BTreeMap<GlobalPosition, Held>) -> bool {
     let before = *checkpoint;
-    while let Some((&at, &true)) = pending.first_key_value() {
+    while let Some((&at, Held::Done)) = pending.first_key_value() {
         pending.remove(&at);
         *checkpoint = at;
     }
@@ -647,6 +692,11 @@ impl DeliveryStream for StoreStream {
     fn close(&mut self) -> BoxFuture<'_, Result<()>> {
         self.stop.send_replace(true);
         self.rx.close();
+        // Queued and never taken: handed back now (their ackers say so),
+        // not left for the drain to wait on.
+        while let Ok(queued) = self.rx.try_recv() {
+            drop(queued);
+        }
         Box::pin(async { Ok(()) })
     }
 

@@ -331,3 +331,34 @@ fn fastrand(max_ms: u64) -> u64 {
         .map_or(0, |d| d.subsec_nanos() as u64);
     nanos % max_ms
 }
+
+/// A transaction that appended to one stream (taking its transaction id)
+/// and then to a second stream, which another transaction appended to
+/// meanwhile, must not store its event before that one in global order:
+/// it is refused with a serialization failure.
+#[tokio::test]
+async fn an_append_that_would_land_out_of_order_is_refused() {
+    let store = store().await;
+    let category = category("order");
+    let (a, b) = (format!("{category}-a"), format!("{category}-b"));
+    let mut first = store.pool().begin().await.expect("begin");
+    EventStore::append_in(&mut first, &a, ExpectedVersion::Any, &[event(0)])
+        .await
+        .expect("a, taking the older transaction id");
+    // A younger transaction appends to b and commits.
+    store
+        .append(&b, ExpectedVersion::Any, vec![event(1)])
+        .await
+        .expect("b from the younger transaction");
+    let refused = EventStore::append_in(&mut first, &b, ExpectedVersion::Any, &[event(2)]).await;
+    match refused {
+        Err(StoreError::Database(e)) => assert_eq!(
+            e.as_database_error().and_then(|d| d.code()).as_deref(),
+            Some("40001"),
+            "{e}"
+        ),
+        other => panic!("expected a serialization failure, got {other:?}"),
+    }
+    drop(first);
+    assert_eq!(store.version(&b).await.expect("version"), 1);
+}

@@ -214,6 +214,16 @@ async fn a_failing_event_is_dead_lettered_into_the_store_and_the_projection_move
     );
     let data: Deposited = serde_json::from_slice(&letter.payload).expect("the event itself");
     assert_eq!(data.amount, -5);
+    // Dead letters are the store's own: not events of `$all`.
+    let just_before = GlobalPosition {
+        sequence: letters[0].position.sequence - 1,
+        ..letters[0].position
+    };
+    let next = store.read_all(just_before, 1).await.expect("read all");
+    assert!(
+        next.iter().all(|e| e.message.id != letter.id),
+        "a dead letter read as an event of $all"
+    );
     let checkpoint = store
         .subscriber()
         .checkpoint(&category, "balances")
