@@ -89,14 +89,16 @@ pub fn report(
     println!("  {count} msgs in {:.3} s; {detail}", elapsed.as_secs_f64());
 }
 
-/// The in-process bus runs on one core; brokers get a two-thread runtime.
-pub fn runtime(broker: &str) -> tokio::runtime::Runtime {
-    let mut builder = if broker == "memory" {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        b.worker_threads(2);
-        b
+/// The in-process bus runs on one core, brokers on a two-thread runtime;
+/// `workers` asks for a multi-thread runtime of that many for all.
+pub fn runtime(broker: &str, workers: Option<usize>) -> tokio::runtime::Runtime {
+    let mut builder = match workers {
+        None if broker == "memory" => tokio::runtime::Builder::new_current_thread(),
+        _ => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(workers.unwrap_or(2).max(1));
+            b
+        }
     };
     builder.enable_all().build().expect("runtime")
 }

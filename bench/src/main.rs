@@ -9,7 +9,8 @@
 //! followed by details (latency percentiles from publish to handler, resident memory).
 //! Cases: `publish` (one at a time, awaiting each), `publish-batch` (batches of 1,000),
 //! `e2e` (publish → runtime → handler → ack). The in-process bus runs on a
-//! single-threaded runtime: one core.
+//! single-threaded runtime (one core) unless `--workers N` asks for a
+//! multi-thread runtime, as `#[tokio::main]` gives a service.
 
 mod amqp;
 mod common;
@@ -44,12 +45,17 @@ pub struct Args {
     /// Handler concurrency for e2e, one run each.
     #[arg(long, value_delimiter = ',', default_value = "1,8")]
     pub handlers: Vec<usize>,
+    /// Worker threads of a multi-thread runtime for every broker, the
+    /// in-process bus included (the shape `#[tokio::main]` gives a service);
+    /// without it the in-process bus runs on one thread, brokers on two.
+    #[arg(long)]
+    pub workers: Option<usize>,
 }
 
 fn main() {
     let args = Args::parse();
     for broker in &args.broker {
-        let rt = common::runtime(broker);
+        let rt = common::runtime(broker, args.workers);
         match broker.as_str() {
             "memory" => rt.block_on(memory::run(&args)),
             "redis" => rt.block_on(redis::run(&args)),
