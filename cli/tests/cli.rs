@@ -4,6 +4,8 @@
 //! every run bounded in time.
 
 use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use assert_cmd::Command;
@@ -290,53 +292,92 @@ async fn tail_sees_what_is_published_meanwhile_on_rabbitmq() {
     assert_eq!(seen, sent);
 }
 
+/// The group `billing` on a topic: its handler declines every card
+/// (permanently: each message is dead-lettered at once) until fixed.
+struct Billing {
+    consumer: tidings::Consumer,
+    fixed: Arc<AtomicBool>,
+    handled: Arc<AtomicUsize>,
+    dead: Arc<AtomicUsize>,
+}
+
+impl Billing {
+    async fn start(bus: &tidings::Bus, topic: &str) -> Billing {
+        use tidings::prelude::*;
+        let (fixed, handled, dead) = (
+            Arc::<AtomicBool>::default(),
+            Arc::<AtomicUsize>::default(),
+            Arc::<AtomicUsize>::default(),
+        );
+        let consumer = {
+            let (fixed, handled, dead) = (fixed.clone(), handled.clone(), dead.clone());
+            bus.consumer("billing")
+                .handle(topic, move |_: Event<String>| {
+                    let (fixed, handled) = (fixed.clone(), handled.clone());
+                    async move {
+                        if !fixed.load(Ordering::SeqCst) {
+                            return Err(HandlerError::permanent("card declined"));
+                        }
+                        handled.fetch_add(1, Ordering::SeqCst);
+                        Ok(())
+                    }
+                })
+                .on_settle(move |s| {
+                    if matches!(s.action, tidings::SettleAction::DeadLetter { .. }) {
+                        dead.fetch_add(1, Ordering::SeqCst);
+                    }
+                })
+                .start()
+                .await
+                .expect("started")
+        };
+        Billing {
+            consumer,
+            fixed,
+            handled,
+            dead,
+        }
+    }
+
+    fn fix(&self) {
+        self.fixed.store(true, Ordering::SeqCst);
+    }
+
+    async fn until_dead(&self, n: usize) {
+        Self::until(&self.dead, n, "the dead letters").await;
+    }
+
+    async fn until_handled(&self, n: usize) {
+        Self::until(&self.handled, n, "the fixed group to handle the replay").await;
+    }
+
+    async fn until(count: &AtomicUsize, n: usize, what: &str) {
+        tidings::testkit::within(30, what, async {
+            while count.load(Ordering::SeqCst) < n {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+    }
+}
+
 /// `tidings dlq` on a group's dead letters: listed, a bulk purge refused
 /// without --yes, one replayed (the fixed group handles it), one purged,
 /// and nothing left.
 /// `wait`: how long each `dlq` command waits for letters.
 async fn dlq_round(url: &'static str, wait: &'static str) {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use tidings::prelude::*;
 
     let bus = tidings::connect(url).await.expect("the broker");
     let topic = unique("cli-dlq");
-    let fixed = Arc::new(AtomicBool::new(false));
-    let (handled, dead) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let consumer = {
-        let (fixed, handled, dead) = (fixed.clone(), handled.clone(), dead.clone());
-        bus.consumer("billing")
-            .handle(&topic, move |_: Event<String>| {
-                let (fixed, handled) = (fixed.clone(), handled.clone());
-                async move {
-                    if !fixed.load(Ordering::SeqCst) {
-                        return Err(HandlerError::permanent("card declined"));
-                    }
-                    handled.fetch_add(1, Ordering::SeqCst);
-                    Ok(())
-                }
-            })
-            .on_settle(move |s| {
-                if matches!(s.action, tidings::SettleAction::DeadLetter { .. }) {
-                    dead.fetch_add(1, Ordering::SeqCst);
-                }
-            })
-            .start()
-            .await
-            .expect("started")
-    };
+    let billing = Billing::start(&bus, &topic).await;
     let mut ids = Vec::new();
     for n in 0..2 {
         let event = Event::new(format!("order {n}"));
         ids.push(event.id().to_owned());
         bus.publish_event(&topic, event).await.expect("published");
     }
-    tidings::testkit::within(30, "two dead letters", async {
-        while dead.load(Ordering::SeqCst) < 2 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
+    billing.until_dead(2).await;
 
     let run = |args: Vec<String>| {
         tokio::task::spawn_blocking(move || {
@@ -394,19 +435,14 @@ async fn dlq_round(url: &'static str, wait: &'static str) {
         .expect("purge");
     assert_eq!(refused.status.code(), Some(2), "a bulk purge needs --yes");
 
-    fixed.store(true, Ordering::SeqCst);
+    billing.fix();
     let replayed = lines(
         &run([vec!["replay".into()], at(&["--id", &ids[0]])].concat())
             .await
             .expect("replay"),
     );
     assert_eq!(replayed[0]["replayed"], 1);
-    tidings::testkit::within(30, "the fixed group handles the replay", async {
-        while handled.load(Ordering::SeqCst) < 1 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
+    billing.until_handled(1).await;
     let purged = lines(
         &run([vec!["purge".into()], at(&["--id", &ids[1]])].concat())
             .await
@@ -419,7 +455,7 @@ async fn dlq_round(url: &'static str, wait: &'static str) {
             .expect("ls"),
     );
     assert!(left.is_empty(), "nothing left: {left:?}");
-    consumer.shutdown(Duration::from_secs(10)).await;
+    billing.consumer.shutdown(Duration::from_secs(10)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -457,8 +493,6 @@ async fn dlq_on_kafka() {
 /// `named`: the broker cannot list a topic's groups (RabbitMQ, Kafka), so
 /// they are given with `--group`, and asking without them is a usage error.
 async fn groups_round(url: String, named: bool) {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
     use tidings::prelude::*;
 
     let bus = tidings::connect(url.as_str()).await.expect("the broker");
@@ -467,33 +501,13 @@ async fn groups_round(url: String, named: bool) {
         .declare_group(&topic, "audit")
         .await
         .expect("declared");
-    let dead = Arc::new(AtomicUsize::new(0));
-    let consumer = {
-        let dead = dead.clone();
-        bus.consumer("billing")
-            .handle(&topic, |_: Event<String>| async {
-                Err(HandlerError::permanent("card declined"))
-            })
-            .on_settle(move |s| {
-                if matches!(s.action, tidings::SettleAction::DeadLetter { .. }) {
-                    dead.fetch_add(1, Ordering::SeqCst);
-                }
-            })
-            .start()
-            .await
-            .expect("started")
-    };
+    let billing = Billing::start(&bus, &topic).await;
     for n in 0..3 {
         bus.publish_event(&topic, Event::new(format!("order {n}")))
             .await
             .expect("published");
     }
-    tidings::testkit::within(30, "three dead letters", async {
-        while dead.load(Ordering::SeqCst) < 3 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
+    billing.until_dead(3).await;
 
     let (url, topic) = (url.clone(), topic.clone());
     tokio::task::spawn_blocking(move || {
@@ -531,7 +545,7 @@ async fn groups_round(url: String, named: bool) {
     })
     .await
     .expect("the checks ran");
-    consumer.shutdown(Duration::from_secs(10)).await;
+    billing.consumer.shutdown(Duration::from_secs(10)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
