@@ -8,10 +8,12 @@
 //! Prints one line per case for scripts, `RESULT <library> <broker> <case> <msgs_per_s> msg/s`,
 //! followed by details (latency percentiles from publish to handler, resident memory).
 //! Cases: `publish` (one at a time, awaiting each), `publish-batch` (batches of 1,000),
-//! `e2e` (publish → runtime → handler → ack). The in-process bus runs on a
+//! `e2e` (publish → runtime → handler → ack), `allocs` (allocations per
+//! message, counted by the bench's allocator). The in-process bus runs on a
 //! single-threaded runtime (one core) unless `--workers N` asks for a
 //! multi-thread runtime, as `#[tokio::main]` gives a service.
 
+mod alloc;
 mod amqp;
 mod common;
 mod kafka;
@@ -22,6 +24,9 @@ mod redis;
 
 use clap::Parser;
 
+#[global_allocator]
+static ALLOCATOR: alloc::Counting = alloc::Counting;
+
 /// Command-line arguments.
 #[derive(Parser, Debug)]
 pub struct Args {
@@ -29,7 +34,8 @@ pub struct Args {
     /// event store; cases append, append-batch, read, catch-up).
     #[arg(long, value_delimiter = ',', default_value = "memory")]
     pub broker: Vec<String>,
-    /// Cases to run: publish, publish-batch, e2e.
+    /// Cases to run: publish, publish-batch, e2e; on the in-process bus also
+    /// e2e-stack, e2e-otel and allocs (allocations per message).
     #[arg(
         long,
         value_delimiter = ',',
@@ -50,6 +56,10 @@ pub struct Args {
     /// without it the in-process bus runs on one thread, brokers on two.
     #[arg(long)]
     pub workers: Option<usize>,
+    /// Publishes e2e messages at this rate (msg/s, in 1 ms ticks) instead
+    /// of as fast as possible, for latency at a given load (in-process bus).
+    #[arg(long)]
+    pub rate: Option<u64>,
 }
 
 fn main() {

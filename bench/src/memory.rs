@@ -18,6 +18,7 @@ pub async fn run(args: &Args) {
             "publish" | "publish-batch" => memory_publish(args, &clock, case).await,
             "e2e-stack" => memory_stack(args, &clock).await,
             "e2e-otel" => memory_otel(args, &clock).await,
+            "allocs" => memory_allocs(args, &clock).await,
             "e2e" => {
                 for &handlers in &args.handlers {
                     memory_e2e(args, &clock, handlers).await;
@@ -89,8 +90,16 @@ async fn memory_e2e(args: &Args, clock: &Arc<Clock>, handlers: usize) {
         .await
         .expect("start");
     let rss_before = rss_mb();
+    // Paced: `per_tick` messages every millisecond.
+    let per_tick = args.rate.map(|rate| (rate / 1000).max(1));
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
     let start = Instant::now();
-    for _ in 0..args.count {
+    for i in 0..args.count {
+        if let Some(n) = per_tick
+            && i % n == 0
+        {
+            tick.tick().await;
+        }
         bus.publish("bench", Message::new(clock.payload(args.payload)))
             .await
             .expect("publish");
@@ -104,10 +113,13 @@ async fn memory_e2e(args: &Args, clock: &Arc<Clock>, handlers: usize) {
         rss_before,
         rss_mb()
     );
+    let paced = args
+        .rate
+        .map_or(String::new(), |rate| format!("-paced-{rate}"));
     report(
         "tidings",
         "memory",
-        &format!("e2e/h{handlers}"),
+        &format!("e2e/h{handlers}{paced}"),
         args.count,
         elapsed,
         &detail,
@@ -146,6 +158,105 @@ async fn mpsc_e2e(args: &Args, clock: &Arc<Clock>, handlers: usize) {
         args.count,
         elapsed,
         &detail,
+    );
+}
+
+/// Allocations per message, counted by the bench's allocator on a warm
+/// bus: publishing alone, publish → handler → ack, and the bare mpsc
+/// hand-off. Every case includes the payload the bench allocates for each
+/// message (one allocation).
+async fn memory_allocs(args: &Args, clock: &Arc<Clock>) {
+    use crate::alloc::Counting;
+    let n = args.count.min(100_000);
+    let per_message = |(allocations, bytes): (u64, u64)| {
+        format!(
+            "{:.2} allocations, {:.0} bytes per message",
+            allocations as f64 / n as f64,
+            bytes as f64 / n as f64
+        )
+    };
+
+    println!(
+        "  a Message is {} bytes, a Delivery {} bytes",
+        std::mem::size_of::<Message>(),
+        std::mem::size_of::<tidings::Delivery>()
+    );
+    // Publishing alone, to a declared group nobody reads.
+    let bus = bus(2 * n);
+    bus.declare_group("bench", "sink").await.expect("declare");
+    for _ in 0..n {
+        bus.publish("bench", Message::new(clock.payload(args.payload)))
+            .await
+            .expect("publish");
+    }
+    Counting::start();
+    for _ in 0..n {
+        bus.publish("bench", Message::new(clock.payload(args.payload)))
+            .await
+            .expect("publish");
+    }
+    println!(
+        "ALLOCS tidings memory publish: {}",
+        per_message(Counting::stop())
+    );
+
+    // Publish → handler → ack, after a warm-up of as many messages.
+    let bus = MemoryBus::with_config(MemoryConfig {
+        group_capacity: 1024,
+        ..MemoryConfig::default()
+    });
+    let sink = Sink::new(2 * n, clock.clone());
+    let s = sink.clone();
+    let consumer = Consumer::group(bus.subscriber(), "bench")
+        .concurrency(1)
+        .handle("bench", move |e: Event<Bytes, Raw>| {
+            s.record(&e.data);
+            std::future::ready(Ok(()))
+        })
+        .start()
+        .await
+        .expect("start");
+    for round in 0..2 {
+        if round == 1 {
+            Counting::start();
+        }
+        for _ in 0..n {
+            bus.publish("bench", Message::new(clock.payload(args.payload)))
+                .await
+                .expect("publish");
+        }
+        while sink.handled.load(std::sync::atomic::Ordering::Relaxed) < (round + 1) * n {
+            tokio::task::yield_now().await;
+        }
+    }
+    println!(
+        "ALLOCS tidings memory e2e/h1: {}",
+        per_message(Counting::stop())
+    );
+    consumer.shutdown(Duration::from_secs(10)).await;
+
+    // The bare hand-off.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(256);
+    let handled = tokio::spawn(async move {
+        let mut seen = 0u64;
+        while rx.recv().await.is_some() {
+            seen += 1;
+        }
+        seen
+    });
+    for _ in 0..n {
+        tx.send(clock.payload(args.payload)).await.expect("send");
+    }
+    Counting::start();
+    for _ in 0..n {
+        tx.send(clock.payload(args.payload)).await.expect("send");
+    }
+    drop(tx);
+    let seen = handled.await.expect("receiver");
+    assert_eq!(seen, 2 * n);
+    println!(
+        "ALLOCS tokio-mpsc memory e2e/h1: {}",
+        per_message(Counting::stop())
     );
 }
 

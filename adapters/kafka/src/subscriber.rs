@@ -1318,7 +1318,9 @@ struct KafkaAcker {
 }
 
 impl KafkaAcker {
-    fn done(mut self) {
+    /// Records the ack; the commit follows in the background, so acking
+    /// needs no future (see `ack_now`).
+    fn done(&mut self) {
         self.settled = true;
         self.ctx
             .shared
@@ -1335,16 +1337,21 @@ impl KafkaAcker {
 
 #[async_trait]
 impl Acker for KafkaAcker {
-    async fn ack(self: Box<Self>) -> Result<()> {
+    async fn ack(mut self: Box<Self>) -> Result<()> {
         self.done();
         Ok(())
+    }
+
+    fn ack_now(&mut self) -> Option<Result<()>> {
+        self.done();
+        Some(Ok(()))
     }
 
     fn is_held(&self) -> bool {
         self.ctx.shared.owns(&self.key, self.generation)
     }
 
-    async fn nack(self: Box<Self>, delay: Option<Duration>) -> Result<()> {
+    async fn nack(mut self: Box<Self>, delay: Option<Duration>) -> Result<()> {
         let not_before = SystemTime::now() + delay.unwrap_or_default();
         let attempt = self.attempt.saturating_add(1);
         match &self.ctx.retry_topic {
@@ -1386,7 +1393,7 @@ impl Acker for KafkaAcker {
         Ok(())
     }
 
-    async fn dead_letter(self: Box<Self>, letter: DeadLetter) -> Result<()> {
+    async fn dead_letter(mut self: Box<Self>, letter: DeadLetter) -> Result<()> {
         let dead = letter.letter_for(&self.message);
         // Dead letters are Tidings' own: always in the default dialect.
         self.ctx

@@ -38,10 +38,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures::StreamExt;
 use futures::future::BoxFuture;
-use futures::stream::BoxStream;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::PollSemaphore;
 
 use tidings_core::delivery::header;
 use tidings_core::health::{Health, HealthCheck, State};
@@ -236,13 +235,19 @@ impl Inner {
         }
     }
 
-    async fn publish(&self, topic: &str, message: Message) -> Result<Receipt> {
+    /// Queues `message` for every group and private subscription of
+    /// `topic` that has room, at once; the queues that are full (rare) are
+    /// waited for by the returned future, boxed only then, so the common
+    /// publish carries no waiting machinery in its future.
+    fn offer(
+        &self,
+        topic: &str,
+        message: Message,
+    ) -> Result<Option<BoxFuture<'static, Result<()>>>> {
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::Closed("publisher"));
         }
         let message = Arc::new(message);
-        // Fast path under the lock: every queue with room takes the message
-        // at once; only full queues (rare) are waited for, outside the lock.
         let (full, name) = {
             let mut topics = self.topics();
             let history = self.config.history;
@@ -251,7 +256,7 @@ impl Inner {
                 None if history > 0 => topics
                     .entry(topic.to_owned())
                     .or_insert_with(|| Topic::new(topic)),
-                None => return Ok(Receipt::Accepted),
+                None => return Ok(None),
             };
             if history > 0 {
                 if t.history.len() == history {
@@ -266,12 +271,23 @@ impl Inner {
                 .filter(|q| !q.try_push(&message, &t.name))
                 .cloned()
                 .collect();
+            if full.is_empty() {
+                return Ok(None);
+            }
             (full, t.name.clone())
         };
-        for queue in full {
-            queue
-                .push(&message, &name, self.config.publish_timeout)
-                .await?;
+        let wait = self.config.publish_timeout;
+        Ok(Some(Box::pin(async move {
+            for queue in full {
+                queue.push(&message, &name, wait).await?;
+            }
+            Ok(())
+        })))
+    }
+
+    async fn publish(&self, topic: &str, message: Message) -> Result<Receipt> {
+        if let Some(full) = self.offer(topic, message)? {
+            full.await?;
         }
         Ok(Receipt::Accepted)
     }
@@ -375,25 +391,17 @@ impl Subscriber for MemoryBus {
             subscription.group.as_deref(),
             subscription.start,
         );
-        let (close, closed) = watch::channel(false);
-        let state = StreamState {
-            bus: self.inner.clone(),
-            queue: queue.clone(),
-            in_flight: Arc::new(Semaphore::new(subscription.prefetch)),
-            closed,
-        };
-        let deliveries = futures::stream::unfold(state, |mut state| async move {
-            let delivery = state.next().await?;
-            Some((Ok(delivery), state))
-        })
-        .boxed();
         Ok(Box::new(MemoryStream {
-            deliveries,
-            close,
+            bus: self.inner.clone(),
+            entries: Box::pin(queue.rx.clone()),
+            in_flight: PollSemaphore::new(Arc::new(Semaphore::new(subscription.prefetch))),
+            permit: None,
+            closed: false,
             private: subscription
                 .group
                 .is_none()
-                .then(|| (self.inner.clone(), subscription.topic, queue)),
+                .then(|| (self.inner.clone(), subscription.topic, queue.clone())),
+            queue,
         }))
     }
 
@@ -445,61 +453,19 @@ impl Subscriber for MemoryBus {
     }
 }
 
-struct StreamState {
+/// One subscription: polled by hand rather than built from an async
+/// function, so that taking a queued message costs no future, no waker
+/// registration and no copy of the stream's state.
+struct MemoryStream {
     bus: Arc<Inner>,
     queue: Arc<Queue>,
-    in_flight: Arc<Semaphore>,
-    closed: watch::Receiver<bool>,
-}
-
-impl StreamState {
-    async fn next(&mut self) -> Option<Delivery> {
-        if *self.closed.borrow() {
-            return None;
-        }
-        // Fast path: a free slot and a queued message, without registering any waker.
-        let taken = match self.in_flight.clone().try_acquire_owned() {
-            Ok(permit) => match self.queue.rx.try_recv() {
-                Ok(entry) => Some((permit, entry)),
-                Err(_) => None,
-            },
-            Err(_) => None,
-        };
-        let (permit, entry) = match taken {
-            Some(taken) => taken,
-            None => {
-                let mut closed = self.closed.clone();
-                let take = async {
-                    let permit = self.in_flight.clone().acquire_owned().await.ok()?;
-                    let entry = self.queue.rx.recv().await.ok()?;
-                    Some((permit, entry))
-                };
-                tokio::select! {
-                    biased;
-                    _ = closed.wait_for(|c| *c) => return None,
-                    taken = take => taken?,
-                }
-            }
-        };
-        let acker = MemoryAcker {
-            bus: self.bus.clone(),
-            queue: self.queue.clone(),
-            entry: Some((entry.message.clone(), entry.topic.clone(), entry.attempt)),
-            _permit: permit,
-        };
-        Some(Delivery::new(
-            entry.message,
-            entry.topic,
-            self.queue.group.clone(),
-            entry.attempt,
-            Box::new(acker),
-        ))
-    }
-}
-
-struct MemoryStream {
-    deliveries: BoxStream<'static, Result<Delivery>>,
-    close: watch::Sender<bool>,
+    /// This subscription's own handle on the queue: it keeps its place in
+    /// the queue's wait list between polls.
+    entries: std::pin::Pin<Box<async_channel::Receiver<Entry>>>,
+    in_flight: PollSemaphore,
+    /// A slot taken while no message was queued, kept for the next one.
+    permit: Option<OwnedSemaphorePermit>,
+    closed: bool,
     private: Option<(Arc<Inner>, String, Arc<Queue>)>,
 }
 
@@ -510,13 +476,45 @@ impl futures::Stream for MemoryStream {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Self::Item>> {
-        self.deliveries.poll_next_unpin(cx)
+        use std::task::Poll;
+        if self.closed {
+            return Poll::Ready(None);
+        }
+        let permit = match self.permit.take() {
+            Some(permit) => permit,
+            None => match self.in_flight.poll_acquire(cx) {
+                Poll::Ready(Some(permit)) => permit,
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            },
+        };
+        let entry = match self.entries.as_mut().poll_next(cx) {
+            Poll::Ready(Some(entry)) => entry,
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Pending => {
+                self.permit = Some(permit);
+                return Poll::Pending;
+            }
+        };
+        let acker = MemoryAcker {
+            bus: self.bus.clone(),
+            queue: self.queue.clone(),
+            entry: Some((entry.message.clone(), entry.topic.clone(), entry.attempt)),
+            _permit: permit,
+        };
+        Poll::Ready(Some(Ok(Delivery::new(
+            entry.message,
+            entry.topic,
+            self.queue.group.clone(),
+            entry.attempt,
+            Box::new(acker),
+        ))))
     }
 }
 
 impl DeliveryStream for MemoryStream {
     fn close(&mut self) -> BoxFuture<'_, Result<()>> {
-        self.close.send_replace(true);
+        self.closed = true;
         if let Some((bus, topic, queue)) = self.private.take() {
             bus.remove_private(&topic, &queue);
         }
@@ -568,12 +566,24 @@ impl MemoryAcker {
     }
 }
 
+impl MemoryAcker {
+    fn acked(&mut self) {
+        if self.entry.take().is_some() {
+            self.queue.release_room();
+        }
+    }
+}
+
 #[async_trait]
 impl Acker for MemoryAcker {
     async fn ack(mut self: Box<Self>) -> Result<()> {
-        self.entry = None;
-        self.queue.release_room();
+        self.acked();
         Ok(())
+    }
+
+    fn ack_now(&mut self) -> Option<Result<()>> {
+        self.acked();
+        Some(Ok(()))
     }
 
     async fn nack(mut self: Box<Self>, delay: Option<Duration>) -> Result<()> {

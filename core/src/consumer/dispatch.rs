@@ -1,34 +1,47 @@
-//! From the subscription to the workers: intake, the queue between them, and
-//! per-key order that never lets one key hold up another.
+//! From the subscription to the workers: one subscription shared by a
+//! topic's workers, and per-key order that never lets one key hold up another.
 //!
-//! Intake reads the subscription and puts deliveries on one queue that every
-//! worker takes from. Under `ordered_by_key`, a delivery whose key already
-//! has one queued or running is parked behind it instead (in [`Keys`]); the
-//! worker that settles a key's delivery goes on with the next one parked for
-//! that key. So a key is handled by one worker at a time, in the order
-//! received, and a slow key parks only its own deliveries: every other key
-//! keeps flowing to the free workers. What is parked is counted against the
-//! subscription's in-flight bound like everything else, so memory stays
-//! bounded; a key whose handler stays slower than its arrival rate fills
-//! that bound in the end, and then intake waits.
+//! There is no intake task and no queue between the subscription and the
+//! workers: a worker reads the next delivery from the subscription itself
+//! ([`Source`]), handles it and settles it. A message therefore passes from
+//! the adapter to its handler without a hand-off between tasks — no
+//! channel, no wake-up of another task, no second thread touching it —
+//! which on a multi-thread runtime is most of what a message costs.
+//!
+//! One worker reads at a time. While its handlers finish without waiting,
+//! that worker goes on reading and the others stay idle: waking them would
+//! only add hand-offs. When a handler has to wait (I/O, a timer), its
+//! worker wakes an idle one to read meanwhile, so as many handlers wait at
+//! once as the consumer's concurrency allows.
+//!
+//! Under `ordered_by_key`, a delivery whose key already has one running is
+//! parked behind it instead (in [`Keys`]); the worker that settles a key's
+//! delivery goes on with the next one parked for that key. So a key is
+//! handled by one worker at a time, in the order received, and a slow key
+//! parks only its own deliveries: every other key keeps flowing to the free
+//! workers. What is parked is counted against the subscription's in-flight
+//! bound like everything else, so memory stays bounded; a key whose handler
+//! stays slower than its arrival rate fills that bound in the end, and then
+//! reading waits.
 
 use std::collections::hash_map::{DefaultHasher, Entry};
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
-use tokio::sync::watch;
+use futures::lock::Mutex as AsyncMutex;
+use tokio::sync::{Notify, mpsc, watch};
 use tracing::{error, warn};
 
 use super::settle::{Route, WorkerCounts};
 use crate::delivery::Delivery;
 use crate::subscriber::DeliveryStream;
 
-/// The keys that have a delivery queued or running, each with the
-/// deliveries parked behind it.
+/// The keys that have a delivery running, each with the deliveries parked
+/// behind it.
 #[derive(Default)]
 pub(crate) struct Keys {
     busy: Mutex<HashMap<u64, VecDeque<Delivery>>>,
@@ -41,8 +54,8 @@ impl Keys {
         self.busy.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Takes a delivery of key `hash`: `Some` to queue it now, `None` when it
-    /// was parked behind the key's earlier one.
+    /// Takes a delivery of key `hash`: `Some` to handle it now, `None` when
+    /// it was parked behind the key's earlier one.
     fn admit(&self, hash: u64, delivery: Delivery) -> Option<Delivery> {
         match self.lock().entry(hash) {
             Entry::Occupied(mut parked) => {
@@ -83,102 +96,157 @@ fn key_hash(delivery: &Delivery) -> Option<u64> {
     Some(h.finish())
 }
 
-/// One topic's queue between intake and workers.
-#[derive(Clone)]
-pub(crate) struct Lanes {
-    /// Deliveries ready to handle.
-    pub queue: async_channel::Receiver<Delivery>,
+/// One topic's subscription, read by whichever of its workers is free.
+pub(crate) struct Source {
+    /// Held by the worker that reads, also while it waits on the broker.
+    /// Workers only try it (an idle one waits on `idle` instead); closing
+    /// waits for it. `futures`' mutex rather than tokio's: unlocking it with
+    /// nobody waiting is one atomic operation, and it is unlocked once per
+    /// message.
+    stream: AsyncMutex<Box<dyn DeliveryStream>>,
+    /// Set once the subscription ended or was closed: nobody reads it again.
+    done: AtomicBool,
     /// Per-key parking, under `ordered_by_key`.
-    pub keys: Option<Arc<Keys>>,
-}
-
-/// Intake's side of [`Lanes`].
-pub(crate) struct Dispatch {
-    queue: async_channel::Sender<Delivery>,
-    keys: Option<Arc<Keys>>,
-}
-
-impl Dispatch {
-    /// `buffer` is the subscription's prefetch: deliveries waiting here are
-    /// already counted against it, so the queue adds no memory beyond that bound.
-    pub fn new(buffer: usize, keyed: bool) -> (Dispatch, Lanes) {
-        let (tx, rx) = async_channel::bounded(buffer.max(1));
-        let keys = keyed.then(Arc::default);
-        (
-            Dispatch {
-                queue: tx,
-                keys: keys.clone(),
-            },
-            Lanes { queue: rx, keys },
-        )
-    }
-
-    /// Queues (or parks) a delivery; `Err` gives it back when every worker is gone.
-    async fn send(&self, delivery: Delivery) -> Result<(), Delivery> {
-        let delivery = match (&self.keys, key_hash(&delivery)) {
-            (Some(keys), Some(hash)) => match keys.admit(hash, delivery) {
-                Some(delivery) => delivery,
-                None => return Ok(()),
-            },
-            _ => delivery,
-        };
-        self.queue.send(delivery).await.map_err(|e| e.into_inner())
-    }
-}
-
-/// Reads the subscription into the dispatch until stopped or the
-/// subscription ends, then closes the subscription and waits for the
-/// adapter to finish closing.
-pub(crate) async fn intake(
-    mut stream: Box<dyn DeliveryStream>,
-    dispatch: Dispatch,
-    mut stop: watch::Receiver<bool>,
-    received: Arc<AtomicU64>,
-    released: Arc<AtomicU64>,
+    pub keys: Option<Keys>,
+    /// Idle workers wait here for a reader's handler to wait.
+    idle: Notify,
+    /// Set when the subscription ended without being asked to (shared by
+    /// every topic of the consumer).
     ended: Arc<watch::Sender<bool>>,
-) {
-    // The stop signal is checked with a cheap read on every turn and only
-    // raced (which registers a waker) while intake actually waits.
-    while !*stop.borrow() {
-        let item = tokio::select! {
-            biased;
-            item = stream.next() => item,
-            _ = stop.wait_for(|stop| *stop) => break,
-        };
-        match item {
-            Some(Ok(delivery)) => {
-                received.fetch_add(1, Ordering::Relaxed);
-                let mut held = None;
-                tokio::select! {
-                    biased;
-                    sent = dispatch.send(delivery) => if let Err(back) = sent { held = Some(back) },
-                    // The delivery cannot be recovered from the cancelled
-                    // send; dropped unsettled, the broker redelivers it.
-                    _ = stop.wait_for(|stop| *stop) => {}
-                }
-                if let Some(delivery) = held {
-                    release(vec![delivery], &released);
-                    break;
-                }
-            }
-            Some(Err(error)) => warn!(%error, "subscription error; the adapter recovers"),
-            None => break,
+}
+
+/// The consumer's stop signal: a flag read once per message, and a channel
+/// to wait on while there is nothing to read.
+#[derive(Clone)]
+pub(crate) struct Stop {
+    flag: Arc<AtomicBool>,
+    signal: watch::Receiver<bool>,
+}
+
+impl Stop {
+    pub fn new(signal: watch::Receiver<bool>) -> Self {
+        Stop {
+            flag: Arc::new(AtomicBool::new(false)),
+            signal,
         }
     }
-    if !*stop.borrow() {
-        // Not asked to stop: the subscription ended on its own.
-        error!("a subscription ended on its own; this consumer no longer receives from it");
-        ended.send_replace(true);
+
+    /// Raises the flag; the caller then sends the signal.
+    pub fn raise(&self) {
+        self.flag.store(true, Ordering::Release);
     }
+
+    fn is_raised(&self) -> bool {
+        self.flag.load(Ordering::Acquire) || *self.signal.borrow()
+    }
+
+    async fn raised(&mut self) {
+        let _ = self.signal.wait_for(|stop| *stop).await;
+    }
+}
+
+impl Source {
+    pub fn new(
+        stream: Box<dyn DeliveryStream>,
+        keyed: bool,
+        ended: Arc<watch::Sender<bool>>,
+    ) -> Self {
+        Source {
+            stream: AsyncMutex::new(stream),
+            done: AtomicBool::new(false),
+            keys: keyed.then(Keys::default),
+            idle: Notify::new(),
+            ended,
+        }
+    }
+
+    /// The next delivery for a free worker; `None` once stopped or once the
+    /// subscription ended. Under `ordered_by_key` a delivery parked behind
+    /// its key is not returned (the key's worker takes it), and the key is
+    /// admitted while the subscription is still held, so keys keep the
+    /// order the broker gave.
+    async fn next(&self, stop: &mut Stop, counts: &WorkerCounts) -> Option<Delivery> {
+        loop {
+            if self.done.load(Ordering::Acquire) || stop.is_raised() {
+                return None;
+            }
+            let Some(mut stream) = self.stream.try_lock() else {
+                // Another worker reads: wait until one is needed.
+                let mut needed = std::pin::pin!(self.idle.notified());
+                needed.as_mut().enable();
+                if self.done.load(Ordering::Acquire) {
+                    return None;
+                }
+                tokio::select! {
+                    biased;
+                    _ = needed => continue,
+                    _ = stop.raised() => return None,
+                }
+            };
+            if self.done.load(Ordering::Acquire) {
+                return None;
+            }
+            // The stop signal is only raced (which registers a waker) when
+            // the subscription has nothing ready.
+            let item = tokio::select! {
+                biased;
+                item = stream.next() => item,
+                _ = stop.raised() => return None,
+            };
+            match item {
+                Some(Ok(delivery)) => {
+                    counts.received.fetch_add(1, Ordering::Relaxed);
+                    match (&self.keys, key_hash(&delivery)) {
+                        (Some(keys), Some(hash)) => {
+                            if let Some(delivery) = keys.admit(hash, delivery) {
+                                return Some(delivery);
+                            }
+                        }
+                        _ => return Some(delivery),
+                    }
+                }
+                Some(Err(error)) => warn!(%error, "subscription error; the adapter recovers"),
+                None => {
+                    self.done.store(true, Ordering::Release);
+                    self.idle.notify_waiters();
+                    if !stop.is_raised() {
+                        error!(
+                            "a subscription ended on its own; this consumer no longer receives from it"
+                        );
+                        self.ended.send_replace(true);
+                    }
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// Closes the subscription once the consumer stops (or once every worker
+/// is gone, the subscription having ended), then waits for the workers to
+/// settle what they hold and for the adapter to finish closing (Kafka's
+/// final commit and leaving the group), so that when `shutdown` returns the
+/// next member of the group starts after what this one settled.
+///
+/// `workers` yields `None` once every worker has ended: each holds a sender.
+pub(crate) async fn close(
+    source: Arc<Source>,
+    mut stop: Stop,
+    mut workers: mpsc::Receiver<std::convert::Infallible>,
+) {
+    tokio::select! {
+        _ = stop.raised() => {}
+        _ = workers.recv() => {}
+    }
+    let mut stream = source.stream.lock().await;
+    source.done.store(true, Ordering::Release);
+    source.idle.notify_waiters();
     if let Err(error) = stream.close().await {
         warn!(%error, "closing the subscription failed");
     }
-    // Workers drain their queues and end once `dispatch` is gone; the
-    // adapter then finishes its close (Kafka's final commit and leaving the
-    // group), so that when `shutdown` returns the next member of the group
-    // starts after what this one settled, not before.
-    drop(dispatch);
-    stream.closed().await;
+    drop(stream);
+    while workers.recv().await.is_some() {}
+    source.stream.lock().await.closed().await;
 }
 
 /// Hands unsettled deliveries back to the broker unhandled: each adapter's
@@ -194,15 +262,23 @@ pub(crate) fn release(deliveries: Vec<Delivery>, released: &AtomicU64) {
 
 /// Runs one worker, starting it again if it ever ends by a panic (no
 /// delivery can cause one: [`Route::process`] is guarded; this is the last
-/// line). Returns once the queue is closed and empty.
+/// line). Returns once the subscription is stopped or ended. `_alive` tells
+/// [`close`] when every worker is gone.
 pub(crate) async fn supervised_worker(
-    lanes: Lanes,
+    source: Arc<Source>,
     route: Arc<Route>,
     counts: Arc<WorkerCounts>,
+    stop: Stop,
     restarts: Arc<AtomicU64>,
+    _alive: mpsc::Sender<std::convert::Infallible>,
 ) {
     loop {
-        let run = tokio::spawn(worker(lanes.clone(), route.clone(), counts.clone()));
+        let run = tokio::spawn(worker(
+            source.clone(),
+            route.clone(),
+            counts.clone(),
+            stop.clone(),
+        ));
         // Aborting this task (a shutdown past its deadline) aborts the worker too.
         let _abort = AbortOnDrop(run.abort_handle());
         match run.await {
@@ -225,17 +301,28 @@ impl Drop for AbortOnDrop {
     }
 }
 
-async fn worker(lanes: Lanes, route: Arc<Route>, counts: Arc<WorkerCounts>) {
-    while let Ok(delivery) = lanes.queue.recv().await {
+async fn worker(source: Arc<Source>, route: Arc<Route>, counts: Arc<WorkerCounts>, mut stop: Stop) {
+    while let Some(delivery) = source.next(&mut stop, &counts).await {
         let mut current = Some(delivery);
         while let Some(mut delivery) = current.take() {
-            let hash = lanes.keys.as_ref().and_then(|_| key_hash(&delivery));
+            let hash = source.keys.as_ref().and_then(|_| key_hash(&delivery));
             let turn = hash.map(|hash| KeyTurn {
-                keys: lanes.keys.as_deref(),
+                keys: source.keys.as_ref(),
                 hash,
             });
-            route.process(&mut delivery, &counts).await;
+            {
+                let mut handling = std::pin::pin!(route.process(&mut delivery, &counts));
+                if futures::poll!(handling.as_mut()).is_pending() {
+                    // This handler waits: an idle worker reads meanwhile.
+                    source.idle.notify_one();
+                    handling.await;
+                }
+            }
             current = turn.and_then(KeyTurn::next);
+            // A subscription that always has a message ready and a handler
+            // that never waits would otherwise keep this thread forever:
+            // give the runtime its turn when the task's budget is spent.
+            tokio::task::consume_budget().await;
         }
     }
 }

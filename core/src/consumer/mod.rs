@@ -1,9 +1,9 @@
 //! The consumer runtime: handlers registered per topic for one group,
 //! bounded concurrency, per-key order, settlement and graceful shutdown.
 //!
-//! For each topic the runtime runs one intake task, which reads the
-//! subscription, and `concurrency` workers, which run the middleware stack
-//! and the handler and settle the delivery by the result:
+//! For each topic the runtime runs `concurrency` workers; whichever is free
+//! reads the next delivery from the subscription, runs the middleware stack
+//! and the handler, and settles the delivery by the result:
 //!
 //! | result | settlement |
 //! |---|---|
@@ -15,8 +15,9 @@
 //! | panic | a retryable error; the runtime keeps running |
 //!
 //! On brokers without redelivery (at-most-once), retries happen in process.
-//! Intake waits whenever every worker is busy and the subscription's
-//! prefetch is used up, so a slow handler slows intake; memory does not grow.
+//! Nothing is read from the subscription while every worker is busy, and the
+//! subscription's prefetch bounds what the adapter holds, so a slow handler
+//! slows intake; memory does not grow.
 
 mod dispatch;
 mod settle;
@@ -27,7 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::{AbortHandle, JoinHandle};
 use tracing::{error, warn};
 
@@ -38,7 +39,7 @@ use crate::middleware::Middleware;
 use crate::retry::RetryPolicy;
 use crate::subscriber::{StartFrom, Subscriber, Subscription};
 
-use dispatch::{Dispatch, Lanes};
+use dispatch::{Source, Stop};
 use settle::{Observer, Route, WorkerCounts};
 pub use settle::{SettleAction, Settlement};
 
@@ -86,9 +87,10 @@ pub struct ConsumerBuilder {
 #[must_use = "dropping a consumer stops it"]
 pub struct Consumer {
     stop: watch::Sender<bool>,
+    stopping: Stop,
     tasks: Vec<JoinHandle<()>>,
     aborts: Vec<AbortHandle>,
-    lanes: Vec<Lanes>,
+    sources: Vec<Arc<Source>>,
     counts: Counts,
     /// Set when a subscription ended without being asked to.
     ended: Arc<watch::Sender<bool>>,
@@ -97,16 +99,9 @@ pub struct Consumer {
 /// What every part of a consumer counted; each counter has one writer.
 #[derive(Default)]
 struct Counts {
-    received: Vec<Arc<AtomicU64>>,
     workers: Vec<Arc<WorkerCounts>>,
     released: Arc<AtomicU64>,
     restarts: Arc<AtomicU64>,
-}
-
-impl Counts {
-    fn sum(counters: &[Arc<AtomicU64>]) -> u64 {
-        counters.iter().map(|c| c.load(Ordering::Relaxed)).sum()
-    }
 }
 
 /// How a shutdown went: what was received, what was settled, and what was
@@ -164,7 +159,7 @@ impl Consumer {
     ///
     /// [`DeliveryStream::closed`]: crate::DeliveryStream::closed
     pub async fn shutdown(mut self, deadline: Duration) -> ShutdownReport {
-        self.stop.send_replace(true);
+        self.signal_stop();
         let tasks = std::mem::take(&mut self.tasks);
         let joined = tokio::time::timeout(deadline, futures::future::join_all(tasks)).await;
         let in_time = match &joined {
@@ -183,11 +178,8 @@ impl Consumer {
                 "shutdown deadline passed; handing back what was not handled"
             );
             let mut waiting = Vec::new();
-            for lanes in &self.lanes {
-                while let Ok(d) = lanes.queue.try_recv() {
-                    waiting.push(d);
-                }
-                if let Some(keys) = &lanes.keys {
+            for source in &self.sources {
+                if let Some(keys) = &source.keys {
                     waiting.extend(keys.drain());
                 }
             }
@@ -199,15 +191,21 @@ impl Consumer {
         self.report(in_time)
     }
 
+    fn signal_stop(&self) {
+        self.stopping.raise();
+        self.stop.send_replace(true);
+    }
+
     fn report(&self, in_time: bool) -> ShutdownReport {
         let c = &self.counts;
-        let received = Counts::sum(&c.received);
-        let (settled, failed_settlements) = c.workers.iter().fold((0, 0), |(s, f), w| {
-            (
-                s + w.settled.load(Ordering::Relaxed),
-                f + w.failed.load(Ordering::Relaxed),
-            )
-        });
+        let (received, settled, failed_settlements) =
+            c.workers.iter().fold((0, 0, 0), |(r, s, f), w| {
+                (
+                    r + w.received.load(Ordering::Relaxed),
+                    s + w.settled.load(Ordering::Relaxed),
+                    f + w.failed.load(Ordering::Relaxed),
+                )
+            });
         let released = c.released.load(Ordering::Relaxed);
         let worker_restarts = c.restarts.load(Ordering::Relaxed);
         let abandoned = received.saturating_sub(settled + failed_settlements + released);
@@ -291,7 +289,7 @@ impl HealthCheck for ConsumerHealth {
 
 impl Drop for Consumer {
     fn drop(&mut self) {
-        self.stop.send_replace(true);
+        self.signal_stop();
     }
 }
 
@@ -462,13 +460,15 @@ impl ConsumerBuilder {
         }
         let stack: Arc<[Arc<dyn Middleware>]> = self.stack.into();
         let observers: Arc<[Observer]> = self.observers.into();
-        let (stop, _) = watch::channel(false);
+        let (stop, signal) = watch::channel(false);
+        let stopping = Stop::new(signal);
         let mut tasks = Vec::new();
-        let mut all_lanes = Vec::new();
+        let mut sources = Vec::new();
         let mut counts = Counts::default();
         let ended = Arc::new(watch::channel(false).0);
         for ((_, endpoint), subscription) in self.routes.into_iter().zip(subscriptions) {
             let stream = self.subscriber.subscribe(subscription).await?;
+            let source = Arc::new(Source::new(stream, self.ordered_by_key, ended.clone()));
             let route = Arc::new(Route {
                 stack: stack.clone(),
                 endpoint,
@@ -476,35 +476,36 @@ impl ConsumerBuilder {
                 caps,
                 observers: observers.clone(),
             });
-            let (dispatch, lanes) = Dispatch::new(prefetch, self.ordered_by_key);
+            // Every worker holds a sender; the closer sees the channel end
+            // when the last one is gone.
+            let (alive, workers) = mpsc::channel(1);
             for _ in 0..self.concurrency {
                 let worker = Arc::new(WorkerCounts::default());
                 counts.workers.push(worker.clone());
                 tasks.push(tokio::spawn(dispatch::supervised_worker(
-                    lanes.clone(),
+                    source.clone(),
                     route.clone(),
                     worker,
+                    stopping.clone(),
                     counts.restarts.clone(),
+                    alive.clone(),
                 )));
             }
-            let received = Arc::new(AtomicU64::new(0));
-            counts.received.push(received.clone());
-            tasks.push(tokio::spawn(dispatch::intake(
-                stream,
-                dispatch,
-                stop.subscribe(),
-                received,
-                counts.released.clone(),
-                ended.clone(),
+            drop(alive);
+            tasks.push(tokio::spawn(dispatch::close(
+                source.clone(),
+                stopping.clone(),
+                workers,
             )));
-            all_lanes.push(lanes);
+            sources.push(source);
         }
         let aborts = tasks.iter().map(JoinHandle::abort_handle).collect();
         Ok(Consumer {
             stop,
+            stopping,
             tasks,
             aborts,
-            lanes: all_lanes,
+            sources,
             counts,
             ended,
         })

@@ -128,6 +128,8 @@ impl SettleAction {
 /// the shutdown report.
 #[derive(Debug, Default)]
 pub(crate) struct WorkerCounts {
+    /// Deliveries this worker took from the subscription.
+    pub received: AtomicU64,
     /// Settlements the adapter took.
     pub settled: AtomicU64,
     /// Settlements that failed or panicked: the broker redelivers.

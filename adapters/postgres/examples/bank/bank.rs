@@ -132,6 +132,14 @@ pub async fn handle(bank: &Bank, id: &str, command: Command) -> Result<u64, Bank
 
 /// The read model's tables.
 pub async fn create_read_model(pool: &PgPool) -> Result<(), sqlx::Error> {
+    // `CREATE TABLE IF NOT EXISTS` is not safe against itself: two services
+    // (or tests) starting at once can both try to create the table and one
+    // fails on the catalog's unique index. A transaction-scoped advisory
+    // lock makes them take turns.
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('bank read model'))")
+        .execute(&mut *tx)
+        .await?;
     for ddl in [
         "CREATE TABLE IF NOT EXISTS bank_balances (
             bank text NOT NULL, account text NOT NULL, owner text NOT NULL,
@@ -141,9 +149,9 @@ pub async fn create_read_model(pool: &PgPool) -> Result<(), sqlx::Error> {
             bank text NOT NULL, account text NOT NULL, version bigint NOT NULL,
             kind text NOT NULL, amount bigint NOT NULL, PRIMARY KEY (bank, account, version))",
     ] {
-        sqlx::query(ddl).execute(pool).await?;
+        sqlx::query(ddl).execute(&mut *tx).await?;
     }
-    Ok(())
+    tx.commit().await
 }
 
 /// Applies one event to the read model, in one transaction, idempotently:
