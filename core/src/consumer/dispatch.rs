@@ -12,7 +12,10 @@
 //! that worker goes on reading and the others stay idle: waking them would
 //! only add hand-offs. When a handler has to wait (I/O, a timer), its
 //! worker wakes an idle one to read meanwhile, so as many handlers wait at
-//! once as the consumer's concurrency allows.
+//! once as the consumer's concurrency allows. A reader whose handlers never
+//! wait also wakes one every [`HELP_AFTER`] messages, so that handlers that
+//! only compute still spread over the runtime's threads when messages keep
+//! coming, at one wake-up per that many messages.
 //!
 //! Under `ordered_by_key`, a delivery whose key already has one running is
 //! parked behind it instead (in [`Keys`]); the worker that settles a key's
@@ -301,7 +304,12 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// How many messages in a row a reader handles without waiting before it
+/// wakes an idle worker to share the load.
+const HELP_AFTER: u32 = 32;
+
 async fn worker(source: Arc<Source>, route: Arc<Route>, counts: Arc<WorkerCounts>, mut stop: Stop) {
+    let mut in_a_row = 0;
     while let Some(delivery) = source.next(&mut stop, &counts).await {
         let mut current = Some(delivery);
         while let Some(mut delivery) = current.take() {
@@ -315,7 +323,14 @@ async fn worker(source: Arc<Source>, route: Arc<Route>, counts: Arc<WorkerCounts
                 if futures::poll!(handling.as_mut()).is_pending() {
                     // This handler waits: an idle worker reads meanwhile.
                     source.idle.notify_one();
+                    in_a_row = 0;
                     handling.await;
+                } else {
+                    in_a_row += 1;
+                    if in_a_row == HELP_AFTER {
+                        in_a_row = 0;
+                        source.idle.notify_one();
+                    }
                 }
             }
             current = turn.and_then(KeyTurn::next);

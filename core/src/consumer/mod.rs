@@ -361,6 +361,10 @@ impl ConsumerBuilder {
     }
 
     /// How many messages of each topic are handled at once (default 16).
+    /// Workers join in as handlers wait (on I/O, timers): while handlers
+    /// finish without waiting, one worker reads and handles in turn, and
+    /// another joins every few dozen messages to spread the work over the
+    /// runtime's threads.
     pub fn concurrency(mut self, n: usize) -> Self {
         self.concurrency = n.max(1);
         self
