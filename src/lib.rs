@@ -63,8 +63,8 @@ pub use tidings_redis as redis;
 pub mod prelude {
     pub use crate::{Bus, Config};
     pub use tidings_core::{
-        Consumer, Delivery, Event, HandlerError, HandlerResult, Message, Publisher, PublisherExt,
-        ResultExt, RetryPolicy, Subscriber,
+        Consumer, Delivery, Event, EventType, HandlerError, HandlerResult, Message, Publisher,
+        PublisherExt, ResultExt, RetryPolicy, State, Subscriber, TypedTopic, Unhandled,
     };
 }
 

@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 
 use crate::error::{BoxError, Error, Result};
+use crate::extract::StateMap;
 use crate::handler::HandlerError;
 use crate::message::Message;
 use crate::publisher::Receipt;
@@ -32,6 +33,8 @@ pub struct Delivery {
     acker: Option<Box<dyn Acker>>,
     position: Option<Receipt>,
     rejection: Option<HandlerError>,
+    /// The consumer's shared state, for the `State` extractor.
+    state: Option<Arc<StateMap>>,
 }
 
 /// The adapter's side of a delivery: how to settle this one message.
@@ -102,6 +105,7 @@ impl Delivery {
             acker: Some(acker),
             position: None,
             rejection: None,
+            state: None,
         }
     }
 
@@ -196,6 +200,16 @@ impl Delivery {
         self.max_attempts = Some(max_attempts);
     }
 
+    /// Shared state of type `T` registered on the consumer handling this
+    /// delivery ([`ConsumerBuilder::state`](crate::ConsumerBuilder::state)).
+    pub fn state<T: 'static>(&self) -> Option<&T> {
+        self.state.as_deref()?.get()
+    }
+
+    pub(crate) fn set_state(&mut self, state: Arc<StateMap>) {
+        self.state = Some(state);
+    }
+
     /// Whether the delivery was settled.
     pub fn is_settled(&self) -> bool {
         self.acker.is_none()
@@ -272,6 +286,8 @@ pub enum DeadLetterReason {
     Undecodable,
     /// Every allowed attempt failed.
     AttemptsExhausted,
+    /// No handler of the topic takes the message's event type.
+    UnhandledType,
 }
 
 impl DeadLetterReason {
@@ -281,6 +297,7 @@ impl DeadLetterReason {
             DeadLetterReason::Permanent => "permanent-error",
             DeadLetterReason::Undecodable => "undecodable",
             DeadLetterReason::AttemptsExhausted => "attempts-exhausted",
+            DeadLetterReason::UnhandledType => "unhandled-type",
         }
     }
 
@@ -290,6 +307,7 @@ impl DeadLetterReason {
             DeadLetterReason::Permanent,
             DeadLetterReason::Undecodable,
             DeadLetterReason::AttemptsExhausted,
+            DeadLetterReason::UnhandledType,
         ]
         .into_iter()
         .find(|r| r.as_str() == s)

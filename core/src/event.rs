@@ -38,6 +38,41 @@ impl<T> Event<T> {
     pub fn new(data: T) -> Self {
         Event::with_codec(data)
     }
+
+    /// A new event whose type and schema version are the ones `T` declares
+    /// ([`EventType`]), encoded as JSON.
+    pub fn typed(data: T) -> Self
+    where
+        T: EventType,
+    {
+        let event = Event::new(data).with_type(T::TYPE);
+        match T::VERSION {
+            Some(version) => event.with_schema_version(version),
+            None => event,
+        }
+    }
+}
+
+/// The event type (CloudEvents `type`) and schema version a Rust type is
+/// published as, declared once with the type. Publishing through a typed
+/// topic ([`PublisherExt::topic`](crate::PublisherExt::topic)) or
+/// [`Event::typed`] writes them; a consumer routes by them
+/// ([`ConsumerBuilder::on`](crate::ConsumerBuilder::on)).
+///
+/// ```
+/// use tidings_core::event::EventType;
+/// #[derive(serde::Serialize, serde::Deserialize)]
+/// struct UserRegistered { email: String }
+/// impl EventType for UserRegistered {
+///     const TYPE: &'static str = "user.registered";
+///     const VERSION: Option<&'static str> = Some("2");
+/// }
+/// ```
+pub trait EventType {
+    /// The type name on the wire, e.g. `user.registered`.
+    const TYPE: &'static str;
+    /// The schema version, if the type has one.
+    const VERSION: Option<&'static str> = None;
 }
 
 impl Event<bytes::Bytes, crate::codec::Raw> {

@@ -1,10 +1,20 @@
 //! Handlers: plain async functions that take a typed event.
 //!
 //! Any `async fn(Event<T>) -> Result<(), HandlerError>` or closure of that
-//! shape is a handler. The argument is extracted from the delivery
-//! ([`FromDelivery`]): a payload that does not decode into `T` never reaches
-//! the function; it is dead-lettered as undecodable.
+//! shape is a handler, and so is one of up to six arguments, each extracted
+//! from the delivery ([`FromDelivery`]): the typed event, shared
+//! [`State`](crate::extract::State), the envelope, the attempt (see
+//! [`extract`](crate::extract)). A payload that does not decode into `T`
+//! never reaches the function; it is dead-lettered as undecodable.
+//!
+//! Handlers return [`HandlerResult`]. Any error converts into it with `?`
+//! (every `std::error::Error`, `anyhow::Error`, a service's own error
+//! enum), as a retryable failure unless marked otherwise. The return type
+//! itself stays `HandlerResult` rather than any `Result<(), E>`: with a
+//! generic error, every closure that ends in `Ok(())` or uses `?` would no
+//! longer compile without naming its error type.
 
+use std::any::TypeId;
 use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
@@ -48,6 +58,8 @@ pub enum Failure {
     Undecodable,
     /// Retries were made in process (the retry middleware) and every one failed.
     Exhausted,
+    /// No handler of the topic takes the message's event type.
+    UnhandledType,
 }
 
 impl HandlerError {
@@ -70,6 +82,12 @@ impl HandlerError {
     /// as `attempts-exhausted`.
     pub fn exhausted(error: impl Into<BoxError>) -> Self {
         Self::of(Failure::Exhausted, error)
+    }
+
+    /// No handler takes the message's event type: dead-lettered as
+    /// `unhandled-type` (see [`Unhandled`](crate::consumer::Unhandled)).
+    pub fn unhandled_type(error: impl Into<BoxError>) -> Self {
+        Self::of(Failure::UnhandledType, error)
     }
 
     fn of(kind: Failure, error: impl Into<BoxError>) -> Self {
@@ -126,6 +144,7 @@ impl HandlerError {
             Failure::Permanent => Some(DeadLetterReason::Permanent),
             Failure::Undecodable => Some(DeadLetterReason::Undecodable),
             Failure::Exhausted => Some(DeadLetterReason::AttemptsExhausted),
+            Failure::UnhandledType => Some(DeadLetterReason::UnhandledType),
         }
     }
 }
@@ -179,10 +198,22 @@ impl<T, E: Into<BoxError>> ResultExt<T> for Result<T, E> {
 /// What a handler returns.
 pub type HandlerResult = Result<(), HandlerError>;
 
-/// A value a handler can take as its argument, extracted from the delivery.
+/// A value a handler can take as an argument, extracted from the delivery.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be a handler's argument",
+    label = "not an extractor",
+    note = "a handler's arguments are extractors: `Event<T>`, `State<S>`, `Meta`, `Attempt`, `Topic`, or a type implementing `FromDelivery`"
+)]
 pub trait FromDelivery: Sized + Send + 'static {
     /// Extracts the value; an error here is settled like the handler's own.
     fn from_delivery(delivery: &Delivery) -> Result<Self, HandlerError>;
+
+    /// The shared state this extractor reads, if any (its type and name),
+    /// so that a consumer missing it is refused at start rather than at
+    /// the first message.
+    fn needs_state() -> Option<(TypeId, &'static str)> {
+        None
+    }
 }
 
 impl<T, C> FromDelivery for Event<T, C>
@@ -203,31 +234,66 @@ where
 }
 
 /// A function that handles deliveries. Implemented for every
-/// `Fn(A) -> impl Future<Output = HandlerResult>` where `A: FromDelivery`;
-/// the `Args` parameter only tells those implementations apart.
+/// `Fn(A1, …, An) -> impl Future<Output = HandlerResult>` (n ≤ 6) whose
+/// arguments are extractors ([`FromDelivery`]); the `Args` parameter only
+/// tells those implementations apart.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a Tidings handler",
+    label = "not a handler",
+    note = "a handler is an async fn or closure of up to six extractors (`Event<T>`, `State<S>`, `Meta`, `Attempt`, `Topic`) returning `Result<(), HandlerError>`; convert other errors with `?` or `.map_err(HandlerError::retryable)`"
+)]
 pub trait Handler<Args>: Send + Sync + 'static {
-    /// Extracts the argument and runs the function.
+    /// Extracts the arguments and runs the function.
     fn call(&self, delivery: &Delivery) -> BoxFuture<'static, HandlerResult>;
-}
 
-impl<F, Fut, A> Handler<(A,)> for F
-where
-    F: Fn(A) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = HandlerResult> + Send + 'static,
-    A: FromDelivery,
-{
-    fn call(&self, delivery: &Delivery) -> BoxFuture<'static, HandlerResult> {
-        match A::from_delivery(delivery) {
-            Ok(arg) => Box::pin(self(arg)),
-            Err(e) => Box::pin(std::future::ready(Err(e))),
-        }
+    /// The shared state the arguments read (see [`FromDelivery::needs_state`]).
+    fn needs_state(&self) -> Vec<(TypeId, &'static str)> {
+        Vec::new()
     }
 }
+
+macro_rules! handler_of {
+    ($($arg:ident),+) => {
+        impl<F, Fut, $($arg),+> Handler<($($arg,)+)> for F
+        where
+            F: Fn($($arg),+) -> Fut + Send + Sync + 'static,
+            Fut: Future<Output = HandlerResult> + Send + 'static,
+            $($arg: FromDelivery,)+
+        {
+            #[allow(non_snake_case)]
+            fn call(&self, delivery: &Delivery) -> BoxFuture<'static, HandlerResult> {
+                $(
+                    let $arg = match $arg::from_delivery(delivery) {
+                        Ok(value) => value,
+                        Err(e) => return Box::pin(std::future::ready(Err(e))),
+                    };
+                )+
+                Box::pin(self($($arg),+))
+            }
+
+            fn needs_state(&self) -> Vec<(TypeId, &'static str)> {
+                [$($arg::needs_state()),+].into_iter().flatten().collect()
+            }
+        }
+    };
+}
+
+handler_of!(A1);
+handler_of!(A1, A2);
+handler_of!(A1, A2, A3);
+handler_of!(A1, A2, A3, A4);
+handler_of!(A1, A2, A3, A4, A5);
+handler_of!(A1, A2, A3, A4, A5, A6);
 
 /// A handler with its argument type erased, as the runtime stores it.
 pub trait Endpoint: Send + Sync + 'static {
     /// Runs the handler on a delivery.
     fn call(&self, delivery: &Delivery) -> BoxFuture<'static, HandlerResult>;
+
+    /// The shared state the handler reads (see [`FromDelivery::needs_state`]).
+    fn needs_state(&self) -> Vec<(TypeId, &'static str)> {
+        Vec::new()
+    }
 }
 
 pub(crate) struct Erased<H, Args> {
@@ -247,6 +313,10 @@ impl<H, Args> Erased<H, Args> {
 impl<H: Handler<Args>, Args: 'static> Endpoint for Erased<H, Args> {
     fn call(&self, delivery: &Delivery) -> BoxFuture<'static, HandlerResult> {
         self.handler.call(delivery)
+    }
+
+    fn needs_state(&self) -> Vec<(TypeId, &'static str)> {
+        self.handler.needs_state()
     }
 }
 

@@ -30,6 +30,7 @@ pub mod delivery;
 pub mod dialect;
 pub mod error;
 pub mod event;
+pub mod extract;
 pub mod groups;
 pub mod handler;
 pub mod health;
@@ -46,13 +47,14 @@ pub mod tls;
 
 pub use codec::{Codec, CodecError, Json, Raw};
 pub use consumer::{
-    Consumer, ConsumerBuilder, ConsumerHealth, SettleAction, Settlement, ShutdownReport,
+    Consumer, ConsumerBuilder, ConsumerHealth, SettleAction, Settlement, ShutdownReport, Unhandled,
     shutdown_signal,
 };
 pub use delivery::{Acker, DeadLetter, DeadLetterReason, Delivery};
 pub use dialect::Dialect;
 pub use error::{BoxError, Error, Result};
-pub use event::Event;
+pub use event::{Event, EventType};
+pub use extract::State;
 pub use groups::GroupStats;
 pub use handler::{
     Failure, FromDelivery, Handler, HandlerError, HandlerResult, Panicked, ResultExt,
@@ -60,6 +62,6 @@ pub use handler::{
 pub use health::{Health, HealthCheck};
 pub use message::{Headers, Message, Metadata, StableHash, wire};
 pub use middleware::{Middleware, PublishMiddleware};
-pub use publisher::{Publisher, PublisherExt, Receipt};
+pub use publisher::{Publisher, PublisherExt, Receipt, TypedTopic};
 pub use retry::{Backoff, RetryPolicy};
 pub use subscriber::{Capabilities, DeliveryStream, StartFrom, Subscriber, Subscription};

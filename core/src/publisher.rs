@@ -5,9 +5,11 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::codec::Codec;
+use std::marker::PhantomData;
+
+use crate::codec::{Codec, Json};
 use crate::error::Result;
-use crate::event::Event;
+use crate::event::{Event, EventType};
 use crate::message::Message;
 
 /// Where the broker stored a published message.
@@ -110,6 +112,97 @@ pub trait PublisherExt: Publisher {
         });
         async move { self.publish(topic, message?).await }
     }
+
+    /// This publisher bound to `topic` and the event type `T`
+    /// ([`TypedTopic`]): `bus.topic::<OrderPlaced>("orders")`.
+    fn topic<T: EventType>(&self, topic: &str) -> TypedTopic<T>
+    where
+        Self: Clone + Sized + 'static,
+        Json: Codec<T>,
+    {
+        TypedTopic::new(Arc::new(self.clone()), topic)
+    }
 }
 
 impl<P: Publisher + ?Sized> PublisherExt for P {}
+
+/// A publisher bound to one topic and one event type, so the topic's name
+/// is written once: `let orders = TypedTopic::<OrderPlaced>::new(publisher, "orders")`.
+/// Every event it publishes carries the type and schema version `T`
+/// declares ([`EventType`]).
+///
+/// ```
+/// # use std::sync::Arc;
+/// use tidings_core::event::EventType;
+/// use tidings_core::publisher::TypedTopic;
+/// #[derive(serde::Serialize)]
+/// struct OrderPlaced { order_id: u64 }
+/// impl EventType for OrderPlaced {
+///     const TYPE: &'static str = "order.placed";
+/// }
+/// # async fn f(publisher: Arc<dyn tidings_core::Publisher>) -> tidings_core::Result<()> {
+/// let orders = TypedTopic::<OrderPlaced>::new(publisher, "orders");
+/// orders.publish(OrderPlaced { order_id: 7 }).await?;
+/// # Ok(()) }
+/// ```
+pub struct TypedTopic<T, C = Json> {
+    publisher: Arc<dyn Publisher>,
+    name: Arc<str>,
+    event: PhantomData<fn(T) -> C>,
+}
+
+impl<T, C> Clone for TypedTopic<T, C> {
+    fn clone(&self) -> Self {
+        TypedTopic {
+            publisher: self.publisher.clone(),
+            name: self.name.clone(),
+            event: PhantomData,
+        }
+    }
+}
+
+impl<T, C> std::fmt::Debug for TypedTopic<T, C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TypedTopic")
+            .field("name", &self.name)
+            .field("type", &std::any::type_name::<T>())
+            .finish()
+    }
+}
+
+impl<T: EventType, C: Codec<T>> TypedTopic<T, C> {
+    /// `T`'s events on `topic`, published through `publisher`.
+    pub fn new(publisher: Arc<dyn Publisher>, topic: impl Into<Arc<str>>) -> Self {
+        TypedTopic {
+            publisher,
+            name: topic.into(),
+            event: PhantomData,
+        }
+    }
+
+    /// The topic's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Publishes `data` as a new event.
+    pub async fn publish(&self, data: T) -> Result<Receipt> {
+        self.publish_event(Event::with_codec(data)).await
+    }
+
+    /// Publishes `event` (its key, headers, correlation…), with `T`'s type
+    /// and schema version unless the event names others.
+    pub async fn publish_event(&self, event: Event<T, C>) -> Result<Receipt> {
+        let mut message = event.into_message()?;
+        let metadata = &mut message.metadata;
+        metadata
+            .event_type
+            .get_or_insert_with(|| T::TYPE.to_owned());
+        if let Some(version) = T::VERSION {
+            metadata
+                .schema_version
+                .get_or_insert_with(|| version.to_owned());
+        }
+        self.publisher.publish(&self.name, message).await
+    }
+}

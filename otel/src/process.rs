@@ -65,6 +65,7 @@ fn failure_type(kind: Failure) -> &'static str {
         Failure::Permanent => "permanent",
         Failure::Undecodable => "undecodable",
         Failure::Exhausted => "exhausted",
+        Failure::UnhandledType => "unhandled_type",
     }
 }
 

@@ -20,6 +20,7 @@
 //! slows intake; memory does not grow.
 
 mod dispatch;
+mod routing;
 mod settle;
 
 use std::fmt;
@@ -33,13 +34,16 @@ use tokio::task::{AbortHandle, JoinHandle};
 use tracing::{error, warn};
 
 use crate::error::{Error, Result};
-use crate::handler::{Endpoint, Erased, Handler};
+use crate::extract::StateMap;
+use crate::handler::{Erased, Handler};
 use crate::health::{Health, HealthCheck, State};
 use crate::middleware::Middleware;
 use crate::retry::RetryPolicy;
 use crate::subscriber::{StartFrom, Subscriber, Subscription};
 
 use dispatch::{Source, Stop};
+use routing::Registration;
+pub use routing::Unhandled;
 use settle::{Observer, Route, WorkerCounts};
 pub use settle::{SettleAction, Settlement};
 
@@ -70,7 +74,9 @@ pub use settle::{SettleAction, Settlement};
 pub struct ConsumerBuilder {
     subscriber: Arc<dyn Subscriber>,
     group: Option<String>,
-    routes: Vec<(String, Arc<dyn Endpoint>)>,
+    registrations: Vec<Registration>,
+    state: StateMap,
+    unhandled: Unhandled,
     stack: Vec<Arc<dyn Middleware>>,
     concurrency: usize,
     prefetch: Option<usize>,
@@ -330,7 +336,9 @@ impl ConsumerBuilder {
         ConsumerBuilder {
             subscriber,
             group,
-            routes: Vec::new(),
+            registrations: Vec::new(),
+            state: StateMap::default(),
+            unhandled: Unhandled::default(),
             stack: Vec::new(),
             concurrency: 16,
             prefetch: None,
@@ -342,14 +350,74 @@ impl ConsumerBuilder {
         }
     }
 
-    /// Registers `handler` for `topic`.
-    pub fn handle<H, Args>(mut self, topic: impl Into<String>, handler: H) -> Self
+    /// Registers `handler` for `topic`: it takes every message of the topic
+    /// that no handler registered for its event type takes
+    /// ([`handle_type`](Self::handle_type)). A second untyped handler for
+    /// the same topic is refused at [`start`](Self::start).
+    pub fn handle<H, Args>(self, topic: impl Into<String>, handler: H) -> Self
     where
         H: Handler<Args>,
         Args: 'static,
     {
-        self.routes
-            .push((topic.into(), Arc::new(Erased::new(handler))));
+        self.register(topic.into(), None, handler)
+    }
+
+    /// Registers `handler` for the messages of `topic` whose event type is
+    /// `event_type`. Messages of a type no handler takes go to the topic's
+    /// untyped handler if it has one, else where [`unhandled`](Self::unhandled)
+    /// says (dead-lettered by default). Two handlers for the same topic and
+    /// type are refused at [`start`](Self::start), naming both.
+    pub fn handle_type<H, Args>(
+        self,
+        topic: impl Into<String>,
+        event_type: impl Into<String>,
+        handler: H,
+    ) -> Self
+    where
+        H: Handler<Args>,
+        Args: 'static,
+    {
+        self.register(topic.into(), Some(event_type.into()), handler)
+    }
+
+    /// Registers `handler` for the messages of `topic` of the event type `T`
+    /// declares ([`EventType`](crate::event::EventType)):
+    /// `.on::<UserRegistered, _, _>("users", welcome)`.
+    pub fn on<T, H, Args>(self, topic: impl Into<String>, handler: H) -> Self
+    where
+        T: crate::event::EventType,
+        H: Handler<Args>,
+        Args: 'static,
+    {
+        self.register(topic.into(), Some(T::TYPE.to_owned()), handler)
+    }
+
+    fn register<H, Args>(mut self, topic: String, event_type: Option<String>, handler: H) -> Self
+    where
+        H: Handler<Args>,
+        Args: 'static,
+    {
+        self.registrations.push(Registration {
+            topic,
+            event_type,
+            endpoint: Arc::new(Erased::new(handler)),
+            name: std::any::type_name::<H>(),
+        });
+        self
+    }
+
+    /// What becomes of a message whose event type no handler of its topic
+    /// takes: dead-lettered as `unhandled-type` (the default) or acked.
+    pub fn unhandled(mut self, unhandled: Unhandled) -> Self {
+        self.unhandled = unhandled;
+        self
+    }
+
+    /// Registers shared state, handed to handlers that take
+    /// [`State<T>`](crate::extract::State) (one value per type; cloned per
+    /// call, so share what is expensive behind an `Arc`).
+    pub fn state<T: Clone + Send + Sync + 'static>(mut self, value: T) -> Self {
+        self.state.insert(value);
         self
     }
 
@@ -439,19 +507,35 @@ impl ConsumerBuilder {
     /// Subscribes to every topic and starts handling. Returns once every
     /// subscription is in place: messages published afterwards reach it.
     pub async fn start(self) -> Result<Consumer> {
-        if self.routes.is_empty() {
+        if self.registrations.is_empty() {
             return Err(Error::Config {
                 key: "handle".into(),
                 message: "a consumer needs at least one handler".into(),
             });
         }
+        let routes = routing::by_topic(self.registrations, self.unhandled)?;
+        for (topic, endpoint) in &routes {
+            if let Some((_, name)) = endpoint
+                .needs_state()
+                .into_iter()
+                .find(|(id, _)| !self.state.contains(*id))
+            {
+                return Err(Error::Config {
+                    key: "state".into(),
+                    message: format!(
+                        "a handler of `{topic}` takes State<{name}>, and no state of that type was registered (ConsumerBuilder::state)"
+                    ),
+                });
+            }
+        }
+        let state = (!self.state.is_empty()).then(|| Arc::new(self.state));
         let name = self.subscriber.name();
         let caps = self.subscriber.capabilities();
         let prefetch = self
             .prefetch
             .unwrap_or_else(|| (self.concurrency * 2).max(32));
-        let mut subscriptions = Vec::with_capacity(self.routes.len());
-        for (topic, _) in &self.routes {
+        let mut subscriptions = Vec::with_capacity(routes.len());
+        for (topic, _) in &routes {
             let subscription = Subscription {
                 topic: topic.clone(),
                 group: self.group.clone(),
@@ -470,7 +554,7 @@ impl ConsumerBuilder {
         let mut sources = Vec::new();
         let mut counts = Counts::default();
         let ended = Arc::new(watch::channel(false).0);
-        for ((_, endpoint), subscription) in self.routes.into_iter().zip(subscriptions) {
+        for ((_, endpoint), subscription) in routes.into_iter().zip(subscriptions) {
             let stream = self.subscriber.subscribe(subscription).await?;
             let source = Arc::new(Source::new(stream, self.ordered_by_key, ended.clone()));
             let route = Arc::new(Route {
@@ -479,6 +563,7 @@ impl ConsumerBuilder {
                 retry: self.retry,
                 caps,
                 observers: observers.clone(),
+                state: state.clone(),
             });
             // Every worker holds a sender; the closer sees the channel end
             // when the last one is gone.

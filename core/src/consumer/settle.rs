@@ -12,6 +12,7 @@ use tracing::{debug, error, warn};
 
 use crate::delivery::{DeadLetter, DeadLetterReason, Delivery, header};
 use crate::error::{Error, Result};
+use crate::extract::StateMap;
 use crate::handler::{Endpoint, HandlerError, HandlerResult, Panicked};
 use crate::middleware::{Middleware, Next};
 use crate::retry::RetryPolicy;
@@ -143,6 +144,8 @@ pub(crate) struct Route {
     pub retry: RetryPolicy,
     pub caps: Capabilities,
     pub observers: Arc<[Observer]>,
+    /// The consumer's shared state, when it has any.
+    pub state: Option<Arc<StateMap>>,
 }
 
 impl Route {
@@ -188,6 +191,9 @@ impl Route {
     /// broker redelivers it).
     pub async fn process(&self, delivery: &mut Delivery, counts: &WorkerCounts) {
         delivery.set_max_attempts(self.retry.max_attempts);
+        if let Some(state) = &self.state {
+            delivery.set_state(state.clone());
+        }
         let mut first_failure = first_failure_of(delivery);
         let (action, error) = if replayed_for_another_group(delivery) {
             // A dead letter replayed to the group that failed it: the

@@ -1,0 +1,9 @@
+use std::sync::Arc;
+use tidings_core::{Consumer, Event, Subscriber};
+
+fn handler(_e: Event<String>) {}
+
+fn main() {
+    let subscriber: Arc<dyn Subscriber> = tidings_memory::MemoryBus::new().subscriber();
+    let _ = Consumer::group(subscriber, "g").handle("t", handler);
+}
