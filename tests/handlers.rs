@@ -178,6 +178,128 @@ async fn on_kafka() {
     routes_by_event_type(&format!("kafka://{}?auto_create_topics=true", kafka_mock())).await;
 }
 
+/// A batch handler on `url`: ten events in batches of up to four; one fails
+/// for good and is dead-lettered alone, one fails once and comes back alone,
+/// the others are acked.
+async fn batches_settle_each_message(url: &str) {
+    use tidings::batch::{BatchFailure, BatchOptions};
+    let bus = tidings::connect(url)
+        .await
+        .unwrap_or_else(|e| panic!("{url}: {e}; scripts/brokers.sh starts the brokers"));
+    let topic = unique("projections");
+    let sizes: Arc<Mutex<Vec<usize>>> = Arc::default();
+    let done: Arc<Mutex<Vec<u32>>> = Arc::default();
+    let settled: Arc<Mutex<Vec<(u32, SettleAction)>>> = Arc::default();
+    let (record_sizes, record_done, record) = (sizes.clone(), done.clone(), settled.clone());
+    let consumer = bus
+        .consumer("projector")
+        .retry(
+            tidings::RetryPolicy::new(3)
+                .with_backoff(tidings::Backoff::fixed(Duration::from_millis(100))),
+        )
+        .handle_batch(
+            &topic,
+            BatchOptions::new(4).wait(Duration::from_millis(200)),
+            move |events: Vec<Event<u32>>| {
+                let (sizes, done) = (record_sizes.clone(), record_done.clone());
+                async move {
+                    sizes.lock().expect("lock").push(events.len());
+                    let mut failed = Vec::new();
+                    for (i, e) in events.iter().enumerate() {
+                        match e.data {
+                            3 => failed.push((i, HandlerError::permanent("three is refused"))),
+                            5 if e.attempt() == 1 => {
+                                failed.push((i, HandlerError::retryable("five, once")))
+                            }
+                            n => done.lock().expect("lock").push(n),
+                        }
+                    }
+                    if failed.is_empty() {
+                        Ok(())
+                    } else {
+                        Err(BatchFailure::Some(failed))
+                    }
+                }
+            },
+        )
+        .on_settle(move |s| {
+            let n: u32 = serde_json::from_slice(&s.delivery.message().payload).expect("a number");
+            record.lock().expect("lock").push((n, s.action));
+        })
+        .start()
+        .await
+        .expect("started");
+    for n in 0..10u32 {
+        bus.publish_event(&topic, Event::new(n))
+            .await
+            .expect("published");
+    }
+    within(60, "eleven settlements", async {
+        while settled.lock().expect("lock").len() < 11 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    consumer.shutdown(Duration::from_secs(10)).await;
+
+    let mut done = done.lock().expect("lock").clone();
+    done.sort_unstable();
+    assert_eq!(done, [0, 1, 2, 4, 5, 6, 7, 8, 9]);
+    let sizes = sizes.lock().expect("lock").clone();
+    assert!(sizes.iter().all(|&n| (1..=4).contains(&n)), "{sizes:?}");
+    assert!(
+        sizes.iter().any(|&n| n > 1),
+        "batches of more than one: {sizes:?}"
+    );
+    let settled = settled.lock().expect("lock").clone();
+    let of = |n: u32| -> Vec<SettleAction> {
+        settled
+            .iter()
+            .filter(|(m, _)| *m == n)
+            .map(|(_, a)| *a)
+            .collect()
+    };
+    assert_eq!(
+        of(3),
+        [SettleAction::DeadLetter {
+            reason: DeadLetterReason::Permanent
+        }]
+    );
+    assert!(
+        matches!(of(5)[..], [SettleAction::Nack { .. }, SettleAction::Ack]),
+        "{:?}",
+        of(5)
+    );
+    for n in [0, 1, 2, 4, 6, 7, 8, 9] {
+        assert_eq!(of(n), [SettleAction::Ack], "event {n}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_on_memory() {
+    batches_settle_each_message("memory://").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_on_redis() {
+    batches_settle_each_message("redis://127.0.0.1:6379").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_on_rabbitmq() {
+    batches_settle_each_message("amqp://guest:guest@127.0.0.1:5672/%2f").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_on_jetstream() {
+    batches_settle_each_message("nats://127.0.0.1:4222").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_on_kafka() {
+    batches_settle_each_message(&format!("kafka://{}?auto_create_topics=true", kafka_mock())).await;
+}
+
 fn config_error(result: tidings::Result<tidings::Consumer>) -> String {
     match result {
         Err(Error::Config { message, .. }) => message,

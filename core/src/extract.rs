@@ -7,7 +7,7 @@
 //! use std::sync::Arc;
 //! use tidings_core::extract::{Attempt, Meta, State};
 //! use tidings_core::{Consumer, Event, HandlerError};
-//! # #[derive(serde::Deserialize)] struct UserRegistered { email: String }
+//! # #[derive(serde::Serialize, serde::Deserialize)] struct UserRegistered { email: String }
 //! #[derive(Clone)]
 //! struct Mailer { from: Arc<str> }
 //!

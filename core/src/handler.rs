@@ -90,6 +90,16 @@ impl HandlerError {
         Self::of(Failure::UnhandledType, error)
     }
 
+    /// The same failure again (class, `retry_after`, and the error's text),
+    /// for each message of a batch that failed as a whole.
+    pub(crate) fn replicate(&self) -> Self {
+        HandlerError {
+            kind: self.kind,
+            retry_after: self.retry_after,
+            source: self.to_string().into(),
+        }
+    }
+
     fn of(kind: Failure, error: impl Into<BoxError>) -> Self {
         HandlerError {
             kind,

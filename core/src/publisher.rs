@@ -135,7 +135,7 @@ impl<P: Publisher + ?Sized> PublisherExt for P {}
 /// # use std::sync::Arc;
 /// use tidings_core::event::EventType;
 /// use tidings_core::publisher::TypedTopic;
-/// #[derive(serde::Serialize)]
+/// #[derive(serde::Serialize, serde::Deserialize)]
 /// struct OrderPlaced { order_id: u64 }
 /// impl EventType for OrderPlaced {
 ///     const TYPE: &'static str = "order.placed";

@@ -39,7 +39,8 @@ use futures::lock::Mutex as AsyncMutex;
 use tokio::sync::{Notify, mpsc, watch};
 use tracing::{error, warn};
 
-use super::settle::{Route, WorkerCounts};
+use super::settle::{Handling, Route, WorkerCounts};
+use crate::batch::BatchOptions;
 use crate::delivery::Delivery;
 use crate::subscriber::DeliveryStream;
 
@@ -276,12 +277,14 @@ pub(crate) async fn supervised_worker(
     _alive: mpsc::Sender<std::convert::Infallible>,
 ) {
     loop {
-        let run = tokio::spawn(worker(
-            source.clone(),
-            route.clone(),
-            counts.clone(),
-            stop.clone(),
-        ));
+        let (source, route, counts, stop) =
+            (source.clone(), route.clone(), counts.clone(), stop.clone());
+        let run = match route.handling {
+            Handling::Batch(_, options) => {
+                tokio::spawn(batch_worker(source, route, counts, stop, options))
+            }
+            Handling::One(_) => tokio::spawn(worker(source, route, counts, stop)),
+        };
         // Aborting this task (a shutdown past its deadline) aborts the worker too.
         let _abort = AbortOnDrop(run.abort_handle());
         match run.await {
@@ -339,6 +342,51 @@ async fn worker(source: Arc<Source>, route: Arc<Route>, counts: Arc<WorkerCounts
             // give the runtime its turn when the task's budget is spent.
             tokio::task::consume_budget().await;
         }
+    }
+}
+
+/// A worker of a batch handler: gathers up to `options.max` deliveries
+/// (waiting at most `options.wait` after the first), runs the handler on
+/// them at once, and settles each by its own result.
+async fn batch_worker(
+    source: Arc<Source>,
+    route: Arc<Route>,
+    counts: Arc<WorkerCounts>,
+    mut stop: Stop,
+    options: BatchOptions,
+) {
+    while let Some(first) = source.next(&mut stop, &counts).await {
+        let mut deliveries = vec![first];
+        let deadline = tokio::time::Instant::now() + options.wait;
+        while deliveries.len() < options.max {
+            match tokio::time::timeout_at(deadline, source.next(&mut stop, &counts)).await {
+                Ok(Some(delivery)) => deliveries.push(delivery),
+                _ => break,
+            }
+        }
+        // What the adapter could not read is dead-lettered alone, without
+        // the handler.
+        let (mut rejected, mut batch): (Vec<_>, Vec<_>) = deliveries
+            .into_iter()
+            .partition(|d| d.rejection().is_some());
+        let results = {
+            let mut running = std::pin::pin!(route.run_batch(&batch));
+            match futures::poll!(running.as_mut()) {
+                std::task::Poll::Ready(results) => results,
+                std::task::Poll::Pending => {
+                    // The handler waits: an idle worker gathers the next batch.
+                    source.idle.notify_one();
+                    running.await
+                }
+            }
+        };
+        for (delivery, result) in batch.iter_mut().zip(results) {
+            route.settle_result(delivery, Some(result), &counts).await;
+        }
+        for delivery in &mut rejected {
+            route.process(delivery, &counts).await;
+        }
+        tokio::task::consume_budget().await;
     }
 }
 

@@ -33,6 +33,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::{AbortHandle, JoinHandle};
 use tracing::{error, warn};
 
+use crate::batch::{BatchEndpoint, BatchHandler, BatchOptions, ErasedBatch};
 use crate::error::{Error, Result};
 use crate::extract::StateMap;
 use crate::handler::{Erased, Handler};
@@ -43,8 +44,17 @@ use crate::subscriber::{StartFrom, Subscriber, Subscription};
 
 use dispatch::{Source, Stop};
 use routing::Registration;
+
+/// One `handle_batch` call of the builder.
+#[derive(Clone)]
+struct BatchRegistration {
+    topic: String,
+    endpoint: Arc<dyn BatchEndpoint>,
+    options: BatchOptions,
+    name: &'static str,
+}
 pub use routing::Unhandled;
-use settle::{Observer, Route, WorkerCounts};
+use settle::{Handling, Observer, Route, WorkerCounts};
 pub use settle::{SettleAction, Settlement};
 
 /// Builds a [`Consumer`]: the group, its handlers, its middleware and limits.
@@ -75,6 +85,7 @@ pub struct ConsumerBuilder {
     subscriber: Arc<dyn Subscriber>,
     group: Option<String>,
     registrations: Vec<Registration>,
+    batches: Vec<BatchRegistration>,
     state: StateMap,
     unhandled: Unhandled,
     stack: Vec<Arc<dyn Middleware>>,
@@ -337,6 +348,7 @@ impl ConsumerBuilder {
             subscriber,
             group,
             registrations: Vec::new(),
+            batches: Vec::new(),
             state: StateMap::default(),
             unhandled: Unhandled::default(),
             stack: Vec::new(),
@@ -401,6 +413,31 @@ impl ConsumerBuilder {
             topic,
             event_type,
             endpoint: Arc::new(Erased::new(handler)),
+            name: std::any::type_name::<H>(),
+        });
+        self
+    }
+
+    /// Registers a batch handler for `topic` ([`batch`](crate::batch)): it
+    /// gets up to `options.max` events at once and says which failed; each
+    /// message is settled by its own outcome (acked, retried, dead-lettered)
+    /// as a single handler's would be. The consumer's middleware does not
+    /// run around batch handlers (layers see one delivery at a time), and a
+    /// topic has either one batch handler or single ones.
+    pub fn handle_batch<H, Args>(
+        mut self,
+        topic: impl Into<String>,
+        options: BatchOptions,
+        handler: H,
+    ) -> Self
+    where
+        H: BatchHandler<Args>,
+        Args: 'static,
+    {
+        self.batches.push(BatchRegistration {
+            topic: topic.into(),
+            endpoint: Arc::new(ErasedBatch::new(handler)),
+            options,
             name: std::any::type_name::<H>(),
         });
         self
@@ -507,14 +544,39 @@ impl ConsumerBuilder {
     /// Subscribes to every topic and starts handling. Returns once every
     /// subscription is in place: messages published afterwards reach it.
     pub async fn start(self) -> Result<Consumer> {
-        if self.registrations.is_empty() {
+        if self.registrations.is_empty() && self.batches.is_empty() {
             return Err(Error::Config {
                 key: "handle".into(),
                 message: "a consumer needs at least one handler".into(),
             });
         }
         let routes = routing::by_topic(self.registrations, self.unhandled)?;
-        for (topic, endpoint) in &routes {
+        let mut routes: Vec<(String, Handling)> = routes
+            .into_iter()
+            .map(|(topic, endpoint)| (topic, Handling::One(endpoint)))
+            .collect();
+        for batch in self.batches {
+            if routes.iter().any(|(topic, _)| *topic == batch.topic) {
+                return Err(Error::Config {
+                    key: "handle_batch".into(),
+                    message: format!(
+                        "topic `{}` has a batch handler (`{}`) and another handler: a topic has one batch handler or single ones",
+                        batch.topic, batch.name
+                    ),
+                });
+            }
+            if self.ordered_by_key {
+                return Err(Error::Config {
+                    key: "handle_batch".into(),
+                    message: "batch handlers and ordered_by_key do not mix: a batch is handled at once, not key by key".into(),
+                });
+            }
+            routes.push((batch.topic, Handling::Batch(batch.endpoint, batch.options)));
+        }
+        for (topic, handling) in &routes {
+            let Handling::One(endpoint) = handling else {
+                continue;
+            };
             if let Some((_, name)) = endpoint
                 .needs_state()
                 .into_iter()
@@ -554,12 +616,12 @@ impl ConsumerBuilder {
         let mut sources = Vec::new();
         let mut counts = Counts::default();
         let ended = Arc::new(watch::channel(false).0);
-        for ((_, endpoint), subscription) in routes.into_iter().zip(subscriptions) {
+        for ((_, handling), subscription) in routes.into_iter().zip(subscriptions) {
             let stream = self.subscriber.subscribe(subscription).await?;
             let source = Arc::new(Source::new(stream, self.ordered_by_key, ended.clone()));
             let route = Arc::new(Route {
                 stack: stack.clone(),
-                endpoint,
+                handling,
                 retry: self.retry,
                 caps,
                 observers: observers.clone(),

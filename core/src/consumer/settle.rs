@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime};
 use futures::FutureExt;
 use tracing::{debug, error, warn};
 
+use crate::batch::{BatchEndpoint, BatchFailure, BatchOptions};
 use crate::delivery::{DeadLetter, DeadLetterReason, Delivery, header};
 use crate::error::{Error, Result};
 use crate::extract::StateMap;
@@ -137,10 +138,18 @@ pub(crate) struct WorkerCounts {
     pub failed: AtomicU64,
 }
 
+/// What runs a topic's deliveries.
+pub(crate) enum Handling {
+    /// One delivery at a time, through the middleware stack.
+    One(Arc<dyn Endpoint>),
+    /// Batches (no middleware: layers see one delivery at a time).
+    Batch(Arc<dyn BatchEndpoint>, BatchOptions),
+}
+
 /// One topic's handler, its stack and how its deliveries are settled.
 pub(crate) struct Route {
     pub stack: Arc<[Arc<dyn Middleware>]>,
-    pub endpoint: Arc<dyn Endpoint>,
+    pub handling: Handling,
     pub retry: RetryPolicy,
     pub caps: Capabilities,
     pub observers: Arc<[Observer]>,
@@ -150,7 +159,14 @@ pub(crate) struct Route {
 
 impl Route {
     async fn run_once(&self, delivery: &Delivery) -> HandlerResult {
-        let next = Next::new(&self.stack, &*self.endpoint);
+        let endpoint = match &self.handling {
+            Handling::One(endpoint) => endpoint,
+            Handling::Batch(..) => {
+                let mut results = self.run_batch(std::slice::from_ref(delivery)).await;
+                return results.pop().unwrap_or(Ok(()));
+            }
+        };
+        let next = Next::new(&self.stack, &**endpoint);
         // The endpoint catches a handler's panic itself (so layers see it as
         // a failed attempt); this catches a layer's.
         AssertUnwindSafe(next.run(delivery))
@@ -159,19 +175,71 @@ impl Route {
             .unwrap_or_else(|panic| Err(HandlerError::retryable(Panicked::from(panic))))
     }
 
+    /// Runs the batch handler on `deliveries`: the result of each, in order
+    /// (an undecodable one fails alone; a panic fails them all).
+    pub async fn run_batch(&self, deliveries: &[Delivery]) -> Vec<HandlerResult> {
+        let Handling::Batch(batch, _) = &self.handling else {
+            unreachable!("run_batch on a topic without a batch handler")
+        };
+        let prepared =
+            match std::panic::catch_unwind(AssertUnwindSafe(|| batch.prepare(deliveries))) {
+                Ok(prepared) => prepared,
+                Err(panic) => {
+                    let error = HandlerError::retryable(Panicked::from(panic));
+                    return deliveries.iter().map(|_| Err(error.replicate())).collect();
+                }
+            };
+        let mut results: Vec<HandlerResult> = deliveries.iter().map(|_| Ok(())).collect();
+        for (i, error) in prepared.rejected {
+            results[i] = Err(error);
+        }
+        let outcome = AssertUnwindSafe(prepared.run)
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|panic| {
+                Err(BatchFailure::All(HandlerError::retryable(Panicked::from(
+                    panic,
+                ))))
+            });
+        match outcome {
+            Ok(()) => {}
+            Err(BatchFailure::All(error)) => {
+                for &i in &prepared.positions {
+                    results[i] = Err(error.replicate());
+                }
+            }
+            Err(BatchFailure::Some(failed)) => {
+                for (k, error) in failed {
+                    match prepared.positions.get(k) {
+                        Some(&i) => results[i] = Err(error),
+                        None => warn!(
+                            index = k,
+                            size = prepared.positions.len(),
+                            "a batch handler named an event outside its batch"
+                        ),
+                    }
+                }
+            }
+        }
+        results
+    }
+
     /// Runs the handler (retrying in process where the broker does not
     /// redeliver) and decides the settlement.
     async fn handle(
         &self,
         delivery: &mut Delivery,
         first_failure: &mut Option<SystemTime>,
+        mut ran: Option<HandlerResult>,
     ) -> (SettleAction, Option<HandlerError>) {
         loop {
-            let result = match delivery.take_rejection() {
+            let result = match (delivery.take_rejection(), ran.take()) {
                 // The adapter could not read it, or the broker gave up on
                 // it: no handler runs, the error is final.
-                Some(rejection) => Err(rejection),
-                None => self.run_once(delivery).await,
+                (Some(rejection), _) => Err(rejection),
+                // Run already, in a batch.
+                (None, Some(result)) => result,
+                (None, None) => self.run_once(delivery).await,
             };
             let attempt = delivery.attempt();
             match SettleAction::decide(&self.retry, attempt, &result) {
@@ -190,6 +258,17 @@ impl Route {
     /// with the delivery unsettled unless settling itself failed (then the
     /// broker redelivers it).
     pub async fn process(&self, delivery: &mut Delivery, counts: &WorkerCounts) {
+        self.settle_result(delivery, None, counts).await;
+    }
+
+    /// Settles a delivery whose handler already ran (`ran`, in a batch), or
+    /// runs it first (`None`), as [`process`](Self::process) does.
+    pub async fn settle_result(
+        &self,
+        delivery: &mut Delivery,
+        ran: Option<HandlerResult>,
+        counts: &WorkerCounts,
+    ) {
         delivery.set_max_attempts(self.retry.max_attempts);
         if let Some(state) = &self.state {
             delivery.set_state(state.clone());
@@ -200,7 +279,7 @@ impl Route {
             // topic's other groups handled it already.
             (SettleAction::Ack, None)
         } else {
-            self.handle(delivery, &mut first_failure).await
+            self.handle(delivery, &mut first_failure, ran).await
         };
         let settled = AssertUnwindSafe(self.settle(delivery, action, error, first_failure))
             .catch_unwind()
