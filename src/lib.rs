@@ -166,7 +166,9 @@ impl Bus {
     /// policy, layers and settlement observers already in place (add more
     /// with `.layer(..)`: they go inside the configured ones).
     pub fn consumer(&self, group: impl Into<String>) -> ConsumerBuilder {
-        let mut builder = Consumer::group(self.subscriber.clone(), group).retry(self.retry);
+        let mut builder = Consumer::group(self.subscriber.clone(), group)
+            .retry(self.retry)
+            .state(tidings_core::request::Replies::new(self.publisher.clone()));
         for layer in &self.layers {
             builder = builder.layer(layer.clone());
         }
@@ -175,6 +177,21 @@ impl Bus {
             builder = builder.on_settle(move |s| observer(s));
         }
         builder
+    }
+
+    /// A [`Requester`](tidings_core::request::Requester) reading replies on
+    /// `reply_topic` (unique to this process, e.g. the service's name and
+    /// an instance id), publishing requests through this bus's publisher.
+    pub async fn requester(
+        &self,
+        reply_topic: impl Into<String>,
+    ) -> Result<tidings_core::request::Requester> {
+        tidings_core::request::Requester::start(
+            self.publisher.clone(),
+            self.subscriber.clone(),
+            reply_topic,
+        )
+        .await
     }
 
     /// The publisher (with the configured publish layers).

@@ -39,6 +39,7 @@ pub mod message;
 pub mod middleware;
 pub mod params;
 pub mod publisher;
+pub mod request;
 pub mod retry;
 pub mod subscriber;
 #[cfg(feature = "testkit")]

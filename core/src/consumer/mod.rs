@@ -34,13 +34,19 @@ use tokio::task::{AbortHandle, JoinHandle};
 use tracing::{error, warn};
 
 use crate::batch::{BatchEndpoint, BatchHandler, BatchOptions, ErasedBatch};
+use crate::codec::Codec;
 use crate::error::{Error, Result};
+use crate::event::Event;
 use crate::extract::StateMap;
+use crate::extract::{self, Meta};
+use crate::handler::HandlerError;
 use crate::handler::{Erased, Handler};
 use crate::health::{Health, HealthCheck, State};
 use crate::middleware::Middleware;
+use crate::request::Replies;
 use crate::retry::RetryPolicy;
 use crate::subscriber::{StartFrom, Subscriber, Subscription};
+use std::future::Future;
 
 use dispatch::{Source, Stop};
 use routing::Registration;
@@ -416,6 +422,31 @@ impl ConsumerBuilder {
             name: std::any::type_name::<H>(),
         });
         self
+    }
+
+    /// Registers a request handler for `topic` ([`request`](crate::request)):
+    /// it returns the reply, which the runtime publishes to the request's
+    /// reply topic (with the request's id as correlation id) before the
+    /// request is acked. A failed handler is settled as any other (retried,
+    /// dead-lettered); when it fails for good the requester gets the error.
+    /// Replies go out through the [`Replies`](crate::request::Replies)
+    /// state (`Bus::consumer` registers it; refused at start without it).
+    pub fn handle_request<Req, Resp, C, F, Fut>(self, topic: impl Into<String>, handler: F) -> Self
+    where
+        F: Fn(Event<Req, C>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<Resp, HandlerError>> + Send + 'static,
+        C: Codec<Req> + Codec<Resp>,
+        Req: Send + 'static,
+        Resp: Send + 'static,
+    {
+        let handler = Arc::new(handler);
+        self.handle(
+            topic,
+            move |request: Event<Req, C>, meta: Meta, replies: extract::State<Replies>| {
+                let handler = handler.clone();
+                async move { crate::request::respond(&*handler, request, meta, replies).await }
+            },
+        )
     }
 
     /// Registers a batch handler for `topic` ([`batch`](crate::batch)): it
