@@ -73,6 +73,13 @@ pub trait EventType {
     const TYPE: &'static str;
     /// The schema version, if the type has one.
     const VERSION: Option<&'static str> = None;
+
+    /// The payload's JSON schema, for the AsyncAPI document
+    /// ([`asyncapi`](crate::asyncapi)); none by default. With the
+    /// `schemars` feature: `Some(tidings_core::asyncapi::schema_of::<Self>())`.
+    fn schema() -> Option<serde_json::Value> {
+        None
+    }
 }
 
 impl Event<bytes::Bytes, crate::codec::Raw> {

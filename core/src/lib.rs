@@ -24,6 +24,7 @@
 //! - `testkit-tls`: `testkit::Pki`, certificates made for a test.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod asyncapi;
 pub mod batch;
 pub mod codec;
 pub mod consumer;

@@ -233,6 +233,20 @@ impl App {
         self
     }
 
+    /// An AsyncAPI 3.0 document of the service's consumers (every handler
+    /// of every consumer added so far); add what it publishes with
+    /// [`publishes`](tidings_core::asyncapi::AsyncApi::publishes).
+    pub fn asyncapi(
+        &self,
+        title: impl Into<String>,
+        version: impl Into<String>,
+    ) -> tidings_core::asyncapi::AsyncApi {
+        self.consumers.iter().fold(
+            tidings_core::asyncapi::AsyncApi::new(title, version),
+            |document, (_, consumer)| document.consumer(consumer),
+        )
+    }
+
     /// The app's health as it runs: each part's state, liveness and
     /// readiness, as data.
     pub fn health(&self) -> ServiceHealth {

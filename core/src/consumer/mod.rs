@@ -33,6 +33,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::{AbortHandle, JoinHandle};
 use tracing::{error, warn};
 
+use crate::asyncapi::Described;
 use crate::batch::{BatchEndpoint, BatchHandler, BatchOptions, ErasedBatch};
 use crate::codec::Codec;
 use crate::error::{Error, Result};
@@ -377,7 +378,7 @@ impl ConsumerBuilder {
         H: Handler<Args>,
         Args: 'static,
     {
-        self.register(topic.into(), None, handler)
+        self.register(topic.into(), Described::default(), handler)
     }
 
     /// Registers `handler` for the messages of `topic` whose event type is
@@ -395,7 +396,11 @@ impl ConsumerBuilder {
         H: Handler<Args>,
         Args: 'static,
     {
-        self.register(topic.into(), Some(event_type.into()), handler)
+        let described = Described {
+            event_type: Some(event_type.into()),
+            ..Described::default()
+        };
+        self.register(topic.into(), described, handler)
     }
 
     /// Registers `handler` for the messages of `topic` of the event type `T`
@@ -407,21 +412,40 @@ impl ConsumerBuilder {
         H: Handler<Args>,
         Args: 'static,
     {
-        self.register(topic.into(), Some(T::TYPE.to_owned()), handler)
+        self.register(topic.into(), Described::of::<T>(), handler)
     }
 
-    fn register<H, Args>(mut self, topic: String, event_type: Option<String>, handler: H) -> Self
+    fn register<H, Args>(mut self, topic: String, described: Described, handler: H) -> Self
     where
         H: Handler<Args>,
         Args: 'static,
     {
         self.registrations.push(Registration {
             topic,
-            event_type,
+            event_type: described.event_type.clone(),
             endpoint: Arc::new(Erased::new(handler)),
             name: std::any::type_name::<H>(),
+            described,
         });
         self
+    }
+
+    /// The group this consumer joins; `None` for private subscriptions.
+    pub fn group_name(&self) -> Option<&str> {
+        self.group.as_deref()
+    }
+
+    /// Each handler's topic and what it takes, for the AsyncAPI document.
+    pub(crate) fn described(&self) -> Vec<(String, Described)> {
+        self.registrations
+            .iter()
+            .map(|r| (r.topic.clone(), r.described.clone()))
+            .chain(
+                self.batches
+                    .iter()
+                    .map(|b| (b.topic.clone(), Described::default())),
+            )
+            .collect()
     }
 
     /// Registers a request handler for `topic` ([`request`](crate::request)):
@@ -429,7 +453,7 @@ impl ConsumerBuilder {
     /// reply topic (with the request's id as correlation id) before the
     /// request is acked. A failed handler is settled as any other (retried,
     /// dead-lettered); when it fails for good the requester gets the error.
-    /// Replies go out through the [`Replies`](crate::request::Replies)
+    /// Replies go out through the [`Replies`]
     /// state (`Bus::consumer` registers it; refused at start without it).
     pub fn handle_request<Req, Resp, C, F, Fut>(self, topic: impl Into<String>, handler: F) -> Self
     where

@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use futures::future::BoxFuture;
 
+use crate::asyncapi::Described;
 use crate::delivery::Delivery;
 use crate::error::{Error, Result};
 use crate::handler::{Endpoint, HandlerError, HandlerResult};
@@ -40,6 +41,8 @@ pub(crate) struct Registration {
     pub endpoint: Arc<dyn Endpoint>,
     /// The handler's type name, for errors that name it.
     pub name: &'static str,
+    /// What it takes, for the AsyncAPI document.
+    pub described: Described,
 }
 
 /// The endpoint of each topic, in the order topics were first registered.
