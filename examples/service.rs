@@ -23,6 +23,26 @@ struct OrderPlaced {
     total_cents: u64,
 }
 
+/// The type on the wire, declared once with the Rust type.
+impl EventType for OrderPlaced {
+    const TYPE: &'static str = "order.placed";
+}
+
+/// The shipping service's dependency, shared by its handlers as state.
+#[derive(Clone)]
+struct Courier {
+    name: &'static str,
+}
+
+async fn ship(e: Event<OrderPlaced>, State(courier): State<Courier>) -> HandlerResult {
+    tokio::time::sleep(Duration::from_millis(200)).await; // a slow courier API
+    println!(
+        "shipping: {} label for order {}",
+        courier.name, e.data.order_id
+    );
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> tidings::Result<()> {
     // An example may fall back to the in-process bus; a service should not
@@ -43,48 +63,56 @@ async fn main() -> tidings::Result<()> {
     config.url = url;
     let bus = tidings::connect(config).await?;
 
-    let billing =
-        bus.consumer("billing")
-            .handle("order.placed", |e: Event<OrderPlaced>| async move {
-                println!(
-                    "billing: invoice for order {} ({} cents)",
-                    e.data.order_id, e.data.total_cents
-                );
-                Ok(())
-            });
-    let shipping = bus.consumer("shipping").concurrency(4).handle(
-        "order.placed",
+    let billing = bus.consumer("billing").on::<OrderPlaced, _, _>(
+        "orders",
         |e: Event<OrderPlaced>| async move {
-            tokio::time::sleep(Duration::from_millis(200)).await; // a slow courier API
-            println!("shipping: label for order {}", e.data.order_id);
+            println!(
+                "billing: invoice for order {} ({} cents)",
+                e.data.order_id, e.data.total_cents
+            );
             Ok(())
         },
     );
+    let shipping = bus
+        .consumer("shipping")
+        .concurrency(4)
+        .state(Courier { name: "ParcelCo" })
+        .on::<OrderPlaced, _, _>("orders", ship);
     let analytics = bus
         .consumer("analytics")
-        .handle("order.placed", |_: Event<OrderPlaced>| async { Ok(()) });
+        .handle("orders", |_: Event<OrderPlaced>| async { Ok(()) });
 
-    let orders = bus.publisher().clone();
-    let report = App::new()
+    // The topic's name and its event type in one place.
+    let orders = bus.publisher().topic::<OrderPlaced>("orders");
+    let app = App::new()
         .consumer("billing", billing)
         .consumer("shipping", shipping)
         .consumer("analytics", analytics)
         .task("storefront", async move {
             // Stands in for the part of the service that takes orders.
             for order_id in 1.. {
-                let event = Event::new(OrderPlaced {
-                    order_id,
-                    total_cents: 1999,
-                });
-                orders.publish_event("order.placed", event).await?;
+                orders
+                    .publish(OrderPlaced {
+                        order_id,
+                        total_cents: 1999,
+                    })
+                    .await?;
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
             Ok(())
         })
         .bus(&bus) // the connection on /readyz, the metrics on /metrics; closed last
-        .deadline(Duration::from_secs(10))
-        .run()
-        .await?;
+        .deadline(Duration::from_secs(10));
+    // What the service reads and writes, as an AsyncAPI 3.0 document.
+    let asyncapi = app
+        .asyncapi("orders service", "1.0.0")
+        .publishes::<OrderPlaced>("orders")
+        .to_json();
+    println!(
+        "{} operations documented",
+        asyncapi["operations"].as_object().map_or(0, |o| o.len())
+    );
+    let report = app.run().await?;
     println!("{report}");
     Ok(())
 }
