@@ -184,6 +184,11 @@ impl Delivery {
         self.group.as_deref()
     }
 
+    /// The group, shared.
+    pub fn shared_group(&self) -> Option<&Arc<str>> {
+        self.group.as_ref()
+    }
+
     /// The delivery attempt: 1 on first delivery.
     pub fn attempt(&self) -> u32 {
         self.attempt.load(Ordering::Relaxed)

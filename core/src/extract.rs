@@ -111,6 +111,16 @@ impl FromDelivery for Topic {
     }
 }
 
+/// The group the message was delivered to; `None` on a private subscription.
+#[derive(Debug, Clone)]
+pub struct Group(pub Option<Arc<str>>);
+
+impl FromDelivery for Group {
+    fn from_delivery(delivery: &Delivery) -> Result<Self, HandlerError> {
+        Ok(Group(delivery.shared_group().cloned()))
+    }
+}
+
 /// The consumer's shared state, by type.
 #[derive(Default, Clone)]
 pub(crate) struct StateMap(HashMap<TypeId, Arc<dyn Any + Send + Sync>>);

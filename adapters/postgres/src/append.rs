@@ -7,7 +7,8 @@ use sqlx::PgExecutor;
 use tidings_core::Message;
 
 use crate::error::StoreError;
-use crate::event_store::{Appended, ExpectedVersion, category, micros};
+use crate::event_store::{Appended, ExpectedVersion, category};
+use crate::row::Columns;
 
 /// The namespace of the store's advisory locks (the first key of the
 /// two-key form), so they do not meet an application's own: "tdng".
@@ -126,48 +127,24 @@ pub(crate) async fn append<'c>(
         ExpectedVersion::Exact(n) => n.min(i64::MAX as u64) as i64,
     };
     let n = events.len();
-    let mut ids = Vec::with_capacity(n);
-    let mut types = Vec::with_capacity(n);
-    let mut sources = Vec::with_capacity(n);
-    let mut times = Vec::with_capacity(n);
-    let mut schemas = Vec::with_capacity(n);
-    let mut correlations = Vec::with_capacity(n);
-    let mut causations = Vec::with_capacity(n);
-    let mut content_types = Vec::with_capacity(n);
-    let mut keys = Vec::with_capacity(n);
-    let mut headers = Vec::with_capacity(n);
-    let mut payloads = Vec::with_capacity(n);
-    for m in events {
-        let meta = &m.metadata;
-        ids.push(m.id.as_str());
-        types.push(meta.event_type.as_deref());
-        sources.push(meta.source.as_deref());
-        times.push(meta.time.map(micros));
-        schemas.push(meta.schema_version.as_deref());
-        correlations.push(meta.correlation_id.as_deref());
-        causations.push(meta.causation_id.as_deref());
-        content_types.push(meta.content_type.as_deref());
-        keys.push(m.key.as_deref());
-        headers.push(serde_json::to_value(&m.headers).unwrap_or_default());
-        payloads.push(m.payload.as_ref());
-    }
+    let c = Columns::of(events);
     let row: (String, i64, i64, Option<String>, Option<String>) = sqlx::query_as(
         "SELECT * FROM tidings_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
     )
     .bind(stream)
     .bind(category(stream))
     .bind(expected_code)
-    .bind(&ids)
-    .bind(&types)
-    .bind(&sources)
-    .bind(&times)
-    .bind(&schemas)
-    .bind(&correlations)
-    .bind(&causations)
-    .bind(&content_types)
-    .bind(&keys)
-    .bind(&headers)
-    .bind(&payloads)
+    .bind(&c.ids)
+    .bind(&c.types)
+    .bind(&c.sources)
+    .bind(&c.times)
+    .bind(&c.schemas)
+    .bind(&c.correlations)
+    .bind(&c.causations)
+    .bind(&c.content_types)
+    .bind(&c.keys)
+    .bind(&c.headers)
+    .bind(&c.payloads)
     .fetch_one(executor)
     .await
     .map_err(
@@ -175,7 +152,7 @@ pub(crate) async fn append<'c>(
             // Another append stored one of these ids in another stream between
             // the check and the insert (it held that stream's lock).
             Some("tidings_events_event_id_key") => StoreError::DuplicateEvent {
-                id: ids.first().map_or_else(String::new, |s| (*s).to_owned()),
+                id: c.ids.first().map_or_else(String::new, |s| (*s).to_owned()),
                 stream: String::new(),
             },
             _ => StoreError::Database(e),

@@ -2,12 +2,11 @@
 //! everything or a category in global order.
 
 use std::fmt;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use bytes::Bytes;
 use sqlx::postgres::{PgPoolOptions, PgRow};
 use sqlx::{PgPool, Postgres, Row, Transaction};
-use tidings_core::{Headers, Message, Metadata};
+use tidings_core::Message;
 
 use crate::error::StoreError;
 use crate::position::GlobalPosition;
@@ -241,18 +240,9 @@ pub(crate) fn category(stream: &str) -> &str {
     stream.split_once('-').map_or(stream, |(c, _)| c)
 }
 
-pub(crate) fn micros(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros().min(i64::MAX as u128) as i64)
-}
-
 /// A selected row as an event.
 fn recorded(row: &PgRow) -> Result<RecordedEvent, StoreError> {
     let transaction: String = row.try_get("transaction_text")?;
-    let headers: serde_json::Value = row.try_get("headers")?;
-    let headers: Headers = serde_json::from_value(headers).unwrap_or_default();
-    let time: Option<i64> = row.try_get("time_us")?;
-    let payload: Vec<u8> = row.try_get("payload")?;
     Ok(RecordedEvent {
         stream: row.try_get("stream_id")?,
         version: row.try_get::<i64, _>("version")? as u64,
@@ -260,20 +250,6 @@ fn recorded(row: &PgRow) -> Result<RecordedEvent, StoreError> {
             transaction: transaction.parse().unwrap_or_default(),
             sequence: row.try_get::<i64, _>("sequence")? as u64,
         },
-        message: Message {
-            id: row.try_get("event_id")?,
-            key: row.try_get("message_key")?,
-            headers,
-            payload: Bytes::from(payload),
-            metadata: Metadata {
-                event_type: row.try_get("event_type")?,
-                source: row.try_get("source")?,
-                time: time.map(|us| UNIX_EPOCH + Duration::from_micros(us.max(0) as u64)),
-                schema_version: row.try_get("schema_version")?,
-                correlation_id: row.try_get("correlation_id")?,
-                causation_id: row.try_get("causation_id")?,
-                content_type: row.try_get("content_type")?,
-            },
-        },
+        message: crate::row::message(row)?,
     })
 }

@@ -1,4 +1,5 @@
-//! PostgreSQL for Tidings: an event store.
+//! PostgreSQL for Tidings: an event store, a transactional [`outbox`] and an
+//! [`inbox`] for handlers whose effect must happen once.
 //!
 //! [`EventStore`] keeps streams of events (`account-42`: opened, deposited,
 //! withdrawn…) in one table, each event a Tidings [`Message`] with all its
@@ -36,7 +37,10 @@ mod append;
 mod error;
 mod event_store;
 mod forward;
+pub mod inbox;
+pub mod outbox;
 mod position;
+mod row;
 mod schema;
 mod subscription;
 
@@ -44,7 +48,16 @@ pub use aggregate::{Aggregate, Conflict, Loaded, retry_on_conflict};
 pub use error::StoreError;
 pub use event_store::{Appended, Direction, EventStore, ExpectedVersion, RecordedEvent};
 pub use forward::forwarder;
+pub use outbox::{Outbox, Relay, RelayStats};
 pub use position::GlobalPosition;
 pub use sqlx::{PgPool, Postgres, Transaction};
 pub use subscription::{ALL, EventStoreSubscriber, STREAM_HEADER, VERSION_HEADER};
+
+/// Creates every table of this crate (event store, outbox, inbox) where
+/// missing; [`EventStore`] and [`Outbox`] do it when they connect, the
+/// [`inbox`] needs it once before its first message.
+pub async fn create_tables(pool: &PgPool) -> Result<(), StoreError> {
+    schema::create(pool).await?;
+    Ok(())
+}
 pub use tidings_core::Message;

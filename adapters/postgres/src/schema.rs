@@ -39,6 +39,31 @@ const DDL: &[&str] = &[
         version bigint NOT NULL,
         state jsonb NOT NULL
     )",
+    "CREATE TABLE IF NOT EXISTS tidings_outbox (
+        position bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        outbox text NOT NULL,
+        topic text NOT NULL,
+        created_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+        event_id text NOT NULL,
+        event_type text,
+        source text,
+        time_us bigint,
+        schema_version text,
+        correlation_id text,
+        causation_id text,
+        content_type text,
+        message_key text,
+        headers jsonb NOT NULL DEFAULT '{}',
+        payload bytea NOT NULL
+    )",
+    "CREATE INDEX IF NOT EXISTS tidings_outbox_in_order ON tidings_outbox (outbox, position)",
+    "CREATE TABLE IF NOT EXISTS tidings_inbox (
+        group_name text NOT NULL,
+        message_id text NOT NULL,
+        handled_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (group_name, message_id)
+    )",
+    "CREATE INDEX IF NOT EXISTS tidings_inbox_by_age ON tidings_inbox (handled_at)",
     "CREATE TABLE IF NOT EXISTS tidings_checkpoints (
         topic text NOT NULL,
         group_name text NOT NULL,

@@ -17,8 +17,9 @@ use tidings_core::{
 };
 use tokio::sync::{mpsc, watch};
 
-use crate::event_store::{EventStore, ExpectedVersion, RecordedEvent, micros};
+use crate::event_store::{EventStore, ExpectedVersion, RecordedEvent};
 use crate::position::GlobalPosition;
+use crate::row::micros;
 
 /// The topic of every event of the store (but the store's own, such as
 /// dead letters: their categories start with `$`).

@@ -1,0 +1,131 @@
+//! The inbox: handlers whose database writes and the record "this group
+//! handled this message" commit in one transaction, so a redelivered
+//! message (a lost ack, a crash after the commit, a replica that got it
+//! too) is recognised and skipped — its effect happens once.
+//!
+//! Wrap a handler with [`exactly_once`]: it gets a [`Tx`], runs its writes
+//! in it, and the wrapper commits them together with the inbox record
+//! before the message is acked. If the record is there already, the
+//! handler does not run and the message is acked. On every broker the
+//! effect is therefore applied once per group; what at-least-once delivery
+//! still allows is the handler's code outside the transaction (a mail sent)
+//! running again.
+//!
+//! ```no_run
+//! use tidings_core::{Consumer, Event, HandlerError};
+//! use tidings_postgres::inbox::{Tx, exactly_once};
+//! # async fn f(pool: sqlx::PgPool, subscriber: std::sync::Arc<dyn tidings_core::Subscriber>) -> tidings_core::Result<()> {
+//! let consumer = Consumer::group(subscriber, "ledger")
+//!     .handle(
+//!         "payments",
+//!         exactly_once(pool, |e: Event<i64>, tx: Tx| async move {
+//!             sqlx::query("UPDATE balances SET cents = cents + $1 WHERE id = 1")
+//!                 .bind(e.data)
+//!                 .execute(&mut *tx.conn().await)
+//!                 .await
+//!                 .map_err(HandlerError::retryable)?;
+//!             Ok(())
+//!         }),
+//!     )
+//!     .start()
+//!     .await?;
+//! # Ok(()) }
+//! ```
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::{PgConnection, PgPool, Postgres, Transaction};
+use tidings_core::extract::Meta;
+use tidings_core::{Codec, Event, HandlerError, HandlerResult};
+use tokio::sync::{Mutex, MutexGuard};
+
+use crate::error::StoreError;
+
+/// The handler's transaction: run its writes on [`conn`](Tx::conn). The
+/// wrapper commits it (with the inbox record) when the handler returns
+/// `Ok`, and rolls it back otherwise.
+#[derive(Clone)]
+pub struct Tx(Arc<Mutex<Transaction<'static, Postgres>>>);
+
+impl Tx {
+    /// The transaction's connection: `.execute(&mut *tx.conn().await)`.
+    pub async fn conn(&self) -> tokio::sync::MappedMutexGuard<'_, PgConnection> {
+        MutexGuard::map(self.0.lock().await, |tx| &mut **tx)
+    }
+}
+
+impl std::fmt::Debug for Tx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tx")
+    }
+}
+
+/// The handler `f` with its writes and the inbox record in one transaction
+/// on `pool` (see the [module docs](self)): register the result with
+/// `ConsumerBuilder::handle`. The group is the consumer's; a private
+/// subscription records under `-`.
+pub fn exactly_once<T, C, F, Fut>(
+    pool: PgPool,
+    f: F,
+) -> impl Fn(
+    Event<T, C>,
+    Meta,
+    tidings_core::extract::Group,
+) -> std::pin::Pin<Box<dyn Future<Output = HandlerResult> + Send>>
++ Send
++ Sync
++ 'static
+where
+    T: Send + 'static,
+    C: Codec<T>,
+    F: Fn(Event<T, C>, Tx) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = HandlerResult> + Send + 'static,
+{
+    let f = Arc::new(f);
+    move |event, meta, group| {
+        let (pool, f) = (pool.clone(), f.clone());
+        Box::pin(async move {
+            let mut tx = pool.begin().await.map_err(HandlerError::retryable)?;
+            let group = group.0.as_deref().unwrap_or("-");
+            let first = sqlx::query(
+                "INSERT INTO tidings_inbox (group_name, message_id) VALUES ($1, $2)
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(group)
+            .bind(&meta.id)
+            .execute(&mut *tx)
+            .await
+            .map_err(HandlerError::retryable)?
+            .rows_affected()
+                == 1;
+            if !first {
+                tracing::debug!(id = %meta.id, group, "handled before (inbox): skipped");
+                return Ok(());
+            }
+            let shared = Arc::new(Mutex::new(tx));
+            f(event, Tx(shared.clone())).await?;
+            let tx = Arc::try_unwrap(shared)
+                .map_err(|_| {
+                    HandlerError::retryable(
+                        "the handler kept its Tx past its return (a spawned task?): not committed",
+                    )
+                })?
+                .into_inner();
+            tx.commit().await.map_err(HandlerError::retryable)
+        })
+    }
+}
+
+/// Deletes inbox records older than `age` (a redelivery after that long is
+/// no longer recognised): run it from a periodic task. Returns how many.
+pub async fn purge_older_than(pool: &PgPool, age: Duration) -> Result<u64, StoreError> {
+    let done = sqlx::query(
+        "DELETE FROM tidings_inbox WHERE handled_at < now() - make_interval(secs => $1)",
+    )
+    .bind(age.as_secs_f64())
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
+}

@@ -1,0 +1,96 @@
+//! A Tidings [`Message`] as table columns: the event store, the outbox
+//! (and any later table) store messages the same way, so a message read
+//! back is the message written, with all its metadata.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use sqlx::Row;
+use sqlx::postgres::PgRow;
+use tidings_core::{Headers, Message, Metadata};
+
+use crate::error::StoreError;
+
+/// The message columns, in the order [`Columns`] binds them.
+pub(crate) const COLUMNS: &str = "event_id, event_type, source, time_us, schema_version, \
+     correlation_id, causation_id, content_type, message_key, headers, payload";
+
+/// The messages of one statement, column by column (bound as arrays and
+/// unnested: one round trip for any number of messages).
+pub(crate) struct Columns<'a> {
+    pub ids: Vec<&'a str>,
+    pub types: Vec<Option<&'a str>>,
+    pub sources: Vec<Option<&'a str>>,
+    pub times: Vec<Option<i64>>,
+    pub schemas: Vec<Option<&'a str>>,
+    pub correlations: Vec<Option<&'a str>>,
+    pub causations: Vec<Option<&'a str>>,
+    pub content_types: Vec<Option<&'a str>>,
+    pub keys: Vec<Option<&'a str>>,
+    pub headers: Vec<serde_json::Value>,
+    pub payloads: Vec<&'a [u8]>,
+}
+
+impl<'a> Columns<'a> {
+    pub fn of(messages: &'a [Message]) -> Self {
+        let n = messages.len();
+        let mut c = Columns {
+            ids: Vec::with_capacity(n),
+            types: Vec::with_capacity(n),
+            sources: Vec::with_capacity(n),
+            times: Vec::with_capacity(n),
+            schemas: Vec::with_capacity(n),
+            correlations: Vec::with_capacity(n),
+            causations: Vec::with_capacity(n),
+            content_types: Vec::with_capacity(n),
+            keys: Vec::with_capacity(n),
+            headers: Vec::with_capacity(n),
+            payloads: Vec::with_capacity(n),
+        };
+        for m in messages {
+            let meta = &m.metadata;
+            c.ids.push(m.id.as_str());
+            c.types.push(meta.event_type.as_deref());
+            c.sources.push(meta.source.as_deref());
+            c.times.push(meta.time.map(micros));
+            c.schemas.push(meta.schema_version.as_deref());
+            c.correlations.push(meta.correlation_id.as_deref());
+            c.causations.push(meta.causation_id.as_deref());
+            c.content_types.push(meta.content_type.as_deref());
+            c.keys.push(m.key.as_deref());
+            c.headers
+                .push(serde_json::to_value(&m.headers).unwrap_or_default());
+            c.payloads.push(m.payload.as_ref());
+        }
+        c
+    }
+}
+
+/// Microseconds since the Unix epoch.
+pub(crate) fn micros(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros().min(i64::MAX as u128) as i64)
+}
+
+/// The message of a selected row holding [`COLUMNS`].
+pub(crate) fn message(row: &PgRow) -> Result<Message, StoreError> {
+    let headers: serde_json::Value = row.try_get("headers")?;
+    let headers: Headers = serde_json::from_value(headers).unwrap_or_default();
+    let time: Option<i64> = row.try_get("time_us")?;
+    let payload: Vec<u8> = row.try_get("payload")?;
+    Ok(Message {
+        id: row.try_get("event_id")?,
+        key: row.try_get("message_key")?,
+        headers,
+        payload: Bytes::from(payload),
+        metadata: Metadata {
+            event_type: row.try_get("event_type")?,
+            source: row.try_get("source")?,
+            time: time.map(|us| UNIX_EPOCH + Duration::from_micros(us.max(0) as u64)),
+            schema_version: row.try_get("schema_version")?,
+            correlation_id: row.try_get("correlation_id")?,
+            causation_id: row.try_get("causation_id")?,
+            content_type: row.try_get("content_type")?,
+        },
+    })
+}
