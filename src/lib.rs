@@ -56,6 +56,8 @@ pub use tidings_middleware as layers;
 pub use tidings_nats as nats;
 #[cfg(feature = "otel")]
 pub use tidings_otel as otel;
+#[cfg(feature = "postgres")]
+pub use tidings_postgres as postgres;
 #[cfg(feature = "redis")]
 pub use tidings_redis as redis;
 

@@ -155,6 +155,10 @@ impl Registry {
         {
             registry = registry.register(builtin::Nats);
         }
+        #[cfg(feature = "postgres")]
+        {
+            registry = registry.register(builtin::Postgres);
+        }
         registry
     }
 
@@ -261,6 +265,26 @@ mod builtin {
                 let config = tidings_memory::MemoryConfig::from_url(url)?;
                 let bus = tidings_memory::MemoryBus::with_config(config);
                 Ok(Parts::new(bus.publisher(), bus.subscriber(), Arc::new(bus)))
+            })
+        }
+    }
+
+    #[cfg(feature = "postgres")]
+    pub(super) struct Postgres;
+
+    #[cfg(feature = "postgres")]
+    impl Adapter for Postgres {
+        fn schemes(&self) -> &'static [&'static str] {
+            &["postgres", "postgresql"]
+        }
+        fn connect<'a>(&'a self, url: &'a str) -> BoxFuture<'a, Result<Parts>> {
+            Box::pin(async move {
+                let broker = tidings_postgres::PostgresBroker::connect(url).await?;
+                Ok(Parts::new(
+                    broker.publisher(),
+                    broker.subscriber(),
+                    Arc::new(broker),
+                ))
             })
         }
     }

@@ -174,6 +174,11 @@ async fn on_jetstream() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres() {
+    routes_by_event_type("postgres://postgres@127.0.0.1:5432/test?poll=100ms").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_kafka() {
     routes_by_event_type(&format!("kafka://{}?auto_create_topics=true", kafka_mock())).await;
 }
@@ -293,6 +298,11 @@ async fn batches_on_rabbitmq() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_on_jetstream() {
     batches_settle_each_message("nats://127.0.0.1:4222").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_on_postgres() {
+    batches_settle_each_message("postgres://postgres@127.0.0.1:5432/test?poll=100ms").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -118,6 +118,11 @@ async fn on_jetstream() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres() {
+    request_and_reply("postgres://postgres@127.0.0.1:5432/test?poll=100ms").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_kafka() {
     request_and_reply(&format!("kafka://{}?auto_create_topics=true", kafka_mock())).await;
 }

@@ -121,6 +121,17 @@ impl FromDelivery for Group {
     }
 }
 
+/// Where the broker stored the message, when the adapter says
+/// ([`Delivery::position`]).
+#[derive(Debug, Clone)]
+pub struct Position(pub Option<crate::Receipt>);
+
+impl FromDelivery for Position {
+    fn from_delivery(delivery: &Delivery) -> Result<Self, HandlerError> {
+        Ok(Position(delivery.position().cloned()))
+    }
+}
+
 /// The consumer's shared state, by type.
 #[derive(Default, Clone)]
 pub(crate) struct StateMap(HashMap<TypeId, Arc<dyn Any + Send + Sync>>);

@@ -9,7 +9,9 @@
 //! handler does not run and the message is acked. On every broker the
 //! effect is therefore applied once per group; what at-least-once delivery
 //! still allows is the handler's code outside the transaction (a mail sent)
-//! running again.
+//! running again. On the PostgreSQL broker, when `pool` is the broker's
+//! database, the message's queue row is deleted in the same transaction
+//! too: the effect, the record and the acknowledgement commit together.
 //!
 //! ```no_run
 //! use tidings_core::{Consumer, Event, HandlerError};
@@ -37,9 +39,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
-use tidings_core::extract::Meta;
-use tidings_core::{Codec, Event, HandlerError, HandlerResult};
-use tokio::sync::{Mutex, MutexGuard};
+use tidings_core::extract::{Group, Meta, Position};
+use tidings_core::{Codec, Event, HandlerError, HandlerResult, Receipt};
+use tokio::sync::{Mutex, MutexGuard, OnceCell};
 
 use crate::error::StoreError;
 
@@ -62,6 +64,9 @@ impl std::fmt::Debug for Tx {
     }
 }
 
+/// The future of a wrapped handler.
+pub type Handling = std::pin::Pin<Box<dyn Future<Output = HandlerResult> + Send>>;
+
 /// The handler `f` with its writes and the inbox record in one transaction
 /// on `pool` (see the [module docs](self)): register the result with
 /// `ConsumerBuilder::handle`. The group is the consumer's; a private
@@ -69,14 +74,7 @@ impl std::fmt::Debug for Tx {
 pub fn exactly_once<T, C, F, Fut>(
     pool: PgPool,
     f: F,
-) -> impl Fn(
-    Event<T, C>,
-    Meta,
-    tidings_core::extract::Group,
-) -> std::pin::Pin<Box<dyn Future<Output = HandlerResult> + Send>>
-+ Send
-+ Sync
-+ 'static
+) -> impl Fn(Event<T, C>, Meta, Group, Position) -> Handling + Send + Sync + 'static
 where
     T: Send + 'static,
     C: Codec<T>,
@@ -84,10 +82,35 @@ where
     Fut: Future<Output = HandlerResult> + Send + 'static,
 {
     let f = Arc::new(f);
-    move |event, meta, group| {
-        let (pool, f) = (pool.clone(), f.clone());
+    // The pool's database identity, read once.
+    let identity: Arc<OnceCell<String>> = Arc::default();
+    move |event, meta, group, position| {
+        let (pool, f, identity) = (pool.clone(), f.clone(), identity.clone());
         Box::pin(async move {
             let mut tx = pool.begin().await.map_err(HandlerError::retryable)?;
+            // On the PostgreSQL broker, in this database: the queue row goes
+            // with the transaction (the ack that follows finds it gone).
+            if let Some(Receipt::Sequence {
+                stream, sequence, ..
+            }) = &position.0
+                && stream.starts_with(crate::broker::POSITION_PREFIX)
+            {
+                let ours = identity
+                    .get_or_try_init(|| async {
+                        crate::schema::identity(&pool)
+                            .await
+                            .map(|id| format!("{}{id}", crate::broker::POSITION_PREFIX))
+                    })
+                    .await
+                    .map_err(HandlerError::retryable)?;
+                if stream.as_str() == ours.as_str() {
+                    sqlx::query("DELETE FROM tidings_queue WHERE id = $1")
+                        .bind(*sequence as i64)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(HandlerError::retryable)?;
+                }
+            }
             let group = group.0.as_deref().unwrap_or("-");
             let first = sqlx::query(
                 "INSERT INTO tidings_inbox (group_name, message_id) VALUES ($1, $2)

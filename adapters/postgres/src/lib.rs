@@ -34,6 +34,7 @@
 
 mod aggregate;
 mod append;
+pub mod broker;
 mod error;
 mod event_store;
 mod forward;
@@ -45,6 +46,7 @@ mod schema;
 mod subscription;
 
 pub use aggregate::{Aggregate, Conflict, Loaded, retry_on_conflict};
+pub use broker::{BrokerConfig, PostgresBroker};
 pub use error::StoreError;
 pub use event_store::{Appended, Direction, EventStore, ExpectedVersion, RecordedEvent};
 pub use forward::forwarder;

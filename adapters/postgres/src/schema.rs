@@ -64,6 +64,44 @@ const DDL: &[&str] = &[
         PRIMARY KEY (group_name, message_id)
     )",
     "CREATE INDEX IF NOT EXISTS tidings_inbox_by_age ON tidings_inbox (handled_at)",
+    "CREATE TABLE IF NOT EXISTS tidings_messages (
+        position bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        topic text NOT NULL,
+        published_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+        event_id text NOT NULL,
+        event_type text,
+        source text,
+        time_us bigint,
+        schema_version text,
+        correlation_id text,
+        causation_id text,
+        content_type text,
+        message_key text,
+        headers jsonb NOT NULL DEFAULT '{}',
+        payload bytea NOT NULL
+    )",
+    "CREATE INDEX IF NOT EXISTS tidings_messages_by_topic ON tidings_messages (topic, published_at)",
+    "CREATE TABLE IF NOT EXISTS tidings_groups (
+        topic text NOT NULL,
+        group_name text NOT NULL,
+        PRIMARY KEY (topic, group_name)
+    )",
+    "CREATE TABLE IF NOT EXISTS tidings_queue (
+        id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        topic text NOT NULL,
+        group_name text NOT NULL,
+        position bigint NOT NULL,
+        attempt integer NOT NULL DEFAULT 1,
+        visible_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+        claimed boolean NOT NULL DEFAULT false,
+        first_failure text,
+        UNIQUE (topic, group_name, position)
+    )",
+    "CREATE INDEX IF NOT EXISTS tidings_queue_claims ON tidings_queue (topic, group_name, id)",
+    "CREATE INDEX IF NOT EXISTS tidings_queue_by_position ON tidings_queue (position)",
+    "CREATE TABLE IF NOT EXISTS tidings_identity (id text PRIMARY KEY)",
+    "INSERT INTO tidings_identity SELECT gen_random_uuid()::text
+        WHERE NOT EXISTS (SELECT 1 FROM tidings_identity)",
     "CREATE TABLE IF NOT EXISTS tidings_checkpoints (
         topic text NOT NULL,
         group_name text NOT NULL,
@@ -72,6 +110,16 @@ const DDL: &[&str] = &[
         PRIMARY KEY (topic, group_name)
     )",
 ];
+
+/// This database's identity (made once, with the tables): tells whether a
+/// delivery's queue row lives in the database a pool points to.
+pub(crate) async fn identity<'c>(
+    executor: impl sqlx::PgExecutor<'c>,
+) -> Result<String, sqlx::Error> {
+    sqlx::query_scalar("SELECT id FROM tidings_identity LIMIT 1")
+        .fetch_one(executor)
+        .await
+}
 
 /// Creates the store's tables and indexes where they do not exist.
 pub(crate) async fn create(pool: &PgPool) -> Result<(), sqlx::Error> {

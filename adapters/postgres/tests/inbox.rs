@@ -136,3 +136,97 @@ async fn each_effect_happens_once_across_redeliveries_and_replicas() {
         .await
         .expect("dropped");
 }
+
+/// On the PostgreSQL broker, in the same database, the ack commits with the
+/// effect: an ack lost afterwards brings nothing back — each message is
+/// delivered, and has its effect, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_the_postgres_broker_the_ack_commits_with_the_effect() {
+    const N: u64 = 200;
+    let broker = tidings_postgres::PostgresBroker::connect(&format!("{URL}?poll=100ms"))
+        .await
+        .unwrap_or_else(|e| panic!("{URL}: {e}; scripts/brokers.sh starts PostgreSQL"));
+    let pool = broker.pool().clone();
+    let effects = unique("effects").replace('-', "_");
+    sqlx::query(&format!(
+        "CREATE TABLE {effects} (message_id text NOT NULL)"
+    ))
+    .execute(&pool)
+    .await
+    .expect("effects table");
+    let topic = unique("payments");
+    let deliveries = Arc::new(AtomicU64::new(0));
+    let counted = deliveries.clone();
+    let table = effects.clone();
+    let consumer = Consumer::group(broker.subscriber(), "ledger")
+        .concurrency(4)
+        // Every delivery's ack is "lost" after the handler committed.
+        .layer(from_fn(move |delivery, next| {
+            let counted = counted.clone();
+            Box::pin(async move {
+                counted.fetch_add(1, Ordering::Relaxed);
+                let result = next.run(delivery).await;
+                if result.is_ok() && delivery.attempt() == 1 {
+                    return Err(HandlerError::retryable("the ack was lost"));
+                }
+                result
+            })
+        }))
+        .handle(
+            &topic,
+            exactly_once(pool.clone(), move |e: Event<u64>, tx: Tx| {
+                let table = table.clone();
+                async move {
+                    sqlx::query(&format!("INSERT INTO {table} (message_id) VALUES ($1)"))
+                        .bind(e.id())
+                        .execute(&mut *tx.conn().await)
+                        .await
+                        .map_err(HandlerError::retryable)?;
+                    Ok(())
+                }
+            }),
+        )
+        .start()
+        .await
+        .expect("started");
+    let publisher = broker.publisher();
+    for n in 0..N {
+        publisher
+            .publish(&topic, Event::new(n).into_message().expect("json"))
+            .await
+            .expect("published");
+    }
+    within(60, "every effect", async {
+        loop {
+            let (count,): (i64,) = sqlx::query_as(&format!("SELECT count(*) FROM {effects}"))
+                .fetch_one(&pool)
+                .await
+                .expect("count");
+            if count as u64 >= N {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    // Nothing can come back: the queue rows left with the effects.
+    let (left,): (i64,) = sqlx::query_as("SELECT count(*) FROM tidings_queue WHERE topic = $1")
+        .bind(&topic)
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    assert_eq!(left, 0, "no row left to redeliver");
+    consumer.shutdown(Duration::from_secs(10)).await;
+    let (count, distinct): (i64, i64) = sqlx::query_as(&format!(
+        "SELECT count(*), count(DISTINCT message_id) FROM {effects}"
+    ))
+    .fetch_one(&pool)
+    .await
+    .expect("count");
+    assert_eq!((count as u64, distinct as u64), (N, N));
+    assert_eq!(deliveries.load(Ordering::Relaxed), N, "each delivered once");
+    sqlx::query(&format!("DROP TABLE {effects}"))
+        .execute(&pool)
+        .await
+        .expect("dropped");
+}
