@@ -19,6 +19,7 @@ mod common;
 mod kafka;
 mod memory;
 mod nats;
+mod pg_broker;
 mod postgres;
 mod redis;
 
@@ -31,7 +32,8 @@ static ALLOCATOR: alloc::Counting = alloc::Counting;
 #[derive(Parser, Debug)]
 pub struct Args {
     /// Brokers to run: memory, redis, amqp, nats, kafka, postgres (the
-    /// event store; cases append, append-batch, read, catch-up).
+    /// event store: cases append, append-batch, read, catch-up; the broker
+    /// and the outbox: broker-e2e, outbox).
     #[arg(long, value_delimiter = ',', default_value = "memory")]
     pub broker: Vec<String>,
     /// Cases to run: publish, publish-batch, e2e; on the in-process bus also

@@ -39,8 +39,10 @@ pub async fn run(args: &Args) {
             "append-batch" => appends(&store, &pool, &run, args.count, 100, args.payload).await,
             "read" => reads(&store, &pool, &run, args.count, args.payload).await,
             "catch-up" => catch_up(&store, &pool, &run, args.count, args.payload).await,
+            "broker-e2e" => crate::pg_broker::broker_e2e(&pool, args).await,
+            "outbox" => crate::pg_broker::outbox(&pool, args).await,
             other => eprintln!(
-                "unknown case `{other}` for postgres; known: append, append-batch, read, catch-up"
+                "unknown case `{other}` for postgres; known: append, append-batch, read, catch-up, broker-e2e, outbox"
             ),
         }
     }
