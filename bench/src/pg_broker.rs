@@ -148,7 +148,10 @@ async fn bare_e2e(pool: &PgPool, args: &Args, handlers: usize) {
 async fn wait(handled: &AtomicU64, target: u64) {
     let deadline = Instant::now() + Duration::from_secs(600);
     while handled.load(Ordering::Relaxed) < target {
-        assert!(Instant::now() < deadline, "not every message was handled in time");
+        assert!(
+            Instant::now() < deadline,
+            "not every message was handled in time"
+        );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }

@@ -47,6 +47,11 @@ pub struct AmqpConfig {
     /// The broker's URL, `amqp://user:password@host:port/vhost`, without the
     /// adapter's own query parameters (lapin's, such as `heartbeat`, may stay).
     pub url: String,
+    /// The nodes of a cluster, `host:port` each, from a URL that lists
+    /// several (`amqp://u:p@node1:5672,node2:5672,node3:5672/vhost`): tried
+    /// in turn when connecting and on every reconnect, starting with the one
+    /// after the node that was lost. Empty: the URL's own host.
+    pub hosts: Vec<String>,
     /// The durable topic exchange every topic is published to (`exchange`).
     pub exchange: String,
     /// The durable topic exchange dead letters are published to (`dead_letter_exchange`).
@@ -101,6 +106,7 @@ impl Default for AmqpConfig {
     fn default() -> Self {
         AmqpConfig {
             url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            hosts: Vec::new(),
             exchange: "tidings".into(),
             dead_letter_exchange: "tidings.dlx".into(),
             dead_letter_prefix: "dlq.".into(),
@@ -147,6 +153,41 @@ impl fmt::Debug for AmqpConfig {
 
 use tidings_core::params::{boolean, duration, invalid, redact_url as redact};
 
+/// Takes a cluster's node list out of a URL's authority
+/// (`user:pass@h1:5672,h2:5672`): the URL with the first node, and every
+/// node as `host:port` (none when the URL names one node).
+fn split_hosts(url: &str) -> Result<(String, Vec<String>)> {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Ok((url.to_owned(), Vec::new()));
+    };
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let (credentials, nodes) = match authority.rsplit_once('@') {
+        Some((c, n)) => (Some(c), n),
+        None => (None, authority),
+    };
+    if !nodes.contains(',') {
+        return Ok((url.to_owned(), Vec::new()));
+    }
+    let default_port = if scheme == "amqps" { 5671 } else { 5672 };
+    let hosts: Vec<String> = nodes
+        .split(',')
+        .map(|n| match n.rsplit_once(':') {
+            Some(_) => n.to_owned(),
+            None => format!("{n}:{default_port}"),
+        })
+        .collect();
+    if hosts.iter().any(|h| h.starts_with(':')) {
+        return Err(invalid("url", "an empty host in the node list"));
+    }
+    let first = &hosts[0];
+    let authority = match credentials {
+        Some(c) => format!("{c}@{first}"),
+        None => first.clone(),
+    };
+    Ok((format!("{scheme}://{authority}{tail}"), hosts))
+}
+
 impl AmqpConfig {
     /// Checks settings that go together: TLS options need an `amqps://` URL,
     /// a client certificate its key. [`AmqpBus::connect`](crate::AmqpBus::connect)
@@ -179,8 +220,9 @@ impl AmqpConfig {
     /// # Ok::<_, tidings_core::Error>(())
     /// ```
     pub fn from_url(url: &str) -> Result<Self> {
+        let (url, hosts) = split_hosts(url)?;
         let mut parsed =
-            url::Url::parse(url).map_err(|e| invalid("url", format!("not a URL: {e}")))?;
+            url::Url::parse(&url).map_err(|e| invalid("url", format!("not a URL: {e}")))?;
         if !matches!(parsed.scheme(), "amqp" | "amqps") {
             return Err(invalid("url", "the scheme must be `amqp` or `amqps`"));
         }
@@ -261,8 +303,30 @@ impl AmqpConfig {
             parsed.query_pairs_mut().clear().extend_pairs(rest);
         }
         config.url = parsed.to_string();
+        config.hosts = hosts;
         config.validate()?;
         Ok(config)
+    }
+
+    /// The URL for each node to try, in order (the URL itself when it names
+    /// one node).
+    pub(crate) fn node_urls(&self) -> Vec<String> {
+        if self.hosts.len() < 2 {
+            return vec![self.url.clone()];
+        }
+        let Ok(parsed) = url::Url::parse(&self.url) else {
+            return vec![self.url.clone()];
+        };
+        self.hosts
+            .iter()
+            .map(|host| {
+                let mut node = parsed.clone();
+                let (name, port) = host.rsplit_once(':').unwrap_or((host, ""));
+                let _ = node.set_host(Some(name));
+                let _ = node.set_port(port.parse().ok());
+                node.to_string()
+            })
+            .collect()
     }
 
     /// Sets the exchange, and the dead-letter exchange to `<exchange>.dlx`.
@@ -292,6 +356,24 @@ impl AmqpConfig {
 mod tests {
     use super::*;
     use tidings_core::Error;
+
+    #[test]
+    fn several_nodes_are_tried_in_turn() {
+        let c = AmqpConfig::from_url("amqp://u:p@n1:5672,n2,n3:5673/v?exchange=e").unwrap();
+        assert_eq!(c.hosts, ["n1:5672", "n2:5672", "n3:5673"]);
+        assert_eq!(
+            c.node_urls(),
+            [
+                "amqp://u:p@n1:5672/v",
+                "amqp://u:p@n2:5672/v",
+                "amqp://u:p@n3:5673/v"
+            ]
+        );
+        let one = AmqpConfig::from_url("amqp://u:p@n1:5672/v").unwrap();
+        assert!(one.hosts.is_empty());
+        assert_eq!(one.node_urls(), ["amqp://u:p@n1:5672/v"]);
+        assert!(AmqpConfig::from_url("amqp://u:p@n1,,n2/v").is_err());
+    }
 
     #[test]
     fn parses_options_and_keeps_lapin_params() {

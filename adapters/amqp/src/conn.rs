@@ -42,10 +42,9 @@ pub(crate) fn publish_error(topic: &str, e: impl Into<tidings_core::BoxError>) -
 /// name of [`TlsOptions`](tidings_core::tls::TlsOptions) apply, with the
 /// same rustls configuration every adapter uses. Without them, lapin's own
 /// (the platform's certificate verifier) serves.
-async fn connect(config: &AmqpConfig) -> Result<Connection> {
+async fn connect(config: &AmqpConfig, url: &str) -> Result<Connection> {
     let options = ConnectionProperties::default();
-    let uri: AMQPUri = config
-        .url
+    let uri: AMQPUri = url
         .parse()
         .map_err(|e: String| tidings_core::params::invalid("url", e))?;
     if !config.tls.is_set() {
@@ -71,6 +70,9 @@ async fn connect(config: &AmqpConfig) -> Result<Connection> {
 pub(crate) struct Connector {
     pub(crate) config: AmqpConfig,
     conn: tokio::sync::Mutex<Option<Arc<Connection>>>,
+    /// The node of `config.node_urls()` to try first: the one after the
+    /// node last connected to, once that one is lost.
+    next_node: std::sync::atomic::AtomicUsize,
     confirm: Mutex<Option<Channel>>,
     confirm_open: tokio::sync::Mutex<()>,
     closed: AtomicBool,
@@ -81,6 +83,7 @@ impl Connector {
         Connector {
             config,
             conn: tokio::sync::Mutex::new(None),
+            next_node: std::sync::atomic::AtomicUsize::new(0),
             confirm: Mutex::new(None),
             confirm_open: tokio::sync::Mutex::new(()),
             closed: AtomicBool::new(false),
@@ -103,13 +106,7 @@ impl Connector {
         {
             return Ok(c.clone());
         }
-        let after = self.config.connect_timeout;
-        let conn = tokio::time::timeout(after, connect(&self.config))
-            .await
-            .map_err(|_| Error::Timeout {
-                operation: "connecting to RabbitMQ",
-                after,
-            })??;
+        let conn = self.connect_to_a_node(slot.is_some()).await?;
         let ch = conn.create_channel().await.map_err(connection_error)?;
         declare_exchanges(&ch, &self.config).await?;
         let _ = ch.close(200, "OK".into()).await;
@@ -119,6 +116,47 @@ impl Connector {
         }
         *slot = Some(conn.clone());
         Ok(conn)
+    }
+
+    /// Connects to the cluster's nodes in turn (one node: that one),
+    /// starting after the node that was lost when `lost` says one was.
+    async fn connect_to_a_node(&self, lost: bool) -> Result<Connection> {
+        let nodes = self.config.node_urls();
+        let n = nodes.len();
+        if lost {
+            self.next_node.fetch_add(1, Ordering::Relaxed);
+        }
+        let first = self.next_node.load(Ordering::Relaxed) % n;
+        let after = self.config.connect_timeout;
+        let mut last = None;
+        for i in 0..n {
+            let node = (first + i) % n;
+            let attempt = tokio::time::timeout(after, connect(&self.config, &nodes[node])).await;
+            match attempt {
+                Ok(Ok(conn)) => {
+                    self.next_node.store(node, Ordering::Relaxed);
+                    if n > 1 {
+                        info!(node, "connected to RabbitMQ node {}", node + 1);
+                    }
+                    return Ok(conn);
+                }
+                Ok(Err(e)) => last = Some(e),
+                Err(_) => {
+                    last = Some(Error::Timeout {
+                        operation: "connecting to RabbitMQ",
+                        after,
+                    })
+                }
+            }
+            if n > 1 {
+                debug!(
+                    node,
+                    "RabbitMQ node {} unreachable; trying the next",
+                    node + 1
+                );
+            }
+        }
+        Err(last.unwrap_or(Error::Closed("connection")))
     }
 
     /// The shared channel in confirm mode used for publishing.

@@ -106,6 +106,11 @@ pub struct NatsConfig {
     pub max_bytes: Option<i64>,
     /// Window in which a message id published twice is stored once (default 2 min).
     pub duplicate_window: Duration,
+    /// Copies of each stream the cluster keeps (`replicas`, 1 to 5): 3 on a
+    /// three-node cluster keeps every stream through the loss of a node.
+    /// Default 1 (what a single server can hold); streams that exist keep
+    /// theirs.
+    pub replicas: usize,
     /// How messages map to NATS headers and bodies (`dialect`, with
     /// `envelope.<field>=<path>`); per subscription and per publisher it can
     /// be overridden. Default: CloudEvents binary.
@@ -168,6 +173,7 @@ impl Default for NatsConfig {
             max_age: None,
             max_bytes: None,
             duplicate_window: Duration::from_secs(120),
+            replicas: 1,
             dialect: tidings_core::Dialect::default(),
             ack_wait: DEFAULT_ACK_WAIT,
             max_deliver: Some(DEFAULT_MAX_DELIVER),
@@ -342,6 +348,12 @@ impl NatsConfig {
                 "max_age" => config.max_age = optional_duration(key, v)?,
                 "max_bytes" => config.max_bytes = positive(key, v)?,
                 "duplicate_window" => config.duplicate_window = duration(key, v)?,
+                "replicas" => {
+                    config.replicas = match v.parse::<usize>() {
+                        Ok(n @ 1..=5) => n,
+                        _ => return Err(config_error(key, "use 1 to 5 (JetStream's limit)")),
+                    }
+                }
                 "ack_wait" => config.ack_wait = duration(key, v)?,
                 "max_deliver" => config.max_deliver = positive(key, v)?,
                 "max_ack_pending" => config.max_ack_pending = positive(key, v)?,
@@ -530,6 +542,9 @@ mod tests {
         assert_eq!(c.ack_wait, Duration::from_secs(4));
         assert_eq!(c.progress_interval, Some(Duration::from_secs(4) / 3));
         assert_eq!(c.max_deliver, Some(20));
+        assert_eq!(c.replicas, 1);
+        let c = NatsConfig::from_url("nats://a:4222,b:4222,c:4222?replicas=3").unwrap();
+        assert_eq!((c.replicas, c.servers.len()), (3, 3));
         let c = NatsConfig::from_url("nats://tok@localhost?jetstream=false").unwrap();
         assert_eq!(c.mode, Mode::Core);
         assert_eq!(c.token.as_deref(), Some("tok"));
@@ -540,6 +555,8 @@ mod tests {
             ("nats://h?bogus=1", "bogus"),
             ("nats://h?stream=a.b", "stream"),
             ("nats://h?max_deliver=-5", "max_deliver"),
+            ("nats://h?replicas=7", "replicas"),
+            ("nats://h?replicas=0", "replicas"),
             ("nats://h?tls_server_name=", "tls_server_name"),
             ("nats://h?tls_cert_file=c.pem", "tls_key_file"),
             ("nats://h?tls_key_file=c.key", "tls_cert_file"),

@@ -277,6 +277,7 @@ impl Shared {
             max_age: c.max_age.unwrap_or_default(),
             max_bytes: c.max_bytes.unwrap_or(-1),
             duplicate_window: c.duplicate_window,
+            num_replicas: c.replicas,
             description: Some("created by tidings-nats".into()),
             ..Default::default()
         };

@@ -13,6 +13,8 @@ use tidings_kafka::{KafkaBus, KafkaConfig};
 
 enum Cmd {
     CreateTopic(String, i32, mpsc::Sender<Result<(), String>>),
+    CreateReplicated(String, i32, i32, mpsc::Sender<Result<(), String>>),
+    Leader(String, i32, i32, mpsc::Sender<Result<(), String>>),
     Down(i32, mpsc::Sender<Result<(), String>>),
     Up(i32, mpsc::Sender<Result<(), String>>),
     FailCommits(usize, mpsc::Sender<Result<(), String>>),
@@ -38,6 +40,20 @@ impl Mock {
                 match cmd {
                     Cmd::CreateTopic(t, n, r) => {
                         let _ = r.send(cluster.create_topic(&t, n, 1).map_err(|e| e.to_string()));
+                    }
+                    Cmd::CreateReplicated(t, n, replicas, r) => {
+                        let _ = r.send(
+                            cluster
+                                .create_topic(&t, n, replicas)
+                                .map_err(|e| e.to_string()),
+                        );
+                    }
+                    Cmd::Leader(t, p, b, r) => {
+                        let _ = r.send(
+                            cluster
+                                .partition_leader(&t, p, Some(b))
+                                .map_err(|e| e.to_string()),
+                        );
                     }
                     Cmd::Down(b, r) => {
                         let _ = r.send(cluster.broker_down(b).map_err(|e| e.to_string()));
@@ -79,6 +95,16 @@ impl Mock {
 
     pub fn create_topic(&self, topic: &str, partitions: i32) {
         self.call(|r| Cmd::CreateTopic(topic.to_owned(), partitions, r));
+    }
+
+    /// A topic of `partitions`, each replicated on `replicas` brokers.
+    pub fn create_replicated_topic(&self, topic: &str, partitions: i32, replicas: i32) {
+        self.call(|r| Cmd::CreateReplicated(topic.to_owned(), partitions, replicas, r));
+    }
+
+    /// Makes `broker` the leader of `topic`'s `partition`.
+    pub fn leader(&self, topic: &str, partition: i32, broker: i32) {
+        self.call(|r| Cmd::Leader(topic.to_owned(), partition, broker, r));
     }
 
     pub fn down(&self, broker: i32) {
