@@ -322,3 +322,62 @@ async fn oversized_message_is_rejected() {
         .expect_err("2 MiB exceeds the default max_payload");
     assert!(!err.is_transient(), "{err}");
 }
+
+/// A three-node cluster started by the test (JetStream clustered, streams
+/// with three replicas): the node the client is connected to is killed
+/// mid-stream; the client moves to another node (learned from the cluster),
+/// the consumer survives, and every confirmed publish is handled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_a_cluster_node_loses_no_confirmed_message() {
+    let routes: Vec<u16> = (0..3).map(|_| support::free_port()).collect();
+    let mut nodes = Vec::new();
+    for (i, port) in routes.iter().enumerate() {
+        let others: Vec<String> = routes
+            .iter()
+            .filter(|p| *p != port)
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect();
+        let conf = format!(
+            "server_name: n{i}\ncluster {{\n  name: tidings\n  listen: 127.0.0.1:{port}\n  routes: [{}]\n}}\n",
+            others.join(", ")
+        );
+        nodes.push(support::Server::start(Some(&conf)).await);
+    }
+    // The client is given the first node only and learns the others from it.
+    let bus = connect(&format!("{}?replicas=3&ack_wait=5s", nodes[0].url())).await;
+    let topic = unique("cluster");
+    let seen = Seen::default();
+    // The cluster elects its JetStream leader after it forms: retry the
+    // subscription (which creates the replicated stream) until it can.
+    let consumer = within(
+        60,
+        "the cluster's JetStream to accept an R3 stream",
+        async {
+            loop {
+                match recording_consumer(&bus, "cluster", &topic, &seen)
+                    .start()
+                    .await
+                {
+                    Ok(consumer) => break consumer,
+                    Err(e) => {
+                        eprintln!("the cluster is not ready yet: {e}");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            }
+        },
+    )
+    .await;
+    let publisher = bus.publisher();
+    let first = &mut nodes[0];
+    let confirmed = publish_through(&*publisher, &topic, 300, || async move {
+        first.kill();
+    })
+    .await;
+    seen.wait(120, "every confirmed message after the node died", |s| {
+        let got = s.ids();
+        confirmed.iter().all(|id| got.contains(id))
+    })
+    .await;
+    consumer.shutdown(Duration::from_secs(10)).await;
+}
