@@ -170,15 +170,30 @@ fn split_hosts(url: &str) -> Result<(String, Vec<String>)> {
         return Ok((url.to_owned(), Vec::new()));
     }
     let default_port = if scheme == "amqps" { 5671 } else { 5672 };
+    let has_port = |n: &str| match n.strip_prefix('[') {
+        // An IPv6 address: `[::1]:5672` has a port, `[::1]` none.
+        Some(v6) => v6.contains("]:"),
+        None => n.contains(':'),
+    };
     let hosts: Vec<String> = nodes
         .split(',')
-        .map(|n| match n.rsplit_once(':') {
-            Some(_) => n.to_owned(),
-            None => format!("{n}:{default_port}"),
+        .map(|n| {
+            if has_port(n) {
+                n.to_owned()
+            } else {
+                format!("{n}:{default_port}")
+            }
         })
         .collect();
-    if hosts.iter().any(|h| h.starts_with(':')) {
-        return Err(invalid("url", "an empty host in the node list"));
+    for host in &hosts {
+        let valid = !host.starts_with(':')
+            && url::Url::parse(&format!("{scheme}://{host}/")).is_ok_and(|u| u.host().is_some());
+        if !valid {
+            return Err(invalid(
+                "url",
+                format!("`{host}` in the node list is not a host:port"),
+            ));
+        }
     }
     let first = &hosts[0];
     let authority = match credentials {
@@ -348,6 +363,7 @@ impl AmqpConfig {
     #[must_use]
     pub fn with_url(mut self, url: impl Into<String>) -> Self {
         self.url = url.into();
+        self.hosts.clear();
         self
     }
 }
@@ -373,6 +389,9 @@ mod tests {
         assert!(one.hosts.is_empty());
         assert_eq!(one.node_urls(), ["amqp://u:p@n1:5672/v"]);
         assert!(AmqpConfig::from_url("amqp://u:p@n1,,n2/v").is_err());
+        let v6 = AmqpConfig::from_url("amqp://u:p@[::1],[::2]:5673/v").unwrap();
+        assert_eq!(v6.hosts, ["[::1]:5672", "[::2]:5673"]);
+        assert_eq!(v6.node_urls()[1], "amqp://u:p@[::2]:5673/v");
     }
 
     #[test]

@@ -69,8 +69,9 @@ pub type Handling = std::pin::Pin<Box<dyn Future<Output = HandlerResult> + Send>
 
 /// The handler `f` with its writes and the inbox record in one transaction
 /// on `pool` (see the [module docs](self)): register the result with
-/// `ConsumerBuilder::handle`. The group is the consumer's; a private
-/// subscription records under `-`.
+/// `ConsumerBuilder::handle`. Records are per consumer group; a private
+/// subscription (no group) is refused: its messages are dead-lettered as
+/// permanent failures.
 pub fn exactly_once<T, C, F, Fut>(
     pool: PgPool,
     f: F,
@@ -87,9 +88,9 @@ where
     move |event, meta, group, position| {
         let (pool, f, identity) = (pool.clone(), f.clone(), identity.clone());
         Box::pin(async move {
-            let mut tx = pool.begin().await.map_err(HandlerError::retryable)?;
             // On the PostgreSQL broker, in this database: the queue row goes
             // with the transaction (the ack that follows finds it gone).
+            let mut row = None;
             if let Some(Receipt::Sequence {
                 stream, sequence, ..
             }) = &position.0
@@ -104,14 +105,18 @@ where
                     .await
                     .map_err(HandlerError::retryable)?;
                 if stream.as_str() == ours.as_str() {
-                    sqlx::query("DELETE FROM tidings_queue WHERE id = $1")
-                        .bind(*sequence as i64)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(HandlerError::retryable)?;
+                    row = Some(*sequence as i64);
                 }
             }
-            let group = group.0.as_deref().unwrap_or("-");
+            let Some(group) = group.0 else {
+                // Private subscriptions have no name that outlives them:
+                // their records would collide across processes.
+                return Err(HandlerError::permanent(
+                    "exactly_once needs a consumer group (a private subscription has no stable name to record under)",
+                ));
+            };
+            let mut tx = pool.begin().await.map_err(HandlerError::retryable)?;
+            let group = &*group;
             let first = sqlx::query(
                 "INSERT INTO tidings_inbox (group_name, message_id) VALUES ($1, $2)
                  ON CONFLICT DO NOTHING",
@@ -129,13 +134,22 @@ where
             }
             let shared = Arc::new(Mutex::new(tx));
             f(event, Tx(shared.clone())).await?;
-            let tx = Arc::try_unwrap(shared)
+            let mut tx = Arc::try_unwrap(shared)
                 .map_err(|_| {
                     HandlerError::retryable(
                         "the handler kept its Tx past its return (a spawned task?): not committed",
                     )
                 })?
                 .into_inner();
+            if let Some(row) = row {
+                // Last, so the row's lock is held only for the commit (the
+                // broker's heartbeat skips locked rows, but acks wait).
+                sqlx::query("DELETE FROM tidings_queue WHERE id = $1")
+                    .bind(row)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(HandlerError::retryable)?;
+            }
             tx.commit().await.map_err(HandlerError::retryable)
         })
     }

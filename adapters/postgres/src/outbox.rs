@@ -197,15 +197,27 @@ impl RelayBuilder {
         let (stop, stopped) = watch::channel(false);
         let stats = Arc::new(Stats::default());
         let task = tokio::spawn(run(self, stopped, stats.clone()));
-        Relay { stop, task, stats }
+        Relay {
+            stop,
+            task: Some(task),
+            stats,
+        }
     }
 }
 
 /// A running relay; see the [module docs](self).
+/// Dropping it stops it (without waiting); [`shutdown`](Relay::shutdown)
+/// waits for the round in progress.
 pub struct Relay {
     stop: watch::Sender<bool>,
-    task: JoinHandle<()>,
+    task: Option<JoinHandle<()>>,
     stats: Arc<Stats>,
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.send_replace(true);
+    }
 }
 
 #[derive(Default)]
@@ -240,17 +252,25 @@ impl Relay {
     }
 
     /// Stops after the round in progress (its deletes done).
-    pub async fn shutdown(self) {
+    pub async fn shutdown(mut self) {
         self.stop.send_replace(true);
-        let _ = self.task.await;
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
     }
 }
 
 async fn run(settings: RelayBuilder, mut stop: watch::Receiver<bool>, stats: Arc<Stats>) {
+    // One connection for trying the lock and, once elected, for sending:
+    // a waiting replica does not open a new one at every try.
+    let mut connection = None;
     while !*stop.borrow() {
-        match lead(&settings, &mut stop, &stats).await {
+        match lead(&settings, &mut connection, &mut stop, &stats).await {
             Ok(()) => {}
-            Err(error) => warn!(%error, "outbox relay: lost its connection; trying again"),
+            Err(error) => {
+                warn!(%error, "outbox relay: lost its connection; trying again");
+                connection = None;
+            }
         }
         stats.leading.store(false, Ordering::Relaxed);
         tokio::select! {
@@ -264,16 +284,20 @@ async fn run(settings: RelayBuilder, mut stop: watch::Receiver<bool>, stats: Arc
 /// the connection fails.
 async fn lead(
     settings: &RelayBuilder,
+    connection: &mut Option<PgConnection>,
     stop: &mut watch::Receiver<bool>,
     stats: &Stats,
 ) -> Result<(), StoreError> {
     // The lock lives with this connection's session: if the process dies,
     // PostgreSQL ends the session and another relay takes over.
     let outbox = &settings.outbox;
-    let mut leader = outbox.pool.acquire().await?.detach();
+    let leader = match connection {
+        Some(connection) => connection,
+        None => connection.insert(outbox.pool.acquire().await?.detach()),
+    };
     let elected: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
         .bind(outbox.relay_lock())
-        .fetch_one(&mut leader)
+        .fetch_one(&mut *leader)
         .await?;
     if !elected {
         return Ok(());
@@ -286,7 +310,7 @@ async fn lead(
         if *stop.borrow() {
             return Ok(());
         }
-        let sent = send_round(settings, &mut leader, stats).await?;
+        let sent = send_round(settings, leader, stats).await?;
         if sent == settings.batch {
             continue;
         }

@@ -94,6 +94,7 @@ const DDL: &[&str] = &[
         attempt integer NOT NULL DEFAULT 1,
         visible_at timestamptz NOT NULL DEFAULT clock_timestamp(),
         claimed boolean NOT NULL DEFAULT false,
+        claim bigint NOT NULL DEFAULT 0,
         first_failure text,
         UNIQUE (topic, group_name, position)
     )",

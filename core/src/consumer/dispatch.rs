@@ -34,8 +34,10 @@ use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use futures::StreamExt;
+use std::panic::AssertUnwindSafe;
+
 use futures::lock::Mutex as AsyncMutex;
+use futures::{FutureExt, StreamExt};
 use tokio::sync::{Notify, mpsc, watch};
 use tracing::{error, warn};
 
@@ -191,10 +193,19 @@ impl Source {
                 return None;
             }
             // The stop signal is only raced (which registers a waker) when
-            // the subscription has nothing ready.
+            // the subscription has nothing ready. An adapter that panics
+            // here ends the subscription (as if it ended on its own) rather
+            // than the worker, which would be started again into the same
+            // panic.
             let item = tokio::select! {
                 biased;
-                item = stream.next() => item,
+                item = AssertUnwindSafe(stream.next()).catch_unwind() => match item {
+                    Ok(item) => item,
+                    Err(panic) => {
+                        error!(panic = %crate::handler::Panicked::from(panic), "the subscription panicked");
+                        None
+                    }
+                },
                 _ = stop.raised() => return None,
             };
             match item {
@@ -369,19 +380,18 @@ async fn batch_worker(
         let (mut rejected, mut batch): (Vec<_>, Vec<_>) = deliveries
             .into_iter()
             .partition(|d| d.rejection().is_some());
-        let results = {
-            let mut running = std::pin::pin!(route.run_batch(&batch));
-            match futures::poll!(running.as_mut()) {
-                std::task::Poll::Ready(results) => results,
-                std::task::Poll::Pending => {
-                    // The handler waits: an idle worker gathers the next batch.
-                    source.idle.notify_one();
-                    running.await
-                }
+        let handling = async {
+            let results = route.run_batch(&batch).await;
+            for (delivery, result) in batch.iter_mut().zip(results) {
+                route.settle_result(delivery, Some(result), &counts).await;
             }
         };
-        for (delivery, result) in batch.iter_mut().zip(results) {
-            route.settle_result(delivery, Some(result), &counts).await;
+        let mut handling = std::pin::pin!(handling);
+        if futures::poll!(handling.as_mut()).is_pending() {
+            // The handler or the settlements wait: an idle worker gathers
+            // the next batch meanwhile.
+            source.idle.notify_one();
+            handling.await;
         }
         for delivery in &mut rejected {
             route.process(delivery, &counts).await;

@@ -452,7 +452,9 @@ impl ConsumerBuilder {
     /// it returns the reply, which the runtime publishes to the request's
     /// reply topic (with the request's id as correlation id) before the
     /// request is acked. A failed handler is settled as any other (retried,
-    /// dead-lettered); when it fails for good the requester gets the error.
+    /// dead-lettered); when it fails with a permanent error the requester
+    /// gets the error at once; when it runs out of attempts the requester
+    /// times out.
     /// Replies go out through the [`Replies`]
     /// state (`Bus::consumer` registers it; refused at start without it).
     pub fn handle_request<Req, Resp, C, F, Fut>(self, topic: impl Into<String>, handler: F) -> Self

@@ -248,6 +248,16 @@ pub(crate) async fn declare(
     start: StartFrom,
 ) -> Result<()> {
     let mut tx = inner.pool.begin().await.map_err(broker_error)?;
+    if start != StartFrom::Latest {
+        // A publish that began before this group existed writes no row for
+        // it; the backfill must see that publish's message, so it waits for
+        // publishes in flight to commit (and holds new ones back the few
+        // milliseconds until this commits).
+        sqlx::query("LOCK TABLE tidings_messages IN SHARE MODE")
+            .execute(&mut *tx)
+            .await
+            .map_err(broker_error)?;
+    }
     let created = sqlx::query(
         "INSERT INTO tidings_groups (topic, group_name) VALUES ($1, $2) ON CONFLICT DO NOTHING",
     )

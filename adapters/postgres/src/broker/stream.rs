@@ -2,7 +2,7 @@
 //! within the in-flight bound, a heartbeat that keeps the claims of running
 //! handlers, and the acker that settles one row.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -21,11 +21,11 @@ use tracing::warn;
 use super::{DEAD_LETTER_GROUP, Inner, broker_error, declare, write};
 use crate::row;
 
-/// The rows this subscription claimed and has not settled: their claims are
-/// extended while their handlers run.
-type Held = Arc<Mutex<HashSet<i64>>>;
+/// The rows this subscription claimed and has not settled, with their claim
+/// tokens: their claims are extended while their handlers run.
+type Held = Arc<Mutex<HashMap<i64, i64>>>;
 
-fn lock(held: &Held) -> std::sync::MutexGuard<'_, HashSet<i64>> {
+fn lock(held: &Held) -> std::sync::MutexGuard<'_, HashMap<i64, i64>> {
     // Every operation is one insert or remove: a poisoned set is consistent.
     held.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -94,10 +94,13 @@ async fn claim(queue: &Queue, n: usize) -> std::result::Result<Vec<PgRow>, sqlx:
                  -- as an attempt, so a message that kills its handler's
                  -- process is dead-lettered in the end, not retried forever.
                  attempt = q.attempt + CASE WHEN q.claimed THEN 1 ELSE 0 END,
-                 claimed = true
+                 claimed = true,
+                 -- Each claim a token of its own: a member whose claim
+                 -- lapsed and was taken over settles nothing of the new one.
+                 claim = q.claim + 1
              FROM c WHERE q.id = c.id
-             RETURNING q.id, q.position, q.attempt, q.first_failure)
-         SELECT u.id, u.attempt, u.first_failure, {cols}
+             RETURNING q.id, q.claim, q.position, q.attempt, q.first_failure)
+         SELECT u.id, u.claim, u.attempt, u.first_failure, {cols}
          FROM u JOIN tidings_messages m ON m.position = u.position
          ORDER BY u.id",
         cols = row::COLUMNS
@@ -169,12 +172,25 @@ async fn read(
             }
             Ok(rows) => {
                 failures = 0;
-                for (row, permit) in rows.iter().zip(slots) {
-                    let delivery = match delivery(&queue, &held, row, permit) {
+                let mut rows = rows.into_iter().zip(slots);
+                while let Some((row, permit)) = rows.next() {
+                    let delivery = match delivery(&queue, &held, &row, permit) {
                         Ok(delivery) => Ok(delivery),
                         Err(error) => Err(broker_error(error)),
                     };
                     if deliveries.send(delivery).await.is_err() {
+                        // Closed: what was claimed and not handed out goes
+                        // back at once (the refused one's acker does it).
+                        let rest: Vec<i64> = rows
+                            .filter_map(|(r, _)| r.try_get::<i64, _>("id").ok())
+                            .collect();
+                        let _ = sqlx::query(
+                            "UPDATE tidings_queue SET visible_at = clock_timestamp(), claimed = false
+                             WHERE id = ANY($1)",
+                        )
+                        .bind(&rest)
+                        .execute(&queue.inner.pool)
+                        .await;
                         return;
                     }
                 }
@@ -200,6 +216,7 @@ fn delivery(
     permit: OwnedSemaphorePermit,
 ) -> std::result::Result<Delivery, crate::StoreError> {
     let id: i64 = row.try_get("id")?;
+    let claim: i64 = row.try_get("claim")?;
     let attempt: i32 = row.try_get("attempt")?;
     let first_failure: Option<String> = row.try_get("first_failure")?;
     let mut message = row::message(row)?;
@@ -207,11 +224,12 @@ fn delivery(
         message.headers.insert(header::FIRST_FAILURE.to_owned(), at);
     }
     let message = Arc::new(message);
-    lock(held).insert(id);
+    lock(held).insert(id, claim);
     let acker = PgAcker {
         queue: queue.clone(),
         held: held.clone(),
         id,
+        claim,
         message: message.clone(),
         settled: false,
         _permit: permit,
@@ -233,20 +251,28 @@ fn delivery(
 /// Extends the claims of held rows every third of the visibility timeout,
 /// and cleans the log now and then; ends once the subscription and all its
 /// deliveries are gone.
-async fn heartbeat(queue: Arc<Queue>, held: Weak<Mutex<HashSet<i64>>>) {
+async fn heartbeat(queue: Arc<Queue>, held: Weak<Mutex<HashMap<i64, i64>>>) {
     let every = queue.inner.config.visibility / 3;
     let mut rounds = 0u64;
     loop {
         tokio::time::sleep(every).await;
         let Some(held) = held.upgrade() else { return };
-        let ids: Vec<i64> = lock(&held).iter().copied().collect();
+        let (ids, claims): (Vec<i64>, Vec<i64>) = lock(&held).iter().map(|(i, c)| (*i, *c)).unzip();
         drop(held);
+        // Rows locked elsewhere (an inbox transaction deleting one) are
+        // skipped rather than waited for; their claims are settled soon.
         if !ids.is_empty()
             && let Err(error) = sqlx::query(
-                "UPDATE tidings_queue SET visible_at = clock_timestamp() + make_interval(secs => $2)
-                 WHERE id = ANY($1)",
+                "UPDATE tidings_queue q
+                 SET visible_at = clock_timestamp() + make_interval(secs => $3)
+                 FROM (SELECT t.id FROM tidings_queue t
+                       JOIN unnest($1::int8[], $2::int8[]) AS h(id, claim)
+                         ON t.id = h.id AND t.claim = h.claim
+                       FOR UPDATE OF t SKIP LOCKED) mine
+                 WHERE q.id = mine.id",
             )
             .bind(&ids)
+            .bind(&claims)
             .bind(queue.inner.config.visibility.as_secs_f64())
             .execute(&queue.inner.pool)
             .await
@@ -282,13 +308,18 @@ impl futures::Stream for PgStream {
 impl DeliveryStream for PgStream {
     fn close(&mut self) -> BoxFuture<'_, Result<()>> {
         self.stop.send_replace(true);
-        // Claimed but not handed out: back to the group at once.
+        // Claimed but not handed out: back to the group now, awaited, so a
+        // process that exits after its shutdown leaves nothing claimed.
         self.rx.close();
+        let mut waiting = Vec::new();
         while let Ok(delivery) = self.rx.try_recv() {
-            drop(delivery);
+            waiting.extend(delivery.ok());
         }
         let private = self.private.take();
         Box::pin(async move {
+            for mut delivery in waiting {
+                let _ = delivery.release().await;
+            }
             if let Some(queue) = private {
                 remove(&queue).await?;
             }
@@ -342,6 +373,9 @@ struct PgAcker {
     queue: Arc<Queue>,
     held: Held,
     id: i64,
+    /// This claim's token: settling matches it, so a claim that lapsed and
+    /// was taken over by another member is left alone.
+    claim: i64,
     message: Arc<Message>,
     settled: bool,
     _permit: OwnedSemaphorePermit,
@@ -364,8 +398,9 @@ impl PgAcker {
 #[async_trait]
 impl Acker for PgAcker {
     async fn ack(mut self: Box<Self>) -> Result<()> {
-        sqlx::query("DELETE FROM tidings_queue WHERE id = $1")
+        sqlx::query("DELETE FROM tidings_queue WHERE id = $1 AND claim = $2")
             .bind(self.id)
+            .bind(self.claim)
             .execute(&self.queue.inner.pool)
             .await
             .map_err(|e| self.settle_error(e))?;
@@ -378,11 +413,12 @@ impl Acker for PgAcker {
             "UPDATE tidings_queue SET attempt = attempt + 1, claimed = false,
                  visible_at = clock_timestamp() + make_interval(secs => $2),
                  first_failure = coalesce(first_failure, $3)
-             WHERE id = $1",
+             WHERE id = $1 AND claim = $4",
         )
         .bind(self.id)
         .bind(delay.unwrap_or_default().as_secs_f64())
         .bind(tidings_core::time::now_rfc3339())
+        .bind(self.claim)
         .execute(&self.queue.inner.pool)
         .await
         .map_err(|e| self.settle_error(e))?;
@@ -406,8 +442,9 @@ impl Acker for PgAcker {
             .execute(&mut *tx)
             .await?;
             write(&mut *tx, &dlq, std::slice::from_ref(&letter)).await?;
-            sqlx::query("DELETE FROM tidings_queue WHERE id = $1")
+            sqlx::query("DELETE FROM tidings_queue WHERE id = $1 AND claim = $2")
                 .bind(self.id)
+                .bind(self.claim)
                 .execute(&mut *tx)
                 .await?;
             tx.commit().await
@@ -420,12 +457,14 @@ impl Acker for PgAcker {
 
     async fn release(mut self: Box<Self>) -> Result<()> {
         sqlx::query(
-            "UPDATE tidings_queue SET visible_at = clock_timestamp(), claimed = false WHERE id = $1",
+            "UPDATE tidings_queue SET visible_at = clock_timestamp(), claimed = false
+             WHERE id = $1 AND claim = $2",
         )
         .bind(self.id)
-            .execute(&self.queue.inner.pool)
-            .await
-            .map_err(|e| self.settle_error(e))?;
+        .bind(self.claim)
+        .execute(&self.queue.inner.pool)
+        .await
+        .map_err(|e| self.settle_error(e))?;
         self.done();
         Ok(())
     }
@@ -437,14 +476,15 @@ impl Drop for PgAcker {
             return;
         }
         lock(&self.held).remove(&self.id);
-        let (queue, id) = (self.queue.clone(), self.id);
+        let (queue, id, claim) = (self.queue.clone(), self.id, self.claim);
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
                 let _ = sqlx::query(
                     "UPDATE tidings_queue SET visible_at = clock_timestamp(), claimed = false
-                     WHERE id = $1",
+                     WHERE id = $1 AND claim = $2",
                 )
                 .bind(id)
+                .bind(claim)
                 .execute(&queue.inner.pool)
                 .await;
             });
