@@ -274,3 +274,87 @@ async fn the_relay_publishes_into_jetstream_end_to_end() {
     relay.shutdown().await;
     consumer.shutdown(Duration::from_secs(5)).await;
 }
+
+/// A publisher whose publishes never complete: a relay stuck mid-send.
+struct Stuck;
+
+#[async_trait]
+impl Publisher for Stuck {
+    async fn publish(&self, _topic: &str, _message: Message) -> tidings_core::Result<Receipt> {
+        std::future::pending().await
+    }
+
+    async fn close(&self) -> tidings_core::Result<()> {
+        Ok(())
+    }
+}
+
+/// The child process of the kill test: commits a message to the outbox
+/// named by `TIDINGS_OUTBOX_CHILD`, says so, and hangs with its relay stuck
+/// mid-send until it is killed. Does nothing when run as a test of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_child_process() {
+    let Ok(name) = std::env::var("TIDINGS_OUTBOX_CHILD") else {
+        return;
+    };
+    let pool = PgPool::connect(URL).await.expect("PostgreSQL");
+    let outbox = Outbox::named(pool, &name).await.expect("outbox");
+    let mut tx = outbox.pool().begin().await.expect("begin");
+    let message = Message::new("shipped after a crash");
+    let id = message.id.clone();
+    outbox
+        .publish_in(&mut tx, "orders", message)
+        .await
+        .expect("written");
+    tx.commit().await.expect("committed");
+    let _relay = outbox.relay(Arc::new(Stuck)).start();
+    println!("committed {id}");
+    std::future::pending::<()>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_killed_between_commit_and_relay_loses_nothing() {
+    let name = unique("killed");
+    let exe = std::env::current_exe().expect("this test binary");
+    let mut child = tidings_core::testkit::ChildProcess::start(
+        &exe,
+        &[
+            "outbox_child_process",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ],
+        &[("TIDINGS_OUTBOX_CHILD", name.as_str())],
+    );
+    let id = within(60, "the child to commit", async {
+        loop {
+            match child.line(Duration::from_secs(60)).await {
+                Some(line) => {
+                    // libtest may have printed the test's name on the same line.
+                    if let Some((_, id)) = line.split_once("committed ") {
+                        break id.trim().to_owned();
+                    }
+                }
+                None => panic!("the child ended without committing"),
+            }
+        }
+    })
+    .await;
+    // Killed (SIGKILL, this child's PID only) with its relay mid-send.
+    drop(child);
+
+    let pool = PgPool::connect(URL).await.expect("PostgreSQL");
+    let outbox = Outbox::named(pool, &name).await.expect("outbox");
+    let bus = MemoryBus::new();
+    let (consumer, seen) = receiver(&bus, "orders", false).await;
+    // The restarted service's relay: it takes over once the dead process's
+    // session (and its lock) is gone.
+    let relay = outbox
+        .relay(bus.publisher())
+        .poll(Duration::from_millis(100))
+        .start();
+    until(&seen, 1).await;
+    assert_eq!(seen.lock().expect("lock")[0].id, id);
+    relay.shutdown().await;
+    consumer.shutdown(Duration::from_secs(5)).await;
+}
