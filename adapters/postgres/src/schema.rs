@@ -6,6 +6,20 @@ use sqlx::PgPool;
 /// otherwise race on `CREATE TABLE IF NOT EXISTS`).
 const DDL_LOCK: i64 = 0x7469_6469_6e67_7301; // "tidings" + 1
 
+/// A [`Message`](tidings_core::Message)'s columns, the same in every table
+/// that holds messages (see `row.rs`); `{MESSAGE}` in [`DDL`] stands for them.
+const MESSAGE_COLUMNS: &str = "event_id text NOT NULL,
+        event_type text,
+        source text,
+        time_us bigint,
+        schema_version text,
+        correlation_id text,
+        causation_id text,
+        content_type text,
+        message_key text,
+        headers jsonb NOT NULL DEFAULT '{}',
+        payload bytea NOT NULL";
+
 const DDL: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS tidings_streams (
         stream_id text PRIMARY KEY,
@@ -17,17 +31,7 @@ const DDL: &[&str] = &[
         stream_id text NOT NULL,
         category text NOT NULL,
         version bigint NOT NULL,
-        event_id text NOT NULL,
-        event_type text,
-        source text,
-        time_us bigint,
-        schema_version text,
-        correlation_id text,
-        causation_id text,
-        content_type text,
-        message_key text,
-        headers jsonb NOT NULL DEFAULT '{}',
-        payload bytea NOT NULL,
+        {MESSAGE},
         PRIMARY KEY (transaction_id, sequence),
         UNIQUE (stream_id, version),
         UNIQUE (event_id)
@@ -44,17 +48,7 @@ const DDL: &[&str] = &[
         outbox text NOT NULL,
         topic text NOT NULL,
         created_at timestamptz NOT NULL DEFAULT clock_timestamp(),
-        event_id text NOT NULL,
-        event_type text,
-        source text,
-        time_us bigint,
-        schema_version text,
-        correlation_id text,
-        causation_id text,
-        content_type text,
-        message_key text,
-        headers jsonb NOT NULL DEFAULT '{}',
-        payload bytea NOT NULL
+        {MESSAGE}
     )",
     "CREATE INDEX IF NOT EXISTS tidings_outbox_in_order ON tidings_outbox (outbox, position)",
     "CREATE TABLE IF NOT EXISTS tidings_inbox (
@@ -68,17 +62,7 @@ const DDL: &[&str] = &[
         position bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
         topic text NOT NULL,
         published_at timestamptz NOT NULL DEFAULT clock_timestamp(),
-        event_id text NOT NULL,
-        event_type text,
-        source text,
-        time_us bigint,
-        schema_version text,
-        correlation_id text,
-        causation_id text,
-        content_type text,
-        message_key text,
-        headers jsonb NOT NULL DEFAULT '{}',
-        payload bytea NOT NULL
+        {MESSAGE}
     )",
     "CREATE INDEX IF NOT EXISTS tidings_messages_by_topic ON tidings_messages (topic, published_at)",
     "CREATE TABLE IF NOT EXISTS tidings_groups (
@@ -130,7 +114,9 @@ pub(crate) async fn create(pool: &PgPool) -> Result<(), sqlx::Error> {
         .execute(&mut *tx)
         .await?;
     for statement in DDL {
-        sqlx::query(statement).execute(&mut *tx).await?;
+        sqlx::query(&statement.replace("{MESSAGE}", MESSAGE_COLUMNS))
+            .execute(&mut *tx)
+            .await?;
     }
     sqlx::query(&crate::append::function_ddl())
         .execute(&mut *tx)

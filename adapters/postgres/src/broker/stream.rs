@@ -367,6 +367,10 @@ async fn remove(queue: &Queue) -> Result<()> {
     tx.commit().await.map_err(broker_error)
 }
 
+/// Hands a claimed row back unhandled: visible at once, no attempt counted.
+const RELEASE: &str = "UPDATE tidings_queue SET visible_at = clock_timestamp(), claimed = false
+     WHERE id = $1 AND claim = $2";
+
 /// Settles one claimed row. Dropped unsettled, it makes the row visible
 /// again at once (no attempt counted).
 struct PgAcker {
@@ -456,15 +460,12 @@ impl Acker for PgAcker {
     }
 
     async fn release(mut self: Box<Self>) -> Result<()> {
-        sqlx::query(
-            "UPDATE tidings_queue SET visible_at = clock_timestamp(), claimed = false
-             WHERE id = $1 AND claim = $2",
-        )
-        .bind(self.id)
-        .bind(self.claim)
-        .execute(&self.queue.inner.pool)
-        .await
-        .map_err(|e| self.settle_error(e))?;
+        sqlx::query(RELEASE)
+            .bind(self.id)
+            .bind(self.claim)
+            .execute(&self.queue.inner.pool)
+            .await
+            .map_err(|e| self.settle_error(e))?;
         self.done();
         Ok(())
     }
@@ -479,14 +480,11 @@ impl Drop for PgAcker {
         let (queue, id, claim) = (self.queue.clone(), self.id, self.claim);
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
-                let _ = sqlx::query(
-                    "UPDATE tidings_queue SET visible_at = clock_timestamp(), claimed = false
-                     WHERE id = $1 AND claim = $2",
-                )
-                .bind(id)
-                .bind(claim)
-                .execute(&queue.inner.pool)
-                .await;
+                let _ = sqlx::query(RELEASE)
+                    .bind(id)
+                    .bind(claim)
+                    .execute(&queue.inner.pool)
+                    .await;
             });
         }
     }
