@@ -210,17 +210,15 @@ impl IdempotencyStore for MemoryStore {
         entries.evict(now, self.capacity);
         let until = now + lease;
         let Entries { map, expiry } = &mut *entries;
-        match map.get_mut(key) {
-            Some((Record::Done, _)) => return Ok(Claim::Done),
-            Some((Record::Claimed, held)) if *held > now => return Ok(Claim::InProgress),
-            Some(expired) => *expired = (Record::Claimed, until),
-            None => {
-                map.insert(key.into(), (Record::Claimed, until));
-            }
-        }
-        // The queue needs its own handle on the key; a claim is rare enough
-        // next to the handler that one allocation here is fine.
-        expiry.push_back((until, key.into()));
+        // One `Arc<str>` per key, shared by the map and the expiry queue.
+        let shared = match map.get_key_value(key) {
+            Some((_, (Record::Done, _))) => return Ok(Claim::Done),
+            Some((_, (Record::Claimed, held))) if *held > now => return Ok(Claim::InProgress),
+            Some((shared, _)) => shared.clone(),
+            None => Arc::from(key),
+        };
+        map.insert(shared.clone(), (Record::Claimed, until));
+        expiry.push_back((until, shared));
         Ok(Claim::Claimed)
     }
 
@@ -228,13 +226,12 @@ impl IdempotencyStore for MemoryStore {
         let until = tokio::time::Instant::now() + self.ttl;
         let mut entries = self.lock();
         let Entries { map, expiry } = &mut *entries;
-        match map.get_mut(key) {
-            Some(record) => *record = (Record::Done, until),
-            None => {
-                map.insert(key.into(), (Record::Done, until));
-            }
-        }
-        expiry.push_back((until, key.into()));
+        let shared = match map.get_key_value(key) {
+            Some((shared, _)) => shared.clone(),
+            None => Arc::from(key),
+        };
+        map.insert(shared.clone(), (Record::Done, until));
+        expiry.push_back((until, shared));
         Ok(())
     }
 
