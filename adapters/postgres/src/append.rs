@@ -8,7 +8,7 @@ use tidings_core::Message;
 
 use crate::error::StoreError;
 use crate::event_store::{Appended, ExpectedVersion, category};
-use crate::row::Columns;
+use crate::row::{Columns, bind_columns};
 
 /// The namespace of the store's advisory locks (the first key of the
 /// two-key form), so they do not meet an application's own: "tdng".
@@ -128,36 +128,26 @@ pub(crate) async fn append<'c>(
     };
     let n = events.len();
     let c = Columns::of(events);
-    let row: (String, i64, i64, Option<String>, Option<String>) = sqlx::query_as(
+    let query = sqlx::query_as(
         "SELECT * FROM tidings_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
     )
     .bind(stream)
     .bind(category(stream))
-    .bind(expected_code)
-    .bind(&c.ids)
-    .bind(&c.types)
-    .bind(&c.sources)
-    .bind(&c.times)
-    .bind(&c.schemas)
-    .bind(&c.correlations)
-    .bind(&c.causations)
-    .bind(&c.content_types)
-    .bind(&c.keys)
-    .bind(&c.headers)
-    .bind(&c.payloads)
-    .fetch_one(executor)
-    .await
-    .map_err(
-        |e| match e.as_database_error().and_then(|d| d.constraint()) {
-            // Another append stored one of these ids in another stream between
-            // the check and the insert (it held that stream's lock).
-            Some("tidings_events_event_id_key") => StoreError::DuplicateEvent {
-                id: c.ids.first().map_or_else(String::new, |s| (*s).to_owned()),
-                stream: String::new(),
+    .bind(expected_code);
+    let row: (String, i64, i64, Option<String>, Option<String>) = bind_columns!(query, c)
+        .fetch_one(executor)
+        .await
+        .map_err(
+            |e| match e.as_database_error().and_then(|d| d.constraint()) {
+                // Another append stored one of these ids in another stream between
+                // the check and the insert (it held that stream's lock).
+                Some("tidings_events_event_id_key") => StoreError::DuplicateEvent {
+                    id: c.ids.first().map_or_else(String::new, |s| (*s).to_owned()),
+                    stream: String::new(),
+                },
+                _ => StoreError::Database(e),
             },
-            _ => StoreError::Database(e),
-        },
-    )?;
+        )?;
     let (outcome, actual, first, dup_id, dup_stream) = row;
     let (actual, first) = (actual.max(0) as u64, first.max(0) as u64);
     match outcome.as_str() {

@@ -112,29 +112,18 @@ impl Outbox {
         }
         let conn: &mut PgConnection = tx.acquire().await?;
         let columns = row::Columns::of(&messages);
-        sqlx::query(&format!(
+        let sql = format!(
             "INSERT INTO tidings_outbox (outbox, topic, {cols})
-             SELECT $13, $1, {cols} FROM unnest($2::text[], $3::text[], $4::text[], $5::int8[],
-                 $6::text[], $7::text[], $8::text[], $9::text[], $10::text[],
-                 $11::jsonb[], $12::bytea[]) WITH ORDINALITY AS m({cols}, ord)
+             SELECT $13, $1, {cols} FROM {unnest} AS m({cols}, ord)
              ORDER BY ord",
             cols = row::COLUMNS,
-        ))
-        .bind(topic)
-        .bind(columns.ids)
-        .bind(columns.types)
-        .bind(columns.sources)
-        .bind(columns.times)
-        .bind(columns.schemas)
-        .bind(columns.correlations)
-        .bind(columns.causations)
-        .bind(columns.content_types)
-        .bind(columns.keys)
-        .bind(columns.headers)
-        .bind(columns.payloads)
-        .bind(&*self.name)
-        .execute(&mut *conn)
-        .await?;
+            unnest = row::UNNEST,
+        );
+        let query = sqlx::query(&sql);
+        row::bind_columns!(query.bind(topic), columns)
+            .bind(&*self.name)
+            .execute(&mut *conn)
+            .await?;
         sqlx::query("SELECT pg_notify($1, $2)")
             .bind(CHANNEL)
             .bind(&*self.name)

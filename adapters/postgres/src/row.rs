@@ -15,6 +15,12 @@ use crate::error::StoreError;
 pub(crate) const COLUMNS: &str = "event_id, event_type, source, time_us, schema_version, \
      correlation_id, causation_id, content_type, message_key, headers, payload";
 
+/// The bound [`Columns`] as rows, `$2` to `$12`, numbered in order (the
+/// caller names them: `{UNNEST} AS m({COLUMNS}, ord) ORDER BY ord`).
+pub(crate) const UNNEST: &str = "unnest($2::text[], $3::text[], $4::text[], $5::int8[], \
+     $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::jsonb[], $12::bytea[]) \
+     WITH ORDINALITY";
+
 /// The messages of one statement, column by column (bound as arrays and
 /// unnested: one round trip for any number of messages).
 pub(crate) struct Columns<'a> {
@@ -65,6 +71,27 @@ impl<'a> Columns<'a> {
         c
     }
 }
+
+/// Binds a [`Columns`]' arrays, in [`COLUMNS`] order, after what `$query`
+/// bound already (`query`, `query_as` and `query_scalar` all have `bind`).
+macro_rules! bind_columns {
+    ($query:expr, $columns:expr) => {{
+        let c = &$columns;
+        $query
+            .bind(&c.ids)
+            .bind(&c.types)
+            .bind(&c.sources)
+            .bind(&c.times)
+            .bind(&c.schemas)
+            .bind(&c.correlations)
+            .bind(&c.causations)
+            .bind(&c.content_types)
+            .bind(&c.keys)
+            .bind(&c.headers)
+            .bind(&c.payloads)
+    }};
+}
+pub(crate) use bind_columns;
 
 /// Microseconds since the Unix epoch.
 pub(crate) fn micros(t: SystemTime) -> i64 {

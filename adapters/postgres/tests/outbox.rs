@@ -27,6 +27,16 @@ async fn outbox() -> Outbox {
 
 type Seen = Arc<Mutex<Vec<Message>>>;
 
+/// Writes `message` to the outbox in a transaction of its own, committed.
+async fn commit(outbox: &Outbox, topic: &str, message: Message) {
+    let mut tx = outbox.pool().begin().await.expect("begin");
+    outbox
+        .publish_in(&mut tx, topic, message)
+        .await
+        .expect("written");
+    tx.commit().await.expect("committed");
+}
+
 /// A consumer of `topic` on `bus` recording what it receives, in order.
 async fn receiver(bus: &MemoryBus, topic: &str, ordered: bool) -> (tidings_core::Consumer, Seen) {
     let seen: Seen = Arc::default();
@@ -72,12 +82,7 @@ async fn committed_messages_are_relayed_and_rolled_back_ones_never_are() {
         .await
         .expect("written");
     tx.rollback().await.expect("rolled back");
-    let mut tx = outbox.pool().begin().await.expect("begin");
-    outbox
-        .publish_in(&mut tx, "orders", Message::new("committed").with_id("real"))
-        .await
-        .expect("written");
-    tx.commit().await.expect("committed");
+    commit(&outbox, "orders", Message::new("committed").with_id("real")).await;
     assert_eq!(outbox.pending().await.expect("pending").0, 1);
 
     // The relay starts (the process restarted): the committed one arrives,
@@ -85,12 +90,7 @@ async fn committed_messages_are_relayed_and_rolled_back_ones_never_are() {
     // first, would have arrived before it.
     let relay = outbox.relay(bus.publisher()).start();
     until(&seen, 1).await;
-    let mut tx = outbox.pool().begin().await.expect("begin");
-    outbox
-        .publish_in(&mut tx, "orders", Message::new("later").with_id("later"))
-        .await
-        .expect("written");
-    tx.commit().await.expect("committed");
+    commit(&outbox, "orders", Message::new("later").with_id("later")).await;
     until(&seen, 2).await;
     let ids: Vec<String> = seen
         .lock()

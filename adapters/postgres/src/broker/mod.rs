@@ -207,12 +207,10 @@ pub(crate) async fn write<'c>(
     messages: &[Message],
 ) -> std::result::Result<(), sqlx::Error> {
     let c = row::Columns::of(messages);
-    sqlx::query(&format!(
+    let sql = format!(
         "WITH m AS (
              INSERT INTO tidings_messages (topic, {cols})
-             SELECT $1, {cols} FROM unnest($2::text[], $3::text[], $4::text[], $5::int8[],
-                 $6::text[], $7::text[], $8::text[], $9::text[], $10::text[],
-                 $11::jsonb[], $12::bytea[]) WITH ORDINALITY AS u({cols}, ord)
+             SELECT $1, {cols} FROM {unnest} AS u({cols}, ord)
              ORDER BY ord
              RETURNING position),
          q AS (
@@ -220,22 +218,13 @@ pub(crate) async fn write<'c>(
              SELECT $1, g.group_name, m.position FROM m, tidings_groups g WHERE g.topic = $1
              ORDER BY m.position)
          SELECT pg_notify('tidings_queue', $1)",
-        cols = row::COLUMNS
-    ))
-    .bind(topic)
-    .bind(&c.ids)
-    .bind(&c.types)
-    .bind(&c.sources)
-    .bind(&c.times)
-    .bind(&c.schemas)
-    .bind(&c.correlations)
-    .bind(&c.causations)
-    .bind(&c.content_types)
-    .bind(&c.keys)
-    .bind(&c.headers)
-    .bind(&c.payloads)
-    .execute(executor)
-    .await?;
+        cols = row::COLUMNS,
+        unnest = row::UNNEST,
+    );
+    let query = sqlx::query(&sql);
+    row::bind_columns!(query.bind(topic), c)
+        .execute(executor)
+        .await?;
     Ok(())
 }
 

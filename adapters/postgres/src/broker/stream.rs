@@ -367,6 +367,9 @@ async fn remove(queue: &Queue) -> Result<()> {
     tx.commit().await.map_err(broker_error)
 }
 
+/// Removes a settled row (`$1` the row, `$2` its claim).
+const DELETE: &str = "DELETE FROM tidings_queue WHERE id = $1 AND claim = $2";
+
 /// Hands a claimed row back unhandled: visible at once, no attempt counted.
 const RELEASE: &str = "UPDATE tidings_queue SET visible_at = clock_timestamp(), claimed = false
      WHERE id = $1 AND claim = $2";
@@ -393,48 +396,51 @@ impl PgAcker {
         }
     }
 
-    fn done(&mut self) {
+    /// `sql` bound to this claim: `$1` the row, `$2` the claim token.
+    fn on_row<'q>(
+        &self,
+        sql: &'q str,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        sqlx::query(sql).bind(self.id).bind(self.claim)
+    }
+
+    /// The settlement's outcome: settled (the row no longer held here) or
+    /// the error, after which the row comes back when the claim lapses.
+    fn finish<T>(&mut self, done: std::result::Result<T, sqlx::Error>) -> Result<()> {
+        done.map_err(|e| self.settle_error(e))?;
         self.settled = true;
         lock(&self.held).remove(&self.id);
+        Ok(())
     }
 }
 
 #[async_trait]
 impl Acker for PgAcker {
     async fn ack(mut self: Box<Self>) -> Result<()> {
-        sqlx::query("DELETE FROM tidings_queue WHERE id = $1 AND claim = $2")
-            .bind(self.id)
-            .bind(self.claim)
-            .execute(&self.queue.inner.pool)
-            .await
-            .map_err(|e| self.settle_error(e))?;
-        self.done();
-        Ok(())
+        let done = self.on_row(DELETE).execute(&self.queue.inner.pool).await;
+        self.finish(done)
     }
 
     async fn nack(mut self: Box<Self>, delay: Option<Duration>) -> Result<()> {
-        sqlx::query(
-            "UPDATE tidings_queue SET attempt = attempt + 1, claimed = false,
-                 visible_at = clock_timestamp() + make_interval(secs => $2),
-                 first_failure = coalesce(first_failure, $3)
-             WHERE id = $1 AND claim = $4",
-        )
-        .bind(self.id)
-        .bind(delay.unwrap_or_default().as_secs_f64())
-        .bind(tidings_core::time::now_rfc3339())
-        .bind(self.claim)
-        .execute(&self.queue.inner.pool)
-        .await
-        .map_err(|e| self.settle_error(e))?;
-        self.done();
-        Ok(())
+        let done = self
+            .on_row(
+                "UPDATE tidings_queue SET attempt = attempt + 1, claimed = false,
+                     visible_at = clock_timestamp() + make_interval(secs => $3),
+                     first_failure = coalesce(first_failure, $4)
+                 WHERE id = $1 AND claim = $2",
+            )
+            .bind(delay.unwrap_or_default().as_secs_f64())
+            .bind(tidings_core::time::now_rfc3339())
+            .execute(&self.queue.inner.pool)
+            .await;
+        self.finish(done)
     }
 
     async fn dead_letter(mut self: Box<Self>, letter: DeadLetter) -> Result<()> {
         let group = letter.group.as_deref().unwrap_or(&self.queue.group);
         let dlq = format!("{}.{group}.dlq", self.queue.topic);
         let letter = letter.letter_for(&self.message);
-        let outcome: std::result::Result<(), sqlx::Error> = async {
+        let done = async {
             let mut tx = self.queue.inner.pool.begin().await?;
             // Letters are kept even before anyone reads them.
             sqlx::query(
@@ -446,28 +452,16 @@ impl Acker for PgAcker {
             .execute(&mut *tx)
             .await?;
             write(&mut *tx, &dlq, std::slice::from_ref(&letter)).await?;
-            sqlx::query("DELETE FROM tidings_queue WHERE id = $1 AND claim = $2")
-                .bind(self.id)
-                .bind(self.claim)
-                .execute(&mut *tx)
-                .await?;
-            tx.commit().await
+            let deleted = self.on_row(DELETE).execute(&mut *tx).await?;
+            tx.commit().await.map(|()| deleted)
         }
         .await;
-        outcome.map_err(|e| self.settle_error(e))?;
-        self.done();
-        Ok(())
+        self.finish(done)
     }
 
     async fn release(mut self: Box<Self>) -> Result<()> {
-        sqlx::query(RELEASE)
-            .bind(self.id)
-            .bind(self.claim)
-            .execute(&self.queue.inner.pool)
-            .await
-            .map_err(|e| self.settle_error(e))?;
-        self.done();
-        Ok(())
+        let done = self.on_row(RELEASE).execute(&self.queue.inner.pool).await;
+        self.finish(done)
     }
 }
 
