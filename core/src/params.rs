@@ -84,3 +84,93 @@ pub fn redact_url(url: &str) -> String {
         None => url.to_owned(),
     }
 }
+
+/// Takes a cluster's node list out of a URL's authority
+/// (`scheme://user:pass@h1:6379,h2:6379,[::1]/tail`): the URL with its first
+/// node only, and every node as `host:port` (`default_port` where a node
+/// names none). A URL naming one node comes back as it is, with no list.
+///
+/// ```
+/// use tidings_core::params::split_hosts;
+/// let (url, nodes) = split_hosts("amqp://u:p@n1,n2:5673/v", 5672)?;
+/// assert_eq!(url, "amqp://u:p@n1:5672/v");
+/// assert_eq!(nodes, ["n1:5672", "n2:5673"]);
+/// assert!(split_hosts("redis://h1,,h2", 6379).is_err());
+/// # Ok::<(), tidings_core::Error>(())
+/// ```
+pub fn split_hosts(url: &str, default_port: u16) -> Result<(String, Vec<String>)> {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Ok((url.to_owned(), Vec::new()));
+    };
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let (credentials, nodes) = match authority.rsplit_once('@') {
+        Some((c, n)) => (Some(c), n),
+        None => (None, authority),
+    };
+    if !nodes.contains(',') {
+        return Ok((url.to_owned(), Vec::new()));
+    }
+    let has_port = |n: &str| match n.strip_prefix('[') {
+        // An IPv6 address: `[::1]:5672` has a port, `[::1]` none.
+        Some(v6) => v6.contains("]:"),
+        None => n.contains(':'),
+    };
+    let hosts: Vec<String> = nodes
+        .split(',')
+        .map(|n| {
+            if has_port(n) {
+                n.to_owned()
+            } else {
+                format!("{n}:{default_port}")
+            }
+        })
+        .collect();
+    for host in &hosts {
+        let valid = !host.starts_with(':')
+            && url::Url::parse(&format!("{scheme}://{host}/")).is_ok_and(|u| u.host().is_some());
+        if !valid {
+            return Err(invalid(
+                "url",
+                format!("`{host}` in the node list is not a host:port"),
+            ));
+        }
+    }
+    let first = &hosts[0];
+    let authority = match credentials {
+        Some(c) => format!("{c}@{first}"),
+        None => first.clone(),
+    };
+    Ok((format!("{scheme}://{authority}{tail}"), hosts))
+}
+
+/// `url` once for each of `hosts` (`host:port`), with that node as its
+/// host: the URLs to connect to, in order. `url` alone when `hosts` names
+/// fewer than two nodes.
+///
+/// ```
+/// use tidings_core::params::node_urls;
+/// let nodes = ["n1:6379".to_owned(), "[::2]:6380".to_owned()];
+/// assert_eq!(
+///     node_urls("redis://u:p@n1:6379/0", &nodes),
+///     ["redis://u:p@n1:6379/0", "redis://u:p@[::2]:6380/0"]
+/// );
+/// ```
+pub fn node_urls(url: &str, hosts: &[String]) -> Vec<String> {
+    if hosts.len() < 2 {
+        return vec![url.to_owned()];
+    }
+    let Ok(parsed) = url::Url::parse(url) else {
+        return vec![url.to_owned()];
+    };
+    hosts
+        .iter()
+        .map(|host| {
+            let mut node = parsed.clone();
+            let (name, port) = host.rsplit_once(':').unwrap_or((host, ""));
+            let _ = node.set_host(Some(name));
+            let _ = node.set_port(port.parse().ok());
+            node.to_string()
+        })
+        .collect()
+}

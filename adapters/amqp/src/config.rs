@@ -151,57 +151,7 @@ impl fmt::Debug for AmqpConfig {
     }
 }
 
-use tidings_core::params::{boolean, duration, invalid, redact_url as redact};
-
-/// Takes a cluster's node list out of a URL's authority
-/// (`user:pass@h1:5672,h2:5672`): the URL with the first node, and every
-/// node as `host:port` (none when the URL names one node).
-fn split_hosts(url: &str) -> Result<(String, Vec<String>)> {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return Ok((url.to_owned(), Vec::new()));
-    };
-    let end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(end);
-    let (credentials, nodes) = match authority.rsplit_once('@') {
-        Some((c, n)) => (Some(c), n),
-        None => (None, authority),
-    };
-    if !nodes.contains(',') {
-        return Ok((url.to_owned(), Vec::new()));
-    }
-    let default_port = if scheme == "amqps" { 5671 } else { 5672 };
-    let has_port = |n: &str| match n.strip_prefix('[') {
-        // An IPv6 address: `[::1]:5672` has a port, `[::1]` none.
-        Some(v6) => v6.contains("]:"),
-        None => n.contains(':'),
-    };
-    let hosts: Vec<String> = nodes
-        .split(',')
-        .map(|n| {
-            if has_port(n) {
-                n.to_owned()
-            } else {
-                format!("{n}:{default_port}")
-            }
-        })
-        .collect();
-    for host in &hosts {
-        let valid = !host.starts_with(':')
-            && url::Url::parse(&format!("{scheme}://{host}/")).is_ok_and(|u| u.host().is_some());
-        if !valid {
-            return Err(invalid(
-                "url",
-                format!("`{host}` in the node list is not a host:port"),
-            ));
-        }
-    }
-    let first = &hosts[0];
-    let authority = match credentials {
-        Some(c) => format!("{c}@{first}"),
-        None => first.clone(),
-    };
-    Ok((format!("{scheme}://{authority}{tail}"), hosts))
-}
+use tidings_core::params::{boolean, duration, invalid, redact_url as redact, split_hosts};
 
 impl AmqpConfig {
     /// Checks settings that go together: TLS options need an `amqps://` URL,
@@ -235,7 +185,12 @@ impl AmqpConfig {
     /// # Ok::<_, tidings_core::Error>(())
     /// ```
     pub fn from_url(url: &str) -> Result<Self> {
-        let (url, hosts) = split_hosts(url)?;
+        let default_port = if url.starts_with("amqps://") {
+            5671
+        } else {
+            5672
+        };
+        let (url, hosts) = split_hosts(url, default_port)?;
         let mut parsed =
             url::Url::parse(&url).map_err(|e| invalid("url", format!("not a URL: {e}")))?;
         if !matches!(parsed.scheme(), "amqp" | "amqps") {
@@ -326,22 +281,7 @@ impl AmqpConfig {
     /// The URL for each node to try, in order (the URL itself when it names
     /// one node).
     pub(crate) fn node_urls(&self) -> Vec<String> {
-        if self.hosts.len() < 2 {
-            return vec![self.url.clone()];
-        }
-        let Ok(parsed) = url::Url::parse(&self.url) else {
-            return vec![self.url.clone()];
-        };
-        self.hosts
-            .iter()
-            .map(|host| {
-                let mut node = parsed.clone();
-                let (name, port) = host.rsplit_once(':').unwrap_or((host, ""));
-                let _ = node.set_host(Some(name));
-                let _ = node.set_port(port.parse().ok());
-                node.to_string()
-            })
-            .collect()
+        tidings_core::params::node_urls(&self.url, &self.hosts)
     }
 
     /// Sets the exchange, and the dead-letter exchange to `<exchange>.dlx`.

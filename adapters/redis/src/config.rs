@@ -28,6 +28,14 @@ pub struct RedisConfig {
     /// The Redis URL without the Tidings query parameters,
     /// e.g. `redis://user:secret@127.0.0.1:6379/0`.
     pub url: String,
+    /// The seed nodes of a Redis Cluster, `host:port` each, from a URL that
+    /// lists several (`redis://:pw@n1:7000,n2:7001,n3:7002`). Empty: the
+    /// URL's own host.
+    pub nodes: Vec<String>,
+    /// Whether the server is a Redis Cluster: commands are routed by hash
+    /// slot and follow the cluster as it fails over. On with a node list,
+    /// or with one seed node and `cluster=true`. Database 0 only.
+    pub cluster: bool,
     /// Streams (default) or Pub/Sub. URL: `mode=streams|pubsub`.
     pub mode: RedisMode,
     /// How long an entry may stay idle pending (delivered, unsettled) with a
@@ -86,6 +94,8 @@ impl Default for RedisConfig {
     fn default() -> Self {
         RedisConfig {
             url: "redis://127.0.0.1:6379".to_owned(),
+            nodes: Vec::new(),
+            cluster: false,
             mode: RedisMode::Streams,
             visibility_timeout: Duration::from_secs(4),
             reclaim_interval: None,
@@ -109,6 +119,8 @@ impl fmt::Debug for RedisConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisConfig")
             .field("url", &redact(&self.url))
+            .field("nodes", &self.nodes)
+            .field("cluster", &self.cluster)
             .field("mode", &self.mode)
             .field("visibility_timeout", &self.visibility_timeout)
             .field("reclaim_interval", &self.reclaim_interval)
@@ -128,7 +140,7 @@ impl fmt::Debug for RedisConfig {
     }
 }
 
-use tidings_core::params::{duration, invalid as config_error, redact_url as redact};
+use tidings_core::params::{duration, invalid as config_error, redact_url as redact, split_hosts};
 
 fn positive(key: &str, value: &str) -> Result<usize> {
     match value.parse::<usize>() {
@@ -141,9 +153,11 @@ fn positive(key: &str, value: &str) -> Result<usize> {
 }
 
 impl RedisConfig {
-    /// Parses `redis://[user:password@]host[:port][/db][?option=value&...]`.
+    /// Parses `redis://[user:password@]host[:port][/db][?option=value&...]`,
+    /// or a cluster's seed nodes: `redis://[user:password@]h1:7000,h2:7001[?...]`.
     ///
-    /// Options: `mode` (`streams` or `pubsub`), `visibility_timeout`,
+    /// Options: `cluster` (`true` for a cluster reached through one seed
+    /// node; implied by a node list), `mode` (`streams` or `pubsub`), `visibility_timeout`,
     /// `reclaim_interval`, `block`, `response_timeout`, `connect_timeout`,
     /// `claim_ttl`, `max_backoff` (durations such as `500ms` or `30s`),
     /// `maxlen` and `maxlen.<topic>` (positive numbers), `consumer` (a name),
@@ -159,8 +173,10 @@ impl RedisConfig {
     /// # Ok::<(), tidings_core::Error>(())
     /// ```
     pub fn from_url(url: &str) -> Result<Self> {
+        let default_port = 6379;
+        let (url, nodes) = split_hosts(url, default_port)?;
         let mut parsed =
-            url::Url::parse(url).map_err(|e| config_error("url", format!("not a URL: {e}")))?;
+            url::Url::parse(&url).map_err(|e| config_error("url", format!("not a URL: {e}")))?;
         if !matches!(parsed.scheme(), "redis" | "rediss" | "redis+unix" | "unix") {
             return Err(config_error(
                 "url",
@@ -177,6 +193,8 @@ impl RedisConfig {
         parsed.set_query(None);
         let mut config = RedisConfig {
             url: parsed.to_string(),
+            cluster: !nodes.is_empty(),
+            nodes,
             ..RedisConfig::default()
         };
         for (key, value) in pairs {
@@ -204,6 +222,7 @@ impl RedisConfig {
                 "max_backoff" => config.max_backoff = duration(&key, &value)?,
                 "maxlen" => config.max_len = Some(positive(&key, &value)?),
                 "confirm_acks" => config.confirm_acks = boolean(&key, &value)?,
+                "cluster" => config.cluster = boolean(&key, &value)?,
                 "heartbeat" => config.heartbeat = boolean(&key, &value)?,
                 "consumer" if value.is_empty() => {
                     return Err(config_error("consumer", "must not be empty"));
@@ -233,7 +252,7 @@ impl RedisConfig {
                 _ => {
                     return Err(config_error(
                         &key,
-                        "unknown option; known: mode, visibility_timeout, reclaim_interval, block, \
+                        "unknown option; known: cluster, mode, visibility_timeout, reclaim_interval, block, \
                          response_timeout, connect_timeout, claim_ttl, max_backoff, maxlen, \
                          maxlen.<topic>, consumer, confirm_acks, heartbeat, dialect, envelope.<field>, \
                          payload_field, field.<attribute>, tls_ca_file, tls_cert_file, \
@@ -248,6 +267,21 @@ impl RedisConfig {
 
     /// Checks the values against each other.
     pub fn validate(&self) -> Result<()> {
+        if !self.nodes.is_empty() && !self.cluster {
+            return Err(config_error(
+                "cluster",
+                "a node list is a Redis Cluster's seed nodes; `cluster=false` cannot go with it",
+            ));
+        }
+        if self.cluster
+            && url::Url::parse(&self.url)
+                .is_ok_and(|u| !matches!(u.path().trim_start_matches('/'), "" | "0"))
+        {
+            return Err(config_error(
+                "url",
+                "a Redis Cluster has database 0 only; drop the `/<db>` of the URL",
+            ));
+        }
         if self.tls.is_set() && !self.url.starts_with("rediss://") {
             return Err(config_error(
                 "url",
@@ -324,6 +358,26 @@ mod tests {
         let debug = format!("{c:?}");
         assert!(!debug.contains("secret"), "{debug}");
         assert!(debug.contains("***"), "{debug}");
+    }
+
+    #[test]
+    fn a_node_list_is_a_cluster() {
+        let c = RedisConfig::from_url("redis://:pw@n1:7000,n2,[::1]:7002?block=50ms").unwrap();
+        assert!(c.cluster);
+        assert_eq!(c.nodes, ["n1:7000", "n2:6379", "[::1]:7002"]);
+        assert_eq!(c.url, "redis://:pw@n1:7000");
+        assert!(!format!("{c:?}").contains("pw"));
+        let one = RedisConfig::from_url("redis://n1:7000?cluster=true").unwrap();
+        assert!(one.cluster && one.nodes.is_empty());
+        assert!(!RedisConfig::from_url("redis://n1:7000").unwrap().cluster);
+        for bad in [
+            "redis://n1:7000,n2:7001/2",
+            "redis://n1:7000/3?cluster=true",
+            "redis://n1:7000,n2:7001?cluster=false",
+            "redis://n1,,n2",
+        ] {
+            assert!(RedisConfig::from_url(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -1,16 +1,17 @@
 //! `Subscriber::groups` on Redis Streams: `XINFO GROUPS` of the topic's
 //! stream, and of each group's dead-letter stream.
 
-use redis::aio::ConnectionManager;
 use redis::streams::{StreamInfoGroup, StreamInfoGroupsReply};
 use redis::{AsyncCommands, RedisResult};
 use tidings_core::GroupStats;
+
+use crate::Conn;
 use tidings_core::delivery::DEAD_LETTER_GROUP;
 
 /// The groups of the stream `topic` (or the `named` ones), with the dead
 /// letters each still has in the stream `dead_letters(group)`.
 pub(crate) async fn report(
-    conn: &mut ConnectionManager,
+    conn: &mut Conn,
     topic: &str,
     named: &[String],
     dead_letters: impl Fn(&str) -> String,
@@ -38,7 +39,7 @@ pub(crate) async fn report(
 /// The letters of a dead-letter stream the dead-letter tooling has not
 /// replayed or purged: its group's lag and pending, or every entry while
 /// no inbox has read the stream yet.
-async fn waiting(conn: &mut ConnectionManager, stream: &str) -> RedisResult<u64> {
+async fn waiting(conn: &mut Conn, stream: &str) -> RedisResult<u64> {
     let inbox = info(conn, stream)
         .await?
         .into_iter()
@@ -56,7 +57,7 @@ async fn waiting(conn: &mut ConnectionManager, stream: &str) -> RedisResult<u64>
 }
 
 /// `XINFO GROUPS`, with a stream that does not exist as no groups.
-async fn info(conn: &mut ConnectionManager, stream: &str) -> RedisResult<Vec<StreamInfoGroup>> {
+async fn info(conn: &mut Conn, stream: &str) -> RedisResult<Vec<StreamInfoGroup>> {
     match conn.xinfo_groups::<_, StreamInfoGroupsReply>(stream).await {
         Ok(reply) => Ok(reply.groups),
         Err(e) if e.to_string().contains("no such key") => Ok(Vec::new()),

@@ -30,6 +30,15 @@
 //! retried in process only. Groups are emulated: every member receives every
 //! message and one member takes it with a `SET NX` claim key.
 //!
+//! # Redis Cluster
+//! A URL listing several nodes (`redis://n1:7000,n2:7000,n3:7000`), or one
+//! node with `cluster=true`, connects through the redis crate's cluster
+//! client: commands are routed by hash slot and follow the cluster as it
+//! fails over. Every command names one key (the topic's stream holds its
+//! groups), so no key layout is needed for multi-key commands; Pub/Sub
+//! subscribes through one seed node at a time (classic `PUBLISH` reaches
+//! every node).
+//!
 //! # Recovery
 //! Connections reconnect with backoff; subscriptions resume (a group that
 //! vanished with a restarted server is created again).
@@ -52,6 +61,7 @@
 //! ```
 
 mod config;
+mod conn;
 mod groups;
 pub mod headers;
 mod publisher;
@@ -59,15 +69,14 @@ mod pubsub;
 mod subscriber;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures::future::BoxFuture;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, RedisError};
 use tidings_core::health::{self, Health, HealthCheck};
 use tidings_core::{Error, Publisher, Result, Subscriber};
 
 pub use config::{RedisConfig, RedisMode};
+pub(crate) use conn::{Conn, Connector};
 pub use headers::ForeignEntry;
 pub use publisher::RedisPublisher;
 pub use subscriber::RedisSubscriber;
@@ -79,7 +88,7 @@ pub const NAME: &str = "redis";
 #[derive(Clone)]
 pub struct RedisBus {
     publisher: Arc<RedisPublisher>,
-    publish: redis::aio::ConnectionManager,
+    publish: Conn,
     config: Arc<RedisConfig>,
     subscriber: Arc<RedisSubscriber>,
 }
@@ -94,10 +103,10 @@ impl RedisBus {
     /// Connects to Redis. Fails if Redis cannot be reached.
     pub async fn connect(config: RedisConfig) -> Result<Self> {
         config.validate()?;
-        let client = client(&config)?;
+        let connector = Connector::new(&config, |url| client(&config, url))?;
         let config = Arc::new(config);
-        let publish = manager(&client, &config, Some(config.response_timeout)).await?;
-        let control = manager(&client, &config, Some(config.response_timeout)).await?;
+        let publish = connector.connect(&config, config.response_timeout).await?;
+        let control = connector.connect(&config, config.response_timeout).await?;
         Ok(RedisBus {
             publisher: Arc::new(RedisPublisher::new(
                 publish.clone(),
@@ -106,7 +115,7 @@ impl RedisBus {
             )),
             publish,
             config: config.clone(),
-            subscriber: Arc::new(RedisSubscriber::new(client, control, config)),
+            subscriber: Arc::new(RedisSubscriber::new(connector, control, config)),
         })
     }
 
@@ -135,25 +144,31 @@ impl RedisBus {
     }
 }
 
-/// The client for the URL, with the TLS files when there are any.
-fn client(config: &RedisConfig) -> Result<Client> {
-    let config_error = |key: &str, e: &dyn std::fmt::Display| Error::Config {
-        key: key.into(),
-        message: e.to_string(),
-    };
-    if !config.url.starts_with("rediss://") {
-        return Client::open(config.url.as_str()).map_err(|e| config_error("url", &e));
+/// The client for one node's URL, with the TLS files when there are any.
+fn client(config: &RedisConfig, url: &str) -> Result<Client> {
+    if url.starts_with("rediss://") {
+        // The redis crate builds its rustls configuration from the process's
+        // default crypto provider.
+        tidings_core::tls::install_default_provider();
     }
-    // The redis crate builds its rustls configuration from the process's
-    // default crypto provider.
-    tidings_core::tls::install_default_provider();
-    if !config.tls.is_set() {
-        return Client::open(config.url.as_str()).map_err(|e| config_error("url", &e));
+    let opened = match tls_certificates(config)? {
+        None => Client::open(url),
+        Some(certificates) => Client::build_with_tls(url, certificates),
+    };
+    opened.map_err(|e| tidings_core::params::invalid("url", e.to_string()))
+}
+
+/// The TLS files of a `rediss://` configuration, read; `None` without any.
+pub(crate) fn tls_certificates(config: &RedisConfig) -> Result<Option<redis::TlsCertificates>> {
+    if !config.url.starts_with("rediss://") || !config.tls.is_set() {
+        return Ok(None);
     }
     config.tls.check_files()?;
     let read = |key: &str, path: &Option<std::path::PathBuf>| -> Result<Option<Vec<u8>>> {
         path.as_ref()
-            .map(|p| std::fs::read(p).map_err(|e| config_error(key, &e)))
+            .map(|p| {
+                std::fs::read(p).map_err(|e| tidings_core::params::invalid(key, e.to_string()))
+            })
             .transpose()
     };
     let client_tls = match (
@@ -166,29 +181,10 @@ fn client(config: &RedisConfig) -> Result<Client> {
         }),
         _ => None,
     };
-    let certificates = redis::TlsCertificates {
+    Ok(Some(redis::TlsCertificates {
         client_tls,
         root_cert: read("tls_ca_file", &config.tls.ca_file)?,
-    };
-    Client::build_with_tls(config.url.as_str(), certificates).map_err(|e| config_error("url", &e))
-}
-
-/// A reconnecting multiplexed connection.
-pub(crate) async fn manager(
-    client: &Client,
-    config: &RedisConfig,
-    response_timeout: Option<Duration>,
-) -> Result<ConnectionManager> {
-    let settings = ConnectionManagerConfig::new()
-        .set_response_timeout(response_timeout)
-        .set_connection_timeout(Some(config.connect_timeout))
-        .set_number_of_retries(3)
-        .set_min_delay(Duration::from_millis(20))
-        .set_max_delay(config.max_backoff);
-    client
-        .get_connection_manager_with_config(settings)
-        .await
-        .map_err(connection_error)
+    }))
 }
 
 /// Whether the error means the connection (not the command) failed.

@@ -4,20 +4,19 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
-use redis::aio::ConnectionManager;
 use redis::{RedisError, RedisResult, Value};
 use tidings_core::{Error, Message, Publisher, Receipt, Result};
 
 use crate::config::{RedisConfig, RedisMode};
 use crate::headers::{self, Layout};
-use crate::is_connection_error;
+use crate::{Conn, is_connection_error};
 
 /// Publishes to Redis streams (`XADD`) or channels (`PUBLISH`).
 ///
 /// `publish` returns once Redis replied: the entry id
 /// ([`Receipt::EntryId`]) in Streams mode, [`Receipt::Accepted`] in Pub/Sub mode.
 pub struct RedisPublisher {
-    conn: ConnectionManager,
+    conn: Conn,
     config: Arc<RedisConfig>,
     layout: Layout,
     closed: AtomicBool,
@@ -88,7 +87,7 @@ fn receipt(topic: &str, value: Value) -> Result<Receipt> {
 }
 
 impl RedisPublisher {
-    pub(crate) fn new(conn: ConnectionManager, config: Arc<RedisConfig>, layout: Layout) -> Self {
+    pub(crate) fn new(conn: Conn, config: Arc<RedisConfig>, layout: Layout) -> Self {
         RedisPublisher {
             conn,
             config,

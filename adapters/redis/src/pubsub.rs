@@ -22,13 +22,16 @@ pub(crate) fn is_pattern(topic: &str) -> bool {
     topic.contains(['*', '?', '['])
 }
 
+/// Subscribes through the first of `clients` that answers (the nodes of a
+/// cluster, where classic `PUBLISH` reaches every node; one client for a
+/// standalone server), and through the next one after a connection is lost.
 pub(crate) async fn subscribe(
-    client: &Client,
+    clients: Vec<Client>,
     shared: Arc<Shared>,
 ) -> Result<Box<dyn DeliveryStream>> {
     let (ready_tx, ready_rx) = oneshot::channel();
     let stream = RedisStream::new(shared.clone());
-    tokio::spawn(read_loop(client.clone(), shared.clone(), ready_tx));
+    tokio::spawn(read_loop(clients, shared.clone(), ready_tx));
     match ready_rx.await {
         Ok(Ok(())) => Ok(Box::new(stream)),
         Ok(Err(e)) => Err(Error::Subscribe {
@@ -49,19 +52,30 @@ async fn connect(client: &Client, topic: &str) -> RedisResult<redis::aio::PubSub
     Ok(pubsub)
 }
 
-async fn read_loop(client: Client, shared: Arc<Shared>, ready: oneshot::Sender<RedisResult<()>>) {
+async fn read_loop(
+    clients: Vec<Client>,
+    shared: Arc<Shared>,
+    ready: oneshot::Sender<RedisResult<()>>,
+) {
     let mut ready = Some(ready);
     let pattern = is_pattern(&shared.topic);
     let mut backoff = Duration::from_millis(20);
+    let mut node = 0;
     while !shared.is_closed() {
+        let client = &clients[node % clients.len()];
+        node += 1;
         let pubsub = tokio::select! {
             biased;
             _ = shared.wait_closed() => return,
-            c = connect(&client, &shared.topic) => c,
+            c = connect(client, &shared.topic) => c,
         };
         let pubsub = match pubsub {
             Ok(p) => p,
             Err(error) => {
+                // At start, every node is tried once before the error is the caller's.
+                if node < clients.len() {
+                    continue;
+                }
                 if let Some(ready) = ready.take() {
                     let _ = ready.send(Err(error));
                     return;

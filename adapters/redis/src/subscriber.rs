@@ -10,8 +10,7 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use futures::future::BoxFuture;
-use redis::aio::ConnectionManager;
-use redis::{Client, RedisResult, Value};
+use redis::{RedisResult, Value};
 use tidings_core::{
     Acker, Capabilities, DeadLetter, Delivery, DeliveryStream, Error, GroupStats, Message, Receipt,
     Result, StartFrom, Subscriber, Subscription,
@@ -22,7 +21,7 @@ use tracing::{debug, warn};
 use crate::config::{RedisConfig, RedisMode};
 use crate::headers;
 use crate::publisher::{publish_cmd, xadd};
-use crate::{NAME, broker_error, manager, pubsub};
+use crate::{Conn, Connector, NAME, broker_error, pubsub};
 
 /// Most entries asked for by one read.
 const MAX_BATCH: usize = 1000;
@@ -32,8 +31,8 @@ const GATHER: Duration = Duration::from_millis(2);
 
 /// Subscribes to Redis streams (consumer groups or private reads) or channels.
 pub struct RedisSubscriber {
-    client: Client,
-    control: ConnectionManager,
+    connector: Connector,
+    control: Conn,
     config: Arc<RedisConfig>,
     consumer_base: String,
     counter: AtomicU64,
@@ -49,17 +48,13 @@ impl std::fmt::Debug for RedisSubscriber {
 }
 
 impl RedisSubscriber {
-    pub(crate) fn new(
-        client: Client,
-        control: ConnectionManager,
-        config: Arc<RedisConfig>,
-    ) -> Self {
+    pub(crate) fn new(connector: Connector, control: Conn, config: Arc<RedisConfig>) -> Self {
         let consumer_base = config
             .consumer_name
             .clone()
             .unwrap_or_else(|| format!("tidings-{}-{:08x}", std::process::id(), fastrand::u32(..)));
         RedisSubscriber {
-            client,
+            connector,
             control,
             config,
             consumer_base,
@@ -121,7 +116,7 @@ impl RedisSubscriber {
         };
         // Blocking reads need their own connection, with a reply timeout above BLOCK.
         let read_timeout = self.config.block + self.config.response_timeout;
-        let mut conn = manager(&self.client, &self.config, Some(read_timeout)).await?;
+        let mut conn = self.connector.connect(&self.config, read_timeout).await?;
         let position = match &subscription.group {
             Some(group) => {
                 create_group(
@@ -170,7 +165,7 @@ impl Subscriber for RedisSubscriber {
             RedisMode::PubSub => {
                 let n = self.counter.fetch_add(1, Ordering::Relaxed);
                 let shared = self.shared(&subscription, format!("{}-{n}", self.consumer_base));
-                pubsub::subscribe(&self.client, shared).await
+                pubsub::subscribe(self.connector.pubsub_clients(), shared).await
             }
         }
     }
@@ -229,12 +224,7 @@ fn start_id(start: StartFrom, latest: &str) -> String {
 }
 
 /// `XGROUP CREATE topic group id MKSTREAM`; an existing group is kept as it is.
-async fn create_group(
-    conn: &mut ConnectionManager,
-    topic: &str,
-    group: &str,
-    id: &str,
-) -> RedisResult<()> {
+async fn create_group(conn: &mut Conn, topic: &str, group: &str, id: &str) -> RedisResult<()> {
     let created: RedisResult<Value> = redis::cmd("XGROUP")
         .arg("CREATE")
         .arg(topic)
@@ -251,7 +241,7 @@ async fn create_group(
 }
 
 /// The id of the newest entry, or `0-0` for an empty or missing stream.
-async fn last_entry_id(conn: &mut ConnectionManager, topic: &str) -> RedisResult<String> {
+async fn last_entry_id(conn: &mut Conn, topic: &str) -> RedisResult<String> {
     let reply: Value = redis::cmd("XREVRANGE")
         .arg(topic)
         .arg("+")
@@ -272,7 +262,7 @@ pub(crate) struct Shared {
     pub(crate) group: Option<Arc<str>>,
     pub(crate) consumer: String,
     pub(crate) dead_letters: String,
-    pub(crate) control: ConnectionManager,
+    pub(crate) control: Conn,
     pub(crate) config: Arc<RedisConfig>,
     /// Free in-flight slots (prefetch); a delivery holds one until settled.
     pub(crate) permits: Arc<Semaphore>,
@@ -304,7 +294,7 @@ struct AckRequest {
 /// previous `XACK` was in flight goes out in the next one. It ends when the
 /// subscription and all its deliveries are gone.
 fn spawn_acker(
-    mut conn: ConnectionManager,
+    mut conn: Conn,
     topic: String,
     group: String,
     config: Arc<RedisConfig>,
@@ -982,7 +972,7 @@ async fn deliver(
 /// Reads a stream for one subscription until it is closed: `XREADGROUP`
 /// (and reclaims with `XAUTOCLAIM`) for a group, `XREAD` after `position`
 /// for a private subscription.
-async fn read_loop(shared: Arc<Shared>, mut conn: ConnectionManager, mut position: Option<String>) {
+async fn read_loop(shared: Arc<Shared>, mut conn: Conn, mut position: Option<String>) {
     let config = shared.config.clone();
     let reclaim_every = config.effective_reclaim_interval();
     let mut last_reclaim: Option<Instant> = None;
@@ -1083,7 +1073,7 @@ async fn gather(shared: &Shared, first: OwnedSemaphorePermit) -> Vec<OwnedSemaph
 
 async fn read_group(
     shared: &Arc<Shared>,
-    conn: &mut ConnectionManager,
+    conn: &mut Conn,
     permits: &mut Vec<OwnedSemaphorePermit>,
 ) -> RedisResult<()> {
     let block = shared
@@ -1121,7 +1111,7 @@ async fn read_group(
 /// the scan of the pending list is complete.
 async fn reclaim(
     shared: &Arc<Shared>,
-    conn: &mut ConnectionManager,
+    conn: &mut Conn,
     cursor: &mut String,
     permits: &mut Vec<OwnedSemaphorePermit>,
 ) -> RedisResult<bool> {
@@ -1187,7 +1177,7 @@ fn delivery_count(reply: Value) -> Option<u32> {
 
 async fn read_private(
     shared: &Arc<Shared>,
-    conn: &mut ConnectionManager,
+    conn: &mut Conn,
     last_id: &mut String,
     permits: &mut Vec<OwnedSemaphorePermit>,
 ) -> RedisResult<()> {

@@ -297,10 +297,25 @@ pub async fn assert_killed_twice(
     broker: &mut dyn BrokerProcess,
 ) -> OutageReport {
     let topic = crate::testkit::unique("outage");
+    assert_killed_twice_on(what, &topic, publisher, subscriber, broker).await
+}
+
+/// [`assert_killed_twice`] on a topic of the caller's: the one a cluster's
+/// `broker` node serves.
+///
+/// # Panics
+/// When an assertion fails.
+pub async fn assert_killed_twice_on(
+    what: &str,
+    topic: &str,
+    publisher: Arc<dyn Publisher>,
+    subscriber: Arc<dyn Subscriber>,
+    broker: &mut dyn BrokerProcess,
+) -> OutageReport {
     let report = run(
         publisher,
         subscriber,
-        &topic,
+        topic,
         "g",
         broker,
         20_000,

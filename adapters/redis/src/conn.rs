@@ -1,0 +1,151 @@
+//! Connections to one Redis server or to a Redis Cluster, behind one type,
+//! so every command of the adapter is written once for both.
+//!
+//! A standalone server is reached through the redis crate's reconnecting
+//! [`ConnectionManager`]; a cluster through its cluster client, which
+//! routes each command by its key's hash slot, follows `MOVED`/`ASK`
+//! redirections and refreshes the slot map when a node fails over or comes
+//! back. Every command Tidings sends names one key (or pipelines commands on
+//! one key), so no design of keys is needed for multi-key commands: a
+//! topic's stream holds its groups, and its dead-letter stream may live on
+//! another node.
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::{ClusterClient, ClusterConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{Client, Cmd, Pipeline, RedisFuture, Value};
+use tidings_core::Result;
+
+use crate::config::RedisConfig;
+use crate::connection_error;
+
+/// Makes connections: to the one server, or to the cluster through its seeds.
+#[derive(Clone)]
+pub(crate) enum Connector {
+    /// One server (or a TLS one).
+    Single(Box<Client>),
+    /// A Redis Cluster: the cluster client, and a plain client per seed
+    /// node for Pub/Sub subscriptions (classic `PUBLISH` reaches every node
+    /// of a cluster, so any node can serve a subscriber).
+    Cluster {
+        client: Box<ClusterClient>,
+        seeds: Vec<Client>,
+    },
+}
+
+/// A reconnecting, multiplexed connection to a server or a cluster.
+#[derive(Clone)]
+pub(crate) enum Conn {
+    /// One server.
+    Single(ConnectionManager),
+    /// A cluster.
+    Cluster(ClusterConnection),
+}
+
+impl Connector {
+    /// A connector for `config`: a cluster when it lists several nodes or
+    /// says `cluster=true`. `client` builds the client of one node URL
+    /// (with its TLS settings).
+    pub(crate) fn new(
+        config: &RedisConfig,
+        client: impl Fn(&str) -> Result<Client>,
+    ) -> Result<Self> {
+        if !config.cluster {
+            return client(&config.url).map(|c| Connector::Single(Box::new(c)));
+        }
+        let urls = tidings_core::params::node_urls(&config.url, &config.nodes);
+        let seeds = urls.iter().map(|u| client(u)).collect::<Result<Vec<_>>>()?;
+        let infos = seeds.iter().map(|c| c.get_connection_info().clone());
+        let mut builder = ClusterClient::builder(infos)
+            .connection_timeout(config.connect_timeout)
+            .response_timeout(config.response_timeout)
+            // A command that meets a node going away is tried again after
+            // the slot map was refreshed: a few times, with backoff up to
+            // the configured longest pause.
+            .retries(4)
+            .min_retry_wait(20)
+            .max_retry_wait(config.max_backoff.as_millis() as u64);
+        if let Some(certificates) = crate::tls_certificates(config)? {
+            builder = builder.certs(certificates);
+        }
+        let cluster = builder
+            .build()
+            .map_err(|e| tidings_core::params::invalid("url", e.to_string()))?;
+        Ok(Connector::Cluster {
+            client: Box::new(cluster),
+            seeds,
+        })
+    }
+
+    /// A new connection whose replies may take up to `response_timeout`.
+    pub(crate) async fn connect(
+        &self,
+        config: &RedisConfig,
+        response_timeout: Duration,
+    ) -> Result<Conn> {
+        match self {
+            Connector::Single(client) => {
+                let settings = ConnectionManagerConfig::new()
+                    .set_response_timeout(Some(response_timeout))
+                    .set_connection_timeout(Some(config.connect_timeout))
+                    .set_number_of_retries(3)
+                    .set_min_delay(Duration::from_millis(20))
+                    .set_max_delay(config.max_backoff);
+                client
+                    .get_connection_manager_with_config(settings)
+                    .await
+                    .map(Conn::Single)
+                    .map_err(connection_error)
+            }
+            Connector::Cluster { client, .. } => {
+                let settings = ClusterConfig::new()
+                    .set_connection_timeout(config.connect_timeout)
+                    .set_response_timeout(response_timeout);
+                client
+                    .get_async_connection_with_config(settings)
+                    .await
+                    .map(Conn::Cluster)
+                    .map_err(connection_error)
+            }
+        }
+    }
+
+    /// The clients a Pub/Sub subscription may subscribe through, to be
+    /// tried in turn (one for a standalone server).
+    pub(crate) fn pubsub_clients(&self) -> Vec<Client> {
+        match self {
+            Connector::Single(client) => vec![(**client).clone()],
+            Connector::Cluster { seeds, .. } => seeds.clone(),
+        }
+    }
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
