@@ -36,6 +36,22 @@ pub struct RedisConfig {
     /// slot and follow the cluster as it fails over. On with a node list,
     /// or with one seed node and `cluster=true`. Database 0 only.
     pub cluster: bool,
+    /// The name of the master Redis Sentinel watches, when the URL's nodes
+    /// are sentinels (`redis://:pw@s1:26379,s2:26379/0?sentinel=orders`):
+    /// connections go to the master the sentinels name, and follow it to
+    /// the replica they promote. URL: `sentinel=<master name>`.
+    pub sentinel: Option<String>,
+    /// How many replicas must confirm each write (`XADD` of a message or a
+    /// dead letter) before it counts as confirmed (`WAIT n`): with `1`, a
+    /// master that dies right after confirming loses nothing its promoted
+    /// replica does not have. `0` (the default) confirms on the master's
+    /// reply. URL: `wait_replicas=1`.
+    pub wait_replicas: u32,
+    /// How long a write waits for [`wait_replicas`](Self::wait_replicas);
+    /// fewer confirmations in time is a transient publish error (the
+    /// message may still arrive: retrying may deliver it twice). Default 1 s.
+    /// URL: `wait_timeout=1s`.
+    pub wait_timeout: Duration,
     /// Streams (default) or Pub/Sub. URL: `mode=streams|pubsub`.
     pub mode: RedisMode,
     /// How long an entry may stay idle pending (delivered, unsettled) with a
@@ -96,6 +112,9 @@ impl Default for RedisConfig {
             url: "redis://127.0.0.1:6379".to_owned(),
             nodes: Vec::new(),
             cluster: false,
+            sentinel: None,
+            wait_replicas: 0,
+            wait_timeout: Duration::from_secs(1),
             mode: RedisMode::Streams,
             visibility_timeout: Duration::from_secs(4),
             reclaim_interval: None,
@@ -121,6 +140,9 @@ impl fmt::Debug for RedisConfig {
             .field("url", &redact(&self.url))
             .field("nodes", &self.nodes)
             .field("cluster", &self.cluster)
+            .field("sentinel", &self.sentinel)
+            .field("wait_replicas", &self.wait_replicas)
+            .field("wait_timeout", &self.wait_timeout)
             .field("mode", &self.mode)
             .field("visibility_timeout", &self.visibility_timeout)
             .field("reclaim_interval", &self.reclaim_interval)
@@ -193,10 +215,11 @@ impl RedisConfig {
         parsed.set_query(None);
         let mut config = RedisConfig {
             url: parsed.to_string(),
-            cluster: !nodes.is_empty(),
+            cluster: false,
             nodes,
             ..RedisConfig::default()
         };
+        let mut cluster_said_false = false;
         for (key, value) in pairs {
             match key.as_str() {
                 "mode" => {
@@ -222,7 +245,18 @@ impl RedisConfig {
                 "max_backoff" => config.max_backoff = duration(&key, &value)?,
                 "maxlen" => config.max_len = Some(positive(&key, &value)?),
                 "confirm_acks" => config.confirm_acks = boolean(&key, &value)?,
-                "cluster" => config.cluster = boolean(&key, &value)?,
+                "cluster" => {
+                    config.cluster = boolean(&key, &value)?;
+                    cluster_said_false = !config.cluster;
+                }
+                "sentinel" if value.is_empty() => {
+                    return Err(config_error("sentinel", "must name the master"));
+                }
+                "sentinel" => config.sentinel = Some(value),
+                "wait_replicas" => {
+                    config.wait_replicas = tidings_core::params::number(&key, &value)?
+                }
+                "wait_timeout" => config.wait_timeout = duration(&key, &value)?,
                 "heartbeat" => config.heartbeat = boolean(&key, &value)?,
                 "consumer" if value.is_empty() => {
                     return Err(config_error("consumer", "must not be empty"));
@@ -252,7 +286,7 @@ impl RedisConfig {
                 _ => {
                     return Err(config_error(
                         &key,
-                        "unknown option; known: cluster, mode, visibility_timeout, reclaim_interval, block, \
+                        "unknown option; known: cluster, sentinel, wait_replicas, wait_timeout, mode, visibility_timeout, reclaim_interval, block, \
                          response_timeout, connect_timeout, claim_ttl, max_backoff, maxlen, \
                          maxlen.<topic>, consumer, confirm_acks, heartbeat, dialect, envelope.<field>, \
                          payload_field, field.<attribute>, tls_ca_file, tls_cert_file, \
@@ -261,16 +295,33 @@ impl RedisConfig {
                 }
             }
         }
+        if !config.nodes.is_empty() && config.sentinel.is_none() {
+            // A node list names a cluster's seeds unless they are sentinels.
+            config.cluster = !cluster_said_false;
+        }
         config.validate()?;
         Ok(config)
     }
 
     /// Checks the values against each other.
     pub fn validate(&self) -> Result<()> {
-        if !self.nodes.is_empty() && !self.cluster {
+        if !self.nodes.is_empty() && !self.cluster && self.sentinel.is_none() {
             return Err(config_error(
                 "cluster",
-                "a node list is a Redis Cluster's seed nodes; `cluster=false` cannot go with it",
+                "a node list is a Redis Cluster's seed nodes (or, with `sentinel=<master>`, \
+                 the sentinels); `cluster=false` cannot go with it alone",
+            ));
+        }
+        if self.cluster && self.sentinel.is_some() {
+            return Err(config_error(
+                "sentinel",
+                "a Redis Cluster fails over by itself; `sentinel` and `cluster` do not go together",
+            ));
+        }
+        if self.sentinel.is_some() && self.url.starts_with("rediss://") {
+            return Err(config_error(
+                "sentinel",
+                "TLS to sentinels and their masters is not supported yet; use `redis://`",
             ));
         }
         if self.cluster
@@ -370,11 +421,22 @@ mod tests {
         let one = RedisConfig::from_url("redis://n1:7000?cluster=true").unwrap();
         assert!(one.cluster && one.nodes.is_empty());
         assert!(!RedisConfig::from_url("redis://n1:7000").unwrap().cluster);
+        let sentinels = RedisConfig::from_url(
+            "redis://:pw@s1:26379,s2:26379/2?sentinel=orders&wait_replicas=1",
+        )
+        .unwrap();
+        assert!(!sentinels.cluster);
+        assert_eq!(sentinels.sentinel.as_deref(), Some("orders"));
+        assert_eq!(sentinels.nodes, ["s1:26379", "s2:26379"]);
+        assert_eq!(sentinels.wait_replicas, 1);
         for bad in [
             "redis://n1:7000,n2:7001/2",
             "redis://n1:7000/3?cluster=true",
             "redis://n1:7000,n2:7001?cluster=false",
             "redis://n1,,n2",
+            "redis://n1:7000?cluster=true&sentinel=m",
+            "redis://s1?sentinel=",
+            "rediss://s1?sentinel=m",
         ] {
             assert!(RedisConfig::from_url(bad).is_err(), "{bad}");
         }

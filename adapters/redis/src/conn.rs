@@ -1,5 +1,6 @@
-//! Connections to one Redis server or to a Redis Cluster, behind one type,
-//! so every command of the adapter is written once for both.
+//! Connections to one Redis server, a Redis Cluster or a master behind
+//! Redis Sentinel, behind one type, so every command of the adapter is
+//! written once for all three.
 //!
 //! A standalone server is reached through the redis crate's reconnecting
 //! [`ConnectionManager`]; a cluster through its cluster client, which
@@ -10,16 +11,18 @@
 //! topic's stream holds its groups, and its dead-letter stream may live on
 //! another node.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::{ClusterClient, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
-use redis::{Client, Cmd, Pipeline, RedisFuture, Value};
+use redis::{Client, Cmd, Pipeline, RedisFuture, RedisResult, Value};
 use tidings_core::Result;
 
 use crate::config::RedisConfig;
 use crate::connection_error;
+use crate::sentinel::{Follower, Sentinels};
 
 /// Makes connections: to the one server, or to the cluster through its seeds.
 #[derive(Clone)]
@@ -33,6 +36,8 @@ pub(crate) enum Connector {
         client: Box<ClusterClient>,
         seeds: Vec<Client>,
     },
+    /// The master that Redis Sentinel names, followed across failovers.
+    Sentinel(Sentinels),
 }
 
 /// A reconnecting, multiplexed connection to a server or a cluster.
@@ -42,6 +47,8 @@ pub(crate) enum Conn {
     Single(ConnectionManager),
     /// A cluster.
     Cluster(ClusterConnection),
+    /// A master behind Redis Sentinel.
+    Sentinel(Arc<Follower>),
 }
 
 impl Connector {
@@ -52,6 +59,11 @@ impl Connector {
         config: &RedisConfig,
         client: impl Fn(&str) -> Result<Client>,
     ) -> Result<Self> {
+        if let Some(master) = &config.sentinel {
+            return crate::sentinel::sentinels(config, master)
+                .map(Connector::Sentinel)
+                .map_err(|e| tidings_core::params::invalid("sentinel", e.to_string()));
+        }
         if !config.cluster {
             return client(&config.url).map(|c| Connector::Single(Box::new(c)));
         }
@@ -86,19 +98,18 @@ impl Connector {
         response_timeout: Duration,
     ) -> Result<Conn> {
         match self {
-            Connector::Single(client) => {
-                let settings = ConnectionManagerConfig::new()
-                    .set_response_timeout(Some(response_timeout))
-                    .set_connection_timeout(Some(config.connect_timeout))
-                    .set_number_of_retries(3)
-                    .set_min_delay(Duration::from_millis(20))
-                    .set_max_delay(config.max_backoff);
-                client
-                    .get_connection_manager_with_config(settings)
-                    .await
-                    .map(Conn::Single)
-                    .map_err(connection_error)
-            }
+            Connector::Single(client) => client
+                .get_connection_manager_with_config(manager_settings(config, response_timeout))
+                .await
+                .map(Conn::Single)
+                .map_err(connection_error),
+            Connector::Sentinel(sentinels) => Follower::connect(
+                sentinels.clone(),
+                manager_settings(config, response_timeout),
+            )
+            .await
+            .map(|f| Conn::Sentinel(Arc::new(f)))
+            .map_err(connection_error),
             Connector::Cluster { client, .. } => {
                 let settings = ClusterConfig::new()
                     .set_connection_timeout(config.connect_timeout)
@@ -112,14 +123,36 @@ impl Connector {
         }
     }
 
-    /// The clients a Pub/Sub subscription may subscribe through, to be
-    /// tried in turn (one for a standalone server).
-    pub(crate) fn pubsub_clients(&self) -> Vec<Client> {
+    /// How many nodes a Pub/Sub subscription may try in turn before an
+    /// error is final: a cluster's seeds; one otherwise.
+    pub(crate) fn pubsub_nodes(&self) -> usize {
         match self {
-            Connector::Single(client) => vec![(**client).clone()],
-            Connector::Cluster { seeds, .. } => seeds.clone(),
+            Connector::Cluster { seeds, .. } => seeds.len(),
+            _ => 1,
         }
     }
+
+    /// The client a Pub/Sub subscription subscribes through on its
+    /// `attempt`-th try: the server; the cluster's seeds in turn (classic
+    /// `PUBLISH` reaches every node); the master the sentinels name now.
+    pub(crate) async fn pubsub_client(&self, attempt: usize) -> RedisResult<Client> {
+        match self {
+            Connector::Single(client) => Ok((**client).clone()),
+            Connector::Cluster { seeds, .. } => Ok(seeds[attempt % seeds.len()].clone()),
+            Connector::Sentinel(sentinels) => sentinels.master().await,
+        }
+    }
+}
+
+/// How a connection manager (of a server, or of a sentinel's master)
+/// reconnects: a few quick retries with backoff up to `max_backoff`.
+fn manager_settings(config: &RedisConfig, response_timeout: Duration) -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_response_timeout(Some(response_timeout))
+        .set_connection_timeout(Some(config.connect_timeout))
+        .set_number_of_retries(3)
+        .set_min_delay(Duration::from_millis(20))
+        .set_max_delay(config.max_backoff)
 }
 
 impl ConnectionLike for Conn {
@@ -127,6 +160,7 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Single(c) => c.req_packed_command(cmd),
             Conn::Cluster(c) => c.req_packed_command(cmd),
+            Conn::Sentinel(f) => Box::pin(f.command(cmd)),
         }
     }
 
@@ -139,6 +173,7 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
             Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Sentinel(f) => Box::pin(f.pipeline(pipeline, offset, count)),
         }
     }
 
@@ -146,6 +181,7 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Single(c) => c.get_db(),
             Conn::Cluster(c) => c.get_db(),
+            Conn::Sentinel(f) => f.db(),
         }
     }
 }

@@ -39,6 +39,12 @@
 //! subscribes through one seed node at a time (classic `PUBLISH` reaches
 //! every node).
 //!
+//! # Redis Sentinel
+//! `sentinel=<master>` makes the URL's nodes sentinels: connections go to
+//! the master they name and follow it to the replica they promote.
+//! `wait_replicas=n` makes every write wait for `n` replicas (`WAIT`), so a
+//! failover loses nothing that was confirmed.
+//!
 //! # Recovery
 //! Connections reconnect with backoff; subscriptions resume (a group that
 //! vanished with a restarted server is created again).
@@ -66,6 +72,7 @@ mod groups;
 pub mod headers;
 mod publisher;
 mod pubsub;
+mod sentinel;
 mod subscriber;
 
 use std::sync::Arc;
@@ -195,9 +202,11 @@ pub(crate) fn is_connection_error(e: &RedisError) -> bool {
         || e.is_timeout()
         || e.is_unrecoverable_error()
         // A server that is loading its data (`LOADING` after a restart), a
-        // failing-over master, a cluster in flux: the same call succeeds a
-        // little later, so publish retries must not give up on it.
+        // failing-over master, a master demoted to a replica (`READONLY`:
+        // the sentinels are promoting another), a cluster in flux: the same
+        // call succeeds a little later, so publish retries must not give up.
         || matches!(e.retry_method(), redis::RetryMethod::WaitAndRetry)
+        || e.kind() == redis::ServerErrorKind::ReadOnly.into()
 }
 
 pub(crate) fn connection_error(e: RedisError) -> Error {
@@ -247,5 +256,10 @@ mod tests {
             "WRONGTYPE",
         ));
         assert!(!is_connection_error(&wrong_type));
+        let demoted = redis::RedisError::from((
+            redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly),
+            "READONLY You can't write against a read only replica.",
+        ));
+        assert!(is_connection_error(&demoted));
     }
 }

@@ -61,6 +61,67 @@ pub(crate) fn publish_cmd(layout: &Layout, channel: &str, message: &Message) -> 
     cmd
 }
 
+/// Sends one write (`XADD` of a message or a dead letter) and, when the
+/// configuration asks replicas to confirm writes, a `WAIT` after it on the
+/// same connection; its reply.
+pub(crate) async fn write(
+    conn: &mut Conn,
+    config: &RedisConfig,
+    cmd: redis::Cmd,
+) -> RedisResult<Value> {
+    if !waits(config) {
+        return cmd.query_async(conn).await;
+    }
+    let mut pipe = redis::Pipeline::with_capacity(2);
+    pipe.add_command(cmd);
+    let mut replies = write_all(conn, config, pipe).await?;
+    replies.pop().ok_or_else(|| {
+        RedisError::from((
+            redis::ErrorKind::UnexpectedReturnType,
+            "no reply to a write",
+        ))
+    })
+}
+
+/// Sends a pipeline of writes, followed by `WAIT` when replicas must
+/// confirm them (see [`write`]); the replies of the writes. A pipeline goes
+/// to one connection (on a cluster, the node of its first key), so the
+/// `WAIT` covers exactly these writes and everything before them.
+pub(crate) async fn write_all(
+    conn: &mut Conn,
+    config: &RedisConfig,
+    mut pipe: redis::Pipeline,
+) -> RedisResult<Vec<Value>> {
+    if !waits(config) {
+        return pipe.query_async(conn).await;
+    }
+    let timeout = config.wait_timeout.as_millis().clamp(1, u64::MAX as u128) as u64;
+    pipe.cmd("WAIT").arg(config.wait_replicas).arg(timeout);
+    let mut replies: Vec<Value> = pipe.query_async(conn).await?;
+    match replies.pop() {
+        Some(Value::Int(n)) if n >= i64::from(config.wait_replicas) => Ok(replies),
+        other => Err(RedisError::from(std::io::Error::new(
+            // A timeout, and so transient: the caller retries, as after a
+            // connection fault (the write may still arrive: at least once).
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "written on the master, but {} of the {} replicas asked for confirmed it within {:?}",
+                match other {
+                    Some(Value::Int(n)) => n.to_string(),
+                    _ => "none".to_owned(),
+                },
+                config.wait_replicas,
+                config.wait_timeout
+            ),
+        ))),
+    }
+}
+
+/// Whether writes wait for replicas (Streams mode only: Pub/Sub keeps nothing).
+fn waits(config: &RedisConfig) -> bool {
+    config.wait_replicas > 0 && config.mode == RedisMode::Streams
+}
+
 fn publish_error(topic: &str, e: RedisError) -> Error {
     Error::Publish {
         topic: topic.to_owned(),
@@ -123,8 +184,7 @@ impl Publisher for RedisPublisher {
         self.check(topic)?;
         let cmd = self.command(topic, &message);
         drop(message);
-        let reply: Value = cmd
-            .query_async(&mut self.conn.clone())
+        let reply = write(&mut self.conn.clone(), &self.config, cmd)
             .await
             .map_err(|e| publish_error(topic, e))?;
         receipt(topic, reply)
@@ -154,7 +214,7 @@ impl Publisher for RedisPublisher {
         let count = messages.len();
         drop(messages);
         // With `ignore_errors`, a rejected command is a `Value::ServerError` in its slot.
-        let replies: RedisResult<Vec<Value>> = pipe.query_async(&mut self.conn.clone()).await;
+        let replies = write_all(&mut self.conn.clone(), &self.config, pipe).await;
         match replies {
             Ok(replies) if replies.len() == count => {
                 replies.into_iter().map(|v| receipt(topic, v)).collect()

@@ -9,29 +9,29 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use redis::{Client, RedisResult, Value};
+use redis::{RedisResult, Value};
 use tidings_core::{DeliveryStream, Error, Message, Result};
 use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
 use crate::subscriber::{Origin, RedisAcker, RedisStream, Shared};
-use crate::{NAME, headers};
+use crate::{Connector, NAME, headers};
 
 /// Whether a topic is a channel pattern (`PSUBSCRIBE`).
 pub(crate) fn is_pattern(topic: &str) -> bool {
     topic.contains(['*', '?', '['])
 }
 
-/// Subscribes through the first of `clients` that answers (the nodes of a
-/// cluster, where classic `PUBLISH` reaches every node; one client for a
-/// standalone server), and through the next one after a connection is lost.
+/// Subscribes through the connector's Pub/Sub client (see
+/// [`Connector::pubsub_client`]), and through the next one after a
+/// connection is lost.
 pub(crate) async fn subscribe(
-    clients: Vec<Client>,
+    connector: Connector,
     shared: Arc<Shared>,
 ) -> Result<Box<dyn DeliveryStream>> {
     let (ready_tx, ready_rx) = oneshot::channel();
     let stream = RedisStream::new(shared.clone());
-    tokio::spawn(read_loop(clients, shared.clone(), ready_tx));
+    tokio::spawn(read_loop(connector, shared.clone(), ready_tx));
     match ready_rx.await {
         Ok(Ok(())) => Ok(Box::new(stream)),
         Ok(Err(e)) => Err(Error::Subscribe {
@@ -42,8 +42,16 @@ pub(crate) async fn subscribe(
     }
 }
 
-async fn connect(client: &Client, topic: &str) -> RedisResult<redis::aio::PubSub> {
-    let mut pubsub = client.get_async_pubsub().await?;
+async fn connect(
+    connector: &Connector,
+    attempt: usize,
+    topic: &str,
+) -> RedisResult<redis::aio::PubSub> {
+    let mut pubsub = connector
+        .pubsub_client(attempt)
+        .await?
+        .get_async_pubsub()
+        .await?;
     if is_pattern(topic) {
         pubsub.psubscribe(topic).await?;
     } else {
@@ -53,27 +61,26 @@ async fn connect(client: &Client, topic: &str) -> RedisResult<redis::aio::PubSub
 }
 
 async fn read_loop(
-    clients: Vec<Client>,
+    connector: Connector,
     shared: Arc<Shared>,
     ready: oneshot::Sender<RedisResult<()>>,
 ) {
     let mut ready = Some(ready);
     let pattern = is_pattern(&shared.topic);
     let mut backoff = Duration::from_millis(20);
-    let mut node = 0;
+    let mut attempt = 0;
     while !shared.is_closed() {
-        let client = &clients[node % clients.len()];
-        node += 1;
         let pubsub = tokio::select! {
             biased;
             _ = shared.wait_closed() => return,
-            c = connect(client, &shared.topic) => c,
+            c = connect(&connector, attempt, &shared.topic) => c,
         };
+        attempt += 1;
         let pubsub = match pubsub {
             Ok(p) => p,
             Err(error) => {
                 // At start, every node is tried once before the error is the caller's.
-                if node < clients.len() {
+                if attempt < connector.pubsub_nodes() {
                     continue;
                 }
                 if let Some(ready) = ready.take() {

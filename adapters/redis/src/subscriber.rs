@@ -20,7 +20,7 @@ use tracing::{debug, warn};
 
 use crate::config::{RedisConfig, RedisMode};
 use crate::headers;
-use crate::publisher::{publish_cmd, xadd};
+use crate::publisher::{publish_cmd, write, xadd};
 use crate::{Conn, Connector, NAME, broker_error, pubsub};
 
 /// Most entries asked for by one read.
@@ -165,7 +165,7 @@ impl Subscriber for RedisSubscriber {
             RedisMode::PubSub => {
                 let n = self.counter.fetch_add(1, Ordering::Relaxed);
                 let shared = self.shared(&subscription, format!("{}-{n}", self.consumer_base));
-                pubsub::subscribe(self.connector.pubsub_clients(), shared).await
+                pubsub::subscribe(self.connector.clone(), shared).await
             }
         }
     }
@@ -746,14 +746,13 @@ impl Acker for RedisAcker {
         match &self.origin {
             Origin::Group { entry_id } => {
                 // Dead letters are Tidings' own: always in its default layout.
-                let added: RedisResult<Value> = xadd(
+                let letter = xadd(
                     &shared.config,
                     &headers::Layout::default(),
                     &shared.dead_letters,
                     &dead,
-                )
-                .query_async(&mut conn)
-                .await;
+                );
+                let added = write(&mut conn, &shared.config, letter).await;
                 added.map_err(|e| self.settle_error(e))?;
                 let acked: RedisResult<Value> = redis::cmd("XACK")
                     .arg(&*shared.topic)
@@ -775,7 +774,7 @@ impl Acker for RedisAcker {
                         publish_cmd(&headers::Layout::default(), &shared.dead_letters, &dead)
                     }
                 };
-                let sent: RedisResult<Value> = cmd.query_async(&mut conn).await;
+                let sent = write(&mut conn, &shared.config, cmd).await;
                 sent.map(drop).map_err(|e| self.settle_error(e))
             }
         }

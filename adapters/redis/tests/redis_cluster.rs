@@ -12,132 +12,63 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use async_trait::async_trait;
-use redis::aio::MultiplexedConnection;
+use common::OwnNode;
 use tidings_core::testkit::outage::{self, BrokerProcess};
-use tidings_core::testkit::{Harness, conformance, unique, within};
+use tidings_core::testkit::{Harness, conformance, unique};
 use tidings_core::{Message, Publisher, Subscriber};
 use tidings_redis::{RedisBus, RedisConfig};
 
 /// Slots served by each master: the whole range in three parts.
 const SLOTS: [(u16, u16); 3] = [(0, 5460), (5461, 10922), (10923, 16383)];
 
-/// One master: its client port, its cluster bus port (chosen apart from the
-/// client port: `port + 10000` may not be free, or not a port at all), its
-/// data directory (AOF and `nodes.conf`, kept across restarts).
-struct Node {
-    port: u16,
-    bus: u16,
-    dir: PathBuf,
-    child: Option<Child>,
+/// A master of the cluster: a cluster bus port chosen apart from its
+/// client port (`port + 10000` may not be free, or not a port at all), AOF
+/// and `nodes.conf` in its data directory, kept across restarts.
+fn master(name: &str) -> OwnNode {
+    let bus = common::free_port().to_string();
+    OwnNode::new(
+        &format!("cluster-{name}"),
+        &[
+            "--cluster-enabled",
+            "yes",
+            "--cluster-port",
+            &bus,
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            "5000",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+        ],
+    )
 }
 
-impl Node {
-    fn new(name: &str) -> Node {
-        let dir = std::env::temp_dir().join(unique(&format!("redis-cluster-{name}")));
-        std::fs::create_dir_all(&dir).expect("a data directory");
-        Node {
-            port: common::free_port(),
-            bus: common::free_port(),
-            dir,
-            child: None,
-        }
-    }
-
-    fn spawn(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
-            .args(["--cluster-enabled", "yes", "--cluster-port"])
-            .arg(self.bus.to_string())
-            .args(["--cluster-config-file", "nodes.conf"])
-            .args(["--cluster-node-timeout", "5000"])
-            .args([
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "everysec",
-            ])
-            .arg("--dir")
-            .arg(&self.dir)
-            .args(["--daemonize", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("starting redis-server failed: {e}; install Debian's `redis-server`")
-            });
-        self.child = Some(child);
-    }
-
-    async fn connection(&self) -> MultiplexedConnection {
-        let client = redis::Client::open(format!("redis://127.0.0.1:{}/", self.port)).expect("url");
-        within(15, "a master to accept connections", async {
-            loop {
-                if let Ok(mut c) = client.get_multiplexed_async_connection().await
-                    && redis::cmd("PING")
-                        .query_async::<String>(&mut c)
-                        .await
-                        .is_ok()
-                {
-                    return c;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await
-    }
-
-    /// Resolves once this node sees the whole cluster serving every slot.
-    async fn cluster_ok(&self) {
-        let mut c = self.connection().await;
-        within(30, "the cluster to serve every slot", async {
-            loop {
-                let info: String = redis::cmd("CLUSTER")
-                    .arg("INFO")
-                    .query_async(&mut c)
-                    .await
-                    .unwrap_or_default();
-                if info.contains("cluster_state:ok") && info.contains("cluster_known_nodes:3") {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-        .await;
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// Resolves once `node` sees the whole cluster serving every slot.
+async fn cluster_ok(node: &OwnNode) {
+    node.wait_info(
+        "cluster",
+        &["cluster_state:ok", "cluster_known_nodes:3"],
+        30,
+    )
+    .await;
 }
 
 /// Three masters sharing the slots, joined into one cluster.
 struct Cluster {
-    nodes: Vec<Node>,
+    nodes: Vec<OwnNode>,
 }
 
 impl Cluster {
     async fn start() -> Cluster {
-        let mut nodes: Vec<Node> = ["a", "b", "c"].into_iter().map(Node::new).collect();
+        let mut nodes: Vec<OwnNode> = ["a", "b", "c"].into_iter().map(master).collect();
         for node in &mut nodes {
-            node.spawn();
+            node.spawn(&[]);
         }
         for (node, (first, last)) in nodes.iter().zip(SLOTS) {
             let mut c = node.connection().await;
@@ -151,17 +82,23 @@ impl Cluster {
         }
         let mut first = nodes[0].connection().await;
         for other in &nodes[1..] {
+            let bus = other
+                .args
+                .iter()
+                .position(|a| a == "--cluster-port")
+                .map(|i| other.args[i + 1].clone())
+                .expect("a cluster bus port");
             let () = redis::cmd("CLUSTER")
                 .arg("MEET")
                 .arg("127.0.0.1")
                 .arg(other.port)
-                .arg(other.bus)
+                .arg(bus)
                 .query_async(&mut first)
                 .await
                 .expect("nodes meet");
         }
         for node in &nodes {
-            node.cluster_ok().await;
+            cluster_ok(node).await;
         }
         Cluster { nodes }
     }
@@ -303,8 +240,8 @@ impl BrokerProcess for TopicMaster<'_> {
 
     async fn start(&mut self) {
         let node = &mut self.cluster.nodes[self.index];
-        node.spawn();
-        node.cluster_ok().await;
+        node.spawn(&[]);
+        cluster_ok(node).await;
     }
 }
 

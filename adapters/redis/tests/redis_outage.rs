@@ -5,105 +5,34 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
 use async_trait::async_trait;
+use common::OwnNode;
 use tidings_core::testkit::outage::{self, BrokerProcess};
-use tidings_core::testkit::unique;
 
-struct RedisProcess {
-    port: u16,
-    dir: PathBuf,
-    child: Option<Child>,
-}
-
-impl RedisProcess {
-    async fn started() -> Self {
-        let dir = std::env::temp_dir().join(format!("tidings-redis-outage-{}", unique("aof")));
-        std::fs::create_dir_all(&dir).expect("a data directory");
-        let mut p = RedisProcess {
-            port: common::free_port(),
-            dir,
-            child: None,
-        };
-        p.start().await;
-        p
-    }
-
-    fn url(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-}
+/// The server, with AOF: restarted from its own data.
+struct RedisProcess(OwnNode);
 
 #[async_trait]
 impl BrokerProcess for RedisProcess {
     async fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.0.kill();
     }
 
     async fn start(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
-            .args([
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "everysec",
-            ])
-            .arg("--dir")
-            .arg(&self.dir)
-            .args(["--daemonize", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "starting redis-server failed: {e}; {}",
-                    common::HOW_TO_START
-                )
-            });
-        self.child = Some(child);
+        self.0.spawn(&[]);
         // Serving once PING answers PONG (not LOADING); bounded.
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let client = redis::Client::open(format!("redis://{}/", self.url())).expect("url");
-            if let Ok(mut c) = client.get_multiplexed_async_connection().await {
-                let pong: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut c).await;
-                if pong.is_ok() {
-                    return;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "redis-server on {} did not start within 15 s",
-                self.url()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for RedisProcess {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = self.0.connection().await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_twice_nothing_confirmed_is_lost() {
-    let mut redis = RedisProcess::started().await;
-    let bus = common::bus(redis.url(), "").await;
+    let mut redis = RedisProcess(OwnNode::new(
+        "outage",
+        &["--appendonly", "yes", "--appendfsync", "everysec"],
+    ));
+    redis.start().await;
+    let bus = common::bus(redis.0.addr(), "").await;
     outage::assert_killed_twice(
         "redis (AOF everysec)",
         bus.publisher(),

@@ -87,3 +87,146 @@ pub fn spawn_redis_server(args: &[&str]) -> std::process::Child {
             panic!("starting redis-server failed: {e}; install Debian's `redis-server`")
         })
 }
+
+/// A redis-server (or sentinel) of the test's own: its port and data
+/// directory stay the same across restarts, and it is killed (SIGKILL)
+/// and its directory removed when dropped.
+pub struct OwnNode {
+    pub port: u16,
+    pub dir: std::path::PathBuf,
+    pub args: Vec<String>,
+    sentinel: bool,
+    child: Option<std::process::Child>,
+}
+
+impl OwnNode {
+    /// A server on a free port, started with `args` added by [`spawn`](Self::spawn).
+    pub fn new(name: &str, args: &[&str]) -> OwnNode {
+        let dir =
+            std::env::temp_dir().join(tidings_core::testkit::unique(&format!("redis-{name}")));
+        std::fs::create_dir_all(&dir).expect("a data directory");
+        OwnNode {
+            port: free_port(),
+            dir,
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
+            sentinel: false,
+            child: None,
+        }
+    }
+
+    /// A sentinel on a free port watching the master `name` at `master_port`:
+    /// down after 2.5 s (shorter, and a freshly promoted master can look down to it and be failed over again at once), one sentinel enough to agree (the quorum).
+    pub fn sentinel(master: &str, master_port: u16) -> OwnNode {
+        let mut node = OwnNode::new("sentinel", &[]);
+        node.sentinel = true;
+        let conf = format!(
+            "port {}\nbind 127.0.0.1\ndir {}\nlogfile sentinel.log\nsentinel monitor {master} 127.0.0.1 {master_port} 1\n\
+             sentinel down-after-milliseconds {master} 2500\nsentinel failover-timeout {master} 4000\n",
+            node.port,
+            node.dir.display()
+        );
+        std::fs::write(node.dir.join("sentinel.conf"), conf).expect("the sentinel's configuration");
+        node
+    }
+
+    /// Starts the process (again), with `extra` arguments this time only.
+    pub fn spawn(&mut self, extra: &[&str]) {
+        let mut command = std::process::Command::new("redis-server");
+        if self.sentinel {
+            // Sentinel rewrites its configuration file, which comes first.
+            command
+                .arg(self.dir.join("sentinel.conf"))
+                .arg("--sentinel");
+        } else {
+            command
+                .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+                .args(["--save", ""])
+                .arg("--dir")
+                .arg(&self.dir);
+        }
+        let child = command
+            .args(["--daemonize", "no"])
+            .args(&self.args)
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("starting redis-server failed: {e}; install Debian's `redis-server`")
+            });
+        self.child = Some(child);
+    }
+
+    /// `127.0.0.1:<port>`.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// A connection once the process answers `PING` (within 15 s).
+    pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
+        let client = redis::Client::open(format!("redis://{}/", self.addr())).expect("url");
+        tidings_core::testkit::within(15, "a redis-server of the test to answer", async {
+            loop {
+                if let Ok(mut c) = client.get_multiplexed_async_connection().await
+                    && redis::cmd("PING")
+                        .query_async::<String>(&mut c)
+                        .await
+                        .is_ok()
+                {
+                    return c;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        })
+        .await
+    }
+
+    /// Waits (at most `secs` s) until `INFO <section>` (or `CLUSTER INFO`
+    /// for `"cluster"`) holds every one of `lines`.
+    pub async fn wait_info(&self, section: &str, lines: &[&str], secs: u64) {
+        let mut c = self.connection().await;
+        let what = format!("{} to report {lines:?}", self.addr());
+        tidings_core::testkit::within(secs, &what, async {
+            loop {
+                let mut cmd = redis::cmd(if section == "cluster" {
+                    "CLUSTER"
+                } else {
+                    "INFO"
+                });
+                cmd.arg(if section == "cluster" {
+                    "INFO"
+                } else {
+                    section
+                });
+                let info: String = cmd.query_async(&mut c).await.unwrap_or_default();
+                if lines.iter().all(|l| info.contains(l)) {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+    }
+
+    /// Kills the process with SIGKILL (a crash) and waits for it to exit.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for OwnNode {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!(
+                "kept {} (the failed test's node) for a look",
+                self.dir.display()
+            );
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
