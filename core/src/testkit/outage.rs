@@ -41,6 +41,10 @@ pub struct OutageReport {
     /// Per outage: from the broker serving again to the first handling of a
     /// message confirmed after that.
     pub consume_resumed: Vec<Duration>,
+    /// Per outage: from the kill to the first confirmed publish after it —
+    /// the whole time publishing stood still, however the broker recovered
+    /// (a restart, or a failover to another node before the restart).
+    pub publish_stalled: Vec<Duration>,
     /// The whole run.
     pub elapsed: Duration,
 }
@@ -49,11 +53,12 @@ impl fmt::Display for OutageReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} confirmed, {} lost, {} duplicates, {} failed publishes; publisher resumed after {:?}, consumer after {:?}; {:.1} s in all",
+            "{} confirmed, {} lost, {} duplicates, {} failed publishes; publishing stood still for {:?} from each kill; publisher resumed after {:?}, consumer after {:?} from each restart; {:.1} s in all",
             self.confirmed,
             self.lost.len(),
             self.duplicates,
             self.publish_failures,
+            self.publish_stalled,
             self.publish_resumed,
             self.consume_resumed,
             self.elapsed.as_secs_f64()
@@ -129,6 +134,7 @@ pub async fn run(
     };
 
     let mut ready = Vec::new();
+    let mut killed = Vec::new();
     let limit = Duration::from_secs(600);
     for mark in [total / 3, total * 2 / 3] {
         tokio::time::timeout(limit, confirmed_rx.wait_for(|n| *n >= mark))
@@ -136,6 +142,7 @@ pub async fn run(
             .expect("the producer makes progress")
             .expect("the producer runs");
         broker.kill().await;
+        killed.push(Instant::now());
         // The outage itself: what a crash and a restarting server cost.
         tokio::time::sleep(Duration::from_millis(500)).await;
         broker.start().await;
@@ -171,15 +178,14 @@ pub async fn run(
     let lost = (0..total)
         .filter(|n| !handled.first.contains_key(n))
         .collect();
-    let publish_resumed = ready
-        .iter()
-        .map(|r| {
-            confirmed_at
-                .iter()
-                .find(|t| *t > r)
-                .map_or(Duration::MAX, |t| *t - *r)
-        })
-        .collect();
+    let first_confirmed_after = |t: &Instant| {
+        confirmed_at
+            .iter()
+            .find(|c| *c > t)
+            .map_or(Duration::MAX, |c| *c - *t)
+    };
+    let publish_stalled = killed.iter().map(first_confirmed_after).collect();
+    let publish_resumed = ready.iter().map(first_confirmed_after).collect();
     let consume_resumed = ready
         .iter()
         .map(|r| {
@@ -199,6 +205,7 @@ pub async fn run(
         publish_failures,
         publish_resumed,
         consume_resumed,
+        publish_stalled,
         elapsed: started.elapsed(),
     }
 }

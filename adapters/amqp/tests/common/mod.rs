@@ -28,3 +28,140 @@ pub async fn connect(config: AmqpConfig) -> AmqpBus {
         ),
     }
 }
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A RabbitMQ node of the test's own: its own name, ports and data
+/// directory (the shared broker is untouched), kept across restarts; killed
+/// (SIGKILL) and its directory removed when dropped.
+pub struct RabbitNode {
+    pub port: u16,
+    dist_port: u16,
+    /// `tidings-<tag>-<port>@localhost`.
+    pub name: String,
+    dir: std::path::PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl RabbitNode {
+    /// A node on free ports, not configured or started yet.
+    pub fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(tidings_core::testkit::unique(&format!(
+            "tidings-rabbit-{tag}"
+        )));
+        std::fs::create_dir_all(&dir).expect("a data directory");
+        std::fs::write(dir.join("enabled_plugins"), "[].\n").expect("plugins");
+        let port = free_port();
+        RabbitNode {
+            port,
+            dist_port: free_port(),
+            name: format!("tidings-{tag}-{port}@localhost"),
+            dir,
+            child: None,
+        }
+    }
+
+    /// Writes the node's configuration: its listener on loopback, guest
+    /// allowed from there, and `extra` lines (`rabbitmq.conf` syntax).
+    pub fn configure(&self, extra: &str) {
+        std::fs::write(
+            self.dir.join("rabbit.conf"),
+            format!(
+                "listeners.tcp.1 = 127.0.0.1:{}\nloopback_users = none\n{extra}",
+                self.port
+            ),
+        )
+        .expect("config");
+    }
+
+    /// `127.0.0.1:<port>`.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the node's VM, without waiting for it.
+    pub fn spawn(&mut self) {
+        let d = &self.dir;
+        let child = std::process::Command::new("/usr/lib/rabbitmq/bin/rabbitmq-server")
+            // Replace the script by the VM, so the child's PID is the broker's.
+            .env("RABBITMQ_ALLOW_INPUT", "1")
+            .env("RABBITMQ_NODENAME", &self.name)
+            .env("RABBITMQ_NODE_PORT", self.port.to_string())
+            .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
+            .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
+            .env("ERL_EPMD_ADDRESS", "127.0.0.1")
+            .env("RABBITMQ_MNESIA_BASE", d.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", d.join("log"))
+            .env("RABBITMQ_CONFIG_FILE", d.join("rabbit"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", d.join("enabled_plugins"))
+            .env("RABBITMQ_FEATURE_FLAGS_FILE", d.join("feature_flags"))
+            .env("RABBITMQ_PID_FILE", d.join("pid"))
+            .env(
+                "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS",
+                "-noinput -kernel inet_dist_use_interface {127,0,0,1}",
+            )
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("starting a RabbitMQ node failed ({e}); install Debian's `rabbitmq-server`")
+            });
+        self.child = Some(child);
+    }
+
+    /// Resolves once an AMQP connection to the node opens (within 120 s).
+    pub async fn serving(&self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        let url = format!("amqp://guest:guest@{}/%2f", self.addr());
+        loop {
+            let connected =
+                lapin::Connection::connect(&url, lapin::ConnectionProperties::default()).await;
+            if let Ok(conn) = connected {
+                let _ = conn.close(200, "OK".into()).await;
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the RabbitMQ node on {} did not start within 120 s (logs in {})",
+                self.addr(),
+                self.dir.display()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Starts the node and waits until it serves.
+    pub async fn start(&mut self) {
+        self.spawn();
+        self.serving().await;
+    }
+
+    /// Kills the VM with SIGKILL (a crash) and waits for it to exit.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RabbitNode {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!(
+                "kept {} (the failed test's node) for a look",
+                self.dir.display()
+            );
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
