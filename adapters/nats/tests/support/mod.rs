@@ -111,3 +111,24 @@ impl Drop for Server {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A cluster of `n` servers started by the test, routed to each other, with
+/// clustered JetStream (`server_name` n0, n1, ...), and room for the
+/// conformance suite's 1 MiB payload with its headers (`max_payload` 2 MiB).
+pub async fn cluster(n: usize) -> Vec<Server> {
+    let routes: Vec<u16> = (0..n).map(|_| free_port()).collect();
+    let mut nodes = Vec::new();
+    for (i, port) in routes.iter().enumerate() {
+        let others: Vec<String> = routes
+            .iter()
+            .filter(|p| *p != port)
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect();
+        let conf = format!(
+            "server_name: n{i}\nmax_payload: 2097152\ncluster {{\n  name: tidings\n  listen: 127.0.0.1:{port}\n  routes: [{}]\n}}\n",
+            others.join(", ")
+        );
+        nodes.push(Server::start(Some(&conf)).await);
+    }
+    nodes
+}
