@@ -80,6 +80,14 @@ pub struct NatsConfig {
     pub password: Option<String>,
     /// Authentication token. Never printed by `Debug`.
     pub token: Option<String>,
+    /// A file holding the seed of an NKey (`SU...`) the server knows by its
+    /// public key; the seed signs the server's challenge and is never sent.
+    /// URL: `nkey_seed_file=PATH`.
+    pub nkey_seed_file: Option<std::path::PathBuf>,
+    /// A `.creds` file (a user JWT and its NKey seed), as `nsc` writes for
+    /// servers in operator mode (decentralised JWT authentication).
+    /// URL: `creds_file=PATH`.
+    pub creds_file: Option<std::path::PathBuf>,
     /// The connection's name, shown by the server's monitoring.
     pub connection_name: Option<String>,
     /// JetStream (at least once, the default) or core NATS (at most once).
@@ -162,6 +170,8 @@ impl Default for NatsConfig {
             user: None,
             password: None,
             token: None,
+            nkey_seed_file: None,
+            creds_file: None,
             connection_name: None,
             mode: Mode::JetStream,
             layout: StreamLayout::PerTopic,
@@ -195,6 +205,8 @@ impl fmt::Debug for NatsConfig {
             .field("user", &self.user)
             .field("password", &hidden(&self.password))
             .field("token", &hidden(&self.token))
+            .field("nkey_seed_file", &self.nkey_seed_file)
+            .field("creds_file", &self.creds_file)
             .field("connection_name", &self.connection_name)
             .field("mode", &self.mode)
             .field("layout", &self.layout)
@@ -249,7 +261,8 @@ impl NatsConfig {
     /// - `max_age=7d`, `max_bytes=N`, `duplicate_window=2m`;
     /// - `ack_wait=4s`, `max_deliver=20|N|unlimited`, `max_ack_pending=N`;
     /// - `progress_interval=<a third of ack_wait>|off`; `request_timeout=10s`, `connect_timeout=5s`;
-    /// - `name=NAME` (connection name), `token=TOKEN`;
+    /// - `name=NAME` (connection name), `token=TOKEN`, `nkey_seed_file=PATH`
+    ///   (an NKey seed), `creds_file=PATH` (a user JWT and seed, operator mode);
     /// - `tls_ca_file=PATH`, `tls_cert_file=PATH`, `tls_key_file=PATH` (PEM
     ///   files, read at connect), `tls_server_name=NAME` (the name the
     ///   server's certificate must carry, when it is not the URL's host); any
@@ -365,6 +378,8 @@ impl NatsConfig {
                 "connect_timeout" => config.connect_timeout = duration(key, v)?,
                 "name" => config.connection_name = Some(v.to_owned()),
                 "token" => config.token = Some(v.to_owned()),
+                "nkey_seed_file" => config.nkey_seed_file = Some(v.into()),
+                "creds_file" => config.creds_file = Some(v.into()),
                 _ if config.tls.set(key, v)? => {}
                 _ if config.dialect.apply_option(key, v)? => {}
                 _ => {
@@ -373,7 +388,7 @@ impl NatsConfig {
                         "unknown option; known: jetstream, stream, stream_prefix, subject_prefix, \
                          retention, storage, max_age, max_bytes, duplicate_window, ack_wait, \
                          max_deliver, max_ack_pending, progress_interval, request_timeout, \
-                         connect_timeout, name, token, dialect, envelope.<field>, tls_ca_file, \
+                         connect_timeout, name, token, nkey_seed_file, creds_file, dialect, envelope.<field>, tls_ca_file, \
                          tls_cert_file, tls_key_file, tls_server_name",
                     ));
                 }
@@ -424,6 +439,19 @@ impl NatsConfig {
     pub fn validate(&self) -> Result<()> {
         if self.servers.is_empty() {
             return Err(config_error("servers", "at least one server is needed"));
+        }
+        let ways = [
+            self.user.is_some() || self.password.is_some(),
+            self.token.is_some(),
+            self.nkey_seed_file.is_some(),
+            self.creds_file.is_some(),
+        ];
+        if ways.iter().filter(|w| **w).count() > 1 {
+            return Err(config_error(
+                "creds_file",
+                "one way to authenticate: a user and password, a token, an NKey seed \
+                 (`nkey_seed_file`) or a creds file (`creds_file`)",
+            ));
         }
         if let StreamLayout::Shared { stream } = &self.layout {
             if !crate::topology::valid_stream_name(stream) {
@@ -486,6 +514,23 @@ impl NatsConfig {
 mod tests {
     use super::*;
     use tidings_core::Error;
+
+    #[test]
+    fn one_way_to_authenticate() {
+        let c = NatsConfig::from_url("nats://h:4222?nkey_seed_file=/run/user.nk").unwrap();
+        assert_eq!(
+            c.nkey_seed_file.as_deref(),
+            Some(std::path::Path::new("/run/user.nk"))
+        );
+        assert!(NatsConfig::from_url("nats://h:4222?creds_file=/run/u.creds").is_ok());
+        for both in [
+            "nats://tok@h:4222?nkey_seed_file=/k",
+            "nats://u:p@h:4222?creds_file=/c",
+            "nats://h:4222?nkey_seed_file=/k&creds_file=/c",
+        ] {
+            assert!(NatsConfig::from_url(both).is_err(), "{both}");
+        }
+    }
 
     #[test]
     fn url_with_everything() {

@@ -154,6 +154,20 @@ impl NatsBus {
             options = options.user_and_password(user.clone(), password.clone());
         } else if let Some(token) = &config.token {
             options = options.token(token.clone());
+        } else if let Some(path) = &config.nkey_seed_file {
+            let seed = std::fs::read_to_string(path).map_err(|e| Error::Config {
+                key: "nkey_seed_file".into(),
+                message: format!("{}: {e}", path.display()),
+            })?;
+            options = options.nkey(seed.trim().to_owned());
+        } else if let Some(path) = &config.creds_file {
+            options = options
+                .credentials_file(path)
+                .await
+                .map_err(|e| Error::Config {
+                    key: "creds_file".into(),
+                    message: format!("{}: {e}", path.display()),
+                })?;
         }
         options = tls_options(&config, options)?;
         let client = options
