@@ -96,13 +96,15 @@ pub fn redact_url(url: &str) -> String {
 /// assert_eq!(url, "amqp://u:p@n1:5672/v");
 /// assert_eq!(nodes, ["n1:5672", "n2:5673"]);
 /// assert!(split_hosts("redis://h1,,h2", 6379).is_err());
+/// let (url, nodes) = split_hosts("rediss://h1,h2#insecure", 6379)?;
+/// assert_eq!((url.as_str(), nodes.len()), ("rediss://h1:6379#insecure", 2));
 /// # Ok::<(), tidings_core::Error>(())
 /// ```
 pub fn split_hosts(url: &str, default_port: u16) -> Result<(String, Vec<String>)> {
     let Some((scheme, rest)) = url.split_once("://") else {
         return Ok((url.to_owned(), Vec::new()));
     };
-    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let (authority, tail) = rest.split_at(end);
     let (credentials, nodes) = match authority.rsplit_once('@') {
         Some((c, n)) => (Some(c), n),
@@ -173,4 +175,16 @@ pub fn node_urls(url: &str, hosts: &[String]) -> Vec<String> {
             node.to_string()
         })
         .collect()
+}
+
+/// A URL's percent-encoded part (a user name, a password) decoded; bytes
+/// that are not UTF-8 once decoded become U+FFFD.
+///
+/// ```
+/// assert_eq!(tidings_core::params::percent_decode("p%40ss%2Fw"), "p@ss/w");
+/// ```
+pub fn percent_decode(s: &str) -> String {
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
 }

@@ -6,7 +6,6 @@
 //! would mean restarting it under every other test; a second node with its
 //! own name, ports and data directory starts in about five seconds.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -26,20 +25,13 @@ struct TlsNode {
     child: Child,
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 impl TlsNode {
     async fn start(pki: &Pki) -> TlsNode {
         let dir = pki.dir().join("rabbit");
         std::fs::create_dir_all(&dir).expect("creating the node's directory");
         // The node runs as the `rabbitmq` user and writes its data here.
         set_mode(&dir, 0o777);
-        let port = free_port();
+        let port = tidings_core::testkit::free_port();
         let conf = dir.join("rabbitmq.conf");
         std::fs::write(
             &conf,
@@ -74,7 +66,7 @@ impl TlsNode {
             .env("RABBITMQ_ENABLED_PLUGINS_FILE", &plugins)
             .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
             .env("RABBITMQ_LOG_BASE", dir.join("log"))
-            .env("RABBITMQ_DIST_PORT", free_port().to_string())
+            .env("RABBITMQ_DIST_PORT", tidings_core::testkit::free_port().to_string())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log handle"))
             .stderr(log)

@@ -246,9 +246,7 @@ fn positive(key: &str, value: &str) -> Result<Option<i64>> {
     }
 }
 
-fn percent_decode(s: &str) -> String {
-    crate::headers::percent_decode(s).unwrap_or_else(|| s.to_owned())
-}
+use tidings_core::params::percent_decode;
 
 impl NatsConfig {
     /// Parses `nats://[user:password@|token@]host:port[,host:port...][?options]`.

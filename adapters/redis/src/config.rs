@@ -162,7 +162,12 @@ impl fmt::Debug for RedisConfig {
     }
 }
 
-use tidings_core::params::{duration, invalid as config_error, redact_url as redact, split_hosts};
+use tidings_core::params::{
+    boolean, duration, invalid as config_error, redact_url as redact, split_hosts,
+};
+
+/// The port a sentinel listens on when the URL names none.
+pub(crate) const SENTINEL_PORT: u16 = 26379;
 
 fn positive(key: &str, value: &str) -> Result<usize> {
     match value.parse::<usize>() {
@@ -179,7 +184,10 @@ impl RedisConfig {
     /// or a cluster's seed nodes: `redis://[user:password@]h1:7000,h2:7001[?...]`.
     ///
     /// Options: `cluster` (`true` for a cluster reached through one seed
-    /// node; implied by a node list), `mode` (`streams` or `pubsub`), `visibility_timeout`,
+    /// node; implied by a node list), `sentinel` (the master's name: the
+    /// nodes are sentinels, 26379 where a node names no port),
+    /// `wait_replicas` (a number), `wait_timeout`, `heartbeat` (`true` or
+    /// `false`), `mode` (`streams` or `pubsub`), `visibility_timeout`,
     /// `reclaim_interval`, `block`, `response_timeout`, `connect_timeout`,
     /// `claim_ttl`, `max_backoff` (durations such as `500ms` or `30s`),
     /// `maxlen` and `maxlen.<topic>` (positive numbers), `consumer` (a name),
@@ -195,8 +203,8 @@ impl RedisConfig {
     /// # Ok::<(), tidings_core::Error>(())
     /// ```
     pub fn from_url(url: &str) -> Result<Self> {
-        let default_port = 6379;
-        let (url, nodes) = split_hosts(url, default_port)?;
+        let url_given = url;
+        let (url, nodes) = split_hosts(url, 6379)?;
         let mut parsed =
             url::Url::parse(&url).map_err(|e| config_error("url", format!("not a URL: {e}")))?;
         if !matches!(parsed.scheme(), "redis" | "rediss" | "redis+unix" | "unix") {
@@ -295,7 +303,10 @@ impl RedisConfig {
                 }
             }
         }
-        if !config.nodes.is_empty() && config.sentinel.is_none() {
+        if config.sentinel.is_some() && !config.nodes.is_empty() {
+            // The nodes are sentinels: those without a port get Sentinel's.
+            config.nodes = split_hosts(url_given, SENTINEL_PORT)?.1;
+        } else if !config.nodes.is_empty() {
             // A node list names a cluster's seeds unless they are sentinels.
             config.cluster = !cluster_said_false;
         }
@@ -318,10 +329,11 @@ impl RedisConfig {
                 "a Redis Cluster fails over by itself; `sentinel` and `cluster` do not go together",
             ));
         }
-        if self.sentinel.is_some() && self.url.starts_with("rediss://") {
+        if self.sentinel.is_some() && !self.url.starts_with("redis://") {
             return Err(config_error(
                 "sentinel",
-                "TLS to sentinels and their masters is not supported yet; use `redis://`",
+                "sentinels are reached over TCP without TLS (TLS is not supported yet with \
+                 sentinels); use `redis://`",
             ));
         }
         if self.cluster
@@ -352,6 +364,17 @@ impl RedisConfig {
             ));
         }
         self.tls.validate()?;
+        if self.wait_replicas > 0 && self.wait_timeout * 2 > self.response_timeout {
+            // A `WAIT` outliving the reply timeout fails a write that may
+            // have been made, and the cluster client would send it again.
+            return Err(config_error(
+                "wait_timeout",
+                format!(
+                    "must be at most half of response_timeout ({:?})",
+                    self.response_timeout
+                ),
+            ));
+        }
         if self.visibility_timeout < Duration::from_millis(10) {
             return Err(config_error("visibility_timeout", "must be at least 10ms"));
         }
@@ -374,17 +397,6 @@ impl RedisConfig {
         self.reclaim_interval.unwrap_or_else(|| {
             (self.visibility_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(5))
         })
-    }
-}
-
-fn boolean(key: &str, value: &str) -> Result<bool> {
-    match value {
-        "true" | "1" | "yes" => Ok(true),
-        "false" | "0" | "no" => Ok(false),
-        _ => Err(config_error(
-            key,
-            format!("`{value}` is not a boolean; use `true` or `false`"),
-        )),
     }
 }
 
@@ -428,6 +440,11 @@ mod tests {
         assert!(!sentinels.cluster);
         assert_eq!(sentinels.sentinel.as_deref(), Some("orders"));
         assert_eq!(sentinels.nodes, ["s1:26379", "s2:26379"]);
+        let default_ports = RedisConfig::from_url("redis://s1,s2:26380?sentinel=m").unwrap();
+        assert_eq!(default_ports.nodes, ["s1:26379", "s2:26380"]);
+        assert!(
+            RedisConfig::from_url("redis://s1?sentinel=m&wait_replicas=1&wait_timeout=6s").is_err()
+        );
         assert_eq!(sentinels.wait_replicas, 1);
         for bad in [
             "redis://n1:7000,n2:7001/2",

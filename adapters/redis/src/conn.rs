@@ -109,7 +109,14 @@ impl Connector {
             )
             .await
             .map(|f| Conn::Sentinel(Arc::new(f)))
-            .map_err(connection_error),
+            .map_err(|e| match e.kind() {
+                // A mistyped master name is the configuration's fault.
+                redis::ErrorKind::MasterNameNotFoundBySentinel => tidings_core::params::invalid(
+                    "sentinel",
+                    format!("the sentinels watch no healthy master of this name: {e}"),
+                ),
+                _ => connection_error(e),
+            }),
             Connector::Cluster { client, .. } => {
                 let settings = ClusterConfig::new()
                     .set_connection_timeout(config.connect_timeout)
@@ -153,6 +160,18 @@ fn manager_settings(config: &RedisConfig, response_timeout: Duration) -> Connect
         .set_number_of_retries(3)
         .set_min_delay(Duration::from_millis(20))
         .set_max_delay(config.max_backoff)
+}
+
+impl Conn {
+    /// Checks that the connection still goes to the master, after a write
+    /// the master accepted but too few replicas confirmed: behind Redis
+    /// Sentinel, the master may be cut off from the sentinels, which
+    /// promoted another. Nothing to check for a server or a cluster.
+    pub(crate) async fn recheck(&self) {
+        if let Conn::Sentinel(follower) = self {
+            follower.recheck().await;
+        }
+    }
 }
 
 impl ConnectionLike for Conn {

@@ -42,8 +42,10 @@
 //! # Redis Sentinel
 //! `sentinel=<master>` makes the URL's nodes sentinels: connections go to
 //! the master they name and follow it to the replica they promote.
-//! `wait_replicas=n` makes every write wait for `n` replicas (`WAIT`), so a
-//! failover loses nothing that was confirmed.
+//! `wait_replicas=n` makes every write wait for `n` replicas (`WAIT`): a
+//! failover to a replica that confirmed it loses nothing confirmed (with
+//! more replicas than `n`, Sentinel may promote one that did not: `WAIT` is
+//! not strong consistency).
 //!
 //! # Recovery
 //! Connections reconnect with backoff; subscriptions resume (a group that
@@ -96,6 +98,8 @@ pub const NAME: &str = "redis";
 pub struct RedisBus {
     publisher: Arc<RedisPublisher>,
     publish: Conn,
+    /// Short commands only (never a `WAIT`): health checks, acks, claims.
+    control: Conn,
     config: Arc<RedisConfig>,
     subscriber: Arc<RedisSubscriber>,
 }
@@ -120,9 +124,10 @@ impl RedisBus {
                 config.clone(),
                 config.layout.clone(),
             )),
-            publish,
+            publish: publish.clone(),
+            control: control.clone(),
             config: config.clone(),
-            subscriber: Arc::new(RedisSubscriber::new(connector, control, config)),
+            subscriber: Arc::new(RedisSubscriber::new(connector, control, publish, config)),
         })
     }
 
@@ -207,6 +212,8 @@ pub(crate) fn is_connection_error(e: &RedisError) -> bool {
         // call succeeds a little later, so publish retries must not give up.
         || matches!(e.retry_method(), redis::RetryMethod::WaitAndRetry)
         || e.kind() == redis::ServerErrorKind::ReadOnly.into()
+        // `min-replicas-to-write` refusing writes until replicas are back.
+        || e.code() == Some("NOREPLICAS")
 }
 
 pub(crate) fn connection_error(e: RedisError) -> Error {
@@ -233,7 +240,7 @@ pub(crate) fn broker_error(e: RedisError) -> Error {
 /// manager reconnects on its own).
 impl HealthCheck for RedisBus {
     fn check(&self) -> BoxFuture<'_, Health> {
-        let mut conn = self.publish.clone();
+        let mut conn = self.control.clone();
         Box::pin(async move {
             health::round_trip(redis::cmd("PING").query_async::<String>(&mut conn)).await
         })
@@ -261,5 +268,15 @@ mod tests {
             "READONLY You can't write against a read only replica.",
         ));
         assert!(is_connection_error(&demoted));
+        // As the server's reply is read.
+        let redis::Value::ServerError(reply) =
+            redis::parse_redis_value(b"-NOREPLICAS Not enough good replicas to write.\r\n")
+                .expect("a reply")
+        else {
+            panic!("an error reply");
+        };
+        let no_replicas = redis::RedisError::from(reply);
+        assert_eq!(no_replicas.code(), Some("NOREPLICAS"), "{no_replicas:?}");
+        assert!(is_connection_error(&no_replicas));
     }
 }

@@ -100,19 +100,24 @@ pub(crate) async fn write_all(
     let mut replies: Vec<Value> = pipe.query_async(conn).await?;
     match replies.pop() {
         Some(Value::Int(n)) if n >= i64::from(config.wait_replicas) => Ok(replies),
-        other => Err(RedisError::from(std::io::Error::new(
-            // A timeout, and so transient: the caller retries, as after a
-            // connection fault (the write may still arrive: at least once).
-            std::io::ErrorKind::TimedOut,
-            format!(
-                "written on the master, but {} of the {} replicas asked for confirmed it within {:?}",
-                match other {
-                    Some(Value::Int(n)) => n.to_string(),
-                    _ => "none".to_owned(),
-                },
-                config.wait_replicas,
-                config.wait_timeout
-            ),
+        Some(Value::Int(n)) => {
+            conn.recheck().await;
+            Err(RedisError::from(std::io::Error::new(
+                // A timeout, and so transient: the caller retries, as after a
+                // connection fault (the write may still arrive: at least once).
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "written on the master, but {n} of the {} replicas asked for confirmed it within {:?}",
+                    config.wait_replicas, config.wait_timeout
+                ),
+            )))
+        }
+        // `WAIT` refused (an ACL without it, say): that error, as it is.
+        Some(Value::ServerError(e)) => Err(e.into()),
+        other => Err(RedisError::from((
+            redis::ErrorKind::UnexpectedReturnType,
+            "an unexpected reply to WAIT",
+            format!("{other:?}"),
         ))),
     }
 }

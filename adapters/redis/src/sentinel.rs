@@ -11,38 +11,56 @@
 //! connection fault; the next command goes to the new master.
 
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
 use redis::{Client, Cmd, ConnectionAddr, Pipeline, RedisError, RedisResult, Value};
 use tracing::{info, warn};
 
-use crate::config::RedisConfig;
+use crate::config::{RedisConfig, SENTINEL_PORT};
+use tidings_core::params::percent_decode;
 
 /// The sentinels of one master, shared by every connection of a bus.
 pub(crate) type Sentinels = Arc<Lookup>;
 
-/// Asks the sentinels for the master, one question at a time, each bounded
-/// in time (the redis crate's sentinel client sets no timeouts of its own:
-/// a node that accepts a connection and never answers would hold every
-/// connection of the bus waiting for a master).
+/// Asks the sentinels for the master: one question at a time for the whole
+/// bus, each bounded in time (above the redis crate's own per-request
+/// timeouts: a sentinel lookup makes several requests), and its answer
+/// shared by every connection whose failure began before it was asked, so a
+/// failover costs one lookup per wave of failures, not one per command.
 pub(crate) struct Lookup {
     client: tokio::sync::Mutex<SentinelClient>,
     timeout: std::time::Duration,
+    /// When the last lookup finished, and what it found.
+    last: Mutex<Option<(Instant, RedisResult<Client>)>>,
 }
 
 impl Lookup {
-    /// A client of the master the sentinels name now (checked to say it
-    /// is a master).
-    pub(crate) async fn master(&self) -> RedisResult<Client> {
+    /// A client of the master the sentinels name (checked to say it is a
+    /// master), as found by a lookup that finished after `since`.
+    pub(crate) async fn master_since(&self, since: Instant) -> RedisResult<Client> {
         let mut client = self.client.lock().await;
-        match tokio::time::timeout(self.timeout, client.async_get_client()).await {
+        if let Some((at, found)) = &*self.last.lock().unwrap_or_else(|e| e.into_inner())
+            && *at >= since
+        {
+            return found.clone();
+        }
+        let found = match tokio::time::timeout(self.timeout, client.async_get_client()).await {
             Ok(found) => found,
             Err(_) => Err(RedisError::from(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
                 format!("the sentinels named no master within {:?}", self.timeout),
             ))),
-        }
+        };
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((Instant::now(), found.clone()));
+        found
+    }
+
+    /// The master the sentinels name now.
+    pub(crate) async fn master(&self) -> RedisResult<Client> {
+        self.master_since(Instant::now()).await
     }
 }
 
@@ -61,37 +79,42 @@ pub(crate) fn sentinels(config: &RedisConfig, master: &str) -> RedisResult<Senti
         vec![format!(
             "{}:{}",
             url.host_str().unwrap_or("127.0.0.1"),
-            url.port().unwrap_or(26379)
+            url.port().unwrap_or(SENTINEL_PORT)
         )]
     } else {
         config.nodes.clone()
     };
     let addrs = hosts.iter().map(|h| {
-        let (host, port) = h.rsplit_once(':').unwrap_or((h, "26379"));
+        let (host, port) = h.rsplit_once(':').unwrap_or((h, ""));
         let host = host.trim_start_matches('[').trim_end_matches(']');
-        ConnectionAddr::Tcp(host.to_owned(), port.parse().unwrap_or(26379))
+        ConnectionAddr::Tcp(host.to_owned(), port.parse().unwrap_or(SENTINEL_PORT))
     });
     let mut builder = SentinelClientBuilder::new(addrs, master, SentinelServerType::Master)?;
     if !url.username().is_empty() {
-        builder = builder.set_client_to_redis_username(url.username());
+        builder = builder.set_client_to_redis_username(percent_decode(url.username()));
     }
     if let Some(password) = url.password() {
         let password = percent_decode(password);
         builder = builder.set_client_to_redis_password(password);
     }
-    if let Ok(db) = url.path().trim_start_matches('/').parse::<i64>() {
-        builder = builder.set_client_to_redis_db(db);
+    match url.path().trim_start_matches('/') {
+        "" => {}
+        db => match db.parse::<i64>() {
+            Ok(db) => builder = builder.set_client_to_redis_db(db),
+            Err(_) => {
+                return Err(RedisError::from((
+                    redis::ErrorKind::InvalidClientConfig,
+                    "the database must be a number",
+                    db.to_owned(),
+                )));
+            }
+        },
     }
     Ok(Arc::new(Lookup {
         client: tokio::sync::Mutex::new(builder.build()?),
         timeout: config.connect_timeout,
+        last: Mutex::new(None),
     }))
-}
-
-fn percent_decode(s: &str) -> String {
-    percent_encoding::percent_decode_str(s)
-        .decode_utf8_lossy()
-        .into_owned()
 }
 
 /// A connection to the current master, moved to the next one after a failover.
@@ -140,6 +163,7 @@ impl Follower {
 
     /// Sends one command to the current master.
     pub(crate) async fn command(&self, cmd: &Cmd) -> RedisResult<Value> {
+        let started = Instant::now();
         let mut current = self.current();
         let result = current.manager.req_packed_command(cmd).await;
         let moved = match &result {
@@ -147,7 +171,7 @@ impl Follower {
             Err(e) => crate::is_connection_error(e),
         };
         if moved {
-            self.follow(current.moves).await;
+            self.follow(current.moves, started).await;
         }
         result
     }
@@ -159,6 +183,7 @@ impl Follower {
         offset: usize,
         count: usize,
     ) -> RedisResult<Vec<Value>> {
+        let started = Instant::now();
         let mut current = self.current();
         let result = current
             .manager
@@ -169,20 +194,29 @@ impl Follower {
             Err(e) => crate::is_connection_error(e),
         };
         if moved {
-            self.follow(current.moves).await;
+            self.follow(current.moves, started).await;
         }
         result
     }
 
-    /// Asks the sentinels for the master and moves there, unless another
-    /// request moved since `seen` moves (one lookup per failover).
-    async fn follow(&self, seen: u64) {
+    /// Asks the sentinels whether the master changed, as after a failed
+    /// command: for a write the master accepted but no replica confirmed
+    /// (it may be cut off from the others, which promoted one of them).
+    pub(crate) async fn recheck(&self) {
+        let started = Instant::now();
+        self.follow(self.current().moves, started).await;
+    }
+
+    /// Asks the sentinels for the master (a lookup that finished after the
+    /// failure began at `started`) and moves there, unless another request
+    /// of this connection moved since `seen` moves.
+    async fn follow(&self, seen: u64, started: Instant) {
         let _moving = self.moving.lock().await;
         let current = self.current();
         if current.moves != seen {
             return;
         }
-        let client = match self.sentinels.master().await {
+        let client = match self.sentinels.master_since(started).await {
             Ok(client) => client,
             Err(error) => {
                 warn!(%error, "asking the sentinels for the master failed; trying again on the next failure");

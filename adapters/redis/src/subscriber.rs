@@ -33,6 +33,10 @@ const GATHER: Duration = Duration::from_millis(2);
 pub struct RedisSubscriber {
     connector: Connector,
     control: Conn,
+    /// The publisher's connection, for dead letters: with `wait_replicas`
+    /// a write blocks its connection until replicas confirm it (`WAIT`), so
+    /// it must not hold up the acks and heartbeats on `control`.
+    writes: Conn,
     config: Arc<RedisConfig>,
     consumer_base: String,
     counter: AtomicU64,
@@ -48,7 +52,12 @@ impl std::fmt::Debug for RedisSubscriber {
 }
 
 impl RedisSubscriber {
-    pub(crate) fn new(connector: Connector, control: Conn, config: Arc<RedisConfig>) -> Self {
+    pub(crate) fn new(
+        connector: Connector,
+        control: Conn,
+        writes: Conn,
+        config: Arc<RedisConfig>,
+    ) -> Self {
         let consumer_base = config
             .consumer_name
             .clone()
@@ -56,6 +65,7 @@ impl RedisSubscriber {
         RedisSubscriber {
             connector,
             control,
+            writes,
             config,
             consumer_base,
             counter: AtomicU64::new(0),
@@ -76,6 +86,7 @@ impl RedisSubscriber {
             consumer,
             dead_letters,
             control: self.control.clone(),
+            writes: self.writes.clone(),
             config: self.config.clone(),
             permits: Arc::new(Semaphore::new(subscription.prefetch.max(1))),
             prefetch: subscription.prefetch.max(1),
@@ -263,6 +274,8 @@ pub(crate) struct Shared {
     pub(crate) consumer: String,
     pub(crate) dead_letters: String,
     pub(crate) control: Conn,
+    /// Where dead letters are written (see [`RedisSubscriber`]'s `writes`).
+    writes: Conn,
     pub(crate) config: Arc<RedisConfig>,
     /// Free in-flight slots (prefetch); a delivery holds one until settled.
     pub(crate) permits: Arc<Semaphore>,
@@ -743,6 +756,7 @@ impl Acker for RedisAcker {
         let dead = letter.letter_for(&self.message);
         let shared = self.shared.clone();
         let mut conn = shared.control.clone();
+        let mut writes = shared.writes.clone();
         match &self.origin {
             Origin::Group { entry_id } => {
                 // Dead letters are Tidings' own: always in its default layout.
@@ -752,7 +766,7 @@ impl Acker for RedisAcker {
                     &shared.dead_letters,
                     &dead,
                 );
-                let added = write(&mut conn, &shared.config, letter).await;
+                let added = write(&mut writes, &shared.config, letter).await;
                 added.map_err(|e| self.settle_error(e))?;
                 let acked: RedisResult<Value> = redis::cmd("XACK")
                     .arg(&*shared.topic)
@@ -774,7 +788,7 @@ impl Acker for RedisAcker {
                         publish_cmd(&headers::Layout::default(), &shared.dead_letters, &dead)
                     }
                 };
-                let sent = write(&mut conn, &shared.config, cmd).await;
+                let sent = write(&mut writes, &shared.config, cmd).await;
                 sent.map(drop).map_err(|e| self.settle_error(e))
             }
         }

@@ -194,7 +194,7 @@ async fn pubsub_mode_on_a_cluster() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_seed_is_skipped_and_groups_report_across_nodes() {
     let cluster = Cluster::start().await;
-    let dead = common::free_port();
+    let (dead, _held) = common::dead_port();
     let seeds: Vec<String> = cluster
         .nodes
         .iter()

@@ -4,7 +4,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -91,62 +90,12 @@ async fn cut_connections_group_and_private_subscribers_resume() {
     }
 }
 
-/// A redis-server this test owns, on a free port.
-struct Server {
-    port: u16,
-    child: Option<Child>,
-}
-
-impl Server {
-    fn start(port: u16) -> Server {
-        Server {
-            port,
-            child: Some(common::spawn_redis_server(&["--port", &port.to_string()])),
-        }
-    }
-
-    fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    async fn ready(&self) {
-        let addr = self.addr();
-        within(10, "redis-server to accept connections", async {
-            loop {
-                if let Ok(client) = redis::Client::open(format!("redis://{addr}/"))
-                    && let Ok(mut c) = client.get_multiplexed_async_connection().await
-                    && redis::cmd("PING")
-                        .query_async::<String>(&mut c)
-                        .await
-                        .is_ok()
-                {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await;
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarted_server_consumer_resumes_and_publishing_works() {
-    let port = common::free_port();
-    let mut server = Server::start(port);
-    server.ready().await;
+    // Without persistence: the restarted server is empty.
+    let mut server = common::OwnNode::new("restart", &[]);
+    server.spawn(&[]);
+    let _ = server.connection().await;
     let bus = common::bus(server.addr(), FAST).await;
     let (p, s) = (bus.publisher(), bus.subscriber());
     let topic = unique("restart");
@@ -200,11 +149,8 @@ async fn restarted_server_consumer_resumes_and_publishing_works() {
         matches!(&down, Err(e) if e.is_transient()),
         "publishing to a stopped server: {down:?}"
     );
-    let _restarted = {
-        let s = Server::start(port);
-        s.ready().await;
-        s
-    };
+    server.spawn(&[]);
+    let _ = server.connection().await;
     // The new server is empty: the group is created again by the subscriber.
     within(60, "a publish after the restart", async {
         loop {

@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::process::Child;
 use std::time::Duration;
 
 use tidings_core::Error;
@@ -15,14 +14,15 @@ use tidings_redis::{RedisBus, RedisConfig};
 /// A redis-server with only a TLS port, requiring client certificates.
 struct TlsServer {
     port: u16,
-    child: Child,
+    _node: common::OwnNode,
 }
 
 impl TlsServer {
     async fn start(pki: &Pki) -> TlsServer {
-        let port = common::free_port();
+        let mut node = common::OwnNode::new("tls", &[]);
+        let port = node.port;
         let file = |name: &str| pki.path(name).display().to_string();
-        let child = common::spawn_redis_server(&[
+        node.spawn(&[
             "--port",
             "0",
             "--tls-port",
@@ -36,7 +36,7 @@ impl TlsServer {
             "--tls-auth-clients",
             "yes",
         ]);
-        let server = TlsServer { port, child };
+        let server = TlsServer { port, _node: node };
         within(10, "redis-server to listen", async {
             while tokio::net::TcpStream::connect(("127.0.0.1", port))
                 .await
@@ -54,13 +54,6 @@ impl TlsServer {
             "rediss://127.0.0.1:{}/?mode={mode}&connect_timeout=3s{params}",
             self.port
         )
-    }
-}
-
-impl Drop for TlsServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

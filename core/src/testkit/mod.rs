@@ -65,6 +65,16 @@ pub trait Harness: Send + Sync + 'static {
     }
 }
 
+/// A loopback port that was free a moment ago, for a server a test starts
+/// (another process may take it meanwhile; servers that fail to bind make
+/// the test fail, not pass).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
 /// A topic name unique to this test run: `tk-<name>-<random>`.
 pub fn unique(name: &str) -> String {
     format!("tk-{name}-{:08x}", fastrand::u32(..))

@@ -29,13 +29,7 @@ pub async fn connect(config: AmqpConfig) -> AmqpBus {
     }
 }
 
-/// A free loopback port.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
+pub use tidings_core::testkit::free_port;
 
 /// A RabbitMQ node of the test's own: its own name, ports and data
 /// directory (the shared broker is untouched), kept across restarts; killed

@@ -65,27 +65,18 @@ impl Harness for Redis {
     }
 }
 
-/// A free loopback port.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
+pub use tidings_core::testkit::free_port;
 
-/// Starts a redis-server of the test's own on loopback, keeping nothing on
-/// disk, with `args` added (its ports among them).
-pub fn spawn_redis_server(args: &[&str]) -> std::process::Child {
-    std::process::Command::new("redis-server")
-        .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-        .args(["--daemonize", "no"])
-        .args(args)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!("starting redis-server failed: {e}; install Debian's `redis-server`")
-        })
+/// A loopback port nothing listens on, held (bound, not listening) for as
+/// long as the socket lives, so no other server of a parallel test takes
+/// it: connecting to it is refused.
+pub fn dead_port() -> (u16, tokio::net::TcpSocket) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    socket
+        .bind("127.0.0.1:0".parse().expect("an address"))
+        .expect("a port");
+    let port = socket.local_addr().expect("its address").port();
+    (port, socket)
 }
 
 /// A redis-server (or sentinel) of the test's own: its port and data
