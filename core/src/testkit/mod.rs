@@ -28,6 +28,7 @@ mod process;
 mod proxy;
 mod recording;
 mod scripted;
+mod server;
 
 #[cfg(feature = "testkit-tls")]
 pub use pki::Pki;
@@ -35,6 +36,7 @@ pub use process::ChildProcess;
 pub use proxy::FaultProxy;
 pub use recording::RecordingPublisher;
 pub use scripted::ScriptedSubscriber;
+pub use server::ServerProcess;
 
 use std::future::Future;
 use std::sync::Arc;

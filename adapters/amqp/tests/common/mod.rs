@@ -39,25 +39,20 @@ pub struct RabbitNode {
     dist_port: u16,
     /// `tidings-<tag>-<port>@localhost`.
     pub name: String,
-    dir: std::path::PathBuf,
-    child: Option<std::process::Child>,
+    process: tidings_core::testkit::ServerProcess,
 }
 
 impl RabbitNode {
     /// A node on free ports, not configured or started yet.
     pub fn new(tag: &str) -> Self {
-        let dir = std::env::temp_dir().join(tidings_core::testkit::unique(&format!(
-            "tidings-rabbit-{tag}"
-        )));
-        std::fs::create_dir_all(&dir).expect("a data directory");
-        std::fs::write(dir.join("enabled_plugins"), "[].\n").expect("plugins");
+        let process = tidings_core::testkit::ServerProcess::new(&format!("rabbit-{tag}"));
+        std::fs::write(process.dir().join("enabled_plugins"), "[].\n").expect("plugins");
         let port = free_port();
         RabbitNode {
             port,
             dist_port: free_port(),
             name: format!("tidings-{tag}-{port}@localhost"),
-            dir,
-            child: None,
+            process,
         }
     }
 
@@ -65,7 +60,7 @@ impl RabbitNode {
     /// allowed from there, and `extra` lines (`rabbitmq.conf` syntax).
     pub fn configure(&self, extra: &str) {
         std::fs::write(
-            self.dir.join("rabbit.conf"),
+            self.process.dir().join("rabbit.conf"),
             format!(
                 "listeners.tcp.1 = 127.0.0.1:{}\nloopback_users = none\n{extra}",
                 self.port
@@ -81,8 +76,9 @@ impl RabbitNode {
 
     /// Starts the node's VM, without waiting for it.
     pub fn spawn(&mut self) {
-        let d = &self.dir;
-        let child = std::process::Command::new("/usr/lib/rabbitmq/bin/rabbitmq-server")
+        let d = self.process.dir();
+        let mut command = std::process::Command::new("/usr/lib/rabbitmq/bin/rabbitmq-server");
+        command
             // Replace the script by the VM, so the child's PID is the broker's.
             .env("RABBITMQ_ALLOW_INPUT", "1")
             .env("RABBITMQ_NODENAME", &self.name)
@@ -99,15 +95,9 @@ impl RabbitNode {
             .env(
                 "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS",
                 "-noinput -kernel inet_dist_use_interface {127,0,0,1}",
-            )
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("starting a RabbitMQ node failed ({e}); install Debian's `rabbitmq-server`")
-            });
-        self.child = Some(child);
+            );
+        self.process
+            .start(command, "install Debian's `rabbitmq-server`");
     }
 
     /// Resolves once an AMQP connection to the node opens (within 120 s).
@@ -125,7 +115,7 @@ impl RabbitNode {
                 std::time::Instant::now() < deadline,
                 "the RabbitMQ node on {} did not start within 120 s (logs in {})",
                 self.addr(),
-                self.dir.display()
+                self.process.dir().display()
             );
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
@@ -139,23 +129,6 @@ impl RabbitNode {
 
     /// Kills the VM with SIGKILL (a crash) and waits for it to exit.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for RabbitNode {
-    fn drop(&mut self) {
-        self.kill();
-        if std::thread::panicking() {
-            eprintln!(
-                "kept {} (the failed test's node) for a look",
-                self.dir.display()
-            );
-        } else {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
+        self.process.kill();
     }
 }

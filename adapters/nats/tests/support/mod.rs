@@ -3,15 +3,16 @@
 #![allow(dead_code)]
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
+
+use tidings_core::testkit::ServerProcess;
 
 /// A nats-server child process with JetStream, on a free loopback port.
 pub struct Server {
-    child: Option<Child>,
     pub port: u16,
-    dir: PathBuf,
     conf: Option<PathBuf>,
+    process: ServerProcess,
 }
 
 pub use tidings_core::testkit::free_port;
@@ -19,22 +20,16 @@ pub use tidings_core::testkit::free_port;
 impl Server {
     /// Starts a server; `conf` is the text of a config file, if any.
     pub async fn start(conf: Option<&str>) -> Server {
-        let dir = std::env::temp_dir().join(format!(
-            "tidings-nats-test-{}-{:08x}",
-            std::process::id(),
-            fastrand::u32(..)
-        ));
-        std::fs::create_dir_all(&dir).expect("creating the JetStream directory");
+        let process = ServerProcess::new("nats");
         let conf = conf.map(|text| {
-            let path = dir.join("server.conf");
+            let path = process.dir().join("server.conf");
             std::fs::write(&path, text).expect("writing the config");
             path
         });
         let mut server = Server {
-            child: None,
             port: free_port(),
-            dir,
             conf,
+            process,
         };
         server.spawn().await;
         server
@@ -59,16 +54,12 @@ impl Server {
             "-js",
             "-sd",
         ])
-        .arg(self.dir.join("js"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        .arg(self.process.dir().join("js"));
         if let Some(conf) = &self.conf {
             cmd.arg("-c").arg(conf);
         }
-        let child = cmd.spawn().unwrap_or_else(|e| {
-            panic!("cannot run nats-server ({e}); install it with `apt-get install nats-server`")
-        });
-        self.child = Some(child);
+        self.process
+            .start(cmd, "install it with `apt-get install nats-server`");
         // Ready when it accepts connections (about 0.1 s); bounded.
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
@@ -86,23 +77,13 @@ impl Server {
 
     /// Stops the server (SIGKILL: a crash) and waits for it to exit.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.process.kill();
     }
 
     /// Kills the server and starts it again on the same port and directory.
     pub async fn restart(&mut self) {
         self.kill();
         self.spawn().await;
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

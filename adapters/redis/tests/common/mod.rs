@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use tidings_core::testkit::{FaultProxy, Harness};
+use tidings_core::testkit::{FaultProxy, Harness, ServerProcess};
 use tidings_core::{Publisher, Subscriber};
 use tidings_redis::{RedisBus, RedisConfig};
 use tokio::sync::OnceCell;
@@ -80,33 +80,34 @@ pub fn dead_port() -> (u16, tokio::net::TcpSocket) {
 }
 
 /// A redis-server (or sentinel) of the test's own: its port and data
-/// directory stay the same across restarts, and it is killed (SIGKILL)
-/// and its directory removed when dropped.
+/// directory stay the same across restarts (see [`ServerProcess`]).
 pub struct OwnNode {
     pub port: u16,
-    pub dir: std::path::PathBuf,
     pub args: Vec<String>,
     sentinel: bool,
-    child: Option<std::process::Child>,
+    process: ServerProcess,
 }
 
 impl OwnNode {
     /// A server on a free port, started with `args` added by [`spawn`](Self::spawn).
     pub fn new(name: &str, args: &[&str]) -> OwnNode {
-        let dir =
-            std::env::temp_dir().join(tidings_core::testkit::unique(&format!("redis-{name}")));
-        std::fs::create_dir_all(&dir).expect("a data directory");
         OwnNode {
             port: free_port(),
-            dir,
             args: args.iter().map(|a| (*a).to_owned()).collect(),
             sentinel: false,
-            child: None,
+            process: ServerProcess::new(&format!("redis-{name}")),
         }
     }
 
+    /// The data directory.
+    pub fn dir(&self) -> &std::path::Path {
+        self.process.dir()
+    }
+
     /// A sentinel on a free port watching the master `name` at `master_port`:
-    /// down after 2.5 s (shorter, and a freshly promoted master can look down to it and be failed over again at once), one sentinel enough to agree (the quorum).
+    /// down after 2.5 s (shorter, and a freshly promoted master can look
+    /// down to it and be failed over again at once), one sentinel enough
+    /// to agree (the quorum).
     pub fn sentinel(master: &str, master_port: u16) -> OwnNode {
         let mut node = OwnNode::new("sentinel", &[]);
         node.sentinel = true;
@@ -114,9 +115,10 @@ impl OwnNode {
             "port {}\nbind 127.0.0.1\ndir {}\nlogfile sentinel.log\nsentinel monitor {master} 127.0.0.1 {master_port} 1\n\
              sentinel down-after-milliseconds {master} 2500\nsentinel failover-timeout {master} 4000\n",
             node.port,
-            node.dir.display()
+            node.dir().display()
         );
-        std::fs::write(node.dir.join("sentinel.conf"), conf).expect("the sentinel's configuration");
+        std::fs::write(node.dir().join("sentinel.conf"), conf)
+            .expect("the sentinel's configuration");
         node
     }
 
@@ -126,33 +128,27 @@ impl OwnNode {
         if self.sentinel {
             // Sentinel rewrites its configuration file, which comes first.
             command
-                .arg(self.dir.join("sentinel.conf"))
+                .arg(self.dir().join("sentinel.conf"))
                 .arg("--sentinel");
         } else {
             command
                 .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
                 .args(["--save", ""])
                 .arg("--dir")
-                .arg(&self.dir);
+                .arg(self.dir());
         }
-        let child = command
+        command
             .args(["--daemonize", "no"])
             .args(&self.args)
-            .args(extra)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("starting redis-server failed: {e}; install Debian's `redis-server`")
-            });
-        self.child = Some(child);
+            .args(extra);
+        self.process
+            .start(command, "install Debian's `redis-server`");
     }
 
     /// `127.0.0.1:<port>`.
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
-
     /// A connection once the process answers `PING` (within 15 s).
     pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
         let client = redis::Client::open(format!("redis://{}/", self.addr())).expect("url");
@@ -201,23 +197,6 @@ impl OwnNode {
 
     /// Kills the process with SIGKILL (a crash) and waits for it to exit.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for OwnNode {
-    fn drop(&mut self) {
-        self.kill();
-        if std::thread::panicking() {
-            eprintln!(
-                "kept {} (the failed test's node) for a look",
-                self.dir.display()
-            );
-        } else {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
+        self.process.kill();
     }
 }
