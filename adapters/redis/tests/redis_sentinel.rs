@@ -43,7 +43,7 @@ impl Watched {
         let port = nodes[0].port.to_string();
         nodes[1].spawn(&["--replicaof", "127.0.0.1", &port]);
         nodes[1]
-            .wait_info("replication", &["master_link_status:up"], 15)
+            .wait_info(&["INFO", "replication"], &["master_link_status:up"], 15)
             .await;
         // The sentinel learns the replica from the master's INFO, at once
         // when it starts.
@@ -51,7 +51,7 @@ impl Watched {
         let mut sentinel = OwnNode::sentinel(&name, nodes[0].port);
         sentinel.spawn(&[]);
         sentinel
-            .wait_info("sentinel", &["status=ok", "slaves=1"], 30)
+            .wait_info(&["INFO", "sentinel"], &["status=ok", "slaves=1"], 30)
             .await;
         Watched {
             nodes,
@@ -84,7 +84,7 @@ impl Watched {
         let next = 1 - self.master;
         let address = format!("address={}", self.nodes[next].addr());
         self.sentinel
-            .wait_info("sentinel", &["status=ok", &address], 60)
+            .wait_info(&["INFO", "sentinel"], &["status=ok", &address], 60)
             .await;
         next
     }
@@ -140,7 +140,7 @@ impl BrokerProcess for Watched {
         let port = self.nodes[self.master].port.to_string();
         self.nodes[old].spawn(&["--replicaof", "127.0.0.1", &port]);
         self.nodes[old]
-            .wait_info("replication", &["master_link_status:up"], 30)
+            .wait_info(&["INFO", "replication"], &["master_link_status:up"], 30)
             .await;
         // Ready for the next failover once the sentinel sees the replica up
         // (it lists the killed master as a replica at once, flagged down).
@@ -167,12 +167,8 @@ async fn core_conformance_cases_through_a_sentinel() {
         watched: Arc::new(Watched::start().await),
         options: "visibility_timeout=2s&reclaim_interval=200ms&block=200ms&wait_replicas=1",
     };
-    conformance::round_trip(&h).await;
-    conformance::competing_consumers(&h).await;
-    conformance::nack_redelivers_with_rising_attempt(&h).await;
-    conformance::dead_letter_after_max_attempts(&h).await;
+    conformance::core_cases(&h).await;
     conformance::replay_from_earliest(&h).await;
-    conformance::order_per_key(&h).await;
     let pubsub = ThroughSentinel {
         watched: h.watched.clone(),
         options: "mode=pubsub",
@@ -209,7 +205,7 @@ async fn a_master_killed_twice_loses_no_confirmed_message() {
     let mut watched = Watched::start().await;
     let bus = watched.bus("wait_replicas=1&max_backoff=200ms").await;
     let started = Instant::now();
-    let report = outage::assert_killed_twice(
+    outage::assert_killed_twice(
         "redis sentinel (master + replica, wait_replicas=1)",
         bus.publisher(),
         bus.subscriber(),
@@ -220,5 +216,4 @@ async fn a_master_killed_twice_loses_no_confirmed_message() {
         "two failovers; {:.1} s in all",
         started.elapsed().as_secs_f64()
     );
-    assert_eq!(report.confirmed, 20_000);
 }

@@ -53,6 +53,20 @@ macro_rules! conformance_tests {
     )*};
 }
 
+/// The suite's core cases, one after another on one harness: what a test
+/// of a cluster (whose start is too slow to repeat per case) runs on it.
+/// Round trip (1 MiB, binary, headers), competing consumers, redelivery
+/// with rising attempts, dead letters, retention for a declared group,
+/// order per key.
+pub async fn core_cases<H: Harness>(h: &H) {
+    round_trip(h).await;
+    competing_consumers(h).await;
+    nack_redelivers_with_rising_attempt(h).await;
+    dead_letter_after_max_attempts(h).await;
+    retained_for_declared_group(h).await;
+    order_per_key(h).await;
+}
+
 /// The typed event the suite publishes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Probe {

@@ -168,23 +168,15 @@ impl OwnNode {
         .await
     }
 
-    /// Waits (at most `secs` s) until `INFO <section>` (or `CLUSTER INFO`
-    /// for `"cluster"`) holds every one of `lines`.
-    pub async fn wait_info(&self, section: &str, lines: &[&str], secs: u64) {
+    /// Waits (at most `secs` s) until the reply to `command` (`INFO
+    /// replication`, `CLUSTER INFO`, ...) holds every one of `lines`.
+    pub async fn wait_info(&self, command: &[&str], lines: &[&str], secs: u64) {
         let mut c = self.connection().await;
         let what = format!("{} to report {lines:?}", self.addr());
         tidings_core::testkit::within(secs, &what, async {
             loop {
-                let mut cmd = redis::cmd(if section == "cluster" {
-                    "CLUSTER"
-                } else {
-                    "INFO"
-                });
-                cmd.arg(if section == "cluster" {
-                    "INFO"
-                } else {
-                    section
-                });
+                let mut cmd = redis::cmd(command[0]);
+                cmd.arg(&command[1..]);
                 let info: String = cmd.query_async(&mut c).await.unwrap_or_default();
                 if lines.iter().all(|l| info.contains(l)) {
                     return;
