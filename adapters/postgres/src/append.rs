@@ -31,14 +31,20 @@ pub(crate) const LOCK_NAMESPACE: i32 = 0x7464_6e67;
 ///   append is refused with `serialization_failure` (SQLSTATE 40001, the
 ///   usual signal to retry a transaction) rather than stored out of order;
 /// - the idempotency check comes before the version check, so a retried
-///   append answers as the first did even though the version moved.
+///   append answers as the first did even though the version moved;
+/// - `p_notify` is false for an append in its own transaction: the
+///   notification is sent after its commit (see `notifier.rs`).
+///
+/// The signature changed once (`p_notify` was added): the 14-argument
+/// function of earlier versions is left in place for services of the
+/// earlier version still running beside this one during an upgrade.
 pub(crate) fn function_ddl() -> String {
     format!(
         r#"CREATE OR REPLACE FUNCTION tidings_append(
     p_stream text, p_category text, p_expected bigint,
     p_ids text[], p_types text[], p_sources text[], p_times bigint[], p_schemas text[],
     p_correlations text[], p_causations text[], p_content_types text[], p_keys text[],
-    p_headers jsonb[], p_payloads bytea[])
+    p_headers jsonb[], p_payloads bytea[], p_notify boolean)
 RETURNS TABLE (outcome text, actual bigint, first_version bigint, dup_id text, dup_stream text)
 LANGUAGE plpgsql AS $fn$
 DECLARE
@@ -100,8 +106,12 @@ BEGIN
     ORDER BY t.ord;
     INSERT INTO tidings_streams (stream_id, version) VALUES (p_stream, v_actual + v_n)
         ON CONFLICT (stream_id) DO UPDATE SET version = EXCLUDED.version;
-    -- Wakes the subscriptions at commit (and only if it commits).
-    PERFORM pg_notify('{channel}', p_category);
+    -- Inside a caller's transaction: wakes the subscriptions at its commit
+    -- (and only if it commits). Appends in their own transaction are
+    -- notified after their commit instead (see notifier.rs).
+    IF p_notify THEN
+        PERFORM pg_notify('{channel}', '');
+    END IF;
     RETURN QUERY SELECT 'ok'::text, v_actual + v_n, v_actual + 1, NULL::text, NULL::text;
 END
 $fn$"#,
@@ -110,9 +120,12 @@ $fn$"#,
 }
 
 /// Appends through `executor` (the pool: its own transaction; a
-/// transaction: inside it).
+/// transaction: inside it). `notify_at_commit`: whether the function
+/// notifies the subscriptions (inside a caller's transaction), rather than
+/// the caller after the commit.
 pub(crate) async fn append<'c>(
     executor: impl PgExecutor<'c>,
+    notify_at_commit: bool,
     stream: &str,
     expected: ExpectedVersion,
     events: &[Message],
@@ -129,12 +142,13 @@ pub(crate) async fn append<'c>(
     let n = events.len();
     let c = Columns::of(events);
     let query = sqlx::query_as(
-        "SELECT * FROM tidings_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+        "SELECT * FROM tidings_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
     )
     .bind(stream)
     .bind(category(stream))
     .bind(expected_code);
     let row: (String, i64, i64, Option<String>, Option<String>) = bind_columns!(query, c)
+        .bind(notify_at_commit)
         .fetch_one(executor)
         .await
         .map_err(

@@ -9,6 +9,7 @@ use sqlx::{PgPool, Postgres, Row, Transaction};
 use tidings_core::Message;
 
 use crate::error::StoreError;
+use crate::notifier::Notifier;
 use crate::position::GlobalPosition;
 use crate::schema;
 
@@ -74,6 +75,7 @@ pub struct RecordedEvent {
 #[derive(Clone, Debug)]
 pub struct EventStore {
     pool: PgPool,
+    notifier: Notifier,
 }
 
 /// The columns every read selects, as [`recorded`] reads them. The
@@ -102,7 +104,8 @@ impl EventStore {
     /// The store on the caller's pool; creates the tables where missing.
     pub async fn with_pool(pool: PgPool) -> Result<Self, StoreError> {
         schema::create(&pool).await?;
-        Ok(EventStore { pool })
+        let notifier = Notifier::start(pool.clone());
+        Ok(EventStore { pool, notifier })
     }
 
     /// The pool the store uses.
@@ -122,7 +125,11 @@ impl EventStore {
         events: Vec<Message>,
     ) -> Result<Appended, StoreError> {
         // One statement: its own transaction, one round trip.
-        crate::append::append(&self.pool, stream, expected, &events).await
+        let appended = crate::append::append(&self.pool, false, stream, expected, &events).await?;
+        if !appended.already_stored {
+            self.notifier.wake();
+        }
+        Ok(appended)
     }
 
     /// As [`append`](Self::append), inside the caller's transaction: the
@@ -144,7 +151,7 @@ impl EventStore {
         expected: ExpectedVersion,
         events: &[Message],
     ) -> Result<Appended, StoreError> {
-        crate::append::append(&mut **tx, stream, expected, events).await
+        crate::append::append(&mut **tx, true, stream, expected, events).await
     }
 
     /// The stream's version (how many events it holds; 0 for none).

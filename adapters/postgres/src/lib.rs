@@ -39,6 +39,7 @@ mod error;
 mod event_store;
 mod forward;
 pub mod inbox;
+mod notifier;
 pub mod outbox;
 mod position;
 mod row;

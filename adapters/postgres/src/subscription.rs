@@ -61,8 +61,11 @@ const MEMBER_LOCKS: i32 = 0x7464_6d62; // "tdmb"
 ///   take over from the checkpoint within a poll interval of the lock's
 ///   release (its connection closing, whether cleanly or by a crash). A
 ///   projection's events stay in order; the price is one reader per group.
-/// - **Wake-up** by `LISTEN`/`NOTIFY` (each append notifies at commit), with
-///   a poll every `poll_interval` as the fallback.
+/// - **Wake-up** by `LISTEN`/`NOTIFY`, with a poll every `poll_interval` as
+///   the fallback: an append in its own transaction is notified by its
+///   store right after the commit (one `NOTIFY` for however many committed
+///   meanwhile; a process that dies in between leaves it to the poll), an
+///   append in a caller's transaction at that transaction's commit.
 /// - **Nack** hands the event out again (after the delay) with the attempt
 ///   one higher, from the subscriber's memory; the checkpoint waits for it.
 /// - **Dead letters** are appended to the store, in the category

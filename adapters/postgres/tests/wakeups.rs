@@ -1,0 +1,95 @@
+//! Appends wake the subscriptions by `NOTIFY`, not by their poll: from
+//! the store after an append's own commit, and from the database at the
+//! commit of a caller's transaction.
+//!
+//! Its own test binary on purpose: a subscription reads only events no
+//! transaction in progress can overtake, so another test's open
+//! transaction could hold an event back past its notification.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tidings_core::testkit::{unique, within};
+use tidings_core::{Consumer, Event, Message, Raw, StartFrom, Subscriber};
+use tidings_postgres::{EventStore, ExpectedVersion};
+use tokio::sync::mpsc;
+
+const URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+/// The next event handled, within 10 s.
+async fn next(handled: &mut mpsc::UnboundedReceiver<String>, what: &str) -> Option<String> {
+    within(10, what, handled.recv()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_wake_a_subscription_that_never_polls() {
+    let store = EventStore::connect(URL).await.unwrap_or_else(|e| {
+        panic!("{URL}: {e}; scripts/brokers.sh starts PostgreSQL (or: pg_ctlcluster 15 main start)")
+    });
+    let category = unique("woken").replace('-', "_");
+    let stream = format!("{category}-1");
+    // Handled once the subscription reads, which it does once listening.
+    store
+        .append(
+            &stream,
+            ExpectedVersion::NoStream,
+            vec![Message::new("first")],
+        )
+        .await
+        .expect("first");
+
+    // A poll no test waits out: only a notification can wake it.
+    let subscriber: Arc<dyn Subscriber> =
+        Arc::new(store.subscriber().poll_interval(Duration::from_secs(3600)));
+    let (seen, mut handled) = mpsc::unbounded_channel();
+    let consumer = Consumer::group(subscriber, "woken")
+        .start_from(StartFrom::Earliest)
+        .handle(category.clone(), move |e: Event<Bytes, Raw>| {
+            let seen = seen.clone();
+            async move {
+                let _ = seen.send(String::from_utf8_lossy(&e.data).into_owned());
+                Ok(())
+            }
+        })
+        .start()
+        .await
+        .expect("started");
+    assert_eq!(
+        next(&mut handled, "the first event").await.as_deref(),
+        Some("first")
+    );
+
+    store
+        .append(
+            &stream,
+            ExpectedVersion::Exact(1),
+            vec![Message::new("own")],
+        )
+        .await
+        .expect("own transaction");
+    assert_eq!(
+        next(&mut handled, "the append in its own transaction to wake it")
+            .await
+            .as_deref(),
+        Some("own")
+    );
+
+    let mut tx = store.pool().begin().await.expect("begin");
+    EventStore::append_in(
+        &mut tx,
+        &stream,
+        ExpectedVersion::Exact(2),
+        &[Message::new("theirs")],
+    )
+    .await
+    .expect("in the caller's transaction");
+    tx.commit().await.expect("commit");
+    assert_eq!(
+        next(&mut handled, "the caller's commit to wake it")
+            .await
+            .as_deref(),
+        Some("theirs")
+    );
+    consumer.shutdown(Duration::from_secs(10)).await;
+}
