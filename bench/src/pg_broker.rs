@@ -25,7 +25,7 @@ use tidings_postgres::{Outbox, PostgresBroker};
 use crate::Args;
 use crate::common::report;
 
-const URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+use crate::postgres::URL;
 
 pub async fn broker_e2e(pool: &PgPool, args: &Args) {
     for &handlers in &args.handlers {

@@ -25,7 +25,26 @@ use tidings_postgres::{Direction, EventStore, ExpectedVersion};
 use crate::Args;
 use crate::common::report;
 
-const URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+/// The bench's own database, made afresh by each run: both sides start on
+/// empty tables (the store's tables in a shared database grow with every
+/// run, and a bigger table is a slower one).
+pub const URL: &str = "postgres://postgres@127.0.0.1:5432/tidings_bench";
+/// Where the bench's database is dropped and created.
+const SERVER: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+/// Drops and creates the bench's database.
+async fn fresh_database() {
+    let pool = PgPool::connect(SERVER)
+        .await
+        .unwrap_or_else(|e| panic!("{SERVER}: {e}; scripts/brokers.sh starts PostgreSQL"));
+    for ddl in [
+        "DROP DATABASE IF EXISTS tidings_bench WITH (FORCE)",
+        "CREATE DATABASE tidings_bench",
+    ] {
+        sqlx::query(ddl).execute(&pool).await.expect(ddl);
+    }
+    pool.close().await;
+}
 const WRITERS: u64 = 8;
 
 /// A row of the bare table as read: position or version, id, type, headers, payload.
@@ -51,6 +70,7 @@ type SameRow = (
 );
 
 pub async fn run(args: &Args) {
+    fresh_database().await;
     let store = EventStore::connect(URL)
         .await
         .unwrap_or_else(|e| panic!("{URL}: {e}; scripts/brokers.sh starts PostgreSQL"));

