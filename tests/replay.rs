@@ -233,6 +233,86 @@ async fn concurrent_replays_deliver_once(url: &str) {
     consumer.shutdown(Duration::from_secs(10)).await;
 }
 
+/// An operator's commands one after another: each opens an inbox, reads
+/// the letters and closes it, handing them back. Every next inbox holds
+/// each letter exactly once.
+async fn handed_back_letters_come_to_the_next_inbox_once(url: &str) {
+    const LETTERS: usize = 2;
+    let bus = tidings::connect(url)
+        .await
+        .unwrap_or_else(|e| panic!("{url}: {e}; scripts/brokers.sh starts the brokers"));
+    let topic = unique("handed-back");
+    let billing = Arc::new(Seen::default());
+    let broken = Arc::new(AtomicBool::new(false));
+    let consumer = consumer(&bus, &topic, "billing", &billing, &broken)
+        .start()
+        .await
+        .expect("billing");
+    let mut ids = Vec::new();
+    for n in 0..LETTERS {
+        let event = Event::new(format!("mail {n}"));
+        ids.push(event.id().to_owned());
+        bus.publish_event(&topic, event).await.expect("published");
+    }
+    for id in &ids {
+        billing.until("every message dead-lettered", id, 1).await;
+    }
+    ids.sort_unstable();
+    for round in 1..=4 {
+        let mut letters = inbox(&bus, &topic).await;
+        within(30, "the inbox to hold every letter", async {
+            while letters.fetch(Duration::from_millis(200)).await < LETTERS {}
+        })
+        .await;
+        // A copy would come in the same wave as the letters themselves.
+        letters.fetch(Duration::from_millis(500)).await;
+        let mut held: Vec<String> = letters.list().map(|(m, _)| m.id.clone()).collect();
+        held.sort_unstable();
+        assert_eq!(held, ids, "round {round}: each letter held once");
+        letters.close().await.expect("closed");
+    }
+    let mut last = inbox(&bus, &topic).await;
+    within(30, "the last inbox to hold every letter", async {
+        while last.fetch(Duration::from_millis(200)).await < LETTERS {}
+    })
+    .await;
+    assert_eq!(
+        last.purge(&Filter::default()).await.expect("purged"),
+        LETTERS
+    );
+    last.close().await.expect("closed");
+    consumer.shutdown(Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handed_back_on_memory() {
+    handed_back_letters_come_to_the_next_inbox_once("memory://?history=1000").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handed_back_on_redis() {
+    handed_back_letters_come_to_the_next_inbox_once("redis://127.0.0.1:6379").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handed_back_on_rabbitmq() {
+    handed_back_letters_come_to_the_next_inbox_once("amqp://guest:guest@127.0.0.1:5672/%2f").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handed_back_on_jetstream() {
+    handed_back_letters_come_to_the_next_inbox_once("nats://127.0.0.1:4222").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handed_back_on_kafka() {
+    handed_back_letters_come_to_the_next_inbox_once(&format!(
+        "kafka://{}?auto_create_topics=true",
+        kafka_mock()
+    ))
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_memory() {
     replay_reaches_only_the_failed_group("memory://?history=1000").await;

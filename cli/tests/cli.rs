@@ -469,6 +469,14 @@ async fn dlq_on_rabbitmq() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_on_jetstream() {
+    // Each command hands back what it did not settle: on the machine's
+    // nats-server 2.9, after its pull requests expired (see the adapter's
+    // `stale_pull`).
+    dlq_round(NATS, "500ms").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dlq_on_kafka() {
     // Each command joins the group `dead-letters`: the first fetch waits
     // out the join (the command's default --wait on Kafka is 12s).

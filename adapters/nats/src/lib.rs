@@ -48,6 +48,7 @@ mod given_up;
 mod groups;
 pub mod headers;
 mod publisher;
+mod stale_pull;
 mod subscriber;
 mod topology;
 

@@ -26,6 +26,7 @@ use tidings_core::{
 };
 
 use crate::config::Mode;
+use crate::stale_pull::{self, PullEnd};
 use crate::{NAME, Shared, broker_error, given_up, headers};
 use tidings_core::Dialect;
 use tidings_core::dialect::Undecodable;
@@ -222,6 +223,8 @@ impl Subscriber for NatsSubscriber {
             permits: Arc::new(Semaphore::new(prefetch)),
             tx,
             stop,
+            pull_end: stale_pull::needs_waiting(&shared.client.server_info().version)
+                .then(Arc::default),
         };
         let task = match (shared.config.mode, &group) {
             (Mode::JetStream, Some(g)) => {
@@ -238,7 +241,7 @@ impl Subscriber for NatsSubscriber {
                     )
                     .await
                     .map_err(|e| subscribe_error(&topic, e))?;
-                let messages = pull_messages(&consumer, prefetch)
+                let messages = pull_messages(&consumer, prefetch, pump.pull_end.is_some())
                     .await
                     .map_err(|e| subscribe_error(&topic, e))?;
                 let tracker = Tracker::start(&shared);
@@ -312,15 +315,23 @@ impl Subscriber for NatsSubscriber {
     }
 }
 
+/// The pull stream of a group; `old_server`: a server before 2.10, where
+/// requests must expire soon (see `stale_pull`).
 async fn pull_messages(
     consumer: &consumer::Consumer<pull::Config>,
     prefetch: usize,
+    old_server: bool,
 ) -> std::result::Result<pull::Stream, async_nats::jetstream::consumer::StreamError> {
+    let (expires, heartbeat) = if old_server {
+        (stale_pull::EXPIRES_ON_OLD_SERVERS, Duration::from_secs(1))
+    } else {
+        (Duration::from_secs(30), Duration::from_secs(5))
+    };
     consumer
         .stream()
         .max_messages_per_batch(prefetch.min(10_000))
-        .expires(Duration::from_secs(30))
-        .heartbeat(Duration::from_secs(5))
+        .expires(expires)
+        .heartbeat(heartbeat)
         .messages()
         .await
 }
@@ -398,6 +409,8 @@ struct Pump {
     permits: Arc<Semaphore>,
     tx: mpsc::Sender<Result<Delivery>>,
     stop: watch::Receiver<bool>,
+    /// Set on servers before 2.10 (see `stale_pull`).
+    pull_end: Option<Arc<PullEnd>>,
 }
 
 /// Backoff between attempts to restore a subscription.
@@ -501,7 +514,7 @@ impl Pump {
                 )
                 .await
                 {
-                    Ok(c) => match pull_messages(&c, prefetch).await {
+                    Ok(c) => match pull_messages(&c, prefetch, self.pull_end.is_some()).await {
                         Ok(m) => Some((c, m)),
                         Err(e) => {
                             warn!(topic = %self.topic, error = %e, "restarting the pull failed");
@@ -521,18 +534,28 @@ impl Pump {
             }
         }
         let _ = &consumer;
-        // Messages the client already received but nobody took: hand them
-        // back at once instead of after ack_wait.
+        // Messages the client already received but nobody took: handed back
+        // now rather than after ack_wait — once the stream is gone (handed
+        // back while it runs, they would come to it again), and on old
+        // servers once its requests expired.
+        let mut unread = Vec::new();
         while let Some(Some(Ok(msg))) = messages.next().now_or_never() {
-            if let Some(reply) = msg.message.reply.clone() {
-                let _ = self
-                    .shared
-                    .client
-                    .publish(reply, Bytes::from(AckKind::Nak(None)))
-                    .await;
-            }
+            unread.extend(msg.message.reply.clone());
         }
         drop(messages);
+        if let Some(end) = &self.pull_end {
+            end.ended();
+            if !unread.is_empty() {
+                end.wait().await;
+            }
+        }
+        for reply in unread {
+            let _ = self
+                .shared
+                .client
+                .publish(reply, Bytes::from(AckKind::Nak(None)))
+                .await;
+        }
         let _ = self.shared.client.flush().await;
     }
 
@@ -571,6 +594,7 @@ impl Pump {
             group: group.clone(),
             settled: false,
             tracked: None,
+            pull_end: None,
             _permit: permit,
         };
         let attempt = u32::try_from(advisory.deliveries).unwrap_or(u32::MAX);
@@ -631,6 +655,7 @@ impl Pump {
             group: group.clone(),
             settled: false,
             tracked,
+            pull_end: self.pull_end.clone(),
             _permit: permit,
         };
         let delivery = Delivery::new(
@@ -825,6 +850,9 @@ struct JsAcker {
     group: Arc<str>,
     settled: bool,
     tracked: Option<(Arc<Tracker>, u64)>,
+    /// The subscription's pull stream's end, on servers before 2.10: naks
+    /// wait for its requests to expire (see `stale_pull`).
+    pull_end: Option<Arc<PullEnd>>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -838,6 +866,11 @@ impl JsAcker {
     async fn send(mut self: Box<Self>, kind: AckKind) -> Result<()> {
         self.settled = true;
         self.untrack();
+        if !matches!(kind, AckKind::Ack)
+            && let Some(end) = &self.pull_end
+        {
+            end.wait().await;
+        }
         let Some(reply) = self.reply.clone() else {
             // The server no longer delivers it: an ack has nothing to do,
             // and nothing can bring it back.
@@ -874,6 +907,9 @@ impl Acker for JsAcker {
         // even when the process exits next.
         self.settled = true;
         self.untrack();
+        if let Some(end) = &self.pull_end {
+            end.wait().await;
+        }
         if let Some(reply) = self.reply.clone() {
             let client = &self.shared.client;
             client
@@ -939,7 +975,11 @@ impl Drop for JsAcker {
             && let Some(reply) = self.reply.clone()
         {
             let client = self.shared.client.clone();
+            let end = self.pull_end.clone();
             handle.spawn(async move {
+                if let Some(end) = end {
+                    end.wait().await;
+                }
                 let _ = client.publish(reply, Bytes::from(AckKind::Nak(None))).await;
             });
         }
