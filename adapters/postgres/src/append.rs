@@ -1,7 +1,8 @@
 //! An append as one call of the SQL function `tidings_append`: the lock,
-//! the idempotency and version checks, the inserts and the notification run
-//! inside the database, so an append costs one round trip (in its own
-//! transaction) instead of one per step.
+//! the idempotency and version checks and the inserts (and, inside a
+//! caller's transaction, the notification) run inside the database, so an
+//! append costs one round trip (in its own transaction) instead of one per
+//! step.
 
 use sqlx::PgExecutor;
 use tidings_core::Message;
