@@ -146,14 +146,22 @@ async fn replay_reaches_only_the_failed_group(url: &str) {
     audit_consumer.shutdown(Duration::from_secs(10)).await;
 }
 
-/// Two inboxes open at once on the same letters (two operators), both
-/// replay everything: the fixed group handles each letter exactly once.
-async fn concurrent_replays_deliver_once(url: &str) {
-    const LETTERS: usize = 20;
+/// `n` messages the group `billing` dead-lettered, its consumer still running
+/// (its handler fails until `fixed`).
+struct Letters {
+    bus: Bus,
+    topic: String,
+    billing: Arc<Seen>,
+    fixed: Arc<AtomicBool>,
+    consumer: tidings::Consumer,
+    ids: Vec<String>,
+}
+
+async fn dead_letters(url: &str, name: &str, n: usize) -> Letters {
     let bus = tidings::connect(url)
         .await
         .unwrap_or_else(|e| panic!("{url}: {e}; scripts/brokers.sh starts the brokers"));
-    let topic = unique("replay-twice");
+    let topic = unique(name);
     let billing = Arc::new(Seen::default());
     let fixed = Arc::new(AtomicBool::new(false));
     let consumer = consumer(&bus, &topic, "billing", &billing, &fixed)
@@ -161,7 +169,7 @@ async fn concurrent_replays_deliver_once(url: &str) {
         .await
         .expect("billing");
     let mut ids = Vec::new();
-    for n in 0..LETTERS {
+    for n in 0..n {
         let event = Event::new(format!("mail {n}"));
         ids.push(event.id().to_owned());
         bus.publish_event(&topic, event).await.expect("published");
@@ -169,6 +177,28 @@ async fn concurrent_replays_deliver_once(url: &str) {
     for id in &ids {
         billing.until("every message dead-lettered", id, 1).await;
     }
+    Letters {
+        bus,
+        topic,
+        billing,
+        fixed,
+        consumer,
+        ids,
+    }
+}
+
+/// Two inboxes open at once on the same letters (two operators), both
+/// replay everything: the fixed group handles each letter exactly once.
+async fn concurrent_replays_deliver_once(url: &str) {
+    const LETTERS: usize = 20;
+    let Letters {
+        bus,
+        topic,
+        billing,
+        fixed,
+        consumer,
+        ids,
+    } = dead_letters(url, "replay-twice", LETTERS).await;
     fixed.store(true, Ordering::SeqCst);
 
     let (mut first, mut second) = tokio::join!(inbox(&bus, &topic), inbox(&bus, &topic));
@@ -238,25 +268,13 @@ async fn concurrent_replays_deliver_once(url: &str) {
 /// each letter exactly once.
 async fn handed_back_letters_come_to_the_next_inbox_once(url: &str) {
     const LETTERS: usize = 2;
-    let bus = tidings::connect(url)
-        .await
-        .unwrap_or_else(|e| panic!("{url}: {e}; scripts/brokers.sh starts the brokers"));
-    let topic = unique("handed-back");
-    let billing = Arc::new(Seen::default());
-    let broken = Arc::new(AtomicBool::new(false));
-    let consumer = consumer(&bus, &topic, "billing", &billing, &broken)
-        .start()
-        .await
-        .expect("billing");
-    let mut ids = Vec::new();
-    for n in 0..LETTERS {
-        let event = Event::new(format!("mail {n}"));
-        ids.push(event.id().to_owned());
-        bus.publish_event(&topic, event).await.expect("published");
-    }
-    for id in &ids {
-        billing.until("every message dead-lettered", id, 1).await;
-    }
+    let Letters {
+        bus,
+        topic,
+        consumer,
+        mut ids,
+        ..
+    } = dead_letters(url, "handed-back", LETTERS).await;
     ids.sort_unstable();
     for round in 1..=4 {
         let mut letters = inbox(&bus, &topic).await;
