@@ -9,12 +9,13 @@
 //! (as a redelivery and again as a first delivery) and the first not at
 //! all until `ack_wait`. 2.10 and later skip requests without interest
 //! (the same test passes on 2.15). So on older servers a subscription's
-//! requests expire soon, and once its pull stream is gone, its naks wait
-//! until the last request it made has expired.
+//! requests expire soon, and from the moment it starts closing (or a pull
+//! stream is replaced after an error) its naks wait until the last request
+//! of the dropped stream has expired.
 
-use std::sync::OnceLock;
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 /// How long a pull request waits on a server before 2.10 (30 s on others).
@@ -27,24 +28,65 @@ pub(crate) fn needs_waiting(version: &str) -> bool {
     (major, minor) < (2, 10)
 }
 
-/// When the last pull request of a subscription's ended pull stream has
-/// expired on the server; unset while the stream runs.
-#[derive(Debug, Default)]
-pub(crate) struct PullEnd(OnceLock<Instant>);
+/// Where a subscription's pull streams stand, for its naks to wait on.
+#[derive(Debug)]
+pub(crate) struct PullEnd(watch::Sender<State>);
+
+#[derive(Clone, Copy, Debug, Default)]
+struct State {
+    /// The subscription is closing: its stream is about to end.
+    closing: bool,
+    /// Its last stream has ended.
+    ended: bool,
+    /// When the requests of the streams dropped so far have all expired.
+    quiet_at: Option<Instant>,
+}
+
+impl Default for PullEnd {
+    fn default() -> Self {
+        PullEnd(watch::channel(State::default()).0)
+    }
+}
 
 impl PullEnd {
-    /// The pull stream was dropped now: its requests expire within
-    /// [`EXPIRES_ON_OLD_SERVERS`] (and a little for the clocks).
-    pub fn ended(&self) {
-        let margin = Duration::from_millis(250);
-        let _ = self.0.set(Instant::now() + EXPIRES_ON_OLD_SERVERS + margin);
+    /// The subscription is closing (its pump will drop the stream soon):
+    /// from now on naks wait for that.
+    pub fn closing(&self) {
+        self.0.send_modify(|s| s.closing = true);
     }
 
-    /// Waits until no request of the ended stream can still be waiting;
-    /// returns at once while the stream runs.
+    /// A pull stream was dropped now (`last`: the subscription's final one;
+    /// otherwise one replaced after an error): its requests expire within
+    /// [`EXPIRES_ON_OLD_SERVERS`], and a little for the clocks.
+    pub fn dropped(&self, last: bool) {
+        let quiet_at = Instant::now() + EXPIRES_ON_OLD_SERVERS + Duration::from_millis(250);
+        self.0.send_modify(|s| {
+            s.quiet_at = Some(quiet_at);
+            s.ended |= last;
+        });
+    }
+
+    /// Waits until no request of a dropped stream can still be waiting on
+    /// the server; returns at once while the stream runs. Bounded: a pump
+    /// that never says its stream ended is waited for one expiry at most.
     pub async fn wait(&self) {
-        if let Some(at) = self.0.get() {
-            tokio::time::sleep_until(*at).await;
+        let mut rx = self.0.subscribe();
+        let give_up = Instant::now() + EXPIRES_ON_OLD_SERVERS + Duration::from_millis(250);
+        loop {
+            let state = *rx.borrow_and_update();
+            if let Some(at) = state.quiet_at
+                && at > Instant::now()
+            {
+                tokio::time::sleep_until(at).await;
+                continue;
+            }
+            if state.closing && !state.ended {
+                match tokio::time::timeout_at(give_up, rx.changed()).await {
+                    Ok(Ok(())) => continue,
+                    _ => return,
+                }
+            }
+            return;
         }
     }
 }

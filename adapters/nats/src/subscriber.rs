@@ -226,6 +226,7 @@ impl Subscriber for NatsSubscriber {
             pull_end: stale_pull::needs_waiting(&shared.client.server_info().version)
                 .then(Arc::default),
         };
+        let pull_end = pump.pull_end.clone();
         let task = match (shared.config.mode, &group) {
             (Mode::JetStream, Some(g)) => {
                 let consumer =
@@ -280,6 +281,7 @@ impl Subscriber for NatsSubscriber {
             rx,
             stop: stop_tx,
             task: Some(task),
+            pull_end,
         }))
     }
 
@@ -529,6 +531,10 @@ impl Pump {
                 if let Some((c, m)) = restored {
                     consumer = c;
                     messages = m;
+                    // The old stream's requests may still wait on the server.
+                    if let Some(end) = &self.pull_end {
+                        end.dropped(false);
+                    }
                     break;
                 }
             }
@@ -544,7 +550,7 @@ impl Pump {
         }
         drop(messages);
         if let Some(end) = &self.pull_end {
-            end.ended();
+            end.dropped(true);
             if !unread.is_empty() {
                 end.wait().await;
             }
@@ -805,6 +811,9 @@ struct NatsStream {
     rx: mpsc::Receiver<Result<Delivery>>,
     stop: watch::Sender<bool>,
     task: Option<JoinHandle<()>>,
+    /// On servers before 2.10: told the subscription is closing before
+    /// anything is handed back (see `stale_pull`).
+    pull_end: Option<Arc<PullEnd>>,
 }
 
 impl Stream for NatsStream {
@@ -818,6 +827,9 @@ impl Stream for NatsStream {
 impl DeliveryStream for NatsStream {
     fn close(&mut self) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
+            if let Some(end) = &self.pull_end {
+                end.closing();
+            }
             self.stop.send_replace(true);
             self.rx.close();
             // Deliveries queued but not taken are dropped unsettled: handed back.
@@ -836,6 +848,9 @@ impl DeliveryStream for NatsStream {
 
 impl Drop for NatsStream {
     fn drop(&mut self) {
+        if let Some(end) = &self.pull_end {
+            end.closing();
+        }
         self.stop.send_replace(true);
     }
 }

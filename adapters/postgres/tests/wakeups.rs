@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use sqlx::postgres::PgListener;
 use tidings_core::testkit::{unique, within};
 use tidings_core::{Consumer, Event, Message, Raw, StartFrom, Subscriber};
 use tidings_postgres::{EventStore, ExpectedVersion};
@@ -29,6 +30,48 @@ async fn appends_wake_a_subscription_that_never_polls() {
     });
     let category = unique("woken").replace('-', "_");
     let stream = format!("{category}-1");
+
+    // The mechanism itself, on a listener of the test's own (nothing else
+    // in this binary notifies): an append in its own transaction notifies
+    // after its commit, one in a caller's transaction at that commit.
+    let mut listener = PgListener::connect_with(store.pool())
+        .await
+        .expect("listener");
+    listener.listen("tidings_events").await.expect("LISTEN");
+    let other = format!("{category}x-0");
+    store
+        .append(&other, ExpectedVersion::NoStream, vec![Message::new("a")])
+        .await
+        .expect("own transaction");
+    within(
+        10,
+        "the notification of an append in its own transaction",
+        listener.recv(),
+    )
+    .await
+    .expect("notified");
+    let mut tx = store.pool().begin().await.expect("begin");
+    EventStore::append_in(
+        &mut tx,
+        &other,
+        ExpectedVersion::Exact(1),
+        &[Message::new("b")],
+    )
+    .await
+    .expect("in the caller's transaction");
+    tx.commit().await.expect("commit");
+    within(
+        10,
+        "the notification at the caller's commit",
+        listener.recv(),
+    )
+    .await
+    .expect("notified");
+    drop(listener);
+
+    // End to end: a subscription that never polls is woken by both. (Its
+    // read after settling the first event could also find the next one;
+    // the listener above is what proves the notifications.)
     // Handled once the subscription reads, which it does once listening.
     store
         .append(
