@@ -18,6 +18,21 @@ use tokio::sync::mpsc;
 
 const URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 
+/// Appends `payload` to `stream` at version `at` inside a transaction of
+/// the caller's, then commits it.
+async fn append_and_commit(store: &EventStore, stream: &str, at: u64, payload: &'static str) {
+    let mut tx = store.pool().begin().await.expect("begin");
+    EventStore::append_in(
+        &mut tx,
+        stream,
+        ExpectedVersion::Exact(at),
+        &[Message::new(payload)],
+    )
+    .await
+    .expect("in the caller's transaction");
+    tx.commit().await.expect("commit");
+}
+
 /// The next event handled, within 10 s.
 async fn next(handled: &mut mpsc::UnboundedReceiver<String>, what: &str) -> Option<String> {
     within(10, what, handled.recv()).await
@@ -50,16 +65,7 @@ async fn appends_wake_a_subscription_that_never_polls() {
     )
     .await
     .expect("notified");
-    let mut tx = store.pool().begin().await.expect("begin");
-    EventStore::append_in(
-        &mut tx,
-        &other,
-        ExpectedVersion::Exact(1),
-        &[Message::new("b")],
-    )
-    .await
-    .expect("in the caller's transaction");
-    tx.commit().await.expect("commit");
+    append_and_commit(&store, &other, 1, "b").await;
     within(
         10,
         "the notification at the caller's commit",
@@ -118,16 +124,7 @@ async fn appends_wake_a_subscription_that_never_polls() {
         Some("own")
     );
 
-    let mut tx = store.pool().begin().await.expect("begin");
-    EventStore::append_in(
-        &mut tx,
-        &stream,
-        ExpectedVersion::Exact(2),
-        &[Message::new("theirs")],
-    )
-    .await
-    .expect("in the caller's transaction");
-    tx.commit().await.expect("commit");
+    append_and_commit(&store, &stream, 2, "theirs").await;
     assert_eq!(
         next(&mut handled, "the caller's commit to wake it")
             .await
