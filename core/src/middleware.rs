@@ -41,10 +41,22 @@ pub trait Middleware: Send + Sync + 'static {
     async fn handle(&self, delivery: &Delivery, next: Next<'_>) -> HandlerResult;
 }
 
-#[async_trait]
+// Written out rather than with `#[async_trait]`, which would box a second
+// future around the inner one: every layer of a stack is called through its
+// `Arc`, so that box would be paid per layer per message.
 impl<M: Middleware + ?Sized> Middleware for Arc<M> {
-    async fn handle(&self, delivery: &Delivery, next: Next<'_>) -> HandlerResult {
-        (**self).handle(delivery, next).await
+    fn handle<'life0, 'life1, 'life2, 'async_trait>(
+        &'life0 self,
+        delivery: &'life1 Delivery,
+        next: Next<'life2>,
+    ) -> BoxFuture<'async_trait, HandlerResult>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        'life2: 'async_trait,
+        Self: 'async_trait,
+    {
+        (**self).handle(delivery, next)
     }
 }
 

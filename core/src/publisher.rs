@@ -4,6 +4,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use futures::future::BoxFuture;
 
 use std::marker::PhantomData;
 
@@ -67,18 +68,41 @@ pub trait Publisher: Send + Sync {
     async fn close(&self) -> Result<()>;
 }
 
-#[async_trait]
+// Written out rather than with `#[async_trait]`, which would box a second
+// future around the inner one on every publish through an `Arc`.
 impl<P: Publisher + ?Sized> Publisher for Arc<P> {
-    async fn publish(&self, topic: &str, message: Message) -> Result<Receipt> {
-        (**self).publish(topic, message).await
+    fn publish<'life0, 'life1, 'async_trait>(
+        &'life0 self,
+        topic: &'life1 str,
+        message: Message,
+    ) -> BoxFuture<'async_trait, Result<Receipt>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
+        (**self).publish(topic, message)
     }
 
-    async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> Vec<Result<Receipt>> {
-        (**self).publish_batch(topic, messages).await
+    fn publish_batch<'life0, 'life1, 'async_trait>(
+        &'life0 self,
+        topic: &'life1 str,
+        messages: Vec<Message>,
+    ) -> BoxFuture<'async_trait, Vec<Result<Receipt>>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
+        (**self).publish_batch(topic, messages)
     }
 
-    async fn close(&self) -> Result<()> {
-        (**self).close().await
+    fn close<'life0, 'async_trait>(&'life0 self) -> BoxFuture<'async_trait, Result<()>>
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
+        (**self).close()
     }
 }
 

@@ -207,6 +207,10 @@ impl CircuitBreaker {
 
     /// Waits until a call may be made.
     pub async fn acquire(&self) -> Permit {
+        // Closed, the usual case: no waiter set up.
+        if let Ok(permit) = self.try_acquire() {
+            return permit;
+        }
         loop {
             let freed = self.inner.probe_freed.notified();
             match self.try_acquire() {
