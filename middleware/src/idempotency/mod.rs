@@ -1,0 +1,222 @@
+//! Idempotency: a message whose id (or business key) a group already handled
+//! successfully is skipped — exactly-once *effect* on top of at-least-once delivery.
+//!
+//! Per message the layer **claims** the key in a store (an in-progress marker
+//! with a lease), runs the handler, and on success **completes** it (a done
+//! record kept for the TTL); on failure it **releases** the claim so a
+//! redelivery can try again. A second delivery of a done key is acked without
+//! running the handler. A delivery that finds another replica's in-progress
+//! marker is nacked for later: two replicas never run the same message at
+//! once, and a crashed replica's marker expires with its lease.
+//!
+//! Stores: [`MemoryStore`] (TTL and size bound, one process) and,
+//! with the `redis` feature, `RedisStore` (`SET NX PX`, shared by replicas).
+
+use std::any::Any;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tidings_core::middleware::Next;
+use tidings_core::{BoxError, Delivery, HandlerError, HandlerResult, Message, Middleware};
+
+mod memory;
+#[cfg(feature = "redis")]
+mod redis;
+
+pub use memory::MemoryStore;
+#[cfg(feature = "redis")]
+pub use redis::RedisStore;
+
+/// What a claim found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// The key is ours to handle.
+    Claimed,
+    /// The key was handled successfully before.
+    Done,
+    /// Someone else holds an unexpired claim on it.
+    InProgress,
+}
+
+/// Where handled keys are recorded.
+#[async_trait]
+pub trait IdempotencyStore: Send + Sync + 'static {
+    /// Claims `key` for `lease` unless it is done or claimed.
+    async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, BoxError>;
+    /// Records `key` as done for `ttl`.
+    async fn complete(&self, key: &str, ttl: Duration) -> Result<(), BoxError>;
+    /// Gives up a claim (the handler failed), so a redelivery may claim it.
+    async fn release(&self, key: &str) -> Result<(), BoxError>;
+}
+
+type KeyFn = Arc<dyn Fn(&Message) -> String + Send + Sync>;
+
+/// The idempotency layer; see the [module docs](self).
+///
+/// ```
+/// use std::time::Duration;
+/// use tidings_middleware::idempotency::Idempotency;
+/// let dedup = Idempotency::in_memory(Duration::from_secs(3600))
+///     // deduplicate on a business key instead of the message id:
+///     .key(|m| m.headers.get("order-id").cloned().unwrap_or_else(|| m.id.clone()));
+/// # let _ = dedup;
+/// ```
+#[derive(Clone)]
+pub struct Idempotency {
+    store: Store,
+    ttl: Duration,
+    lease: Duration,
+    key: Option<KeyFn>,
+}
+
+/// Where the layer records keys.
+#[derive(Clone)]
+enum Store {
+    /// In process: called directly, without the boxed future of each
+    /// `IdempotencyStore` call, and given the key in parts, so nothing is
+    /// allocated for it.
+    Memory(Arc<MemoryStore>),
+    /// Any other store, through its trait.
+    Other(Arc<dyn IdempotencyStore>),
+}
+
+impl Idempotency {
+    /// Records handled keys in `store` for `ttl`.
+    pub fn new<S: IdempotencyStore>(store: S, ttl: Duration) -> Self {
+        let mut store = Some(store);
+        let store = match (&mut store as &mut dyn Any).downcast_mut::<Option<MemoryStore>>() {
+            Some(memory) => memory.take().map(|m| Store::Memory(Arc::new(m))),
+            None => store.map(|s| Store::Other(Arc::new(s))),
+        }
+        .expect("the store is taken once");
+        Idempotency {
+            store,
+            ttl,
+            lease: Duration::from_secs(60),
+            key: None,
+        }
+    }
+
+    /// An in-process store keeping at most 1,000,000 keys for `ttl`.
+    pub fn in_memory(ttl: Duration) -> Self {
+        Self::new(MemoryStore::new(1_000_000, ttl), ttl)
+    }
+
+    /// How long a claim holds before it expires (a crashed handler's claim
+    /// frees the message after this). Longer than your slowest handler; default 60 s.
+    #[must_use]
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// Deduplicates on `key(message)` instead of the message id.
+    #[must_use]
+    pub fn key(mut self, key: impl Fn(&Message) -> String + Send + Sync + 'static) -> Self {
+        self.key = Some(Arc::new(key));
+        self
+    }
+
+    /// Calls `f` with the delivery's group and key: every group handles
+    /// every message once.
+    fn with_key<R>(&self, delivery: &Delivery, f: impl FnOnce(&str, &str) -> R) -> R {
+        let message = delivery.message();
+        let group = delivery.group().unwrap_or("-");
+        match &self.key {
+            Some(key) => f(group, &key(message)),
+            None => f(group, &message.id),
+        }
+    }
+
+    /// What a claim that is not ours makes of the delivery: a duplicate is
+    /// acked without running the handler; one another consumer is handling
+    /// is retried after a while.
+    fn skip(&self, claim: Claim, delivery: &Delivery) -> Option<HandlerResult> {
+        let id = &delivery.message().id;
+        match claim {
+            Claim::Claimed => None,
+            Claim::Done => {
+                tracing::debug!(%id, group = delivery.group(), "duplicate skipped");
+                Some(Ok(()))
+            }
+            Claim::InProgress => Some(Err(HandlerError::retryable(format!(
+                "the idempotency key of message {id} is being handled by another consumer"
+            ))
+            .with_retry_after(self.lease.min(Duration::from_secs(1))))),
+        }
+    }
+}
+
+/// `<group>:<key>`, the key a store other than the in-memory one is given.
+fn scoped(group: &str, key: &str) -> String {
+    let mut scoped = String::with_capacity(group.len() + 1 + key.len());
+    scoped.push_str(group);
+    scoped.push(':');
+    scoped.push_str(key);
+    scoped
+}
+
+#[async_trait]
+impl Middleware for Idempotency {
+    async fn handle(&self, delivery: &Delivery, next: Next<'_>) -> HandlerResult {
+        match &self.store {
+            Store::Memory(store) => {
+                let key = self.with_key(delivery, |group, key| store.digest(group, key));
+                if let Some(skipped) = self.skip(store.claim_digest(key, self.lease), delivery) {
+                    return skipped;
+                }
+                let result = next.run(delivery).await;
+                store.record_digest(key, result.is_ok());
+                result
+            }
+            Store::Other(store) => {
+                let key = self.with_key(delivery, scoped);
+                let claim = store
+                    .claim(&key, self.lease)
+                    .await
+                    .map_err(HandlerError::retryable)?;
+                if let Some(skipped) = self.skip(claim, delivery) {
+                    return skipped;
+                }
+                let result = next.run(delivery).await;
+                let recorded = match &result {
+                    Ok(()) => store.complete(&key, self.ttl).await,
+                    Err(_) => store.release(&key).await,
+                };
+                if let Err(error) = recorded {
+                    // The handler's outcome stands; the claim expires with its lease.
+                    tracing::warn!(key, %error, "recording the idempotency key failed");
+                }
+                result
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_in_memory_store_is_called_directly_and_others_through_the_trait() {
+        let ttl = Duration::from_secs(60);
+        let direct = Idempotency::new(MemoryStore::new(10, ttl), ttl);
+        assert!(matches!(direct.store, Store::Memory(_)));
+        struct Elsewhere;
+        #[async_trait]
+        impl IdempotencyStore for Elsewhere {
+            async fn claim(&self, _: &str, _: Duration) -> Result<Claim, BoxError> {
+                Ok(Claim::Claimed)
+            }
+            async fn complete(&self, _: &str, _: Duration) -> Result<(), BoxError> {
+                Ok(())
+            }
+            async fn release(&self, _: &str) -> Result<(), BoxError> {
+                Ok(())
+            }
+        }
+        let other = Idempotency::new(Elsewhere, ttl);
+        assert!(matches!(other.store, Store::Other(_)));
+    }
+}

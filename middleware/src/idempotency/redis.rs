@@ -1,0 +1,106 @@
+//! The Redis store: handled keys shared by every replica.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tidings_core::BoxError;
+
+use super::{Claim, IdempotencyStore};
+
+/// Handled keys in Redis, shared by every replica: `SET key NX PX` claims,
+/// a done record with the TTL completes, a token-checked delete releases.
+pub struct RedisStore {
+    connection: redis::aio::ConnectionManager,
+    prefix: String,
+    token: String,
+}
+
+const DONE: &str = "done";
+
+impl RedisStore {
+    /// Connects to `url` (`redis://127.0.0.1:6379`); keys are `tidings:idem:<group>:<key>`.
+    pub async fn connect(url: &str) -> Result<Self, BoxError> {
+        let client = redis::Client::open(url)?;
+        let connection = redis::aio::ConnectionManager::new(client).await?;
+        Ok(RedisStore {
+            connection,
+            prefix: "tidings:idem:".to_owned(),
+            token: format!("claimed:{:016x}", fastrand_u64()),
+        })
+    }
+
+    /// Sets the key prefix.
+    #[must_use]
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+}
+
+fn fastrand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default(),
+    );
+    h.finish()
+}
+
+#[async_trait]
+impl IdempotencyStore for RedisStore {
+    async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, BoxError> {
+        let mut c = self.connection.clone();
+        let key = format!("{}{key}", self.prefix);
+        let lease_ms = lease.as_millis().max(1) as u64;
+        // Two rounds at most: a claim can expire between SET NX and GET.
+        for _ in 0..2 {
+            let set: Option<String> = redis::cmd("SET")
+                .arg(&key)
+                .arg(&self.token)
+                .arg("NX")
+                .arg("PX")
+                .arg(lease_ms)
+                .query_async(&mut c)
+                .await?;
+            if set.is_some() {
+                return Ok(Claim::Claimed);
+            }
+            let current: Option<String> = redis::cmd("GET").arg(&key).query_async(&mut c).await?;
+            match current.as_deref() {
+                Some(DONE) => return Ok(Claim::Done),
+                Some(_) => return Ok(Claim::InProgress),
+                None => continue,
+            }
+        }
+        Ok(Claim::InProgress)
+    }
+
+    async fn complete(&self, key: &str, ttl: Duration) -> Result<(), BoxError> {
+        let mut c = self.connection.clone();
+        let () = redis::cmd("SET")
+            .arg(format!("{}{key}", self.prefix))
+            .arg(DONE)
+            .arg("PX")
+            .arg(ttl.as_millis().max(1) as u64)
+            .query_async(&mut c)
+            .await?;
+        Ok(())
+    }
+
+    async fn release(&self, key: &str) -> Result<(), BoxError> {
+        let mut c = self.connection.clone();
+        // Delete only our own claim, never another replica's or a done record.
+        let script = redis::Script::new(
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end",
+        );
+        let _: i64 = script
+            .key(format!("{}{key}", self.prefix))
+            .arg(&self.token)
+            .invoke_async(&mut c)
+            .await?;
+        Ok(())
+    }
+}
