@@ -19,8 +19,9 @@ use super::{Claim, IdempotencyStore};
 /// middleware stack.)
 ///
 /// Keys are kept as 128-bit digests: two SipHash-1-3 hashes (std's hasher)
-/// under secret keys drawn for each store. So the store holds about 90 bytes
-/// per key however long the keys are, and allocates nothing per message.
+/// under secret keys drawn for each store. So a key costs the same however
+/// long it is (a 32-byte slot in the map and two 24-byte entries in the
+/// expiry queue), and nothing is allocated per message.
 /// Two different keys share a digest with a chance of about 2⁻¹²⁸ per pair
 /// (10⁻²⁷ among a million keys), and since the hash keys are secret to the
 /// process, keys cannot be chosen to collide.
