@@ -220,12 +220,32 @@ impl std::fmt::Debug for Bus {
 
 #[async_trait]
 impl Publisher for Bus {
-    async fn publish(&self, topic: &str, message: Message) -> Result<Receipt> {
-        self.publisher.publish(topic, message).await
+    // `publish` and `publish_batch` hand on the publisher's own future: with
+    // `async fn` here, every publish through a `Bus` would box a second one.
+    fn publish<'life0, 'life1, 'async_trait>(
+        &'life0 self,
+        topic: &'life1 str,
+        message: Message,
+    ) -> futures::future::BoxFuture<'async_trait, Result<Receipt>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
+        self.publisher.publish(topic, message)
     }
 
-    async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> Vec<Result<Receipt>> {
-        self.publisher.publish_batch(topic, messages).await
+    fn publish_batch<'life0, 'life1, 'async_trait>(
+        &'life0 self,
+        topic: &'life1 str,
+        messages: Vec<Message>,
+    ) -> futures::future::BoxFuture<'async_trait, Vec<Result<Receipt>>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
+        self.publisher.publish_batch(topic, messages)
     }
 
     /// Closes the publisher, then the adapter's connection as the adapter's

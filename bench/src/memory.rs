@@ -199,6 +199,29 @@ async fn memory_allocs(args: &Args, clock: &Arc<Clock>) {
         "ALLOCS tidings memory publish: {}",
         per_message(Counting::stop())
     );
+    // The same through the facade's `Bus`, as a service built with
+    // `tidings::connect` publishes.
+    let behind = self::bus(2 * n);
+    behind
+        .declare_group("bench", "sink")
+        .await
+        .expect("declare");
+    let facade = tidings::Bus::new(Arc::new(behind.clone()), Arc::new(behind));
+    for round in 0..2 {
+        if round == 1 {
+            Counting::start();
+        }
+        for _ in 0..n {
+            facade
+                .publish("bench", Message::new(clock.payload(args.payload)))
+                .await
+                .expect("publish");
+        }
+    }
+    println!(
+        "ALLOCS tidings memory publish-via-bus: {}",
+        per_message(Counting::stop())
+    );
 
     // Publish → handler → ack, after a warm-up of as many messages.
     let bus = MemoryBus::with_config(MemoryConfig {
