@@ -1,8 +1,8 @@
 //! The in-process store.
 
 use std::collections::VecDeque;
-use std::collections::hash_map::{DefaultHasher, Entry, HashMap, RandomState};
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::collections::hash_map::{Entry, HashMap, RandomState};
+use std::hash::BuildHasher;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -18,18 +18,19 @@ use super::{Claim, IdempotencyStore};
 /// first: its bookkeeping cost about 4 µs per message in the full
 /// middleware stack.)
 ///
-/// Keys are kept as 128-bit digests: two SipHash-1-3 hashes (std's hasher)
-/// under secret keys drawn for each store. So a key costs the same however
-/// long it is (a 32-byte slot in the map and two 24-byte entries in the
-/// expiry queue), and nothing is allocated per message.
-/// Two different keys share a digest with a chance of about 2⁻¹²⁸ per pair
-/// (10⁻²⁷ among a million keys), and since the hash keys are secret to the
-/// process, keys cannot be chosen to collide.
+/// Keys are kept as 128-bit digests: SipHash-1-3 (std's hasher) and
+/// foldhash, each under a secret seed drawn for each store. So a key costs
+/// the same however long it is (a 32-byte slot in the map and two 24-byte
+/// entries in the expiry queue), and nothing is allocated per message. Two
+/// different keys share a digest only if both hashes collide: by chance
+/// about 2⁻¹²⁸ per pair (10⁻²⁷ among a million keys); by choice, not
+/// without SipHash's secret key.
 pub struct MemoryStore {
     capacity: usize,
     ttl: Duration,
-    /// The digest's secret keys.
-    digests: [RandomState; 2],
+    /// The digest's two hashes, with their secret seeds.
+    sip: RandomState,
+    fold: foldhash::quality::RandomState,
     /// What the records' times count from.
     epoch: Instant,
     state: Mutex<Entries>,
@@ -83,7 +84,8 @@ impl MemoryStore {
         MemoryStore {
             capacity: capacity.max(1) as usize,
             ttl,
-            digests: [RandomState::new(), RandomState::new()],
+            sip: RandomState::new(),
+            fold: foldhash::quality::RandomState::default(),
             epoch: Instant::now(),
             state: Mutex::default(),
         }
@@ -98,21 +100,13 @@ impl MemoryStore {
         self.epoch.elapsed().as_micros() as Micros
     }
 
-    fn digest_with(&self, write: impl Fn(&mut DefaultHasher)) -> Digest {
-        let [a, b] = &self.digests;
-        let (mut a, mut b) = (a.build_hasher(), b.build_hasher());
-        write(&mut a);
-        write(&mut b);
-        (a.finish(), b.finish())
-    }
-
     /// The digest of `key` within `group` (`str`'s `Hash` ends each part
     /// with a marker, so no other pair of parts has the same bytes).
     pub(super) fn digest(&self, group: &str, key: &str) -> Digest {
-        self.digest_with(|h| {
-            group.hash(h);
-            key.hash(h);
-        })
+        (
+            self.sip.hash_one((group, key)),
+            self.fold.hash_one((group, key)),
+        )
     }
 
     /// Claims `key` for `lease` unless it is done or claimed (one lookup).
