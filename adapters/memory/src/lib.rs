@@ -13,6 +13,11 @@
 //! [`MemoryConfig::history`] set it keeps the last messages of each topic, and a
 //! new group or private subscription can start from the beginning or a time.
 //!
+//! [`Publisher::publish`] queues the message for every group when it is
+//! called, not when its future is first polled: messages are queued in the
+//! order of the calls, and the future only waits for room in a group that is
+//! full (up to [`MemoryConfig::publish_timeout`]).
+//!
 //! ```
 //! use tidings_core::{Consumer, Event, HandlerError, PublisherExt};
 //! use tidings_memory::MemoryBus;
