@@ -112,13 +112,23 @@ where
     FromFn(f)
 }
 
-#[async_trait]
+// Hands on the closure's own boxed future (see `Arc<M>`'s impl above).
 impl<F> Middleware for FromFn<F>
 where
     F: for<'a> Fn(&'a Delivery, Next<'a>) -> BoxFuture<'a, HandlerResult> + Send + Sync + 'static,
 {
-    async fn handle(&self, delivery: &Delivery, next: Next<'_>) -> HandlerResult {
-        (self.0)(delivery, next).await
+    fn handle<'life0, 'life1, 'life2, 'async_trait>(
+        &'life0 self,
+        delivery: &'life1 Delivery,
+        next: Next<'life2>,
+    ) -> BoxFuture<'async_trait, HandlerResult>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        'life2: 'async_trait,
+        Self: 'async_trait,
+    {
+        (self.0)(delivery, next)
     }
 }
 
@@ -206,8 +216,28 @@ impl LayeredPublisher {
 
 #[async_trait]
 impl Publisher for LayeredPublisher {
-    async fn publish(&self, topic: &str, message: Message) -> Result<Receipt> {
-        self.next().run(topic, message).await
+    /// Hands on the first layer's own future rather than boxing another.
+    fn publish<'life0, 'life1, 'async_trait>(
+        &'life0 self,
+        topic: &'life1 str,
+        message: Message,
+    ) -> BoxFuture<'async_trait, Result<Receipt>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
+        match self.stack.split_first() {
+            Some((first, rest)) => first.publish(
+                topic,
+                message,
+                PublishNext {
+                    rest,
+                    publisher: &*self.inner,
+                },
+            ),
+            None => self.inner.publish(topic, message),
+        }
     }
 
     /// Each message goes through the stack on its own; they are all in flight together.

@@ -24,16 +24,29 @@ pub struct Elapsed(pub Duration);
 #[async_trait]
 impl Middleware for Timeout {
     async fn handle(&self, delivery: &Delivery, next: Next<'_>) -> HandlerResult {
-        let deadline = Instant::now() + self.0;
+        use std::future::Future;
+        use std::task::Poll;
+        let Some(deadline) = Instant::now().checked_add(self.0) else {
+            return next.run(delivery).await; // no end in sight
+        };
         let mut call = std::pin::pin!(next.run(delivery));
-        // A call that finishes without waiting needs no timer: most of them,
-        // and a timer is the costliest part of this layer.
-        if let std::task::Poll::Ready(result) = futures::poll!(call.as_mut()) {
-            return result;
-        }
-        tokio::time::timeout_at(deadline, call)
-            .await
-            .unwrap_or_else(|_| Err(HandlerError::retryable(Elapsed(self.0))))
+        // The timer is set up at the call's first wait: a call that finishes
+        // without waiting (most of them) needs none, and a timer is the
+        // costliest part of this layer.
+        let mut timer = std::pin::pin!(None::<tokio::time::Sleep>);
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(result) = call.as_mut().poll(cx) {
+                return Poll::Ready(result);
+            }
+            if timer.is_none() {
+                timer.set(Some(tokio::time::sleep_until(deadline)));
+            }
+            match timer.as_mut().as_pin_mut().map(|t| t.poll(cx)) {
+                Some(Poll::Ready(())) => Poll::Ready(Err(HandlerError::retryable(Elapsed(self.0)))),
+                _ => Poll::Pending,
+            }
+        })
+        .await
     }
 }
 

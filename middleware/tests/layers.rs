@@ -429,6 +429,32 @@ async fn timeout_turns_a_slow_call_into_a_retry() {
     consumer.shutdown(Duration::from_secs(5)).await;
 }
 
+#[tokio::test]
+async fn a_timeout_too_long_to_reach_lets_calls_finish() {
+    let bus = MemoryBus::new();
+    let topic = unique("timeout-max");
+    let (done_tx, mut done) = mpsc::unbounded_channel();
+    let consumer = Consumer::group(bus.subscriber(), "t")
+        .layer(Timeout(Duration::MAX))
+        .handle(&topic, move |e: Event<u32>| {
+            let done = done_tx.clone();
+            async move {
+                tokio::task::yield_now().await; // waits once: the timer is set up
+                let _ = done.send(e.data);
+                Ok(())
+            }
+        })
+        .start()
+        .await
+        .unwrap();
+    bus.publish_event(&topic, Event::new(7u32)).await.unwrap();
+    assert_eq!(
+        within(10, "the handled message", done.recv()).await,
+        Some(7)
+    );
+    consumer.shutdown(Duration::from_secs(5)).await;
+}
+
 #[cfg(feature = "redis")]
 mod redis_store {
     use super::*;

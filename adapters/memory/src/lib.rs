@@ -13,10 +13,14 @@
 //! [`MemoryConfig::history`] set it keeps the last messages of each topic, and a
 //! new group or private subscription can start from the beginning or a time.
 //!
-//! [`Publisher::publish`] queues the message for every group when it is
-//! called, not when its future is first polled: messages are queued in the
-//! order of the calls, and the future only waits for room in a group that is
-//! full (up to [`MemoryConfig::publish_timeout`]).
+//! [`Publisher::publish`] on this bus queues the message for every group
+//! that has room when it is called, not when its future is first polled; the
+//! future then only waits for room in a group that is full (up to
+//! [`MemoryConfig::publish_timeout`]), so while no group is full messages
+//! are queued in the order of the calls. (A property of this bus, not of
+//! the `Publisher` trait: `publish_event` and publish layers start their
+//! work when polled. As on a broker, a publish whose future is dropped may
+//! have been published.)
 //!
 //! ```
 //! use tidings_core::{Consumer, Event, HandlerError, PublisherExt};

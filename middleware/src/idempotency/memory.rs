@@ -19,12 +19,17 @@ use super::{Claim, IdempotencyStore};
 /// middleware stack.)
 ///
 /// Keys are kept as 128-bit digests: SipHash-1-3 (std's hasher) and
-/// foldhash, each under a secret seed drawn for each store. So a key costs
-/// the same however long it is (a 32-byte slot in the map and two 24-byte
-/// entries in the expiry queue), and nothing is allocated per message. Two
-/// different keys share a digest only if both hashes collide: by chance
+/// foldhash, each under secret keys of the process (varied per store). So a
+/// key costs the same however long it is (a 32-byte slot in the map and up
+/// to two 24-byte entries in the expiry queue, with the table's spare room
+/// 120–165 bytes at a million keys), and nothing is allocated per message.
+/// Two different keys share a digest only if both hashes collide: by chance
 /// about 2⁻¹²⁸ per pair (10⁻²⁷ among a million keys); by choice, not
 /// without SipHash's secret key.
+///
+/// The [`Idempotency`](super::Idempotency) layer gives the store a group and
+/// a key; keys given whole to the [`IdempotencyStore`] methods are digested
+/// as they are, so the two do not meet: give a store to one layer.
 pub struct MemoryStore {
     capacity: usize,
     ttl: Duration,
@@ -52,6 +57,10 @@ enum Record {
 /// the map, in a few instructions.
 type Map = HashMap<Digest, (Record, Micros), foldhash::fast::RandomState>;
 
+/// Entries the expiry queue may hold beyond two per key before its stale
+/// ones (records since released, completed or claimed again) are dropped.
+const SLACK: usize = 1024;
+
 #[derive(Default)]
 struct Entries {
     map: Map,
@@ -70,11 +79,26 @@ impl Entries {
             if *at > now && self.map.len() <= capacity {
                 break;
             }
-            if self.map.get(key).is_some_and(|(_, until)| until == at) {
+            if self.is_current(key, *at) {
                 self.map.remove(key);
             }
             self.expiry.pop_front();
         }
+        // Stale entries wait at the front until they are due, which bounds
+        // the queue while handlers succeed (one claim and one completion per
+        // key). When most are released instead (failures), they would pile
+        // up for a lease: dropped once they are more than the live ones,
+        // which costs one lookup per entry pushed since.
+        if self.expiry.len() > 2 * self.map.len() + SLACK {
+            let Entries { map, expiry } = self;
+            expiry.retain(|(at, key)| map.get(key).is_some_and(|(_, until)| until == at));
+            expiry.shrink_to(2 * expiry.len() + SLACK);
+        }
+    }
+
+    /// Whether the queue entry `(at, key)` is the key's current record.
+    fn is_current(&self, key: &Digest, at: Micros) -> bool {
+        self.map.get(key).is_some_and(|(_, until)| *until == at)
     }
 }
 
@@ -97,7 +121,7 @@ impl MemoryStore {
     }
 
     fn now(&self) -> Micros {
-        self.epoch.elapsed().as_micros() as Micros
+        micros(self.epoch.elapsed())
     }
 
     /// The digest of `key` within `group` (`str`'s `Hash` ends each part
@@ -112,13 +136,16 @@ impl MemoryStore {
     /// Claims `key` for `lease` unless it is done or claimed (one lookup).
     pub(super) fn claim_digest(&self, key: Digest, lease: Duration) -> Claim {
         let now = self.now();
-        let until = now.saturating_add(lease.as_micros() as Micros);
+        let until = now.saturating_add(micros(lease));
         let mut entries = self.lock();
         entries.evict(now, self.capacity);
         let Entries { map, expiry } = &mut *entries;
         match map.entry(key) {
             Entry::Occupied(entry) => match entry.get() {
-                (Record::Done, _) => return Claim::Done,
+                // Records are dropped when their entry in the queue comes
+                // due, which can be later than their own time (a claim's
+                // lease ahead of a shorter TTL): their time decides.
+                (Record::Done, until) if *until > now => return Claim::Done,
                 (Record::Claimed, held) if *held > now => return Claim::InProgress,
                 _ => *entry.into_mut() = (Record::Claimed, until),
             },
@@ -137,13 +164,18 @@ impl MemoryStore {
             self.lock().map.remove(&key);
             return;
         }
-        let until = self.now().saturating_add(self.ttl.as_micros() as Micros);
+        let until = self.now().saturating_add(micros(self.ttl));
         let mut entries = self.lock();
         // Inserted again if it was evicted while it was handled (the store
         // is beyond its capacity).
         entries.map.insert(key, (Record::Done, until));
         entries.expiry.push_back((until, key));
     }
+}
+
+/// A duration in microseconds, at most `u64::MAX` (585,000 years).
+fn micros(duration: Duration) -> Micros {
+    Micros::try_from(duration.as_micros()).unwrap_or(Micros::MAX)
 }
 
 /// Answers at once; the [`Idempotency`](super::Idempotency) layer calls it
@@ -215,6 +247,39 @@ mod tests {
         assert_eq!(store.claim("b", lease).await.unwrap(), Claim::Claimed);
         store.release("b").await.unwrap();
         assert_eq!(store.claim("b", lease).await.unwrap(), Claim::Claimed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_ttl_shorter_than_the_lease_still_ends_a_done_record() {
+        let store = MemoryStore::new(100, Duration::from_secs(30));
+        let lease = Duration::from_secs(60);
+        assert_eq!(store.claim("a", lease).await.unwrap(), Claim::Claimed);
+        store.complete("a", Duration::from_secs(30)).await.unwrap();
+        assert_eq!(store.claim("a", lease).await.unwrap(), Claim::Done);
+        tokio::time::advance(Duration::from_secs(40)).await;
+        assert_eq!(
+            store.claim("a", lease).await.unwrap(),
+            Claim::Claimed,
+            "done for the TTL, not for the lease of the claim before it"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn released_claims_do_not_pile_up_in_the_expiry_queue() {
+        let store = MemoryStore::new(1_000_000, Duration::from_secs(3600));
+        let lease = Duration::from_secs(60);
+        for n in 0..20_000 {
+            let key = format!("failing-{n}");
+            assert_eq!(store.claim(&key, lease).await.unwrap(), Claim::Claimed);
+            store.release(&key).await.unwrap();
+        }
+        let entries = store.lock();
+        assert!(entries.map.is_empty());
+        assert!(
+            entries.expiry.len() <= SLACK + 1,
+            "{} stale entries kept",
+            entries.expiry.len()
+        );
     }
 
     #[test]
