@@ -84,12 +84,12 @@ enum Store {
 impl Idempotency {
     /// Records handled keys in `store` for `ttl`.
     pub fn new<S: IdempotencyStore>(store: S, ttl: Duration) -> Self {
-        let mut store = Some(store);
-        let store = match (&mut store as &mut dyn Any).downcast_mut::<Option<MemoryStore>>() {
-            Some(memory) => memory.take().map(|m| Store::Memory(Arc::new(m))),
-            None => store.map(|s| Store::Other(Arc::new(s))),
-        }
-        .expect("the store is taken once");
+        let store = Arc::new(store);
+        let any: Arc<dyn Any + Send + Sync> = store.clone();
+        let store = match any.downcast::<MemoryStore>() {
+            Ok(memory) => Store::Memory(memory),
+            Err(_) => Store::Other(store),
+        };
         Idempotency {
             store,
             ttl,
