@@ -151,23 +151,23 @@ pub struct PublishNext<'a> {
     publisher: &'a dyn Publisher,
 }
 
-impl PublishNext<'_> {
-    /// Runs the rest of the stack and the publisher.
-    pub async fn run(self, topic: &str, message: Message) -> Result<Receipt> {
+impl<'a> PublishNext<'a> {
+    /// Runs the rest of the stack and the publisher: the next layer's own
+    /// future (or the publisher's), with no future of its own around it.
+    pub fn run<'t>(self, topic: &'t str, message: Message) -> BoxFuture<'t, Result<Receipt>>
+    where
+        'a: 't,
+    {
         match self.rest.split_first() {
-            Some((first, rest)) => {
-                first
-                    .publish(
-                        topic,
-                        message,
-                        PublishNext {
-                            rest,
-                            publisher: self.publisher,
-                        },
-                    )
-                    .await
-            }
-            None => self.publisher.publish(topic, message).await,
+            Some((first, rest)) => first.publish(
+                topic,
+                message,
+                PublishNext {
+                    rest,
+                    publisher: self.publisher,
+                },
+            ),
+            None => self.publisher.publish(topic, message),
         }
     }
 }
@@ -227,17 +227,7 @@ impl Publisher for LayeredPublisher {
         'life1: 'async_trait,
         Self: 'async_trait,
     {
-        match self.stack.split_first() {
-            Some((first, rest)) => first.publish(
-                topic,
-                message,
-                PublishNext {
-                    rest,
-                    publisher: &*self.inner,
-                },
-            ),
-            None => self.inner.publish(topic, message),
-        }
+        self.next().run(topic, message)
     }
 
     /// Each message goes through the stack on its own; they are all in flight together.

@@ -79,7 +79,7 @@ impl Entries {
             if *at > now && self.map.len() <= capacity {
                 break;
             }
-            if self.is_current(key, *at) {
+            if is_current(&self.map, key, *at) {
                 self.map.remove(key);
             }
             self.expiry.pop_front();
@@ -91,15 +91,15 @@ impl Entries {
         // which costs one lookup per entry pushed since.
         if self.expiry.len() > 2 * self.map.len() + SLACK {
             let Entries { map, expiry } = self;
-            expiry.retain(|(at, key)| map.get(key).is_some_and(|(_, until)| until == at));
+            expiry.retain(|(at, key)| is_current(map, key, *at));
             expiry.shrink_to(2 * expiry.len() + SLACK);
         }
     }
+}
 
-    /// Whether the queue entry `(at, key)` is the key's current record.
-    fn is_current(&self, key: &Digest, at: Micros) -> bool {
-        self.map.get(key).is_some_and(|(_, until)| *until == at)
-    }
+/// Whether the queue entry `(at, key)` is the key's current record.
+fn is_current(map: &Map, key: &Digest, at: Micros) -> bool {
+    map.get(key).is_some_and(|(_, until)| *until == at)
 }
 
 impl MemoryStore {
