@@ -48,17 +48,20 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::future::BoxFuture;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_util::sync::PollSemaphore;
 
-use tidings_core::delivery::header;
 use tidings_core::health::{Health, HealthCheck, State};
 use tidings_core::{
-    Acker, Capabilities, DeadLetter, Delivery, DeliveryStream, Error, GroupStats, Message,
-    Publisher, Receipt, Result, StartFrom, Subscriber, Subscription,
+    Capabilities, DeliveryStream, Error, GroupStats, Message, Publisher, Receipt, Result,
+    StartFrom, Subscriber, Subscription,
 };
 
 pub use tidings_core::delivery::DEAD_LETTER_GROUP;
+
+mod queue;
+mod stream;
+
+use queue::{Body, Queue};
+use stream::MemoryStream;
 
 /// Settings of the in-process bus.
 #[derive(Debug, Clone)]
@@ -151,22 +154,6 @@ impl Topic {
     }
 }
 
-/// One group's (or one private subscription's) queue.
-struct Queue {
-    tx: async_channel::Sender<Entry>,
-    rx: async_channel::Receiver<Entry>,
-    /// Room for published messages; a permit is returned when a message
-    /// leaves the group (ack or dead letter), not when it is handed out.
-    room: Arc<Semaphore>,
-    group: Option<Arc<str>>,
-}
-
-struct Entry {
-    message: Arc<Message>,
-    topic: Arc<str>,
-    attempt: u32,
-}
-
 impl MemoryBus {
     /// A new, empty bus with the default settings.
     pub fn new() -> Self {
@@ -223,14 +210,14 @@ impl Inner {
         if let Some(queue) = existing {
             return (queue, t.name.clone());
         }
-        let queue = Queue::new(capacity, group.map(Into::into));
+        let queue = Queue::new(capacity, t.name.clone(), group.map(Into::into));
         let replay = t.history.iter().filter(|m| match start {
             StartFrom::Latest => false,
             StartFrom::Earliest => true,
             StartFrom::Time(from) => m.metadata.time.is_some_and(|at| at >= from),
         });
         for message in replay {
-            if !queue.try_push(message, &t.name) {
+            if !queue.try_push(message) {
                 break;
             }
         }
@@ -261,8 +248,7 @@ impl Inner {
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::Closed("publisher"));
         }
-        let message = Arc::new(message);
-        let (full, name) = {
+        let (full, message) = {
             let mut topics = self.topics();
             let history = self.config.history;
             let t = match topics.get_mut(topic) {
@@ -272,6 +258,19 @@ impl Inner {
                     .or_insert_with(|| Topic::new(topic)),
                 None => return Ok(None),
             };
+            // The common case, one group and no history: the message moves
+            // into its queue (see `Body`).
+            let message = match (history, t.groups.values().chain(&t.private).next()) {
+                (0, Some(only)) if t.groups.len() + t.private.len() == 1 => {
+                    if only.room.try_take() {
+                        only.push_taken(Body::Owned(message));
+                        return Ok(None);
+                    }
+                    message
+                }
+                _ => message,
+            };
+            let message = Arc::new(message);
             if history > 0 {
                 if t.history.len() == history {
                     t.history.pop_front();
@@ -282,18 +281,18 @@ impl Inner {
                 .groups
                 .values()
                 .chain(&t.private)
-                .filter(|q| !q.try_push(&message, &t.name))
+                .filter(|q| !q.try_push(&message))
                 .cloned()
                 .collect();
             if full.is_empty() {
                 return Ok(None);
             }
-            (full, t.name.clone())
+            (full, message)
         };
         let wait = self.config.publish_timeout;
         Ok(Some(Box::pin(async move {
             for queue in full {
-                queue.push(&message, &name, wait).await?;
+                queue.push(&message, wait).await?;
             }
             Ok(())
         })))
@@ -331,59 +330,6 @@ impl std::future::Future for Accepted {
         _: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Self::Output> {
         std::task::Poll::Ready(Ok(Receipt::Accepted))
-    }
-}
-
-impl Queue {
-    fn new(capacity: usize, group: Option<Arc<str>>) -> Arc<Queue> {
-        let (tx, rx) = async_channel::unbounded();
-        Arc::new(Queue {
-            tx,
-            rx,
-            room: Arc::new(Semaphore::new(capacity)),
-            group,
-        })
-    }
-
-    /// Queues the message if there is room; `false` if the group is full.
-    fn try_push(&self, message: &Arc<Message>, topic: &Arc<str>) -> bool {
-        let Ok(permit) = self.room.try_acquire() else {
-            return false;
-        };
-        permit.forget();
-        self.requeue(Entry {
-            message: message.clone(),
-            topic: topic.clone(),
-            attempt: 1,
-        });
-        true
-    }
-
-    /// Waits (up to `wait`) for room, then queues the message.
-    async fn push(&self, message: &Arc<Message>, topic: &Arc<str>, wait: Duration) -> Result<()> {
-        let permit = tokio::time::timeout(wait, self.room.acquire())
-            .await
-            .map_err(|_| Error::Timeout {
-                operation: "publishing to a full in-process group",
-                after: wait,
-            })?
-            .map_err(|_| Error::Closed("group"))?;
-        permit.forget();
-        self.requeue(Entry {
-            message: message.clone(),
-            topic: topic.clone(),
-            attempt: 1,
-        });
-        Ok(())
-    }
-
-    fn requeue(&self, entry: Entry) {
-        // Unbounded: the room was taken when the message was first published.
-        let _ = self.tx.try_send(entry);
-    }
-
-    fn release_room(&self) {
-        self.room.add_permits(1);
     }
 }
 
@@ -445,18 +391,12 @@ impl Subscriber for MemoryBus {
             subscription.group.as_deref(),
             subscription.start,
         );
-        Ok(Box::new(MemoryStream {
-            bus: self.inner.clone(),
-            entries: Box::pin(queue.rx.clone()),
-            in_flight: PollSemaphore::new(Arc::new(Semaphore::new(subscription.prefetch))),
-            permit: None,
-            closed: false,
-            private: subscription
-                .group
-                .is_none()
-                .then(|| (self.inner.clone(), subscription.topic, queue.clone())),
+        Ok(Box::new(MemoryStream::new(
+            self.inner.clone(),
             queue,
-        }))
+            subscription.prefetch,
+            subscription.group.is_none(),
+        )))
     }
 
     async fn declare_group(&self, topic: &str, group: &str) -> Result<()> {
@@ -469,7 +409,6 @@ impl Subscriber for MemoryBus {
     }
 
     async fn groups(&self, topic: &str, named: &[String]) -> Result<Vec<GroupStats>> {
-        let capacity = self.inner.config.group_capacity;
         let topics = self.inner.topics();
         let groups = topics.get(topic).map(|t| &t.groups);
         let wanted: Vec<String> = if named.is_empty() {
@@ -481,7 +420,7 @@ impl Subscriber for MemoryBus {
         };
         let stats = |queue: &Queue| {
             let queued = queue.rx.len() as u64;
-            let held = capacity.saturating_sub(queue.room.available_permits()) as u64;
+            let held = queue.room.held() as u64;
             (queued, held.saturating_sub(queued))
         };
         Ok(wanted
@@ -504,173 +443,5 @@ impl Subscriber for MemoryBus {
                 out
             })
             .collect())
-    }
-}
-
-/// One subscription: polled by hand rather than built from an async
-/// function, so that taking a queued message costs no future, no waker
-/// registration and no copy of the stream's state.
-struct MemoryStream {
-    bus: Arc<Inner>,
-    queue: Arc<Queue>,
-    /// This subscription's own handle on the queue: it keeps its place in
-    /// the queue's wait list between polls.
-    entries: std::pin::Pin<Box<async_channel::Receiver<Entry>>>,
-    in_flight: PollSemaphore,
-    /// A slot taken while no message was queued, kept for the next one.
-    permit: Option<OwnedSemaphorePermit>,
-    closed: bool,
-    private: Option<(Arc<Inner>, String, Arc<Queue>)>,
-}
-
-impl futures::Stream for MemoryStream {
-    type Item = Result<Delivery>;
-
-    fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Self::Item>> {
-        use std::task::Poll;
-        if self.closed {
-            return Poll::Ready(None);
-        }
-        let permit = match self.permit.take() {
-            Some(permit) => permit,
-            None => match self.in_flight.poll_acquire(cx) {
-                Poll::Ready(Some(permit)) => permit,
-                Poll::Ready(None) => return Poll::Ready(None),
-                Poll::Pending => return Poll::Pending,
-            },
-        };
-        let entry = match self.entries.as_mut().poll_next(cx) {
-            Poll::Ready(Some(entry)) => entry,
-            Poll::Ready(None) => return Poll::Ready(None),
-            Poll::Pending => {
-                self.permit = Some(permit);
-                return Poll::Pending;
-            }
-        };
-        let acker = MemoryAcker {
-            bus: self.bus.clone(),
-            queue: self.queue.clone(),
-            entry: Some((entry.message.clone(), entry.topic.clone(), entry.attempt)),
-            _permit: permit,
-        };
-        Poll::Ready(Some(Ok(Delivery::new(
-            entry.message,
-            entry.topic,
-            self.queue.group.clone(),
-            entry.attempt,
-            Box::new(acker),
-        ))))
-    }
-}
-
-impl DeliveryStream for MemoryStream {
-    fn close(&mut self) -> BoxFuture<'_, Result<()>> {
-        self.closed = true;
-        if let Some((bus, topic, queue)) = self.private.take() {
-            bus.remove_private(&topic, &queue);
-        }
-        Box::pin(std::future::ready(Ok(())))
-    }
-}
-
-impl Drop for MemoryStream {
-    fn drop(&mut self) {
-        if let Some((bus, topic, queue)) = self.private.take() {
-            bus.remove_private(&topic, &queue);
-        }
-    }
-}
-
-/// Settles one delivery. Dropped unsettled, it puts the message back.
-struct MemoryAcker {
-    bus: Arc<Inner>,
-    queue: Arc<Queue>,
-    entry: Option<(Arc<Message>, Arc<str>, u32)>,
-    /// The subscription's in-flight slot, freed when this is settled or dropped.
-    _permit: OwnedSemaphorePermit,
-}
-
-impl MemoryAcker {
-    fn redeliver(&mut self, delay: Option<Duration>) {
-        let Some((mut message, topic, attempt)) = self.entry.take() else {
-            return;
-        };
-        let m = Arc::make_mut(&mut message);
-        m.headers
-            .entry(header::FIRST_FAILURE.to_owned())
-            .or_insert_with(tidings_core::time::now_rfc3339);
-        let entry = Entry {
-            message,
-            topic,
-            attempt: attempt + 1,
-        };
-        let queue = self.queue.clone();
-        match (delay, tokio::runtime::Handle::try_current()) {
-            (Some(delay), Ok(runtime)) if !delay.is_zero() => {
-                runtime.spawn(async move {
-                    tokio::time::sleep(delay).await;
-                    queue.requeue(entry);
-                });
-            }
-            _ => queue.requeue(entry),
-        }
-    }
-}
-
-impl MemoryAcker {
-    fn acked(&mut self) {
-        if self.entry.take().is_some() {
-            self.queue.release_room();
-        }
-    }
-}
-
-#[async_trait]
-impl Acker for MemoryAcker {
-    async fn ack(mut self: Box<Self>) -> Result<()> {
-        self.acked();
-        Ok(())
-    }
-
-    fn ack_now(&mut self) -> Option<Result<()>> {
-        self.acked();
-        Some(Ok(()))
-    }
-
-    async fn nack(mut self: Box<Self>, delay: Option<Duration>) -> Result<()> {
-        self.redeliver(delay);
-        Ok(())
-    }
-
-    async fn dead_letter(mut self: Box<Self>, letter: DeadLetter) -> Result<()> {
-        let Some((message, _, _)) = &self.entry else {
-            return Ok(());
-        };
-        let group = letter.group.as_deref().unwrap_or(&letter.topic);
-        let topic = format!("{group}.dlq");
-        // Dead letters are kept even when nobody declared a group for them yet.
-        let has_group = self
-            .bus
-            .topics()
-            .get(&topic)
-            .is_some_and(|t| !t.groups.is_empty());
-        if !has_group {
-            self.bus
-                .queue(&topic, Some(DEAD_LETTER_GROUP), StartFrom::Latest);
-        }
-        self.bus.publish(&topic, letter.letter_for(message)).await?;
-        self.entry = None;
-        self.queue.release_room();
-        Ok(())
-    }
-}
-
-impl Drop for MemoryAcker {
-    fn drop(&mut self) {
-        // Unsettled (handler outlived shutdown, or the delivery was dropped): redeliver.
-        self.redeliver(None);
     }
 }

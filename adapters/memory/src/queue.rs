@@ -1,0 +1,186 @@
+//! One group's (or one private subscription's) queue, and the room that
+//! bounds it.
+
+use std::pin::pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use tidings_core::{Error, Message, Result};
+
+/// One group's (or one private subscription's) queue.
+pub(crate) struct Queue {
+    /// The topic it belongs to: every delivery from it names this one.
+    pub topic: Arc<str>,
+    pub group: Option<Arc<str>>,
+    tx: async_channel::Sender<Entry>,
+    pub rx: async_channel::Receiver<Entry>,
+    pub room: Room,
+}
+
+/// A queued message and its attempt.
+pub(crate) struct Entry {
+    pub message: Body,
+    pub attempt: u32,
+}
+
+/// A queued message: by value when one queue takes it, shared when several
+/// do (or the history keeps it, or it comes back for another attempt).
+///
+/// By value because of who frees it. The `Arc` a delivery holds is freed
+/// by the consumer's thread; allocated by the publisher's thread, a block
+/// of a message's size (about 300 bytes, too large for glibc's lock-free
+/// free lists) goes back to the publisher's arena under its lock, which the
+/// publisher takes for every allocation: measured on two threads, that lock
+/// was most of a message's cost. Moved through the queue instead, the
+/// message is put in its `Arc` by the thread that will free it. (Hence the
+/// size difference clippy warns of: boxing the large variant is the
+/// allocation this type exists to avoid.)
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Body {
+    Owned(Message),
+    Shared(Arc<Message>),
+}
+
+impl Body {
+    pub fn into_shared(self) -> Arc<Message> {
+        match self {
+            Body::Owned(message) => Arc::new(message),
+            Body::Shared(message) => message,
+        }
+    }
+}
+
+impl Queue {
+    pub fn new(capacity: usize, topic: Arc<str>, group: Option<Arc<str>>) -> Arc<Queue> {
+        let (tx, rx) = async_channel::unbounded();
+        Arc::new(Queue {
+            topic,
+            group,
+            tx,
+            rx,
+            room: Room::new(capacity),
+        })
+    }
+
+    /// Queues a first attempt of a message, room for it taken.
+    pub fn push_taken(&self, message: Body) {
+        self.requeue(Entry {
+            message,
+            attempt: 1,
+        });
+    }
+
+    /// Queues the message if there is room; `false` if the group is full.
+    pub fn try_push(&self, message: &Arc<Message>) -> bool {
+        let room = self.room.try_take();
+        if room {
+            self.push_taken(Body::Shared(message.clone()));
+        }
+        room
+    }
+
+    /// Waits (up to `wait`) for room, then queues the message.
+    pub async fn push(&self, message: &Arc<Message>, wait: Duration) -> Result<()> {
+        tokio::time::timeout(wait, self.room.take())
+            .await
+            .map_err(|_| Error::Timeout {
+                operation: "publishing to a full in-process group",
+                after: wait,
+            })?;
+        self.push_taken(Body::Shared(message.clone()));
+        Ok(())
+    }
+
+    /// Queues a message that already holds room (another attempt).
+    pub fn requeue(&self, entry: Entry) {
+        // Unbounded: the room was taken when the message was first published.
+        let _ = self.tx.try_send(entry);
+    }
+}
+
+/// Room for messages in a group: taken when a message is published, given
+/// back when it leaves the group (ack or dead letter), not when it is
+/// handed out.
+///
+/// Not a `tokio::sync::Semaphore`, whose release takes its lock on every
+/// call: here a release is every ack, made on the consumer's thread against
+/// the counter the publisher's thread takes from. Taking and giving back
+/// are one atomic operation each; only a publisher that finds the group
+/// full goes through `Notify`, and a give-back wakes one only while some
+/// publisher waits.
+pub(crate) struct Room {
+    capacity: usize,
+    free: AtomicUsize,
+    /// Publishers waiting for room.
+    waiting: AtomicUsize,
+    freed: Notify,
+}
+
+impl Room {
+    fn new(capacity: usize) -> Room {
+        Room {
+            capacity,
+            free: AtomicUsize::new(capacity),
+            waiting: AtomicUsize::new(0),
+            freed: Notify::new(),
+        }
+    }
+
+    /// Takes room for one message, if there is some.
+    pub fn try_take(&self) -> bool {
+        self.free
+            .fetch_update(Ordering::SeqCst, Ordering::Relaxed, |free| {
+                free.checked_sub(1)
+            })
+            .is_ok()
+    }
+
+    /// Waits for room for one message and takes it.
+    pub async fn take(&self) {
+        if self.try_take() {
+            return;
+        }
+        // Counted before the last look at `free` (both sequentially
+        // consistent, as in `give_back`), so a give-back either sees this
+        // waiter or is seen by that look: no wake-up is lost.
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let _counted = Waiting(&self.waiting);
+        loop {
+            let mut freed = pin!(self.freed.notified());
+            freed.as_mut().enable();
+            if self.try_take() {
+                return;
+            }
+            freed.await;
+        }
+    }
+
+    /// Gives back room for one message.
+    pub fn give_back(&self) {
+        self.free.fetch_add(1, Ordering::SeqCst);
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            // Wakes one waiter, or lets the next one to wait through. A
+            // woken waiter that finds the room taken again waits again.
+            self.freed.notify_one();
+        }
+    }
+
+    /// Messages holding room: queued or handed out and not yet settled.
+    pub fn held(&self) -> usize {
+        self.capacity
+            .saturating_sub(self.free.load(Ordering::Relaxed))
+    }
+}
+
+/// A publisher counted in [`Room::waiting`]; uncounted when it stops
+/// waiting, by taking room or by being dropped (its publish timed out).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}

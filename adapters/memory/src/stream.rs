@@ -1,0 +1,205 @@
+//! A subscription's stream of deliveries, and how each is settled.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::future::BoxFuture;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::PollSemaphore;
+
+use tidings_core::delivery::header;
+use tidings_core::{Acker, DeadLetter, Delivery, DeliveryStream, Message, Result, StartFrom};
+
+use crate::queue::{Body, Entry, Queue};
+use crate::{DEAD_LETTER_GROUP, Inner};
+
+/// What a subscription's deliveries settle against: the bus and the queue.
+///
+/// One per subscription, shared by its ackers, so that a delivery takes one
+/// reference count that only the consumer's side touches, rather than the
+/// bus's and the queue's, whose counts sit beside what the publisher reads.
+struct Lane {
+    bus: Arc<Inner>,
+    queue: Arc<Queue>,
+}
+
+/// One subscription: polled by hand rather than built from an async
+/// function, so that taking a queued message costs no future, no waker
+/// registration and no copy of the stream's state.
+pub(crate) struct MemoryStream {
+    lane: Arc<Lane>,
+    /// This subscription's own handle on the queue: it keeps its place in
+    /// the queue's wait list between polls.
+    entries: Pin<Box<async_channel::Receiver<Entry>>>,
+    in_flight: PollSemaphore,
+    /// A slot taken while no message was queued, kept for the next one.
+    permit: Option<OwnedSemaphorePermit>,
+    closed: bool,
+    /// A private subscription's queue, removed from its topic when closed.
+    private: bool,
+}
+
+impl MemoryStream {
+    pub fn new(bus: Arc<Inner>, queue: Arc<Queue>, prefetch: usize, private: bool) -> Self {
+        MemoryStream {
+            entries: Box::pin(queue.rx.clone()),
+            lane: Arc::new(Lane { bus, queue }),
+            in_flight: PollSemaphore::new(Arc::new(Semaphore::new(prefetch))),
+            permit: None,
+            closed: false,
+            private,
+        }
+    }
+
+    fn remove_private(&mut self) {
+        if std::mem::take(&mut self.private) {
+            let Lane { bus, queue } = &*self.lane;
+            bus.remove_private(&queue.topic, queue);
+        }
+    }
+}
+
+impl futures::Stream for MemoryStream {
+    type Item = Result<Delivery>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.closed {
+            return Poll::Ready(None);
+        }
+        let permit = match self.permit.take() {
+            Some(permit) => permit,
+            None => match self.in_flight.poll_acquire(cx) {
+                Poll::Ready(Some(permit)) => permit,
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            },
+        };
+        let entry = match self.entries.as_mut().poll_next(cx) {
+            Poll::Ready(Some(entry)) => entry,
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Pending => {
+                self.permit = Some(permit);
+                return Poll::Pending;
+            }
+        };
+        let message = entry.message.into_shared();
+        let queue = &self.lane.queue;
+        let (topic, group) = (queue.topic.clone(), queue.group.clone());
+        let acker = MemoryAcker {
+            lane: self.lane.clone(),
+            entry: Some((message.clone(), entry.attempt)),
+            _permit: permit,
+        };
+        Poll::Ready(Some(Ok(Delivery::new(
+            message,
+            topic,
+            group,
+            entry.attempt,
+            Box::new(acker),
+        ))))
+    }
+}
+
+impl DeliveryStream for MemoryStream {
+    fn close(&mut self) -> BoxFuture<'_, Result<()>> {
+        self.closed = true;
+        self.remove_private();
+        Box::pin(std::future::ready(Ok(())))
+    }
+}
+
+impl Drop for MemoryStream {
+    fn drop(&mut self) {
+        self.remove_private();
+    }
+}
+
+/// Settles one delivery. Dropped unsettled, it puts the message back.
+struct MemoryAcker {
+    lane: Arc<Lane>,
+    /// The message and its attempt, until settled.
+    entry: Option<(Arc<Message>, u32)>,
+    /// The subscription's in-flight slot, freed when this is settled or dropped.
+    _permit: OwnedSemaphorePermit,
+}
+
+impl MemoryAcker {
+    fn redeliver(&mut self, delay: Option<Duration>) {
+        let Some((mut message, attempt)) = self.entry.take() else {
+            return;
+        };
+        let m = Arc::make_mut(&mut message);
+        m.headers
+            .entry(header::FIRST_FAILURE.to_owned())
+            .or_insert_with(tidings_core::time::now_rfc3339);
+        let entry = Entry {
+            message: Body::Shared(message),
+            attempt: attempt + 1,
+        };
+        let lane = self.lane.clone();
+        match (delay, tokio::runtime::Handle::try_current()) {
+            (Some(delay), Ok(runtime)) if !delay.is_zero() => {
+                runtime.spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    lane.queue.requeue(entry);
+                });
+            }
+            _ => lane.queue.requeue(entry),
+        }
+    }
+
+    fn acked(&mut self) {
+        if self.entry.take().is_some() {
+            self.lane.queue.room.give_back();
+        }
+    }
+}
+
+#[async_trait]
+impl Acker for MemoryAcker {
+    async fn ack(mut self: Box<Self>) -> Result<()> {
+        self.acked();
+        Ok(())
+    }
+
+    fn ack_now(&mut self) -> Option<Result<()>> {
+        self.acked();
+        Some(Ok(()))
+    }
+
+    async fn nack(mut self: Box<Self>, delay: Option<Duration>) -> Result<()> {
+        self.redeliver(delay);
+        Ok(())
+    }
+
+    async fn dead_letter(mut self: Box<Self>, letter: DeadLetter) -> Result<()> {
+        let Some((message, _)) = &self.entry else {
+            return Ok(());
+        };
+        let bus = &self.lane.bus;
+        let group = letter.group.as_deref().unwrap_or(&letter.topic);
+        let topic = format!("{group}.dlq");
+        // Dead letters are kept even when nobody declared a group for them yet.
+        let has_group = bus
+            .topics()
+            .get(&topic)
+            .is_some_and(|t| !t.groups.is_empty());
+        if !has_group {
+            bus.queue(&topic, Some(DEAD_LETTER_GROUP), StartFrom::Latest);
+        }
+        bus.publish(&topic, letter.letter_for(message)).await?;
+        self.entry = None;
+        self.lane.queue.room.give_back();
+        Ok(())
+    }
+}
+
+impl Drop for MemoryAcker {
+    fn drop(&mut self) {
+        // Unsettled (handler outlived shutdown, or the delivery was dropped): redeliver.
+        self.redeliver(None);
+    }
+}
