@@ -15,8 +15,13 @@ pub(crate) struct Queue {
     /// The topic it belongs to: every delivery from it names this one.
     pub topic: Arc<str>,
     pub group: Option<Arc<str>>,
-    tx: async_channel::Sender<Entry>,
-    pub rx: async_channel::Receiver<Entry>,
+    /// flume's queue, a `VecDeque` that keeps its buffer, rather than
+    /// async-channel's, which allocates a block per 31 entries: a large one
+    /// with messages moved by value (see [`Body`]), and on glibc every such
+    /// allocation by the publisher first consolidates what the consumer
+    /// freed. Measured on two threads: e2e 0.71–0.74M → 0.81–0.91M msg/s.
+    tx: flume::Sender<Entry>,
+    pub rx: flume::Receiver<Entry>,
     pub room: Room,
 }
 
@@ -55,7 +60,7 @@ impl Body {
 
 impl Queue {
     pub fn new(capacity: usize, topic: Arc<str>, group: Option<Arc<str>>) -> Arc<Queue> {
-        let (tx, rx) = async_channel::unbounded();
+        let (tx, rx) = flume::unbounded();
         Arc::new(Queue {
             topic,
             group,

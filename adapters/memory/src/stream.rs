@@ -6,6 +6,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::StreamExt;
 use futures::future::BoxFuture;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::PollSemaphore;
@@ -33,7 +34,7 @@ pub(crate) struct MemoryStream {
     lane: Arc<Lane>,
     /// This subscription's own handle on the queue: it keeps its place in
     /// the queue's wait list between polls.
-    entries: Pin<Box<async_channel::Receiver<Entry>>>,
+    entries: flume::r#async::RecvStream<'static, Entry>,
     in_flight: PollSemaphore,
     /// A slot taken while no message was queued, kept for the next one.
     permit: Option<OwnedSemaphorePermit>,
@@ -45,7 +46,7 @@ pub(crate) struct MemoryStream {
 impl MemoryStream {
     pub fn new(bus: Arc<Inner>, queue: Arc<Queue>, prefetch: usize, private: bool) -> Self {
         MemoryStream {
-            entries: Box::pin(queue.rx.clone()),
+            entries: queue.rx.clone().into_stream(),
             lane: Arc::new(Lane { bus, queue }),
             in_flight: PollSemaphore::new(Arc::new(Semaphore::new(prefetch))),
             permit: None,
@@ -77,7 +78,7 @@ impl futures::Stream for MemoryStream {
                 Poll::Pending => return Poll::Pending,
             },
         };
-        let entry = match self.entries.as_mut().poll_next(cx) {
+        let entry = match self.entries.poll_next_unpin(cx) {
             Poll::Ready(Some(entry)) => entry,
             Poll::Ready(None) => return Poll::Ready(None),
             Poll::Pending => {
