@@ -114,20 +114,33 @@ impl Queue {
 /// call: here a release is every ack, made on the consumer's thread against
 /// the counter the publisher's thread takes from. Taking and giving back
 /// are one atomic operation each; only a publisher that finds the group
-/// full goes through `Notify`, and a give-back wakes one only while some
-/// publisher waits.
+/// full goes through `Notify`.
+///
+/// A publisher that found the group full is woken once a batch of room is
+/// free ([`Room::batch`]), not at every ack: when publishing outruns the
+/// handlers, waking it for each freed slot cost the consumer's thread a
+/// wake-up (a system call) per message. So that a consumer that stops with
+/// less than a batch freed does not hold the publisher up, a waiting
+/// publisher also looks again every [`BATCH_WAIT`].
 pub(crate) struct Room {
     capacity: usize,
+    /// Free room at which a waiting publisher is woken.
+    batch: usize,
     free: AtomicUsize,
     /// Publishers waiting for room.
     waiting: AtomicUsize,
     freed: Notify,
 }
 
+/// How long a waiting publisher waits for a batch of room before it takes
+/// what is free.
+const BATCH_WAIT: Duration = Duration::from_millis(1);
+
 impl Room {
     fn new(capacity: usize) -> Room {
         Room {
             capacity,
+            batch: (capacity / 16).clamp(1, 64),
             free: AtomicUsize::new(capacity),
             waiting: AtomicUsize::new(0),
             freed: Notify::new(),
@@ -153,23 +166,32 @@ impl Room {
         // waiter or is seen by that look: no wake-up is lost.
         self.waiting.fetch_add(1, Ordering::SeqCst);
         let _counted = Waiting(&self.waiting);
+        let mut look_again = pin!(tokio::time::sleep(BATCH_WAIT));
         loop {
             let mut freed = pin!(self.freed.notified());
             freed.as_mut().enable();
             if self.try_take() {
                 return;
             }
-            freed.await;
+            tokio::select! {
+                biased;
+                () = freed => {}
+                () = look_again.as_mut() => {
+                    look_again
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + BATCH_WAIT);
+                }
+            }
         }
     }
 
     /// Gives back room for one message.
     pub fn give_back(&self) {
-        self.free.fetch_add(1, Ordering::SeqCst);
-        if self.waiting.load(Ordering::SeqCst) > 0 {
-            // Wakes one waiter, or lets the next one to wait through. A
-            // woken waiter that finds the room taken again waits again.
-            self.freed.notify_one();
+        let free = self.free.fetch_add(1, Ordering::SeqCst) + 1;
+        if free >= self.batch && self.waiting.load(Ordering::SeqCst) > 0 {
+            // Every waiter looks again; one that finds the room taken
+            // again waits again.
+            self.freed.notify_waiters();
         }
     }
 

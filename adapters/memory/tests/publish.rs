@@ -62,3 +62,92 @@ async fn a_full_group_makes_the_publish_wait_for_room() {
         .expect("published");
     assert_eq!(next(&mut stream).await.message().payload, "two");
 }
+
+/// A bus whose groups hold `capacity` messages, with `topic`'s group `g`
+/// filled up and one subscription on it.
+async fn full_group(
+    topic: &str,
+    capacity: usize,
+    publish_timeout: Duration,
+) -> (MemoryBus, Box<dyn DeliveryStream>) {
+    let bus = MemoryBus::with_config(MemoryConfig {
+        group_capacity: capacity,
+        publish_timeout,
+        ..MemoryConfig::default()
+    });
+    let stream = bus
+        .subscribe(Subscription::group(topic, "g"))
+        .await
+        .expect("subscribed");
+    for i in 0..capacity {
+        bus.publish(topic, Message::new(format!("{i}")))
+            .await
+            .expect("room");
+    }
+    (bus, stream)
+}
+
+#[tokio::test]
+async fn a_waiting_publisher_takes_room_a_stopped_consumer_freed_below_a_batch() {
+    // 64 messages of room: a waiting publisher is woken once 4 are free,
+    // and looks again on its own for less.
+    let (bus, mut stream) = full_group("stopped", 64, Duration::from_secs(30)).await;
+    let mut waiting = bus.publish("stopped", Message::new("late"));
+    assert!(
+        futures::poll!(&mut waiting).is_pending(),
+        "the group is full"
+    );
+    // One ack, then the consumer stops.
+    next(&mut stream).await.ack().await.expect("acked");
+    tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("published within 5 s although less than a batch was freed")
+        .expect("published");
+    assert_eq!(bus.queued("stopped", "g"), 64);
+}
+
+#[tokio::test]
+async fn every_publisher_waiting_gets_room_freed_in_a_batch() {
+    let (bus, mut stream) = full_group("batch", 64, Duration::from_secs(30)).await;
+    let waiting: Vec<_> = (0..3)
+        .map(|i| {
+            let bus = bus.clone();
+            tokio::spawn(async move {
+                bus.publish("batch", Message::new(format!("late {i}")))
+                    .await
+            })
+        })
+        .collect();
+    for _ in 0..4 {
+        next(&mut stream).await.ack().await.expect("acked");
+    }
+    for publish in waiting {
+        tokio::time::timeout(Duration::from_secs(5), publish)
+            .await
+            .expect("published within 5 s")
+            .expect("joined")
+            .expect("published");
+    }
+    assert_eq!(bus.queued("batch", "g"), 64 - 4 + 3);
+}
+
+#[tokio::test]
+async fn a_publish_that_timed_out_waiting_leaves_the_next_one_to_be_woken() {
+    let (bus, mut stream) = full_group("timed-out", 1, Duration::from_millis(50)).await;
+    let error = bus
+        .publish("timed-out", Message::new("too late"))
+        .await
+        .expect_err("no room within the publish timeout");
+    assert!(
+        matches!(error, tidings_core::Error::Timeout { .. }),
+        "{error}"
+    );
+    let mut waiting = bus.publish("timed-out", Message::new("next"));
+    assert!(futures::poll!(&mut waiting).is_pending(), "still full");
+    next(&mut stream).await.ack().await.expect("acked");
+    tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("woken within 5 s of the ack")
+        .expect("published");
+    assert_eq!(next(&mut stream).await.message().payload, "next");
+}
