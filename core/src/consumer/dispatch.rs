@@ -142,8 +142,11 @@ impl Stop {
         self.flag.store(true, Ordering::Release);
     }
 
+    /// The flag alone: it is raised before the signal is sent (the one
+    /// place that sends it, `Consumer::signal_stop`, does both), and
+    /// reading the signal takes its lock, once per message.
     fn is_raised(&self) -> bool {
-        self.flag.load(Ordering::Acquire) || *self.signal.borrow()
+        self.flag.load(Ordering::Acquire)
     }
 
     async fn raised(&mut self) {
