@@ -67,6 +67,11 @@ use stream::MemoryStream;
 #[derive(Debug, Clone)]
 pub struct MemoryConfig {
     /// Most messages queued per group; publishing waits for room beyond that.
+    ///
+    /// A group's queue keeps the buffer it grew to, about 300 bytes per
+    /// message it once held (messages are queued by value), for as long as
+    /// the group exists: a group that once filled the default capacity
+    /// keeps about 30 MB.
     pub group_capacity: usize,
     /// How long a publish waits for room before it fails with a timeout.
     pub publish_timeout: Duration,
@@ -262,7 +267,7 @@ impl Inner {
             // into its queue (see `Body`).
             let message = match (history, t.groups.values().chain(&t.private).next()) {
                 (0, Some(only)) if t.groups.len() + t.private.len() == 1 => {
-                    if only.room.try_take() {
+                    if only.room.try_take_new() {
                         only.push_taken(Body::Owned(message));
                         return Ok(None);
                     }

@@ -80,7 +80,7 @@ impl Queue {
 
     /// Queues the message if there is room; `false` if the group is full.
     pub fn try_push(&self, message: &Arc<Message>) -> bool {
-        let room = self.room.try_take();
+        let room = self.room.try_take_new();
         if room {
             self.push_taken(Body::Shared(message.clone()));
         }
@@ -113,18 +113,19 @@ impl Queue {
 /// Not a `tokio::sync::Semaphore`, whose release takes its lock on every
 /// call: here a release is every ack, made on the consumer's thread against
 /// the counter the publisher's thread takes from. Taking and giving back
-/// are one atomic operation each; only a publisher that finds the group
-/// full goes through `Notify`.
+/// are one atomic operation each while no publisher waits.
 ///
 /// A publisher that found the group full is woken once a batch of room is
-/// free ([`Room::batch`]), not at every ack: when publishing outruns the
+/// free ([`Room::batch`]), not at every ack: when publishing outran the
 /// handlers, waking it for each freed slot cost the consumer's thread a
 /// wake-up (a system call) per message. So that a consumer that stops with
-/// less than a batch freed does not hold the publisher up, a waiting
-/// publisher also looks again every [`BATCH_WAIT`].
+/// less than a batch freed does not hold it up, a waiting publisher also
+/// takes what is free every [`BATCH_WAIT`]. While publishers wait, a new
+/// publish waits too rather than take the room freed for them; the waiting
+/// ones, woken together, are in no particular order among themselves.
 pub(crate) struct Room {
     capacity: usize,
-    /// Free room at which a waiting publisher is woken.
+    /// Free room at which waiting publishers are woken.
     batch: usize,
     free: AtomicUsize,
     /// Publishers waiting for room.
@@ -147,10 +148,16 @@ impl Room {
         }
     }
 
+    /// Takes room for a new message, if there is some and no publisher
+    /// waits for it.
+    pub fn try_take_new(&self) -> bool {
+        self.waiting.load(Ordering::SeqCst) == 0 && self.try_take()
+    }
+
     /// Takes room for one message, if there is some.
-    pub fn try_take(&self) -> bool {
+    fn try_take(&self) -> bool {
         self.free
-            .fetch_update(Ordering::SeqCst, Ordering::Relaxed, |free| {
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |free| {
                 free.checked_sub(1)
             })
             .is_ok()
@@ -158,19 +165,21 @@ impl Room {
 
     /// Waits for room for one message and takes it.
     pub async fn take(&self) {
-        if self.try_take() {
+        if self.try_take_new() {
             return;
         }
-        // Counted before the last look at `free` (both sequentially
-        // consistent, as in `give_back`), so a give-back either sees this
-        // waiter or is seen by that look: no wake-up is lost.
+        // Counted before it sleeps, so that new publishes leave the room
+        // to it, and then it takes room only once woken: by a give-back
+        // that makes a batch (it is registered with `freed` from the
+        // `notified()` call on, and `give_back` sees the count) or by its
+        // own timer, which also bounds any race between the two.
         self.waiting.fetch_add(1, Ordering::SeqCst);
         let _counted = Waiting(&self.waiting);
         let mut look_again = pin!(tokio::time::sleep(BATCH_WAIT));
+        let mut woken = false;
         loop {
-            let mut freed = pin!(self.freed.notified());
-            freed.as_mut().enable();
-            if self.try_take() {
+            let freed = self.freed.notified();
+            if woken && self.try_take() {
                 return;
             }
             tokio::select! {
@@ -182,15 +191,14 @@ impl Room {
                         .reset(tokio::time::Instant::now() + BATCH_WAIT);
                 }
             }
+            woken = true;
         }
     }
 
     /// Gives back room for one message.
     pub fn give_back(&self) {
         let free = self.free.fetch_add(1, Ordering::SeqCst) + 1;
-        if free >= self.batch && self.waiting.load(Ordering::SeqCst) > 0 {
-            // Every waiter looks again; one that finds the room taken
-            // again waits again.
+        if free == self.batch && self.waiting.load(Ordering::SeqCst) > 0 {
             self.freed.notify_waiters();
         }
     }

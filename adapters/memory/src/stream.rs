@@ -32,8 +32,11 @@ struct Lane {
 /// registration and no copy of the stream's state.
 pub(crate) struct MemoryStream {
     lane: Arc<Lane>,
-    /// This subscription's own handle on the queue: it keeps its place in
-    /// the queue's wait list between polls.
+    /// This subscription's own handle on the queue. While it waits, every
+    /// message sent wakes it (flume wakes all the streams waiting on a
+    /// queue, and the one that polls first takes the message); a
+    /// consumer's workers read their subscription one at a time, so one
+    /// process's members of a group wait on it once.
     entries: flume::r#async::RecvStream<'static, Entry>,
     in_flight: PollSemaphore,
     /// A slot taken while no message was queued, kept for the next one.
@@ -200,7 +203,13 @@ impl Acker for MemoryAcker {
 
 impl Drop for MemoryAcker {
     fn drop(&mut self) {
-        // Unsettled (handler outlived shutdown, or the delivery was dropped): redeliver.
-        self.redeliver(None);
+        // Unsettled (handled past a shutdown's deadline, or released): back
+        // to the queue at once, counted as a delivery but not as a failure.
+        if let Some((message, attempt)) = self.entry.take() {
+            self.lane.queue.requeue(Entry {
+                message: Body::Shared(message),
+                attempt: attempt + 1,
+            });
+        }
     }
 }

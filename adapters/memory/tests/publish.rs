@@ -23,7 +23,7 @@ async fn a_message_is_queued_at_the_call_in_the_order_of_the_calls() {
     let second = bus.publish("calls", Message::new("second"));
     assert_eq!(bus.queued("calls", "g"), 2, "queued before any await");
     second.await.expect("published");
-    first.await.expect("published");
+    within_5s(first).await.expect("published");
     let mut stream = bus
         .subscribe(Subscription::group("calls", "g"))
         .await
@@ -87,48 +87,82 @@ async fn full_group(
     (bus, stream)
 }
 
-#[tokio::test]
+async fn within_5s<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(5), f)
+        .await
+        .expect("within 5 s")
+}
+
+// The next tests run on a paused clock, which moves only when every task
+// waits on a timer: a publisher woken by freed room completes with the clock
+// where it was; one that had to look again on its own moved it by 1 ms.
+
+#[tokio::test(start_paused = true)]
 async fn a_waiting_publisher_takes_room_a_stopped_consumer_freed_below_a_batch() {
-    // 64 messages of room: a waiting publisher is woken once 4 are free,
-    // and looks again on its own for less.
+    // 64 messages of room: waiting publishers are woken once 4 are free.
     let (bus, mut stream) = full_group("stopped", 64, Duration::from_secs(30)).await;
     let mut waiting = bus.publish("stopped", Message::new("late"));
     assert!(
         futures::poll!(&mut waiting).is_pending(),
         "the group is full"
     );
+    let start = tokio::time::Instant::now();
     // One ack, then the consumer stops.
     next(&mut stream).await.ack().await.expect("acked");
-    tokio::time::timeout(Duration::from_secs(5), waiting)
-        .await
-        .expect("published within 5 s although less than a batch was freed")
-        .expect("published");
+    within_5s(waiting).await.expect("published");
+    assert!(
+        start.elapsed() >= Duration::from_millis(1),
+        "taken when the publisher looked again, not woken by a batch"
+    );
+    assert!(start.elapsed() < Duration::from_secs(1));
     assert_eq!(bus.queued("stopped", "g"), 64);
 }
 
-#[tokio::test]
-async fn every_publisher_waiting_gets_room_freed_in_a_batch() {
+#[tokio::test(start_paused = true)]
+async fn every_publisher_waiting_is_woken_by_a_batch_of_room() {
     let (bus, mut stream) = full_group("batch", 64, Duration::from_secs(30)).await;
-    let waiting: Vec<_> = (0..3)
-        .map(|i| {
-            let bus = bus.clone();
-            tokio::spawn(async move {
-                bus.publish("batch", Message::new(format!("late {i}")))
-                    .await
-            })
-        })
+    let mut waiting: Vec<_> = (0..3)
+        .map(|i| bus.publish("batch", Message::new(format!("late {i}"))))
         .collect();
+    for publish in &mut waiting {
+        assert!(futures::poll!(publish).is_pending(), "the group is full");
+    }
+    let start = tokio::time::Instant::now();
     for _ in 0..4 {
         next(&mut stream).await.ack().await.expect("acked");
     }
     for publish in waiting {
-        tokio::time::timeout(Duration::from_secs(5), publish)
-            .await
-            .expect("published within 5 s")
-            .expect("joined")
-            .expect("published");
+        within_5s(publish).await.expect("published");
     }
+    assert_eq!(
+        start.elapsed(),
+        Duration::ZERO,
+        "woken by the batch, not by looking again"
+    );
     assert_eq!(bus.queued("batch", "g"), 64 - 4 + 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_publish_does_not_take_room_freed_for_a_waiting_one() {
+    // 16 messages of room: a batch is one message.
+    let (bus, mut stream) = full_group("fair", 16, Duration::from_secs(30)).await;
+    let mut first = bus.publish("fair", Message::new("first"));
+    assert!(futures::poll!(&mut first).is_pending(), "the group is full");
+    next(&mut stream).await.ack().await.expect("acked");
+    // Room for one is free, and `first` waits for it.
+    let mut second = bus.publish("fair", Message::new("second"));
+    assert!(futures::poll!(&mut second).is_pending(), "room is first's");
+    within_5s(first).await.expect("published");
+    assert!(futures::poll!(&mut second).is_pending(), "full again");
+    next(&mut stream).await.ack().await.expect("acked");
+    within_5s(second).await.expect("published");
+    let mut order = Vec::new();
+    for _ in 0..16 {
+        let mut delivery = next(&mut stream).await;
+        order.push(delivery.message().payload.clone());
+        delivery.ack().await.expect("acked");
+    }
+    assert_eq!(order[14..], ["first", "second"]);
 }
 
 #[tokio::test]

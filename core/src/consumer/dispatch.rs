@@ -268,11 +268,13 @@ pub(crate) async fn close(
 }
 
 /// Hands unsettled deliveries back to the broker unhandled: each adapter's
-/// acker, dropped unsettled, gives its message back as it was — no attempt
-/// counted, no retry copy (Redis makes the entry claimable at once, NATS
-/// naks it, RabbitMQ requeues it when the channel closes, Kafka leaves the
-/// offset uncommitted, the in-process bus requeues it) — so another member
-/// gets it now rather than after the visibility timeout.
+/// acker, dropped unsettled, gives its message back — no retry copy, no
+/// failure recorded (Redis makes the entry claimable at once, NATS naks it,
+/// RabbitMQ requeues it when the channel closes, Kafka leaves the offset
+/// uncommitted, the in-process bus requeues it) — so another member gets
+/// it now rather than after the visibility timeout. Brokers that count
+/// deliveries (Redis, NATS, the in-process bus) count this one, so a
+/// message that keeps being dropped still reaches its attempt limit.
 pub(crate) fn release(deliveries: Vec<Delivery>, released: &AtomicU64) {
     released.fetch_add(deliveries.len() as u64, Ordering::Relaxed);
     drop(deliveries);
