@@ -1,11 +1,13 @@
 //! `Subscriber::groups` on the in-process bus: queued, held and dead
 //! letters per group.
 
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
-use futures::StreamExt;
 use tidings_core::{DeadLetter, DeadLetterReason, Message, Subscriber, Subscription};
 use tidings_memory::MemoryBus;
+
+mod support;
+use support::next;
 
 #[tokio::test]
 async fn groups_report_what_each_group_holds() {
@@ -22,13 +24,6 @@ async fn groups_report_what_each_group_holds() {
             .publish("orders", Message::new(format!("order {n}")))
             .await
             .expect("published");
-    }
-    async fn next(s: &mut Box<dyn tidings_core::DeliveryStream>) -> tidings_core::Delivery {
-        tokio::time::timeout(Duration::from_secs(5), s.next())
-            .await
-            .expect("a delivery")
-            .expect("open")
-            .expect("ok")
     }
     let mut held = next(&mut billing).await;
     let mut failed = next(&mut billing).await;

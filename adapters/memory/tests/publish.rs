@@ -3,17 +3,11 @@
 
 use std::time::Duration;
 
-use futures::StreamExt;
-use tidings_core::{Delivery, DeliveryStream, Message, Publisher, Subscriber, Subscription};
+use tidings_core::{DeliveryStream, Message, Publisher, Subscriber, Subscription};
 use tidings_memory::{MemoryBus, MemoryConfig};
 
-async fn next(stream: &mut Box<dyn DeliveryStream>) -> Delivery {
-    tokio::time::timeout(Duration::from_secs(5), stream.next())
-        .await
-        .expect("a delivery within 5 s")
-        .expect("open")
-        .expect("ok")
-}
+mod support;
+use support::next;
 
 #[tokio::test]
 async fn a_message_is_queued_at_the_call_in_the_order_of_the_calls() {

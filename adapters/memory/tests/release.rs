@@ -1,20 +1,12 @@
 //! A delivery dropped unsettled on the in-process bus: back in the queue at
 //! once, counted as a delivery but not marked as a failure.
 
-use std::time::Duration;
-
-use futures::StreamExt;
 use tidings_core::delivery::header;
-use tidings_core::{Delivery, DeliveryStream, Message, Publisher, Subscriber, Subscription};
+use tidings_core::{Message, Publisher, Subscriber, Subscription};
 use tidings_memory::MemoryBus;
 
-async fn next(stream: &mut Box<dyn DeliveryStream>) -> Delivery {
-    tokio::time::timeout(Duration::from_secs(5), stream.next())
-        .await
-        .expect("a delivery within 5 s")
-        .expect("open")
-        .expect("ok")
-}
+mod support;
+use support::next;
 
 #[tokio::test]
 async fn a_dropped_delivery_comes_back_counted_but_not_failed() {
