@@ -192,7 +192,7 @@ impl MemoryBus {
             .topics()
             .get(topic)
             .and_then(|t| t.groups.get(group))
-            .map_or(0, |q| q.rx.len())
+            .map_or(0, |q| q.entries.len())
     }
 }
 
@@ -424,7 +424,7 @@ impl Subscriber for MemoryBus {
             named.to_vec()
         };
         let stats = |queue: &Queue| {
-            let queued = queue.rx.len() as u64;
+            let queued = queue.entries.len() as u64;
             let held = queue.room.held() as u64;
             (queued, held.saturating_sub(queued))
         };

@@ -6,7 +6,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures::StreamExt;
 use futures::future::BoxFuture;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::PollSemaphore;
@@ -14,7 +13,7 @@ use tokio_util::sync::PollSemaphore;
 use tidings_core::delivery::header;
 use tidings_core::{Acker, DeadLetter, Delivery, DeliveryStream, Message, Result, StartFrom};
 
-use crate::queue::{Body, Entry, Queue};
+use crate::queue::{Body, Entries, Entry, Queue};
 use crate::{DEAD_LETTER_GROUP, Inner};
 
 /// What a subscription's deliveries settle against: the bus and the queue.
@@ -32,12 +31,8 @@ struct Lane {
 /// registration and no copy of the stream's state.
 pub(crate) struct MemoryStream {
     lane: Arc<Lane>,
-    /// This subscription's own handle on the queue. While it waits, every
-    /// message sent wakes it (flume wakes all the streams waiting on a
-    /// queue, and the one that polls first takes the message); a
-    /// consumer's workers read their subscription one at a time, so one
-    /// process's members of a group wait on it once.
-    entries: flume::r#async::RecvStream<'static, Entry>,
+    /// This subscription's reader id on the queue.
+    reader: u64,
     in_flight: PollSemaphore,
     /// A slot taken while no message was queued, kept for the next one.
     permit: Option<OwnedSemaphorePermit>,
@@ -49,7 +44,7 @@ pub(crate) struct MemoryStream {
 impl MemoryStream {
     pub fn new(bus: Arc<Inner>, queue: Arc<Queue>, prefetch: usize, private: bool) -> Self {
         MemoryStream {
-            entries: queue.rx.clone().into_stream(),
+            reader: Entries::reader(),
             lane: Arc::new(Lane { bus, queue }),
             in_flight: PollSemaphore::new(Arc::new(Semaphore::new(prefetch))),
             permit: None,
@@ -81,9 +76,8 @@ impl futures::Stream for MemoryStream {
                 Poll::Pending => return Poll::Pending,
             },
         };
-        let entry = match self.entries.poll_next_unpin(cx) {
-            Poll::Ready(Some(entry)) => entry,
-            Poll::Ready(None) => return Poll::Ready(None),
+        let entry = match self.lane.queue.entries.poll_pop(self.reader, cx) {
+            Poll::Ready(entry) => entry,
             Poll::Pending => {
                 self.permit = Some(permit);
                 return Poll::Pending;
@@ -110,6 +104,7 @@ impl futures::Stream for MemoryStream {
 impl DeliveryStream for MemoryStream {
     fn close(&mut self) -> BoxFuture<'_, Result<()>> {
         self.closed = true;
+        self.lane.queue.entries.leave(self.reader);
         self.remove_private();
         Box::pin(std::future::ready(Ok(())))
     }
@@ -117,6 +112,7 @@ impl DeliveryStream for MemoryStream {
 
 impl Drop for MemoryStream {
     fn drop(&mut self) {
+        self.lane.queue.entries.leave(self.reader);
         self.remove_private();
     }
 }
