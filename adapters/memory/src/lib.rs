@@ -434,7 +434,7 @@ impl Subscriber for MemoryBus {
                 let mut out = GroupStats::new(group.as_str());
                 if let Some(queue) = groups.and_then(|g| g.get(&group)) {
                     // Members are not counted: subscriptions share the
-                    // group's queue without registering.
+                    // group's queue, registering only while they wait.
                     let (lag, pending) = stats(queue);
                     (out.lag, out.pending) = (Some(lag), Some(pending));
                 }

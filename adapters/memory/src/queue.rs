@@ -102,13 +102,19 @@ impl Queue {
 /// A queue's entries, and the subscriptions waiting for one.
 ///
 /// Written here rather than taken from a channel crate because entries
-/// hold their message by value (see [`Body`]): the channels tried moved
-/// each 300-byte entry five to nine times on its way through their generic
-/// code (callgrind: about 450 instructions of copying per message on the
-/// consumer's side with flume), where a `VecDeque` under a mutex moves it
-/// in once and out once and keeps its buffer (async-channel allocated a
-/// block per 31 entries, which glibc made the publisher pay for). Unbounded:
-/// [`Room`] bounds a group. A push wakes one waiting subscription.
+/// hold their message by value (see [`Body`]): flume moved each 300-byte
+/// entry seven times on its way through its generic code (callgrind: about
+/// 450 instructions of copying per message), where a `VecDeque` under a
+/// mutex moves it in once and out once and keeps its buffer (async-channel
+/// allocated a block per 31 entries, which glibc made the publisher pay
+/// for). Unbounded: [`Room`] bounds a group.
+///
+/// A push wakes every waiting subscription, as flume does: a subscription
+/// whose poll was abandoned (a timeout around `next()`, a batch gathered up
+/// to its deadline) stays registered with a task that may not poll it
+/// again, and waking only one could pick that one while another member
+/// sleeps with the entry queued. A consumer's workers read their
+/// subscription one at a time, so each process's member waits once.
 #[derive(Default)]
 pub(crate) struct Entries {
     state: Mutex<Queued>,
@@ -117,8 +123,9 @@ pub(crate) struct Entries {
 #[derive(Default)]
 struct Queued {
     queued: VecDeque<Entry>,
-    /// Subscriptions (by reader id) that found the queue empty, until a
-    /// push wakes them.
+    /// Subscriptions (by reader id) that found the queue empty, with the
+    /// waker of their last poll, until a push wakes them or they take an
+    /// entry or leave.
     readers: Vec<(u64, Waker)>,
 }
 
@@ -141,45 +148,35 @@ impl Entries {
         let woken = {
             let mut state = self.lock();
             state.queued.push_back(entry);
-            state.readers.pop()
+            std::mem::take(&mut state.readers)
         };
-        if let Some((_, reader)) = woken {
+        // Woken outside the lock, so that they find it free.
+        for (_, reader) in woken {
             reader.wake();
         }
     }
 
-    /// The next entry for `reader`, or `Pending` with `reader` woken by
-    /// the next push.
+    /// The next entry for `reader`, or `Pending` with `reader` registered
+    /// to be woken by the next push.
     pub fn poll_pop(&self, reader: u64, cx: &mut Context<'_>) -> Poll<Entry> {
         let mut state = self.lock();
+        let registered = state.readers.iter().position(|(id, _)| *id == reader);
         if let Some(entry) = state.queued.pop_front() {
+            if let Some(at) = registered {
+                state.readers.swap_remove(at);
+            }
             return Poll::Ready(entry);
         }
-        match state.readers.iter_mut().find(|(id, _)| *id == reader) {
-            Some((_, waker)) => waker.clone_from(cx.waker()),
+        match registered {
+            Some(at) => state.readers[at].1.clone_from(cx.waker()),
             None => state.readers.push((reader, cx.waker().clone())),
         }
         Poll::Pending
     }
 
-    /// `reader` reads no more. A reader that was woken and leaves without
-    /// taking an entry passes the wake-up on, so that no entry waits while
-    /// another subscription sleeps.
+    /// `reader` reads no more.
     pub fn leave(&self, reader: u64) {
-        let woken = {
-            let mut state = self.lock();
-            let before = state.readers.len();
-            state.readers.retain(|(id, _)| *id != reader);
-            let was_waiting = state.readers.len() < before;
-            if was_waiting || state.queued.is_empty() {
-                None
-            } else {
-                state.readers.pop()
-            }
-        };
-        if let Some((_, other)) = woken {
-            other.wake();
-        }
+        self.lock().readers.retain(|(id, _)| *id != reader);
     }
 
     /// Entries queued, not yet handed out.
