@@ -263,18 +263,16 @@ impl Inner {
                     .or_insert_with(|| Topic::new(topic)),
                 None => return Ok(None),
             };
-            // The common case, one group and no history: the message moves
-            // into its queue (see `Body`).
-            let message = match (history, t.groups.values().chain(&t.private).next()) {
-                (0, Some(only)) if t.groups.len() + t.private.len() == 1 => {
-                    if only.room.try_take_new() {
-                        only.push_taken(Body::Owned(message));
-                        return Ok(None);
-                    }
-                    message
-                }
-                _ => message,
-            };
+            // The common case, one group with room and no history: the
+            // message moves into its queue (see `Body`).
+            if history == 0
+                && t.groups.len() + t.private.len() == 1
+                && let Some(only) = t.groups.values().chain(&t.private).next()
+                && only.room.try_take_new()
+            {
+                only.push_taken(Body::Owned(message));
+                return Ok(None);
+            }
             let message = Arc::new(message);
             if history > 0 {
                 if t.history.len() == history {

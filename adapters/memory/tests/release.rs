@@ -98,14 +98,15 @@ async fn a_member_whose_poll_was_abandoned_does_not_keep_a_message_from_another(
     let (bus, mut members) = members("abandoned", 2).await;
     let mut abandoned = members.pop().expect("two members");
     let mut waiting = members.pop().expect("two members");
-    // One member waits in its own task.
+    // One member waits in its own task: on this one-thread runtime the task
+    // runs from `send` on to its first wait in `next` before this test
+    // resumes, so it is registered first.
     let (started, started_rx) = tokio::sync::oneshot::channel();
     let taker = tokio::spawn(async move {
         let _ = started.send(());
         next(&mut waiting).await.message().payload.clone()
     });
     started_rx.await.expect("started");
-    tokio::task::yield_now().await;
     // The other polls once and is never polled again (a timed-out `next()`).
     assert!(poll_once(&mut abandoned).0, "nothing queued yet");
     bus.publish("abandoned", Message::new("one"))
