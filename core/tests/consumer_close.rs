@@ -128,3 +128,53 @@ async fn the_default_closed_resolves_at_once() {
         .await
         .expect("resolves at once");
 }
+
+/// Hands out one stream, then fails: a second topic's subscription fails.
+struct FailsSecond(Mutex<Option<Closing>>);
+
+#[async_trait]
+impl Subscriber for FailsSecond {
+    fn name(&self) -> &'static str {
+        "stub"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::full()
+    }
+
+    async fn subscribe(&self, subscription: Subscription) -> Result<Box<dyn DeliveryStream>> {
+        match self.0.lock().expect("lock").take() {
+            Some(stream) => Ok(Box::new(stream)),
+            None => Err(tidings_core::Error::Config {
+                key: "topic".into(),
+                message: format!("cannot subscribe to `{}`", subscription.topic),
+            }),
+        }
+    }
+
+    fn dead_letter_topic(&self, topic: &str, group: &str) -> String {
+        format!("{topic}.{group}.dlq")
+    }
+}
+
+#[tokio::test]
+async fn a_failed_start_shuts_down_the_topics_it_had_started() {
+    let (entered_tx, mut entered) = oneshot::channel();
+    let subscriber = Arc::new(FailsSecond(Mutex::new(Some(Closing {
+        entered: Some(entered_tx),
+        release: None,
+    }))));
+    let started = Consumer::group(subscriber, "g")
+        .handle("a", |_: Event<String>| async { Ok(()) })
+        .handle("b", |_: Event<String>| async { Ok(()) })
+        .start()
+        .await;
+    let error = started.err().expect("the second subscription fails");
+    assert!(error.to_string().contains("cannot subscribe"), "{error}");
+    // The first topic's stream was closed before `start` returned: on this
+    // one-thread runtime its tasks could not have run since.
+    assert!(
+        entered.try_recv().is_ok(),
+        "the first topic was still subscribed after start failed"
+    );
+}

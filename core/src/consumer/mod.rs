@@ -215,6 +215,27 @@ impl Consumer {
         self.report(in_time)
     }
 
+    /// A consumer of the tasks `start` spawned.
+    fn from_parts(
+        stop: watch::Sender<bool>,
+        stopping: Stop,
+        tasks: Vec<JoinHandle<()>>,
+        sources: Vec<Arc<Source>>,
+        counts: Counts,
+        ended: Arc<watch::Sender<bool>>,
+    ) -> Self {
+        let aborts = tasks.iter().map(JoinHandle::abort_handle).collect();
+        Consumer {
+            stop,
+            stopping,
+            tasks,
+            aborts,
+            sources,
+            counts,
+            ended,
+        }
+    }
+
     fn signal_stop(&self) {
         self.stopping.raise();
         self.stop.send_replace(true);
@@ -600,6 +621,11 @@ impl ConsumerBuilder {
 
     /// Subscribes to every topic and starts handling. Returns once every
     /// subscription is in place: messages published afterwards reach it.
+    ///
+    /// When a subscription fails, the error is returned once the topics
+    /// subscribed before it have been shut down (their handlers given up to
+    /// 10 s to finish what they took): nothing of this consumer runs after
+    /// a failed `start`.
     pub async fn start(self) -> Result<Consumer> {
         if self.registrations.is_empty() && self.batches.is_empty() {
             return Err(Error::Config {
@@ -674,7 +700,19 @@ impl ConsumerBuilder {
         let mut counts = Counts::default();
         let ended = Arc::new(watch::channel(false).0);
         for ((_, handling), subscription) in routes.into_iter().zip(subscriptions) {
-            let stream = self.subscriber.subscribe(subscription).await?;
+            let stream = match self.subscriber.subscribe(subscription).await {
+                Ok(stream) => stream,
+                Err(error) => {
+                    // The routes subscribed so far already run: stop them as
+                    // a shutdown would, so that nothing of this consumer
+                    // handles messages once `start` has failed (and their
+                    // end is not taken for a subscription ending on its own).
+                    let started =
+                        Consumer::from_parts(stop, stopping, tasks, sources, counts, ended);
+                    started.shutdown(START_FAILED_DRAIN).await;
+                    return Err(error);
+                }
+            };
             let source = Arc::new(Source::new(stream, self.ordered_by_key, ended.clone()));
             let route = Arc::new(Route {
                 stack: stack.clone(),
@@ -707,15 +745,12 @@ impl ConsumerBuilder {
             )));
             sources.push(source);
         }
-        let aborts = tasks.iter().map(JoinHandle::abort_handle).collect();
-        Ok(Consumer {
-            stop,
-            stopping,
-            tasks,
-            aborts,
-            sources,
-            counts,
-            ended,
-        })
+        Ok(Consumer::from_parts(
+            stop, stopping, tasks, sources, counts, ended,
+        ))
     }
 }
+
+/// How long a consumer whose `start` failed midway gives the routes it had
+/// already started to finish what they took (a shutdown's deadline).
+const START_FAILED_DRAIN: Duration = Duration::from_secs(10);
