@@ -169,7 +169,9 @@ async fn a_failed_start_shuts_down_the_topics_it_had_started() {
         .handle("b", |_: Event<String>| async { Ok(()) })
         .start()
         .await;
-    let error = started.err().expect("the second subscription fails");
+    let Err(error) = started else {
+        panic!("the second subscription fails, so start fails");
+    };
     assert!(error.to_string().contains("cannot subscribe"), "{error}");
     // The first topic's stream was closed before `start` returned: on this
     // one-thread runtime its tasks could not have run since.
