@@ -76,26 +76,25 @@ impl futures::Stream for MemoryStream {
                 Poll::Pending => return Poll::Pending,
             },
         };
-        let entry = match self.lane.queue.entries.poll_pop(self.reader, cx) {
-            Poll::Ready(entry) => entry,
+        let (message, attempt) = match self.lane.queue.entries.poll_pop(self.reader, cx) {
+            Poll::Ready(popped) => popped,
             Poll::Pending => {
                 self.permit = Some(permit);
                 return Poll::Pending;
             }
         };
-        let message = entry.message.into_shared();
         let queue = &self.lane.queue;
         let (topic, group) = (queue.topic.clone(), queue.group.clone());
         let acker = MemoryAcker {
             lane: self.lane.clone(),
-            entry: Some((message.clone(), entry.attempt)),
+            entry: Some((message.clone(), attempt)),
             _permit: permit,
         };
         Poll::Ready(Some(Ok(Delivery::new(
             message,
             topic,
             group,
-            entry.attempt,
+            attempt,
             Box::new(acker),
         ))))
     }
