@@ -36,6 +36,7 @@ pub mod extract;
 pub mod groups;
 pub mod handler;
 pub mod health;
+pub mod in_flight;
 pub mod message;
 pub mod middleware;
 pub mod params;

@@ -17,10 +17,11 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Consumer};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, warn};
 
 use tidings_core::delivery::header;
+use tidings_core::in_flight::{InFlight, Slot};
 use tidings_core::{
     Acker, Capabilities, DeadLetter, Delivery, DeliveryStream, Dialect, Error, Message, Result,
     Subscriber, Subscription,
@@ -95,7 +96,7 @@ impl Subscriber for AmqpSubscriber {
             prefetch,
             tx,
             stop_rx,
-            Arc::new(Semaphore::new(prefetch)),
+            InFlight::new(prefetch),
             ready_tx,
         ));
         match ready_rx.await {
@@ -241,7 +242,7 @@ impl Route {
         ch: &Channel,
         queue: &Arc<str>,
         d: lapin::message::Delivery,
-        permit: OwnedSemaphorePermit,
+        slot: Slot,
     ) -> Delivery {
         let received = headers::decode(
             &self.dialect,
@@ -280,7 +281,7 @@ impl Route {
             attempt,
             queue: queue.clone(),
             settled: false,
-            _permit: permit,
+            _slot: slot,
         };
         let delivery = Delivery::new(message, topic, self.group.clone(), attempt, Box::new(acker));
         match received.undecodable {
@@ -371,7 +372,7 @@ struct AmqpAcker {
     attempt: u32,
     queue: Arc<str>,
     settled: bool,
-    _permit: OwnedSemaphorePermit,
+    _slot: Slot,
 }
 
 impl AmqpAcker {
@@ -499,7 +500,7 @@ async fn run(
     prefetch: usize,
     tx: mpsc::Sender<Delivery>,
     mut stop: watch::Receiver<bool>,
-    permits: Arc<Semaphore>,
+    in_flight: InFlight,
     ready: oneshot::Sender<Result<()>>,
 ) {
     let config = &route.connector.config;
@@ -533,7 +534,16 @@ async fn run(
             None => debug!(topic = %route.topic, %queue, "resumed consuming"),
         }
         backoff = config.reconnect_min;
-        let stopped = pump(&route, &ch, &queue, &mut consumer, &tx, &mut stop, &permits).await;
+        let stopped = pump(
+            &route,
+            &ch,
+            &queue,
+            &mut consumer,
+            &tx,
+            &mut stop,
+            &in_flight,
+        )
+        .await;
         if stopped {
             let _ = ch
                 .basic_cancel(consumer.tag(), BasicCancelOptions::default())
@@ -552,7 +562,7 @@ async fn pump(
     consumer: &mut Consumer,
     tx: &mpsc::Sender<Delivery>,
     stop: &mut watch::Receiver<bool>,
-    permits: &Arc<Semaphore>,
+    in_flight: &InFlight,
 ) -> bool {
     loop {
         let next = tokio::select! {
@@ -568,18 +578,18 @@ async fn pump(
             }
             None => return false,
         };
-        let permit = tokio::select! {
+        let slot = tokio::select! {
             biased;
             _ = stop.wait_for(|s| *s) => None,
-            p = permits.clone().acquire_owned() => p.ok(),
+            slot = in_flight.take() => slot,
         };
-        let Some(permit) = permit else {
+        let Some(slot) = slot else {
             let _ = ch
                 .basic_reject(d.delivery_tag, BasicRejectOptions { requeue: true })
                 .await;
             return true;
         };
-        let delivery = route.delivery(ch, queue, d, permit);
+        let delivery = route.delivery(ch, queue, d, slot);
         if tx.send(delivery).await.is_err() {
             return true;
         }

@@ -39,12 +39,12 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, TopicPartitionList as Tpl};
 use tidings_core::delivery::DEAD_LETTER_GROUP;
 use tidings_core::dialect::Undecodable;
+use tidings_core::in_flight::{InFlight, PollInFlight, Slot};
 use tidings_core::{
     Acker, Capabilities, DeadLetter, Delivery, DeliveryStream, Dialect, Error, Message, Receipt,
     Result, StartFrom, Subscriber, Subscription,
 };
-use tokio::sync::{Semaphore, mpsc, oneshot};
-use tokio_util::sync::PollSemaphore;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use crate::config::{KafkaConfig, PartitionOrder};
@@ -159,8 +159,8 @@ impl Subscriber for KafkaSubscriber {
         });
         Ok(Box::new(KafkaStream {
             rx,
-            semaphore: PollSemaphore::new(shared.semaphore.clone()),
-            permit: None,
+            in_flight: PollInFlight::new(shared.in_flight.clone()),
+            slot: None,
             ctx,
             closed: false,
         }))
@@ -461,7 +461,7 @@ struct State {
 struct Shared {
     state: Mutex<State>,
     settled: Condvar,
-    semaphore: Arc<Semaphore>,
+    in_flight: InFlight,
     /// Deliveries handed out and not settled or dropped yet.
     live: AtomicUsize,
     /// Records in the channel, not yet taken by the stream.
@@ -492,7 +492,7 @@ impl Shared {
         Shared {
             state: Mutex::default(),
             settled: Condvar::new(),
-            semaphore: Arc::new(Semaphore::new(prefetch.max(1))),
+            in_flight: InFlight::new(prefetch),
             live: AtomicUsize::new(0),
             queued: AtomicUsize::new(0),
             closing: AtomicBool::new(false),
@@ -1173,8 +1173,8 @@ struct StreamCtx {
 /// The stream of one subscription.
 struct KafkaStream {
     rx: mpsc::UnboundedReceiver<Item>,
-    semaphore: PollSemaphore,
-    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    in_flight: PollInFlight,
+    slot: Option<Slot>,
     ctx: Arc<StreamCtx>,
     closed: bool,
 }
@@ -1187,9 +1187,9 @@ impl Stream for KafkaStream {
         if this.closed {
             return Poll::Ready(None);
         }
-        if this.permit.is_none() {
-            match this.semaphore.poll_acquire(cx) {
-                Poll::Ready(Some(p)) => this.permit = Some(p),
+        if this.slot.is_none() {
+            match this.in_flight.poll_take(cx) {
+                Poll::Ready(Some(slot)) => this.slot = Some(slot),
                 Poll::Ready(None) => return Poll::Ready(None),
                 Poll::Pending => return Poll::Pending,
             }
@@ -1211,8 +1211,8 @@ impl Stream for KafkaStream {
             };
             // The item's lane (if any) is reserved for it now.
             this.ctx.shared.queued.fetch_sub(1, Ordering::AcqRel);
-            let Some(permit) = this.permit.take() else {
-                // Unreachable: the permit was acquired above.
+            let Some(slot) = this.slot.take() else {
+                // Unreachable: the slot was taken above.
                 if let Some(lane) = &item.lane {
                     gate.release(lane);
                 }
@@ -1220,7 +1220,7 @@ impl Stream for KafkaStream {
             };
             if !admit(&this.ctx, &item) {
                 // Its partition was revoked meanwhile: discarded.
-                this.permit = Some(permit);
+                this.slot = Some(slot);
                 if let Some(lane) = &item.lane {
                     gate.release(lane);
                 }
@@ -1241,7 +1241,7 @@ impl Stream for KafkaStream {
                 attempt: item.attempt,
                 message: message.clone(),
                 settled: false,
-                _permit: permit,
+                _slot: slot,
             };
             let delivery = Delivery::new(
                 message,
@@ -1314,7 +1314,7 @@ struct KafkaAcker {
     attempt: u32,
     message: Arc<Message>,
     settled: bool,
-    _permit: tokio::sync::OwnedSemaphorePermit,
+    _slot: Slot,
 }
 
 impl KafkaAcker {

@@ -7,10 +7,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::future::BoxFuture;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_util::sync::PollSemaphore;
-
 use tidings_core::delivery::header;
+use tidings_core::in_flight::{InFlight, PollInFlight, Slot};
 use tidings_core::{Acker, DeadLetter, Delivery, DeliveryStream, Message, Result, StartFrom};
 
 use crate::queue::{Body, Entries, Entry, Queue};
@@ -33,9 +31,9 @@ pub(crate) struct MemoryStream {
     lane: Arc<Lane>,
     /// This subscription's reader id on the queue.
     reader: u64,
-    in_flight: PollSemaphore,
+    in_flight: PollInFlight,
     /// A slot taken while no message was queued, kept for the next one.
-    permit: Option<OwnedSemaphorePermit>,
+    slot: Option<Slot>,
     closed: bool,
     /// A private subscription's queue, removed from its topic when closed.
     private: bool,
@@ -46,8 +44,8 @@ impl MemoryStream {
         MemoryStream {
             reader: Entries::reader(),
             lane: Arc::new(Lane { bus, queue }),
-            in_flight: PollSemaphore::new(Arc::new(Semaphore::new(prefetch))),
-            permit: None,
+            in_flight: PollInFlight::new(InFlight::new(prefetch)),
+            slot: None,
             closed: false,
             private,
         }
@@ -68,10 +66,10 @@ impl futures::Stream for MemoryStream {
         if self.closed {
             return Poll::Ready(None);
         }
-        let permit = match self.permit.take() {
-            Some(permit) => permit,
-            None => match self.in_flight.poll_acquire(cx) {
-                Poll::Ready(Some(permit)) => permit,
+        let slot = match self.slot.take() {
+            Some(slot) => slot,
+            None => match self.in_flight.poll_take(cx) {
+                Poll::Ready(Some(slot)) => slot,
                 Poll::Ready(None) => return Poll::Ready(None),
                 Poll::Pending => return Poll::Pending,
             },
@@ -79,7 +77,7 @@ impl futures::Stream for MemoryStream {
         let (message, attempt) = match self.lane.queue.entries.poll_pop(self.reader, cx) {
             Poll::Ready(popped) => popped,
             Poll::Pending => {
-                self.permit = Some(permit);
+                self.slot = Some(slot);
                 return Poll::Pending;
             }
         };
@@ -88,7 +86,7 @@ impl futures::Stream for MemoryStream {
         let acker = MemoryAcker {
             lane: self.lane.clone(),
             entry: Some((message.clone(), attempt)),
-            _permit: permit,
+            _slot: slot,
         };
         Poll::Ready(Some(Ok(Delivery::new(
             message,
@@ -122,7 +120,7 @@ struct MemoryAcker {
     /// The message and its attempt, until settled.
     entry: Option<(Arc<Message>, u32)>,
     /// The subscription's in-flight slot, freed when this is settled or dropped.
-    _permit: OwnedSemaphorePermit,
+    _slot: Slot,
 }
 
 impl MemoryAcker {

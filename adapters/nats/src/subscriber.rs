@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::{FutureExt, Stream, StreamExt};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
@@ -30,6 +30,7 @@ use crate::stale_pull::{self, PullEnd};
 use crate::{NAME, Shared, broker_error, given_up, headers};
 use tidings_core::Dialect;
 use tidings_core::dialect::Undecodable;
+use tidings_core::in_flight::{InFlight, Slot};
 
 /// Subscribes to NATS. Made by [`NatsBus::subscriber`](crate::NatsBus::subscriber).
 pub struct NatsSubscriber {
@@ -220,7 +221,7 @@ impl Subscriber for NatsSubscriber {
             shared: shared.clone(),
             topic: topic.as_str().into(),
             group: group.as_deref().map(Arc::from),
-            permits: Arc::new(Semaphore::new(prefetch)),
+            in_flight: InFlight::new(prefetch),
             tx,
             stop,
             pull_end: stale_pull::needs_waiting(&shared.client.server_info().version)
@@ -401,14 +402,14 @@ impl Tracker {
     }
 }
 
-/// Moves messages from the client into the delivery channel, one permit each.
+/// Moves messages from the client into the delivery channel, one slot each.
 struct Pump {
     shared: Arc<Shared>,
     /// How this subscription's messages are read.
     dialect: Dialect,
     topic: Arc<str>,
     group: Option<Arc<str>>,
-    permits: Arc<Semaphore>,
+    in_flight: InFlight,
     tx: mpsc::Sender<Result<Delivery>>,
     stop: watch::Receiver<bool>,
     /// Set on servers before 2.10 (see `stale_pull`).
@@ -422,13 +423,12 @@ fn backoff(attempt: u32) -> Duration {
 }
 
 impl Pump {
-    /// Waits for a free permit; `None` once stopped.
-    async fn permit(&mut self) -> Option<OwnedSemaphorePermit> {
-        let permits = self.permits.clone();
+    /// Waits for a free in-flight slot; `None` once stopped.
+    async fn slot(&mut self) -> Option<Slot> {
         tokio::select! {
             biased;
             _ = self.stop.wait_for(|s| *s) => None,
-            p = permits.acquire_owned() => p.ok(),
+            slot = self.in_flight.take() => slot,
         }
     }
 
@@ -465,7 +465,7 @@ impl Pump {
         let mut failures = 0u32;
         'outer: loop {
             loop {
-                let Some(permit) = self.permit().await else {
+                let Some(slot) = self.slot().await else {
                     break 'outer;
                 };
                 let next = tokio::select! {
@@ -477,7 +477,7 @@ impl Pump {
                 let next = match next {
                     Ok(next) => next,
                     Err(advisory) => {
-                        if let Some(delivery) = self.given_up(advisory, permit, &group).await
+                        if let Some(delivery) = self.given_up(advisory, slot, &group).await
                             && !self.hand_over(delivery).await
                         {
                             break 'outer;
@@ -488,7 +488,7 @@ impl Pump {
                 match next {
                     Some(Ok(msg)) => {
                         failures = 0;
-                        let delivery = self.js_delivery(msg, permit, &group, tracker.as_ref());
+                        let delivery = self.js_delivery(msg, slot, &group, tracker.as_ref());
                         if !self.hand_over(delivery).await {
                             break 'outer;
                         }
@@ -570,7 +570,7 @@ impl Pump {
     async fn given_up(
         &self,
         advisory: async_nats::Message,
-        permit: OwnedSemaphorePermit,
+        slot: Slot,
         group: &Arc<str>,
     ) -> Option<Delivery> {
         let advisory: given_up::Advisory = match serde_json::from_slice(&advisory.payload) {
@@ -601,7 +601,7 @@ impl Pump {
             settled: false,
             tracked: None,
             pull_end: None,
-            _permit: permit,
+            _slot: slot,
         };
         let attempt = u32::try_from(advisory.deliveries).unwrap_or(u32::MAX);
         let delivery = Delivery::new(
@@ -622,7 +622,7 @@ impl Pump {
     fn js_delivery(
         &self,
         msg: async_nats::jetstream::Message,
-        permit: OwnedSemaphorePermit,
+        slot: Slot,
         group: &Arc<str>,
         tracker: Option<&Arc<Tracker>>,
     ) -> Delivery {
@@ -662,7 +662,7 @@ impl Pump {
             settled: false,
             tracked,
             pull_end: self.pull_end.clone(),
-            _permit: permit,
+            _slot: slot,
         };
         let delivery = Delivery::new(
             message,
@@ -683,7 +683,7 @@ impl Pump {
         let mut failures = 0u32;
         'outer: loop {
             loop {
-                let Some(permit) = self.permit().await else {
+                let Some(slot) = self.slot().await else {
                     break 'outer;
                 };
                 let next = tokio::select! {
@@ -723,7 +723,7 @@ impl Pump {
                             1,
                             Box::new(NoAcker {
                                 what: "a private JetStream subscription (an ordered consumer without acks)",
-                                _permit: permit,
+                                _slot: slot,
                             }),
                         );
                         let delivery = match position {
@@ -765,7 +765,7 @@ impl Pump {
 
     async fn run_core(mut self, mut sub: async_nats::Subscriber) {
         loop {
-            let Some(permit) = self.permit().await else {
+            let Some(slot) = self.slot().await else {
                 break;
             };
             let next = tokio::select! {
@@ -792,7 +792,7 @@ impl Pump {
                     message,
                     topic: self.topic.clone(),
                     group: self.group.clone(),
-                    _permit: permit,
+                    _slot: slot,
                 }),
             );
             if !self.hand_over(reject_if(delivery, undecodable)).await {
@@ -868,7 +868,7 @@ struct JsAcker {
     /// The subscription's pull stream's end, on servers before 2.10: naks
     /// wait for its requests to expire (see `stale_pull`).
     pull_end: Option<Arc<PullEnd>>,
-    _permit: OwnedSemaphorePermit,
+    _slot: Slot,
 }
 
 impl JsAcker {
@@ -1007,7 +1007,7 @@ struct CoreAcker {
     message: Arc<Message>,
     topic: Arc<str>,
     group: Option<Arc<str>>,
-    _permit: OwnedSemaphorePermit,
+    _slot: Slot,
 }
 
 #[async_trait]
@@ -1043,7 +1043,7 @@ impl Acker for CoreAcker {
 /// Settles a delivery of an ordered consumer: acks are not needed.
 struct NoAcker {
     what: &'static str,
-    _permit: OwnedSemaphorePermit,
+    _slot: Slot,
 }
 
 #[async_trait]

@@ -132,7 +132,7 @@ async fn read_loop(
                     (Message::new(body.clone()), false, Some(e))
                 }
             };
-            let Some(permit) = shared.permit().await else {
+            let Some(slot) = shared.slot().await else {
                 return;
             };
             if let Some(group) = &shared.group {
@@ -159,7 +159,7 @@ async fn read_loop(
                 Arc::new(message),
                 topic,
                 1,
-                permit,
+                slot,
             );
             if let Some(corrupt) = corrupt {
                 d = d.rejected(corrupt);

@@ -11,11 +11,12 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 use async_trait::async_trait;
 use futures::future::BoxFuture;
 use redis::{RedisResult, Value};
+use tidings_core::in_flight::{InFlight, Slot};
 use tidings_core::{
     Acker, Capabilities, DeadLetter, Delivery, DeliveryStream, Error, GroupStats, Message, Receipt,
     Result, StartFrom, Subscriber, Subscription,
 };
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, warn};
 
 use crate::config::{RedisConfig, RedisMode};
@@ -88,7 +89,7 @@ impl RedisSubscriber {
             control: self.control.clone(),
             writes: self.writes.clone(),
             config: self.config.clone(),
-            permits: Arc::new(Semaphore::new(subscription.prefetch.max(1))),
+            in_flight: InFlight::new(subscription.prefetch),
             prefetch: subscription.prefetch.max(1),
             closed: watch::channel(false).0,
             tx,
@@ -278,7 +279,7 @@ pub(crate) struct Shared {
     writes: Conn,
     pub(crate) config: Arc<RedisConfig>,
     /// Free in-flight slots (prefetch); a delivery holds one until settled.
-    pub(crate) permits: Arc<Semaphore>,
+    pub(crate) in_flight: InFlight,
     /// The subscription's prefetch.
     prefetch: usize,
     pub(crate) closed: watch::Sender<bool>,
@@ -388,15 +389,15 @@ impl Shared {
 
     fn close(&self) {
         self.closed.send_replace(true);
-        self.permits.close();
+        self.in_flight.close();
     }
 
     /// One in-flight slot, or `None` once closed.
-    pub(crate) async fn permit(&self) -> Option<OwnedSemaphorePermit> {
+    pub(crate) async fn slot(&self) -> Option<Slot> {
         tokio::select! {
             biased;
             _ = self.wait_closed() => None,
-            p = self.permits.clone().acquire_owned() => p.ok(),
+            slot = self.in_flight.take() => slot,
         }
     }
 
@@ -528,7 +529,7 @@ pub(crate) struct RedisAcker {
     message: Arc<Message>,
     topic: Arc<str>,
     attempt: u32,
-    permit: Option<OwnedSemaphorePermit>,
+    slot: Option<Slot>,
     settled: bool,
 }
 
@@ -538,10 +539,10 @@ impl RedisAcker {
         origin: Origin,
         message: Message,
         attempt: u32,
-        permit: OwnedSemaphorePermit,
+        slot: Slot,
     ) -> Delivery {
         let topic = shared.topic.clone();
-        Self::delivery_shared(shared, origin, Arc::new(message), topic, attempt, permit)
+        Self::delivery_shared(shared, origin, Arc::new(message), topic, attempt, slot)
     }
 
     /// A delivery whose topic is `topic` (the channel a pattern matched).
@@ -551,7 +552,7 @@ impl RedisAcker {
         message: Arc<Message>,
         topic: Arc<str>,
         attempt: u32,
-        permit: OwnedSemaphorePermit,
+        slot: Slot,
     ) -> Delivery {
         let position = match &origin {
             Origin::Group { entry_id } => {
@@ -568,7 +569,7 @@ impl RedisAcker {
             message: message.clone(),
             topic: topic.clone(),
             attempt,
-            permit: Some(permit),
+            slot: Some(slot),
             settled: false,
         };
         let delivery = Delivery::new(
@@ -603,7 +604,7 @@ impl RedisAcker {
         self.settled = true;
         // The delay keeps it alive by itself (`touch`).
         self.unhold();
-        self.permit = None;
+        self.slot = None;
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
@@ -647,8 +648,8 @@ async fn redeliver(
             }
         }
     }
-    let permit = match shared.permit().await {
-        Some(permit) => permit,
+    let slot = match shared.slot().await {
+        Some(slot) => slot,
         None => {
             // Closed: leave it to the other members, at once.
             if let Origin::Group { entry_id } = &origin {
@@ -659,14 +660,8 @@ async fn redeliver(
     };
     match &origin {
         Origin::Local => {
-            let d = RedisAcker::delivery_shared(
-                &shared,
-                Origin::Local,
-                message,
-                topic,
-                attempt,
-                permit,
-            );
+            let d =
+                RedisAcker::delivery_shared(&shared, Origin::Local, message, topic, attempt, slot);
             shared.send(d);
         }
         Origin::Group { entry_id } => {
@@ -685,10 +680,10 @@ async fn redeliver(
                 .await;
             match reply {
                 Ok(reply) => {
-                    let mut permit = Some(permit);
+                    let mut slot = Some(slot);
                     for (id, fields) in entries(reply) {
-                        if let Some(permit) = permit.take() {
-                            deliver(&shared, id, fields, attempt, permit).await;
+                        if let Some(slot) = slot.take() {
+                            deliver(&shared, id, fields, attempt, slot).await;
                         }
                     }
                 }
@@ -704,7 +699,7 @@ async fn redeliver(
 impl Acker for RedisAcker {
     async fn ack(mut self: Box<Self>) -> Result<()> {
         self.settled = true;
-        self.permit = None;
+        self.slot = None;
         // Held until the batcher's XACK went through.
         let Origin::Group { entry_id } = &self.origin else {
             return Ok(());
@@ -961,7 +956,7 @@ async fn deliver(
     entry_id: String,
     fields: Vec<Value>,
     attempt: u32,
-    permit: OwnedSemaphorePermit,
+    slot: Slot,
 ) {
     let (message, foreign) = headers::read_fields_in(&shared.layout, &entry_id, fields);
     if let Some(foreign) = &foreign {
@@ -972,7 +967,7 @@ async fn deliver(
         // A private stream read: the entry id is the position, nothing to settle.
         None => (Origin::Local, Some(Receipt::EntryId(entry_id))),
     };
-    let mut d = RedisAcker::delivery(shared, origin, message, attempt, permit);
+    let mut d = RedisAcker::delivery(shared, origin, message, attempt, slot);
     if let Some(position) = position {
         d = d.with_position(position);
     }
@@ -993,16 +988,16 @@ async fn read_loop(shared: Arc<Shared>, mut conn: Conn, mut position: Option<Str
     let mut backoff = Duration::from_millis(20);
     let mut failing = false;
     loop {
-        let Some(first) = shared.permit().await else {
+        let Some(first) = shared.slot().await else {
             break;
         };
-        let permits = gather(&shared, first).await;
-        let mut permits = permits;
+        let slots = gather(&shared, first).await;
+        let mut slots = slots;
         let result = match &mut position {
             None => {
                 let due = last_reclaim.is_none_or(|t| t.elapsed() >= reclaim_every);
                 let reclaimed = if due {
-                    match reclaim(&shared, &mut conn, &mut cursor, &mut permits).await {
+                    match reclaim(&shared, &mut conn, &mut cursor, &mut slots).await {
                         Ok(done) => {
                             if done {
                                 last_reclaim = Some(Instant::now());
@@ -1015,14 +1010,14 @@ async fn read_loop(shared: Arc<Shared>, mut conn: Conn, mut position: Option<Str
                     Ok(())
                 };
                 match reclaimed {
-                    Ok(()) if permits.is_empty() => Ok(()),
-                    Ok(()) => read_group(&shared, &mut conn, &mut permits).await,
+                    Ok(()) if slots.is_empty() => Ok(()),
+                    Ok(()) => read_group(&shared, &mut conn, &mut slots).await,
                     Err(e) => Err(e),
                 }
             }
-            Some(last_id) => read_private(&shared, &mut conn, last_id, &mut permits).await,
+            Some(last_id) => read_private(&shared, &mut conn, last_id, &mut slots).await,
         };
-        drop(permits);
+        drop(slots);
         match result {
             Ok(()) => {
                 if failing {
@@ -1063,23 +1058,23 @@ async fn read_loop(shared: Arc<Shared>, mut conn: Conn, mut position: Option<Str
 /// The free in-flight slots for one read. Under load slots come back one by
 /// one; rather than reading one entry per round trip, wait up to
 /// [`GATHER`] for a quarter of the prefetch to be free.
-async fn gather(shared: &Shared, first: OwnedSemaphorePermit) -> Vec<OwnedSemaphorePermit> {
-    let mut permits = vec![first];
+async fn gather(shared: &Shared, first: Slot) -> Vec<Slot> {
+    let mut slots = vec![first];
     let target = (shared.prefetch / 4).clamp(1, MAX_BATCH);
     let until = tokio::time::Instant::now() + GATHER;
     loop {
-        while permits.len() < MAX_BATCH {
-            match shared.permits.clone().try_acquire_owned() {
-                Ok(p) => permits.push(p),
-                Err(_) => break,
+        while slots.len() < MAX_BATCH {
+            match shared.in_flight.try_take() {
+                Some(slot) => slots.push(slot),
+                None => break,
             }
         }
-        if permits.len() >= target {
-            return permits;
+        if slots.len() >= target {
+            return slots;
         }
-        match tokio::time::timeout_at(until, shared.permits.clone().acquire_owned()).await {
-            Ok(Ok(p)) => permits.push(p),
-            _ => return permits,
+        match tokio::time::timeout_at(until, shared.in_flight.take()).await {
+            Ok(Some(slot)) => slots.push(slot),
+            _ => return slots,
         }
     }
 }
@@ -1087,7 +1082,7 @@ async fn gather(shared: &Shared, first: OwnedSemaphorePermit) -> Vec<OwnedSemaph
 async fn read_group(
     shared: &Arc<Shared>,
     conn: &mut Conn,
-    permits: &mut Vec<OwnedSemaphorePermit>,
+    slots: &mut Vec<Slot>,
 ) -> RedisResult<()> {
     let block = shared
         .config
@@ -1098,7 +1093,7 @@ async fn read_group(
         .arg(shared.group_name())
         .arg(&shared.consumer)
         .arg("COUNT")
-        .arg(permits.len())
+        .arg(slots.len())
         .arg("BLOCK")
         .arg(Shared::millis(block).max(1))
         .arg("STREAMS")
@@ -1112,8 +1107,8 @@ async fn read_group(
             shared.release(&id, 0).await;
             continue;
         }
-        match permits.pop() {
-            Some(permit) => deliver(shared, id, fields, 1, permit).await,
+        match slots.pop() {
+            Some(slot) => deliver(shared, id, fields, 1, slot).await,
             None => shared.release(&id, 0).await,
         }
     }
@@ -1126,7 +1121,7 @@ async fn reclaim(
     shared: &Arc<Shared>,
     conn: &mut Conn,
     cursor: &mut String,
-    permits: &mut Vec<OwnedSemaphorePermit>,
+    slots: &mut Vec<Slot>,
 ) -> RedisResult<bool> {
     let reply: Value = redis::cmd("XAUTOCLAIM")
         .arg(&*shared.topic)
@@ -1135,7 +1130,7 @@ async fn reclaim(
         .arg(Shared::millis(shared.config.visibility_timeout))
         .arg(&*cursor)
         .arg("COUNT")
-        .arg(permits.len())
+        .arg(slots.len())
         .query_async(conn)
         .await?;
     let Value::Array(mut parts) = reply else {
@@ -1166,8 +1161,8 @@ async fn reclaim(
     for ((id, fields), count) in claimed.into_iter().zip(counts) {
         let attempt = delivery_count(count).unwrap_or(2);
         debug!(topic = %shared.topic, entry_id = %id, attempt, "reclaimed an idle pending entry");
-        match permits.pop() {
-            Some(permit) => deliver(shared, id, fields, attempt, permit).await,
+        match slots.pop() {
+            Some(slot) => deliver(shared, id, fields, attempt, slot).await,
             None => shared.release(&id, attempt.saturating_sub(1)).await,
         }
     }
@@ -1192,11 +1187,11 @@ async fn read_private(
     shared: &Arc<Shared>,
     conn: &mut Conn,
     last_id: &mut String,
-    permits: &mut Vec<OwnedSemaphorePermit>,
+    slots: &mut Vec<Slot>,
 ) -> RedisResult<()> {
     let reply: Value = redis::cmd("XREAD")
         .arg("COUNT")
-        .arg(permits.len())
+        .arg(slots.len())
         .arg("BLOCK")
         .arg(Shared::millis(shared.config.block).max(1))
         .arg("STREAMS")
@@ -1205,12 +1200,12 @@ async fn read_private(
         .query_async(conn)
         .await?;
     for (id, fields) in read_reply(reply) {
-        let Some(permit) = permits.pop() else { break };
+        let Some(slot) = slots.pop() else { break };
         last_id.clone_from(&id);
         if shared.is_closed() {
             break;
         }
-        deliver(shared, id, fields, 1, permit).await;
+        deliver(shared, id, fields, 1, slot).await;
     }
     Ok(())
 }

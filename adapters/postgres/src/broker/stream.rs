@@ -11,10 +11,11 @@ use futures::future::BoxFuture;
 use sqlx::Row;
 use sqlx::postgres::PgRow;
 use tidings_core::delivery::header;
+use tidings_core::in_flight::{InFlight, Slot};
 use tidings_core::{
     Acker, DeadLetter, Delivery, DeliveryStream, Message, Result, StartFrom, Subscription,
 };
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::warn;
 
@@ -61,13 +62,13 @@ pub(super) async fn subscribe(
         reported: subscription.group.as_deref().map(Into::into),
     });
     let held: Held = Arc::default();
-    let permits = Arc::new(Semaphore::new(subscription.prefetch.max(1)));
+    let in_flight = InFlight::new(subscription.prefetch);
     let (deliveries, rx) = mpsc::channel(subscription.prefetch.max(1));
     let (stop, stopped) = watch::channel(false);
     let reader = tokio::spawn(read(
         queue.clone(),
         held.clone(),
-        permits,
+        in_flight,
         deliveries,
         stopped.clone(),
     ));
@@ -131,7 +132,7 @@ async fn next_due(queue: &Queue) -> Option<Duration> {
 async fn read(
     queue: Arc<Queue>,
     held: Held,
-    permits: Arc<Semaphore>,
+    in_flight: InFlight,
     deliveries: mpsc::Sender<Result<Delivery>>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -142,16 +143,16 @@ async fn read(
         let first = tokio::select! {
             biased;
             _ = stop.wait_for(|s| *s) => return,
-            permit = permits.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => return,
+            slot = in_flight.take() => match slot {
+                Some(slot) => slot,
+                None => return,
             },
         };
         let mut slots = vec![first];
         while slots.len() < config.claim_batch {
-            match permits.clone().try_acquire_owned() {
-                Ok(permit) => slots.push(permit),
-                Err(_) => break,
+            match in_flight.try_take() {
+                Some(slot) => slots.push(slot),
+                None => break,
             }
         }
         let notified = wake.notified();
@@ -173,8 +174,8 @@ async fn read(
             Ok(rows) => {
                 failures = 0;
                 let mut rows = rows.into_iter().zip(slots);
-                while let Some((row, permit)) = rows.next() {
-                    let delivery = match delivery(&queue, &held, &row, permit) {
+                while let Some((row, slot)) = rows.next() {
+                    let delivery = match delivery(&queue, &held, &row, slot) {
                         Ok(delivery) => Ok(delivery),
                         Err(error) => Err(broker_error(error)),
                     };
@@ -213,7 +214,7 @@ fn delivery(
     queue: &Arc<Queue>,
     held: &Held,
     row: &PgRow,
-    permit: OwnedSemaphorePermit,
+    slot: Slot,
 ) -> std::result::Result<Delivery, crate::StoreError> {
     let id: i64 = row.try_get("id")?;
     let claim: i64 = row.try_get("claim")?;
@@ -232,7 +233,7 @@ fn delivery(
         claim,
         message: message.clone(),
         settled: false,
-        _permit: permit,
+        _slot: slot,
     };
     Ok(Delivery::new(
         message,
@@ -385,7 +386,7 @@ struct PgAcker {
     claim: i64,
     message: Arc<Message>,
     settled: bool,
-    _permit: OwnedSemaphorePermit,
+    _slot: Slot,
 }
 
 impl PgAcker {
