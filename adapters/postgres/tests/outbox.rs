@@ -4,6 +4,7 @@
 //! refused, runs safely as two replicas in key order, and relays into a
 //! real broker end to end.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -110,12 +111,16 @@ async fn committed_messages_are_relayed_and_rolled_back_ones_never_are() {
     consumer.shutdown(Duration::from_secs(5)).await;
 }
 
-/// A broker that refuses everything.
-struct Refusing;
+/// A broker that refuses everything, and counts what it refused.
+#[derive(Default)]
+struct Refusing {
+    refused: AtomicUsize,
+}
 
 #[async_trait]
 impl Publisher for Refusing {
     async fn publish(&self, topic: &str, _message: Message) -> tidings_core::Result<Receipt> {
+        self.refused.fetch_add(1, Ordering::SeqCst);
         Err(tidings_core::Error::Publish {
             topic: topic.to_owned(),
             transient: true,
@@ -140,8 +145,9 @@ async fn what_a_broker_refused_is_sent_again_with_the_same_id() {
         .expect("written");
     tx.commit().await.expect("committed");
 
+    let broker = Arc::new(Refusing::default());
     let refused = outbox
-        .relay(Arc::new(Refusing))
+        .relay(broker.clone())
         .poll(Duration::from_millis(50))
         .start();
     within(10, "the relay to lead", async {
@@ -150,8 +156,12 @@ async fn what_a_broker_refused_is_sent_again_with_the_same_id() {
         }
     })
     .await;
-    // A few rounds against the refusing broker.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    within(10, "a few rounds against the refusing broker", async {
+        while broker.refused.load(Ordering::SeqCst) < 3 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
     assert_eq!(refused.stats().sent, 0);
     assert_eq!(
         outbox.pending().await.expect("pending").0,
