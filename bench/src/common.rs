@@ -123,3 +123,62 @@ pub async fn wait_done(sink: &Sink, secs: u64) {
         }
     }
 }
+
+/// How long an at-most-once run (core NATS) may see no message before the
+/// rest count as lost.
+pub const STALL: Duration = Duration::from_secs(5);
+
+/// What an at-most-once run delivered: every message, or those that came
+/// before none came for [`STALL`].
+pub struct Arrived {
+    /// Messages handled.
+    pub count: u64,
+    /// When the last of them was (the run's end, for its rate).
+    pub at: Instant,
+}
+
+impl Arrived {
+    /// The report's detail line for what was lost, if anything.
+    pub fn lost(&self, target: u64) -> String {
+        match target - self.count.min(target) {
+            0 => String::new(),
+            lost => format!(
+                "; LOST {lost} of {target} (core NATS is at most once: the client dropped them as a slow consumer)"
+            ),
+        }
+    }
+}
+
+/// Waits until the sink saw its target, or until no message came for
+/// [`STALL`]: core NATS drops what a slow subscriber cannot take (bare
+/// client and Tidings alike), and a run that waited for those would never
+/// end. Fails after `secs` seconds either way.
+pub async fn wait_arrived(sink: &Sink, secs: u64) -> Arrived {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut last = (sink.handled.load(Ordering::Relaxed), Instant::now());
+    loop {
+        let notified = sink.done.notified();
+        let handled = sink.handled.load(Ordering::Relaxed);
+        if handled >= sink.target {
+            return Arrived {
+                count: handled,
+                at: Instant::now(),
+            };
+        }
+        if handled != last.0 {
+            last = (handled, Instant::now());
+        } else if last.1.elapsed() >= STALL {
+            return Arrived {
+                count: handled,
+                at: last.1,
+            };
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {handled} of {} messages arrived within {secs} s",
+            sink.target
+        );
+        // Looks again every 100 ms for the stall; the last message wakes it.
+        let _ = tokio::time::timeout(Duration::from_millis(100), notified).await;
+    }
+}

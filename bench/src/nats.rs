@@ -18,7 +18,7 @@ use tidings::nats::{NatsBus, NatsConfig};
 use tidings::{Consumer, Event, Message, Publisher, Raw};
 
 use crate::Args;
-use crate::common::{Clock, Sink, report, rss_mb, wait_done};
+use crate::common::{Clock, Sink, report, rss_mb, wait_arrived};
 
 const URL: &str = "nats://127.0.0.1:4222";
 
@@ -263,20 +263,27 @@ async fn tidings_e2e(args: &Args, clock: &Arc<Clock>, handlers: usize, core: boo
         }
         left -= n;
     }
-    wait_done(&sink, 600).await;
-    let elapsed = start.elapsed();
+    let arrived = wait_arrived(&sink, 600).await;
+    assert!(
+        core || arrived.count == args.count,
+        "JetStream is at least once, yet {} of {} messages arrived",
+        arrived.count,
+        args.count
+    );
+    let elapsed = arrived.at - start;
     consumer.shutdown(Duration::from_secs(10)).await;
     let detail = format!(
-        "handlers={handlers} {}; rss {:.1} MB -> {:.1} MB",
+        "handlers={handlers} {}; rss {:.1} MB -> {:.1} MB{}",
         sink.summary(),
         rss_before,
-        rss_mb()
+        rss_mb(),
+        arrived.lost(args.count)
     );
     report(
         "tidings",
         label(core),
         &format!("e2e/h{handlers}"),
-        args.count,
+        arrived.count,
         elapsed,
         &detail,
     );
@@ -392,8 +399,14 @@ async fn bare_e2e(
         }
         left -= n;
     }
-    wait_done(&sink, 600).await;
-    let elapsed = start.elapsed();
+    let arrived = wait_arrived(&sink, 600).await;
+    assert!(
+        core || arrived.count == args.count,
+        "JetStream is at least once, yet {} of {} messages arrived",
+        arrived.count,
+        args.count
+    );
+    let elapsed = arrived.at - start;
     intake.abort();
     for w in workers {
         w.abort();
@@ -402,9 +415,13 @@ async fn bare_e2e(
         "async-nats",
         label(core),
         &format!("e2e/h{handlers}"),
-        args.count,
+        arrived.count,
         elapsed,
-        &format!("handlers={handlers} {}", sink.summary()),
+        &format!(
+            "handlers={handlers} {}{}",
+            sink.summary(),
+            arrived.lost(args.count)
+        ),
     );
 }
 
