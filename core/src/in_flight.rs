@@ -10,9 +10,9 @@
 //! list on every call, and a release here is every settlement, made on a
 //! handler's thread against the counter the intake reads (callgrind, in-process
 //! bus: about 165 instructions per message for the permit's round trip). Here
-//! taking and freeing a slot are one atomic operation each; the waiters' lock
-//! is taken only when a slot is freed while none was free, the one time an
-//! intake may be waiting.
+//! taking a slot is a compare-and-swap and freeing one an atomic add; the
+//! waiters' lock is taken only when a slot is freed while none was free, the
+//! one time a take may be waiting.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -31,6 +31,10 @@ pub struct InFlight {
 
 struct Shared {
     free: AtomicUsize,
+    /// Takes waiting for a slot: while there are any, `try_take` takes
+    /// none, so a slot freed for a waiter is not taken by a task that
+    /// never waited (tokio's semaphore, which this replaces, was fair too).
+    waiting: AtomicUsize,
     closed: AtomicBool,
     /// Signalled when a slot is freed while none was free, and on close.
     freed: Notify,
@@ -48,13 +52,15 @@ impl InFlight {
         InFlight {
             shared: Arc::new(Shared {
                 free: AtomicUsize::new(limit.max(1)),
+                waiting: AtomicUsize::new(0),
                 closed: AtomicBool::new(false),
                 freed: Notify::new(),
             }),
         }
     }
 
-    /// A free slot, if there is one; `None` once closed.
+    /// A free slot, if there is one and no [`take`](InFlight::take) waits
+    /// for it; `None` once closed.
     pub fn try_take(&self) -> Option<Slot> {
         self.shared.try_take().map(|()| Slot {
             shared: self.shared.clone(),
@@ -83,6 +89,14 @@ impl InFlight {
 
 impl Shared {
     fn try_take(&self) -> Option<()> {
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            return None;
+        }
+        self.take_free()
+    }
+
+    /// Takes a free slot whether or not others wait.
+    fn take_free(&self) -> Option<()> {
         if self.closed.load(Ordering::Acquire) {
             return None;
         }
@@ -96,16 +110,18 @@ impl Shared {
 
     /// Takes a slot (`true`), or sees the slots closed (`false`).
     async fn take(&self) -> bool {
+        if self.try_take().is_some() {
+            return true;
+        }
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(&self.waiting);
         loop {
-            if self.try_take().is_some() {
-                return true;
-            }
             let freed = self.freed.notified();
             let mut freed = std::pin::pin!(freed);
             // Registered before looking again, so that a slot freed after
             // this look wakes it.
             freed.as_mut().enable();
-            if self.try_take().is_some() {
+            if self.take_free().is_some() {
                 return true;
             }
             if self.closed.load(Ordering::Acquire) {
@@ -116,11 +132,22 @@ impl Shared {
     }
 }
 
+/// Counts a take as waiting until it ends, taken or dropped.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 impl Drop for Slot {
     fn drop(&mut self) {
-        // Only a slot freed while none was free can have an intake waiting
-        // for it. Every waiter is woken: one that gave up waiting (a dropped
-        // `take`) must not keep the slot from one that still waits.
+        // Only a slot freed while none was free can have a take waiting for
+        // it (a waiter that looked after this was freed finds it). Every
+        // waiter is woken, as a second slot freed before the first waiter
+        // ran wakes nobody: the waiter that does not get the first slot
+        // gets the second one.
         if self.shared.free.fetch_add(1, Ordering::SeqCst) == 0 {
             self.shared.freed.notify_waiters();
         }
@@ -239,6 +266,7 @@ mod tests {
             async move { in_flight.take().await.is_none() }
         });
         tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "waits while no slot is free");
         in_flight.close();
         let ended = tokio::time::timeout(Duration::from_secs(5), waiting)
             .await
@@ -249,26 +277,60 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_waiter_that_gave_up_does_not_keep_a_slot_from_another() {
+    async fn two_slots_freed_back_to_back_reach_two_waiters() {
+        // The second slot is freed while one was already free, which wakes
+        // nobody: only waking every waiter at the first gets it taken.
+        let in_flight = InFlight::new(2);
+        let (a, b) = (in_flight.try_take().unwrap(), in_flight.try_take().unwrap());
+        let waiters: Vec<_> = (0..2)
+            .map(|_| {
+                let in_flight = in_flight.clone();
+                tokio::spawn(async move { in_flight.take().await.is_some() })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        drop(a);
+        drop(b);
+        for waiter in waiters {
+            let took = tokio::time::timeout(Duration::from_secs(5), waiter)
+                .await
+                .expect("every waiter gets a slot")
+                .expect("joined");
+            assert!(took);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_slot_freed_for_a_waiter_is_not_taken_by_try_take() {
         let in_flight = InFlight::new(1);
         let held = in_flight.try_take().expect("free");
-        // One wait is polled once, then abandoned.
+        let waiting = tokio::spawn({
+            let in_flight = in_flight.clone();
+            async move { in_flight.take().await }
+        });
+        // On this one-thread runtime the waiter runs up to its wait here.
+        tokio::task::yield_now().await;
+        drop(held);
+        assert!(in_flight.try_take().is_none(), "taken from the waiter");
+        let slot = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("the waiter gets it")
+            .expect("joined");
+        assert!(slot.is_some());
+        assert!(in_flight.try_take().is_none(), "the waiter holds it");
+    }
+
+    #[tokio::test]
+    async fn a_waiter_that_gave_up_no_longer_counts() {
+        let in_flight = InFlight::new(1);
+        let held = in_flight.try_take().expect("free");
         {
             let abandoned = in_flight.take();
             let mut abandoned = std::pin::pin!(abandoned);
             assert!(futures::poll!(abandoned.as_mut()).is_pending());
         }
-        let waiting = tokio::spawn({
-            let in_flight = in_flight.clone();
-            async move { in_flight.take().await.is_some() }
-        });
-        tokio::task::yield_now().await;
         drop(held);
-        let took = tokio::time::timeout(Duration::from_secs(5), waiting)
-            .await
-            .expect("the remaining waiter is woken")
-            .expect("joined");
-        assert!(took);
+        assert!(in_flight.try_take().is_some(), "nobody waits any more");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
