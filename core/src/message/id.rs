@@ -11,7 +11,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Bits of the counter that orders ids made in the same millisecond: the
 /// 12 bits of `rand_a` and the top 6 of `rand_b` (RFC 9562, method 1). The
-/// 56 bits after them are random.
+/// 56 bits after them are random. Each millisecond's counter starts at a
+/// random value below 2^17, as `uuid`'s own context reseeds its counter,
+/// so ids of different processes in the same millisecond differ in 73
+/// random bits.
 const COUNTER_BITS: u32 = 18;
 
 /// The last id's millisecond and counter (`millis << COUNTER_BITS | counter`),
@@ -41,7 +44,11 @@ fn since_epoch(now: SystemTime) -> Duration {
 
 /// A fresh id made `since` the Unix epoch.
 fn id_at(since: Duration) -> String {
-    let stamp = next_stamp(since.as_millis() as u64);
+    // 122 random bits from `uuid`'s generator (`fast-rng`: rand's
+    // thread-local generator, seeded from the operating system).
+    let random = uuid::Uuid::new_v4().as_u128();
+    let seed = random as u64 & ((1 << (COUNTER_BITS - 1)) - 1);
+    let stamp = next_stamp(since.as_millis() as u64, seed);
     let counter = stamp & ((1 << COUNTER_BITS) - 1);
     let mut bytes = [0u8; 10];
     // rand_a: the counter's top 12 bits (the builder sets the version in
@@ -50,7 +57,7 @@ fn id_at(since: Duration) -> String {
     bytes[0] = (counter >> 14) as u8 & 0x0f;
     bytes[1] = (counter >> 6) as u8;
     bytes[2] = counter as u8 & 0x3f;
-    bytes[3..].copy_from_slice(&fastrand::u64(..).to_le_bytes()[..7]);
+    bytes[3..].copy_from_slice(&((random >> 64) as u64).to_le_bytes()[..7]);
     let uuid = uuid::Builder::from_unix_timestamp_millis(stamp >> COUNTER_BITS, &bytes).into_uuid();
     // Encoding into a stack buffer skips the formatting machinery of `to_string`.
     let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
@@ -58,20 +65,25 @@ fn id_at(since: Duration) -> String {
 }
 
 /// The next (millisecond, counter) after the last one handed out, and not
-/// before `millis`. A counter that runs out within a millisecond carries
-/// into the next one, as `uuid`'s own context does.
-fn next_stamp(millis: u64) -> u64 {
+/// before `millis`; a new millisecond's counter starts at `seed`.
+fn next_stamp(millis: u64, seed: u64) -> u64 {
     let last = LAST
         .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| {
-            Some(after(last, millis))
+            Some(after(last, millis, seed))
         })
         .unwrap_or_else(|last| last);
-    after(last, millis)
+    after(last, millis, seed)
 }
 
-/// The stamp that follows `last` at `millis`.
-fn after(last: u64, millis: u64) -> u64 {
-    (millis << COUNTER_BITS).max(last + 1)
+/// The stamp that follows `last` at `millis`. A counter that runs out
+/// within a millisecond carries into the next one, as `uuid`'s own context
+/// does; a clock that went back does not send ids back with it.
+fn after(last: u64, millis: u64, seed: u64) -> u64 {
+    if last >> COUNTER_BITS >= millis {
+        last + 1
+    } else {
+        (millis << COUNTER_BITS) | seed
+    }
 }
 
 #[cfg(test)]
@@ -119,10 +131,23 @@ mod tests {
     fn a_full_counter_carries_into_the_next_millisecond() {
         let millis = 1_800_000_000_000;
         let full = (millis << COUNTER_BITS) | ((1 << COUNTER_BITS) - 1);
-        assert_eq!(after(full, millis), (millis + 1) << COUNTER_BITS);
+        assert_eq!(after(full, millis, 5), (millis + 1) << COUNTER_BITS);
         // A clock that went back does not send ids back with it.
-        assert_eq!(after(full, millis - 5), (millis + 1) << COUNTER_BITS);
-        assert_eq!(after(0, millis), millis << COUNTER_BITS);
+        assert_eq!(after(full, millis - 5, 5), (millis + 1) << COUNTER_BITS);
+        // A new millisecond starts at the seed.
+        assert_eq!(
+            after(full, millis + 3, 5),
+            ((millis + 3) << COUNTER_BITS) | 5
+        );
+    }
+
+    #[test]
+    fn ids_of_one_millisecond_differ_beyond_the_counter() {
+        // Two ids made with the same stamp (as two processes would) still
+        // differ: the tail after the counter is random.
+        let ids: std::collections::HashSet<_> =
+            (0..1_000).map(|_| new_id()[21..].to_owned()).collect();
+        assert_eq!(ids.len(), 1_000);
     }
 
     #[test]
