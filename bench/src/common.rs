@@ -149,11 +149,13 @@ impl Arrived {
     }
 }
 
-/// Waits until the sink saw its target, or until no message came for
-/// [`STALL`]: core NATS drops what a slow subscriber cannot take (bare
-/// client and Tidings alike), and a run that waited for those would never
-/// end. Fails after `secs` seconds either way.
-pub async fn wait_arrived(sink: &Sink, secs: u64) -> Arrived {
+/// Waits until the sink saw its target, or, when the broker is at most
+/// once (`lossy`), until no message came for [`STALL`]: core NATS drops
+/// what a slow subscriber cannot take (bare client and Tidings alike), and
+/// a run that waited for those would never end. A broker that loses
+/// nothing is waited for (a redelivery may take a while). Fails after
+/// `secs` seconds.
+pub async fn wait_arrived(sink: &Sink, secs: u64, lossy: bool) -> Arrived {
     let deadline = Instant::now() + Duration::from_secs(secs);
     let mut last = (sink.handled.load(Ordering::Relaxed), Instant::now());
     loop {
@@ -167,7 +169,7 @@ pub async fn wait_arrived(sink: &Sink, secs: u64) -> Arrived {
         }
         if handled != last.0 {
             last = (handled, Instant::now());
-        } else if last.1.elapsed() >= STALL {
+        } else if lossy && last.1.elapsed() >= STALL {
             return Arrived {
                 count: handled,
                 at: last.1,
