@@ -301,7 +301,13 @@ async fn members_take_turns_and_a_standby_resumes_from_the_checkpoint() {
         .await
         .expect("more");
     until_handled(&standby_model, 5).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A marker after them, awaited: handled in order, so whatever was to
+    // come twice has come once it is.
+    store
+        .append(&stream, ExpectedVersion::Exact(15), vec![deposit("d", 99)])
+        .await
+        .expect("marker");
+    until_handled(&standby_model, 6).await;
     standby.shutdown(Duration::from_secs(10)).await;
     let standby_ids: HashSet<String> = standby_model
         .lock()
@@ -317,7 +323,11 @@ async fn members_take_turns_and_a_standby_resumes_from_the_checkpoint() {
         .iter()
         .cloned()
         .collect();
-    assert_eq!(standby_ids.len(), 5, "only what came after the checkpoint");
+    assert_eq!(
+        standby_ids.len(),
+        6,
+        "only what came after the checkpoint, and the marker"
+    );
     assert!(standby_ids.is_disjoint(&active_ids), "nothing twice");
 }
 
@@ -363,7 +373,15 @@ async fn a_projection_beside_concurrent_writers_handles_every_event_once() {
         committed.extend(w.await.expect("writer"));
     }
     until_handled(&model, committed.len()).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A marker after them all, awaited: handled in order, one at a time,
+    // so whatever was to come twice has come once it is.
+    let marker = deposit("e", 1);
+    committed.insert(marker.id.clone());
+    store
+        .append(&format!("{category}-0"), ExpectedVersion::Any, vec![marker])
+        .await
+        .expect("marker");
+    until_handled(&model, committed.len()).await;
     consumer.shutdown(Duration::from_secs(10)).await;
     let model = model.lock().expect("lock");
     let handled: HashSet<String> = model.handled.iter().cloned().collect();
