@@ -32,8 +32,10 @@ pub struct InFlight {
 struct Shared {
     free: AtomicUsize,
     /// Takes waiting for a slot: while there are any, `try_take` takes
-    /// none, so a slot freed for a waiter is not taken by a task that
-    /// never waited (tokio's semaphore, which this replaces, was fair too).
+    /// none, so a slot freed for waiters is not taken by a task that does
+    /// not wait. Waiters race for it among themselves (tokio's semaphore
+    /// served them in order): none is passed over for good, as every
+    /// waiter is woken by each slot freed while none was free.
     waiting: AtomicUsize,
     closed: AtomicBool,
     /// Signalled when a slot is freed while none was free, and on close.
@@ -60,7 +62,9 @@ impl InFlight {
     }
 
     /// A free slot, if there is one and no [`take`](InFlight::take) waits
-    /// for it; `None` once closed.
+    /// for it; `None` once closed. A `take` counts as waiting until it
+    /// ends or is dropped: one left pending and never polled again keeps
+    /// `try_take` from taking.
     pub fn try_take(&self) -> Option<Slot> {
         self.shared.try_take().map(|()| Slot {
             shared: self.shared.clone(),
