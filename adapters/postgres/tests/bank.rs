@@ -168,17 +168,26 @@ fn a_projector_killed_mid_stream_resumes_without_gaps_or_doubled_effects() {
         let projection = bank::start_projection(&bank, "read-model")
             .await
             .expect("projection");
-        let (balances, history) = bank::until_caught_up(&bank, DEPOSITS as usize + 1)
+        bank::until_caught_up(&bank, DEPOSITS as usize + 1)
             .await
             .expect("resumed");
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // A marker deposit after them, awaited: the projection handles the
+        // stream in order, so whatever was to come twice has come once it
+        // is.
+        const MARKER: i64 = 1_000_000;
+        handle(&bank, "carol", Command::Deposit { amount: MARKER })
+            .await
+            .expect("marker");
+        let (balances, history) = bank::until_caught_up(&bank, DEPOSITS as usize + 2)
+            .await
+            .expect("the marker");
         projection.shutdown(Duration::from_secs(10)).await;
         let (_, after) = bank::read_model(&bank).await.expect("read");
         assert_eq!(after.len(), history.len(), "nothing more came");
-        let expected: i64 = (1..=DEPOSITS).sum();
+        let expected: i64 = (1..=DEPOSITS).sum::<i64>() + MARKER;
         assert_eq!(balances[0].2, expected, "every deposit counted once");
         let versions: Vec<i64> = history.iter().map(|e| e.1).collect();
-        let all: Vec<i64> = (1..=DEPOSITS + 1).collect();
+        let all: Vec<i64> = (1..=DEPOSITS + 2).collect();
         assert_eq!(versions, all, "no gap, no double");
     });
 }
