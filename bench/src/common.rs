@@ -105,23 +105,7 @@ pub fn runtime(broker: &str, workers: Option<usize>) -> tokio::runtime::Runtime 
 
 /// Waits until the sink saw its target, failing after `secs` seconds.
 pub async fn wait_done(sink: &Sink, secs: u64) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while sink.handled.load(Ordering::Relaxed) < sink.target {
-        let notified = sink.done.notified();
-        if sink.handled.load(Ordering::Relaxed) >= sink.target {
-            break;
-        }
-        if tokio::time::timeout_at(deadline.into(), notified)
-            .await
-            .is_err()
-        {
-            panic!(
-                "only {} of {} messages arrived within {secs} s",
-                sink.handled.load(Ordering::Relaxed),
-                sink.target
-            );
-        }
-    }
+    wait_arrived(sink, secs, false).await;
 }
 
 /// How long an at-most-once run (core NATS) may see no message before the

@@ -14,8 +14,6 @@
 //! waiters' lock is taken only when a slot is freed while none was free, the
 //! one time a take may be waiting.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
@@ -66,7 +64,7 @@ impl InFlight {
     /// ends or is dropped: one left pending and never polled again keeps
     /// `try_take` from taking.
     pub fn try_take(&self) -> Option<Slot> {
-        self.shared.try_take().map(|()| Slot {
+        self.shared.try_take().then(|| Slot {
             shared: self.shared.clone(),
         })
     }
@@ -92,29 +90,24 @@ impl InFlight {
 }
 
 impl Shared {
-    fn try_take(&self) -> Option<()> {
-        if self.waiting.load(Ordering::SeqCst) > 0 {
-            return None;
-        }
-        self.take_free()
+    fn try_take(&self) -> bool {
+        self.waiting.load(Ordering::SeqCst) == 0 && self.take_free()
     }
 
     /// Takes a free slot whether or not others wait.
-    fn take_free(&self) -> Option<()> {
-        if self.closed.load(Ordering::Acquire) {
-            return None;
-        }
-        self.free
-            .fetch_update(Ordering::Acquire, Ordering::Relaxed, |free| {
-                free.checked_sub(1)
-            })
-            .ok()
-            .map(drop)
+    fn take_free(&self) -> bool {
+        !self.closed.load(Ordering::Acquire)
+            && self
+                .free
+                .fetch_update(Ordering::Acquire, Ordering::Relaxed, |free| {
+                    free.checked_sub(1)
+                })
+                .is_ok()
     }
 
     /// Takes a slot (`true`), or sees the slots closed (`false`).
     async fn take(&self) -> bool {
-        if self.try_take().is_some() {
+        if self.try_take() {
             return true;
         }
         self.waiting.fetch_add(1, Ordering::SeqCst);
@@ -125,7 +118,7 @@ impl Shared {
             // Registered before looking again, so that a slot freed after
             // this look wakes it.
             freed.as_mut().enable();
-            if self.take_free().is_some() {
+            if self.take_free() {
                 return true;
             }
             if self.closed.load(Ordering::Acquire) {
@@ -178,15 +171,18 @@ impl PollInFlight {
     /// A slot, or `Pending` with the task woken when one is freed;
     /// `Ready(None)` once closed.
     pub fn poll_take(&mut self, cx: &mut Context<'_>) -> Poll<Option<Slot>> {
-        if self.waiting.is_none() {
-            if let Some(slot) = self.in_flight.try_take() {
-                return Poll::Ready(Some(slot));
+        let waiting = match &mut self.waiting {
+            Some(waiting) => waiting,
+            None => {
+                if let Some(slot) = self.in_flight.try_take() {
+                    return Poll::Ready(Some(slot));
+                }
+                let in_flight = self.in_flight.clone();
+                self.waiting
+                    .insert(Box::pin(async move { in_flight.take().await }))
             }
-            let in_flight = self.in_flight.clone();
-            self.waiting = Some(Box::pin(async move { in_flight.take().await }));
-        }
-        let waiting = self.waiting.as_mut().expect("set above");
-        let slot = std::task::ready!(Pin::new(waiting).poll(cx));
+        };
+        let slot = std::task::ready!(waiting.as_mut().poll(cx));
         self.waiting = None;
         Poll::Ready(slot)
     }

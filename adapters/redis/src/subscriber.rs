@@ -991,8 +991,7 @@ async fn read_loop(shared: Arc<Shared>, mut conn: Conn, mut position: Option<Str
         let Some(first) = shared.slot().await else {
             break;
         };
-        let slots = gather(&shared, first).await;
-        let mut slots = slots;
+        let mut slots = gather(&shared, first).await;
         let result = match &mut position {
             None => {
                 let due = last_reclaim.is_none_or(|t| t.elapsed() >= reclaim_every);

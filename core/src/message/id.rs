@@ -28,8 +28,8 @@ pub fn new_id() -> String {
     id_at(since_epoch(SystemTime::now()))
 }
 
-/// A fresh id made at `now`, and `now` to the microsecond (the precision
-/// `ce_time` carries): what a new message takes.
+/// A fresh id and the time it was made, to the microsecond (the precision
+/// `ce_time` carries), from one clock read: what a new message takes.
 pub(crate) fn id_and_time() -> (String, SystemTime) {
     let since = since_epoch(SystemTime::now());
     (
