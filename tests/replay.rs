@@ -66,7 +66,7 @@ fn consumer(
                 .settled
                 .lock()
                 .expect("lock")
-                .entry(s.delivery.message().id.clone())
+                .entry(s.delivery.message().id.to_string())
                 .or_default()
                 .push(s.action);
         })
@@ -214,7 +214,7 @@ async fn concurrent_replays_deliver_once(url: &str) {
                 let mut held: Vec<String> = first
                     .list()
                     .chain(second.list())
-                    .map(|(m, _)| m.id.clone())
+                    .map(|(m, _)| m.id.to_string())
                     .collect();
                 held.sort_unstable();
                 held.dedup();
@@ -284,7 +284,7 @@ async fn handed_back_letters_come_to_the_next_inbox_once(url: &str) {
         .await;
         // A copy would come in the same wave as the letters themselves.
         letters.fetch(Duration::from_millis(500)).await;
-        let mut held: Vec<String> = letters.list().map(|(m, _)| m.id.clone()).collect();
+        let mut held: Vec<String> = letters.list().map(|(m, _)| m.id.to_string()).collect();
         held.sort_unstable();
         assert_eq!(held, ids, "round {round}: each letter held once");
         letters.close().await.expect("closed");

@@ -318,7 +318,7 @@ fn bare_properties() -> BasicProperties {
     BasicProperties::default()
         .with_delivery_mode(2)
         .with_headers(headers)
-        .with_message_id(id.into())
+        .with_message_id(id.as_str().into())
         .with_timestamp(secs)
 }
 

@@ -134,7 +134,7 @@ async fn bare_stream(js: &jetstream::Context, subject: &str) {
 }
 
 fn msg_id() -> String {
-    tidings::Message::new(Bytes::new()).id
+    tidings::Message::new(Bytes::new()).id.into()
 }
 
 /// The metadata a hand-written service would send too (an id, a source, a

@@ -31,7 +31,7 @@ use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
 use crate::message::wire::{self, Names};
-use crate::message::{Headers, Message, Metadata};
+use crate::message::{Headers, Message, MessageId, Metadata};
 use crate::time;
 
 /// How messages map to broker messages; see the [module docs](self).
@@ -294,7 +294,7 @@ impl Dialect {
                 let headers = headers.into_iter().inspect(|(k, _)| {
                     cloudevent |= k.as_ref() == names.spec_version;
                 });
-                Message::from_headers(names, headers, body, native.id.map(str::to_owned))
+                Message::from_headers(names, headers, body, native.id.map(MessageId::from))
             }
             Dialect::CloudEventsStructured | Dialect::Envelope(_) => {
                 let rest: Headers = headers
@@ -309,8 +309,12 @@ impl Dialect {
                     Ok(message) => message,
                     Err(why) => {
                         // What can be kept of it, to be dead-lettered.
-                        let salvaged =
-                            Message::from_headers(names, rest, body, native.id.map(str::to_owned));
+                        let salvaged = Message::from_headers(
+                            names,
+                            rest,
+                            body,
+                            native.id.map(MessageId::from),
+                        );
                         return Err(Box::new(Rejected { why, salvaged }));
                     }
                 }
@@ -437,7 +441,7 @@ impl Envelope {
                 set(&mut root, path, value);
             }
         };
-        put(&self.id, Some(Value::String(message.id.clone())));
+        put(&self.id, Some(Value::String(message.id.to_string())));
         put(&self.event_type, m.event_type.clone().map(Value::String));
         let when = m.time.and_then(|t| match self.time_format {
             TimeFormat::Rfc3339 => time::format_rfc3339(t).map(Value::String),
@@ -494,7 +498,8 @@ impl Envelope {
         };
         let id = field(&self.id)
             .and_then(text)
-            .or_else(|| native.id.map(str::to_owned));
+            .map(MessageId::from)
+            .or_else(|| native.id.map(MessageId::from));
         Ok(Message {
             id: id.unwrap_or_else(crate::message::new_id),
             key: None,
@@ -531,7 +536,7 @@ mod structured {
         let m = &message.metadata;
         let mut root = Map::new();
         root.insert("specversion".into(), wire::SPEC_VERSION.into());
-        root.insert("id".into(), message.id.clone().into());
+        root.insert("id".into(), message.id.as_str().into());
         root.insert(
             "source".into(),
             m.source.as_deref().unwrap_or(wire::DEFAULT_SOURCE).into(),
@@ -623,7 +628,8 @@ mod structured {
         let source = s("source").filter(|s| s != wire::DEFAULT_SOURCE);
         Ok(Message {
             id: s("id")
-                .or_else(|| native.id.map(str::to_owned))
+                .map(MessageId::from)
+                .or_else(|| native.id.map(MessageId::from))
                 .unwrap_or_else(crate::message::new_id),
             key: s("partitionkey"),
             headers,

@@ -53,13 +53,13 @@ pub enum Error {
     #[error("the delivery of message {id} was already settled")]
     AlreadySettled {
         /// The message id.
-        id: String,
+        id: crate::MessageId,
     },
     /// Settling a delivery failed; the broker will redeliver the message.
     #[error("settling message {id} failed: {source}")]
     Settle {
         /// The message id.
-        id: String,
+        id: crate::MessageId,
         /// The client's error.
         #[source]
         source: BoxError,

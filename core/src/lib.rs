@@ -64,7 +64,7 @@ pub use handler::{
     Failure, FromDelivery, Handler, HandlerError, HandlerResult, Panicked, ResultExt,
 };
 pub use health::{Health, HealthCheck};
-pub use message::{Headers, Message, Metadata, StableHash, wire};
+pub use message::{Headers, Message, MessageId, Metadata, StableHash, wire};
 pub use middleware::{Middleware, PublishMiddleware};
 pub use publisher::{Publisher, PublisherExt, Receipt, TypedTopic};
 pub use retry::{Backoff, RetryPolicy};

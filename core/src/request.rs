@@ -61,7 +61,7 @@ pub const REPLY_TO: &str = "tidings-reply-to";
 pub const REPLY_ERROR: &str = "tidings-reply-error";
 
 /// Waiting callers, by the id of their request.
-type Waiting = Arc<Mutex<HashMap<String, oneshot::Sender<Arc<Message>>>>>;
+type Waiting = Arc<Mutex<HashMap<crate::MessageId, oneshot::Sender<Arc<Message>>>>>;
 
 /// Sends requests and awaits their replies on its own reply topic.
 pub struct Requester {
@@ -185,7 +185,7 @@ impl Drop for Forget<'_> {
 
 fn lock(
     waiting: &Waiting,
-) -> std::sync::MutexGuard<'_, HashMap<String, oneshot::Sender<Arc<Message>>>> {
+) -> std::sync::MutexGuard<'_, HashMap<crate::MessageId, oneshot::Sender<Arc<Message>>>> {
     // Every operation is one insert or remove: a poisoned map is consistent.
     waiting.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -239,8 +239,8 @@ where
         Err(error) => return Err(error),
     };
     let mut reply = reply;
-    reply.metadata.correlation_id = Some(meta.id.clone());
-    reply.metadata.causation_id = Some(meta.id.clone());
+    reply.metadata.correlation_id = Some(meta.id.to_string());
+    reply.metadata.causation_id = Some(meta.id.to_string());
     replies
         .0
         .0

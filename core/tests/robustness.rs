@@ -9,14 +9,14 @@ use std::time::Duration;
 
 use tidings_core::testkit::ScriptedSubscriber;
 use tidings_core::{
-    Consumer, DeadLetterReason, Event, HandlerError, Message, SettleAction, Settlement,
+    Consumer, DeadLetterReason, Event, HandlerError, Message, MessageId, SettleAction, Settlement,
 };
 
 fn word(w: &str) -> Message {
     Message::new(serde_json::to_vec(w).expect("json"))
 }
 
-type Seen = Arc<Mutex<Vec<(String, SettleAction, bool)>>>;
+type Seen = Arc<Mutex<Vec<(MessageId, SettleAction, bool)>>>;
 
 fn recorder() -> (Seen, impl Fn(&Settlement<'_>) + Send + Sync + 'static) {
     let seen: Seen = Arc::default();

@@ -246,7 +246,7 @@ pub async fn run(bus: &Bus, ns: &str) -> tidings::Result<Vec<String>> {
     let mut letter_ids = Vec::new();
     for (message, letter) in inbox.list() {
         let order: Option<OrderPlaced> = serde_json::from_slice(&message.payload).ok();
-        let id = order.map_or_else(|| message.id.clone(), |o| o.order_id);
+        let id = order.map_or_else(|| message.id.to_string(), |o| o.order_id);
         summary.push(format!(
             "summary: dead-lettered {id} ({}: {})",
             letter.reason, letter.error

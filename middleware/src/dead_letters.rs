@@ -50,7 +50,7 @@ impl Filter {
     fn picks(&self, message: &Message, letter: &DeadLetter) -> bool {
         self.ids
             .as_ref()
-            .is_none_or(|ids| ids.contains(&message.id))
+            .is_none_or(|ids| ids.contains(message.id.as_str()))
             && self.matches(letter)
     }
 }

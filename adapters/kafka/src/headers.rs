@@ -11,7 +11,7 @@ use bytes::Bytes;
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use tidings_core::delivery::header;
 use tidings_core::dialect::{Native, Undecodable};
-use tidings_core::{Dialect, Message, wire};
+use tidings_core::{Dialect, Message, MessageId, wire};
 
 /// Header on retry-topic copies: the time (milliseconds since the Unix epoch)
 /// before which the copy is not handled.
@@ -52,7 +52,7 @@ pub fn from_kafka<H: Headers>(
     headers: Option<&H>,
     key: Option<&[u8]>,
     payload: Bytes,
-    fallback_id: String,
+    fallback_id: MessageId,
     retried: bool,
 ) -> (Message, Received) {
     let (message, received, _) = decode(
@@ -75,7 +75,7 @@ pub fn decode<H: Headers>(
     headers: Option<&H>,
     key: Option<&[u8]>,
     payload: Bytes,
-    fallback_id: String,
+    fallback_id: MessageId,
     retried: bool,
     topic: Option<&str>,
 ) -> (Message, Received, Option<Undecodable>) {

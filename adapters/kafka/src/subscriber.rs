@@ -41,8 +41,8 @@ use tidings_core::delivery::DEAD_LETTER_GROUP;
 use tidings_core::dialect::Undecodable;
 use tidings_core::in_flight::{InFlight, PollInFlight, Slot};
 use tidings_core::{
-    Acker, Capabilities, DeadLetter, Delivery, DeliveryStream, Dialect, Error, Message, Receipt,
-    Result, StartFrom, Subscriber, Subscription,
+    Acker, Capabilities, DeadLetter, Delivery, DeliveryStream, Dialect, Error, Message, MessageId,
+    Receipt, Result, StartFrom, Subscriber, Subscription,
 };
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
@@ -1041,7 +1041,12 @@ impl Engine {
         };
         let retried = self.retry.as_deref() == Some(m.topic());
         let payload = Bytes::copy_from_slice(m.payload().unwrap_or_default());
-        let fallback = format!("{}-{}-{}", m.topic(), m.partition(), m.offset());
+        let fallback = MessageId::from_fmt(format_args!(
+            "{}-{}-{}",
+            m.topic(),
+            m.partition(),
+            m.offset()
+        ));
         let (message, received, undecodable) = headers::decode(
             &self.dialect,
             m.headers(),

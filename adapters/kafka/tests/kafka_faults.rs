@@ -135,7 +135,7 @@ async fn second_consumer_joining_mid_stream_loses_nothing() {
                     _ = stop.notified() => break,
                     d = stream.next() => match d {
                         Some(Ok(mut d)) => {
-                            seen.lock().unwrap().push((member, d.message().id.clone()));
+                            seen.lock().unwrap().push((member, d.message().id.to_string()));
                             d.ack().await.expect("ack");
                         }
                         _ => break,
@@ -156,7 +156,7 @@ async fn second_consumer_joining_mid_stream_loses_nothing() {
         async move {
             for n in from..to {
                 let m = Message::new(format!("{n}")).with_key(format!("k{}", n % 16));
-                sent.lock().unwrap().insert(m.id.clone());
+                sent.lock().unwrap().insert(m.id.to_string());
                 p.publish(&topic, m).await.expect("publish");
             }
         }

@@ -57,7 +57,7 @@ async fn run(order: PartitionOrder) -> Log {
     let batch: Vec<Message> = (0..TOTAL)
         .map(|n| Message::new(format!("{n}")).with_key(format!("key-{}", n % KEYS)))
         .collect();
-    let ids: Vec<String> = batch.iter().map(|m| m.id.clone()).collect();
+    let ids: Vec<String> = batch.iter().map(|m| m.id.to_string()).collect();
     let results = within(60, "publishing", p.publish_batch(&topic, batch)).await;
     for (id, r) in ids.into_iter().zip(results) {
         match r.expect("publish") {

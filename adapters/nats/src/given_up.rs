@@ -22,7 +22,7 @@ use std::sync::Arc;
 use async_nats::Subject;
 use bytes::Bytes;
 use serde::Deserialize;
-use tidings_core::{BoxError, Message};
+use tidings_core::{BoxError, Message, MessageId};
 
 use crate::Shared;
 use crate::headers;
@@ -106,7 +106,10 @@ pub(crate) async fn fetch(shared: &Arc<Shared>, advisory: &Advisory) -> Result<G
     let block = decode(stored.hdrs)?;
     let payload = Bytes::from(decode(stored.data)?);
     let (pairs, problem) = lenient_headers(&block);
-    let fallback = Some(format!("{}:{}", advisory.stream, advisory.stream_seq));
+    let fallback = Some(MessageId::from_fmt(format_args!(
+        "{}:{}",
+        advisory.stream, advisory.stream_seq
+    )));
     let message = headers::from_pairs(pairs, payload, fallback);
     let (unreadable, why): (bool, BoxError) = match problem {
         Some(problem) => (true, Box::new(Unreadable(problem, advisory.deliveries))),

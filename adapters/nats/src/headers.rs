@@ -12,7 +12,7 @@
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use tidings_core::dialect::{Native, Undecodable};
-use tidings_core::{Dialect, Message, wire};
+use tidings_core::{Dialect, Message, MessageId, wire};
 
 /// The prefix of headers whose name and value are percent-encoded.
 pub const ENCODED_PREFIX: &str = "tidings-enc-";
@@ -118,12 +118,12 @@ pub fn decode(
     dialect: &Dialect,
     headers: Option<&HeaderMap>,
     payload: Bytes,
-    fallback_id: Option<String>,
+    fallback_id: Option<MessageId>,
     subject: Option<&str>,
 ) -> (Message, Option<Undecodable>) {
     let msg_id = headers
         .and_then(|h| h.get(MSG_ID))
-        .map(|v| v.as_str().to_owned());
+        .map(|v| MessageId::from(v.as_str()));
     let pairs = pairs_for_message(headers.into_iter().flat_map(|map| {
         map.iter().filter_map(|(name, values)| {
             let name: &str = name.as_ref();
@@ -147,7 +147,7 @@ pub fn decode(
 pub fn from_nats(
     headers: Option<&HeaderMap>,
     payload: Bytes,
-    fallback_id: Option<String>,
+    fallback_id: Option<MessageId>,
 ) -> Message {
     let pairs = headers.into_iter().flat_map(|map| {
         map.iter().filter_map(|(name, values)| {
@@ -163,7 +163,7 @@ pub fn from_nats(
 pub(crate) fn from_pairs(
     pairs: impl IntoIterator<Item = (String, String)>,
     payload: Bytes,
-    fallback_id: Option<String>,
+    fallback_id: Option<MessageId>,
 ) -> Message {
     Message::from_headers(
         &wire::BINARY,

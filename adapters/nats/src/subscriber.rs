@@ -28,9 +28,9 @@ use tidings_core::{
 use crate::config::Mode;
 use crate::stale_pull::{self, PullEnd};
 use crate::{NAME, Shared, broker_error, given_up, headers};
-use tidings_core::Dialect;
 use tidings_core::dialect::Undecodable;
 use tidings_core::in_flight::{InFlight, Slot};
+use tidings_core::{Dialect, MessageId};
 
 /// Subscribes to NATS. Made by [`NatsBus::subscriber`](crate::NatsBus::subscriber).
 pub struct NatsSubscriber {
@@ -80,7 +80,7 @@ fn subscribe_error(topic: &str, e: impl Into<tidings_core::BoxError>) -> Error {
 
 fn settle_error(id: &str, e: impl Into<tidings_core::BoxError>) -> Error {
     Error::Settle {
-        id: id.to_owned(),
+        id: id.into(),
         source: e.into(),
     }
 }
@@ -629,7 +629,10 @@ impl Pump {
         let (attempt, fallback, position) = match msg.info() {
             Ok(info) => (
                 u32::try_from(info.delivered).unwrap_or(1),
-                Some(format!("{}:{}", info.stream, info.stream_sequence)),
+                Some(MessageId::from_fmt(format_args!(
+                    "{}:{}",
+                    info.stream, info.stream_sequence
+                ))),
                 Some(stream_position(info.stream, info.stream_sequence)),
             ),
             Err(_) => (1, None, None),
@@ -696,7 +699,10 @@ impl Pump {
                         failures = 0;
                         let (fallback, sequence, position) = match msg.info() {
                             Ok(info) => (
-                                Some(format!("{}:{}", info.stream, info.stream_sequence)),
+                                Some(MessageId::from_fmt(format_args!(
+                                    "{}:{}",
+                                    info.stream, info.stream_sequence
+                                ))),
                                 info.stream_sequence,
                                 Some(stream_position(info.stream, info.stream_sequence)),
                             ),

@@ -66,7 +66,7 @@ async fn an_unreadable_message_is_dead_lettered_once_the_server_gives_up() {
         })
         .on_settle(move |s| {
             record.lock().expect("lock").push((
-                s.delivery.message().id.clone(),
+                s.delivery.message().id.to_string(),
                 s.action,
                 s.result.is_ok(),
             ))

@@ -122,7 +122,7 @@ where
                  ON CONFLICT DO NOTHING",
             )
             .bind(group)
-            .bind(&meta.id)
+            .bind(meta.id.as_str())
             .execute(&mut *tx)
             .await
             .map_err(HandlerError::retryable)?

@@ -112,7 +112,7 @@ pub(crate) fn message(row: &PgRow) -> Result<Message, StoreError> {
     let time: Option<i64> = row.try_get(at + 3)?;
     let payload: Vec<u8> = row.try_get(at + 10)?;
     Ok(Message {
-        id: row.try_get(at)?,
+        id: row.try_get::<&str, _>(at)?.into(),
         key: row.try_get(at + 8)?,
         headers,
         payload: Bytes::from(payload),

@@ -646,7 +646,7 @@ impl Acker for StoreAcker {
         let mut dead = letter.letter_for(&self.message);
         // Its own id: the event's id is taken by the event itself.
         let group = self.group.as_deref().unwrap_or("");
-        dead.id = format!("{}:dlq:{group}", self.message.id);
+        dead.id = format!("{}:dlq:{group}", self.message.id).into();
         let stream = format!("{}-{}", self.dead_letters, self.message.id);
         self.store
             .append(&stream, ExpectedVersion::Any, vec![dead])

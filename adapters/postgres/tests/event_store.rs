@@ -247,7 +247,7 @@ async fn a_reader_following_concurrent_writers_never_skips_an_event() {
                 for a in 0..APPENDS {
                     let stream = format!("{category}-{}", (w + a) % 5);
                     let events = vec![event(a), event(a)];
-                    let ids: Vec<String> = events.iter().map(|m| m.id.clone()).collect();
+                    let ids: Vec<String> = events.iter().map(|m| m.id.to_string()).collect();
                     let mut tx = store.pool().begin().await.expect("begin");
                     EventStore::append_in(&mut tx, &stream, ExpectedVersion::Any, &events)
                         .await

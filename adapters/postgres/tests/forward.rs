@@ -73,7 +73,7 @@ async fn appended_events_reach_the_broker_once_each_stream_in_order() {
     let got: Vec<&str> = received.iter().map(|m| m.id.as_str()).collect();
     let mut sorted_got = got.clone();
     sorted_got.sort_unstable();
-    let mut sorted_ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let mut sorted_ids: Vec<&str> = ids.iter().map(|id| id.as_str()).collect();
     sorted_ids.sort_unstable();
     assert_eq!(sorted_got, sorted_ids, "every event once, with its id");
     for s in 0..3 {

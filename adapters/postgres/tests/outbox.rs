@@ -97,7 +97,7 @@ async fn committed_messages_are_relayed_and_rolled_back_ones_never_are() {
         .lock()
         .expect("lock")
         .iter()
-        .map(|m| m.id.clone())
+        .map(|m| m.id.to_string())
         .collect();
     assert_eq!(ids, ["real", "later"]);
     within(10, "the sent rows deleted", async {
@@ -276,7 +276,7 @@ async fn the_relay_publishes_into_jetstream_end_to_end() {
         .lock()
         .expect("lock")
         .iter()
-        .map(|m| m.id.clone())
+        .map(|m| m.id.to_string())
         .collect();
     let mut sorted = got.clone();
     sorted.sort();

@@ -63,7 +63,7 @@ fn projection(
                 }
                 let mut model = model.lock().expect("lock");
                 *model.balances.entry(e.data.account.clone()).or_default() += e.data.amount;
-                model.handled.push(e.message().id.clone());
+                model.handled.push(e.message().id.to_string());
                 Ok(())
             }
         })
@@ -362,7 +362,7 @@ async fn a_projection_beside_concurrent_writers_handles_every_event_once() {
                         tokio::time::sleep(Duration::from_millis(15)).await;
                     }
                     tx.commit().await.expect("commit");
-                    ids.push(events[0].id.clone());
+                    ids.push(events[0].id.to_string());
                 }
                 ids
             })
@@ -376,7 +376,7 @@ async fn a_projection_beside_concurrent_writers_handles_every_event_once() {
     // A marker after them all, awaited: handled in order, one at a time,
     // so whatever was to come twice has come once it is.
     let marker = deposit("e", 1);
-    committed.insert(marker.id.clone());
+    committed.insert(marker.id.to_string());
     store
         .append(&format!("{category}-0"), ExpectedVersion::Any, vec![marker])
         .await

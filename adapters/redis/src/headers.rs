@@ -310,9 +310,8 @@ pub fn read_fields_in(
         };
         headers.push((name, value));
     }
-    let plain = |headers, payload| {
-        Message::from_headers(&NAMES, headers, payload, Some(entry_id.to_owned()))
-    };
+    let plain =
+        |headers, payload| Message::from_headers(&NAMES, headers, payload, Some(entry_id.into()));
     if layout.is_default() {
         return (plain(headers, payload), None);
     }
@@ -357,7 +356,7 @@ pub fn salvage_in(payload_field: &str, entry_id: &str, fields: &[Value]) -> Mess
             ));
         }
     }
-    Message::from_headers(&NAMES, headers, payload, Some(entry_id.to_owned()))
+    Message::from_headers(&NAMES, headers, payload, Some(entry_id.into()))
 }
 
 fn bulk(value: Value) -> Option<Vec<u8>> {

@@ -137,7 +137,7 @@ async fn read_loop(
             };
             if let Some(group) = &shared.group {
                 let (key, ttl) = if own_id {
-                    (message.id.clone(), shared.config.claim_ttl)
+                    (message.id.to_string(), shared.config.claim_ttl)
                 } else {
                     (
                         headers::content_id(&channel, &body),

@@ -146,7 +146,7 @@ async fn act(
                 target.id.as_ref().is_none_or(|id| *id == m.id)
                     && filter.since.is_none_or(|s| l.last_failure >= s)
             })
-            .map(|(m, _)| m.id.clone())
+            .map(|(m, _)| m.id.to_string())
             .collect())
     };
     match action {

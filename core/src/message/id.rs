@@ -1,4 +1,5 @@
-//! Message ids: UUID v7, made without a lock.
+//! Message ids: the [`MessageId`] type, which holds an id without a heap
+//! allocation, and fresh ids, UUID v7 made without a lock.
 //!
 //! `uuid::Uuid::now_v7` keeps its ordering counter behind a process-wide
 //! mutex and reads the clock itself: about 560 instructions per message
@@ -6,8 +7,240 @@
 //! clock read serves both, and the ordering counter is one atomic value;
 //! the `uuid` crate still lays out the bits.
 
+use std::borrow::Borrow;
+use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::ops::Deref;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arrayvec::ArrayString;
+
+/// The longest id kept inline: the most that, with its length and the
+/// enum's tag, fits 48 bytes — a UUID's 36 characters, a ULID's 26, a
+/// UUID with a short prefix (`evt_…`).
+const INLINE: usize = 40;
+
+/// A message id: text, compared, hashed and ordered as its `str`.
+///
+/// Ids of up to 40 bytes — every UUID and ULID — are stored in the value
+/// itself, so making, cloning or dropping one allocates nothing; a
+/// message's id no longer costs a heap allocation on the thread that
+/// publishes and a free on the thread that handles. Longer ids are kept on
+/// the heap. It reads as a `&str` wherever one is expected:
+///
+/// ```
+/// use tidings_core::{Message, MessageId};
+/// let m = Message::new("{}").with_id("order-7");
+/// assert_eq!(m.id, "order-7");
+/// let s: &str = &m.id;
+/// let owned: String = m.id.clone().into();
+/// assert_eq!(MessageId::from(owned), m.id);
+/// assert!(s.starts_with("order"));
+/// ```
+// Written here rather than taken from a small-string crate: `compact_str`,
+// `smol_str` and `smartstring` keep at most 24 bytes inline, which a UUID
+// (36) exceeds; `arrayvec` gives the checked inline buffer.
+#[derive(Clone)]
+pub struct MessageId(Repr);
+
+#[derive(Clone)]
+enum Repr {
+    Inline(ArrayString<INLINE>),
+    Heap(Box<str>),
+}
+
+impl MessageId {
+    /// The id as text.
+    #[inline]
+    pub fn as_str(&self) -> &str {
+        match &self.0 {
+            Repr::Inline(s) => s.as_str(),
+            Repr::Heap(s) => s,
+        }
+    }
+}
+
+impl MessageId {
+    /// An id written by `format_args!`, without a `String` in between
+    /// when it fits inline: the broker-native ids adapters fall back on
+    /// (`stream:sequence`, `topic:partition:offset`).
+    ///
+    /// ```
+    /// use tidings_core::MessageId;
+    /// let id = MessageId::from_fmt(format_args!("{}:{}", "ORDERS", 42));
+    /// assert_eq!(id, "ORDERS:42");
+    /// ```
+    pub fn from_fmt(args: fmt::Arguments<'_>) -> Self {
+        let mut inline = ArrayString::new();
+        match fmt::Write::write_fmt(&mut inline, args) {
+            Ok(()) => MessageId(Repr::Inline(inline)),
+            // Longer than the inline buffer.
+            Err(_) => MessageId(Repr::Heap(fmt::format(args).into_boxed_str())),
+        }
+    }
+}
+
+impl Default for MessageId {
+    /// The empty id (a message made by [`Message::new`](super::Message::new)
+    /// gets a fresh one instead).
+    fn default() -> Self {
+        MessageId(Repr::Inline(ArrayString::new()))
+    }
+}
+
+impl Deref for MessageId {
+    type Target = str;
+    #[inline]
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl AsRef<str> for MessageId {
+    fn as_ref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl AsRef<[u8]> for MessageId {
+    fn as_ref(&self) -> &[u8] {
+        self.as_str().as_bytes()
+    }
+}
+
+impl Borrow<str> for MessageId {
+    fn borrow(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl From<&str> for MessageId {
+    fn from(id: &str) -> Self {
+        match ArrayString::from(id) {
+            Ok(inline) => MessageId(Repr::Inline(inline)),
+            Err(_) => MessageId(Repr::Heap(id.into())),
+        }
+    }
+}
+
+impl From<&String> for MessageId {
+    fn from(id: &String) -> Self {
+        id.as_str().into()
+    }
+}
+
+impl From<String> for MessageId {
+    fn from(id: String) -> Self {
+        if id.len() <= INLINE {
+            id.as_str().into()
+        } else {
+            MessageId(Repr::Heap(id.into_boxed_str()))
+        }
+    }
+}
+
+impl From<&MessageId> for MessageId {
+    fn from(id: &MessageId) -> Self {
+        id.clone()
+    }
+}
+
+impl From<uuid::Uuid> for MessageId {
+    fn from(id: uuid::Uuid) -> Self {
+        let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        (&*id.hyphenated().encode_lower(&mut text)).into()
+    }
+}
+
+impl From<MessageId> for String {
+    fn from(id: MessageId) -> Self {
+        match id.0 {
+            Repr::Inline(s) => s.as_str().to_owned(),
+            Repr::Heap(s) => s.into_string(),
+        }
+    }
+}
+
+impl PartialEq for MessageId {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for MessageId {}
+
+impl PartialOrd for MessageId {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for MessageId {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_str().cmp(other.as_str())
+    }
+}
+
+impl Hash for MessageId {
+    // As the `str` hashes, so that maps keyed by ids can be looked up by `&str`.
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
+
+macro_rules! eq_text {
+    ($($text:ty),+) => {$(
+        impl PartialEq<$text> for MessageId {
+            fn eq(&self, other: &$text) -> bool {
+                self.as_str() == &other[..]
+            }
+        }
+        impl PartialEq<MessageId> for $text {
+            fn eq(&self, other: &MessageId) -> bool {
+                &self[..] == other.as_str()
+            }
+        }
+    )+};
+}
+eq_text!(str, &str, String);
+
+impl fmt::Display for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl serde::Serialize for MessageId {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for MessageId {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Text;
+        impl serde::de::Visitor<'_> for Text {
+            type Value = MessageId;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a message id")
+            }
+            fn visit_str<E>(self, id: &str) -> Result<MessageId, E> {
+                Ok(id.into())
+            }
+            fn visit_string<E>(self, id: String) -> Result<MessageId, E> {
+                Ok(id.into())
+            }
+        }
+        deserializer.deserialize_str(Text)
+    }
+}
 
 /// Bits of the counter that orders ids made in the same millisecond: the
 /// 12 bits of `rand_a` and the top 6 of `rand_b` (RFC 9562, method 1). The
@@ -24,13 +257,13 @@ static LAST: AtomicU64 = AtomicU64::new(0);
 
 /// A fresh message id: a UUID v7, which sorts by creation time, and in the
 /// order of creation within a process.
-pub fn new_id() -> String {
+pub fn new_id() -> MessageId {
     id_at(since_epoch(SystemTime::now()))
 }
 
 /// A fresh id and the time it was made, to the microsecond (the precision
 /// `ce_time` carries), from one clock read: what a new message takes.
-pub(crate) fn id_and_time() -> (String, SystemTime) {
+pub(crate) fn id_and_time() -> (MessageId, SystemTime) {
     let since = since_epoch(SystemTime::now());
     (
         id_at(since),
@@ -43,7 +276,7 @@ fn since_epoch(now: SystemTime) -> Duration {
 }
 
 /// A fresh id made `since` the Unix epoch.
-fn id_at(since: Duration) -> String {
+fn id_at(since: Duration) -> MessageId {
     // 122 random bits from `uuid`'s generator (`fast-rng`: rand's
     // thread-local generator, seeded from the operating system).
     let random = uuid::Uuid::new_v4().as_u128();
@@ -58,10 +291,9 @@ fn id_at(since: Duration) -> String {
     bytes[1] = (counter >> 6) as u8;
     bytes[2] = counter as u8 & 0x3f;
     bytes[3..].copy_from_slice(&((random >> 64) as u64).to_le_bytes()[..7]);
-    let uuid = uuid::Builder::from_unix_timestamp_millis(stamp >> COUNTER_BITS, &bytes).into_uuid();
-    // Encoding into a stack buffer skips the formatting machinery of `to_string`.
-    let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
-    uuid.hyphenated().encode_lower(&mut text).to_owned()
+    uuid::Builder::from_unix_timestamp_millis(stamp >> COUNTER_BITS, &bytes)
+        .into_uuid()
+        .into()
 }
 
 /// The next (millisecond, counter) after the last one handed out, and not
@@ -89,6 +321,74 @@ fn after(last: u64, millis: u64, seed: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_id_takes_48_bytes_and_keeps_uuids_inline() {
+        assert_eq!(std::mem::size_of::<MessageId>(), 48);
+        assert_eq!(std::mem::size_of::<Option<MessageId>>(), 48);
+        assert!(matches!(new_id().0, Repr::Inline(_)));
+        let longest = "x".repeat(INLINE);
+        assert!(matches!(MessageId::from(&longest).0, Repr::Inline(_)));
+        assert!(matches!(
+            MessageId::from(longest.clone()).0,
+            Repr::Inline(_)
+        ));
+    }
+
+    #[test]
+    fn a_long_id_is_kept_whole_on_the_heap() {
+        let long = format!("orders:{}:{}", "y".repeat(60), new_id());
+        for id in [
+            MessageId::from(long.as_str()),
+            MessageId::from(long.clone()),
+            MessageId::from_fmt(format_args!("{long}")),
+        ] {
+            assert!(matches!(id.0, Repr::Heap(_)));
+            assert_eq!(id, long);
+            assert_eq!(String::from(id), long);
+        }
+        let short = MessageId::from_fmt(format_args!("{}:{}", "S", 7));
+        assert!(matches!(short.0, Repr::Inline(_)));
+        assert_eq!(short, "S:7");
+    }
+
+    #[test]
+    fn ids_compare_hash_and_order_as_their_text() {
+        use std::collections::{BTreeSet, HashMap};
+        let inline = MessageId::from("a".repeat(10));
+        let heap = MessageId::from("b".repeat(100));
+        // Equal whichever way they are stored, and to their text.
+        assert_eq!(inline, MessageId::from("a".repeat(10).as_str()));
+        assert_eq!(inline, *"a".repeat(10));
+        assert_eq!("a".repeat(10), inline);
+        assert_ne!(inline, heap);
+        // Hashed as the `str`: a map keyed by ids is looked up by `&str`.
+        let map: HashMap<MessageId, u8> = [(inline.clone(), 1), (heap.clone(), 2)].into();
+        assert_eq!(map.get("a".repeat(10).as_str()), Some(&1));
+        assert_eq!(map.get("b".repeat(100).as_str()), Some(&2));
+        // Ordered as the `str`, across both forms.
+        let order: Vec<_> = BTreeSet::from([heap.clone(), inline.clone()])
+            .into_iter()
+            .collect();
+        assert_eq!(order, [inline.clone(), heap]);
+        assert_eq!(format!("{inline}"), "a".repeat(10));
+        assert_eq!(format!("{inline:?}"), format!("{:?}", "a".repeat(10)));
+        assert_eq!(MessageId::default(), "");
+    }
+
+    #[test]
+    fn ids_travel_through_serde_as_strings() {
+        let short = MessageId::from("order-7");
+        let long = MessageId::from("z".repeat(80));
+        let json = serde_json::to_string(&[&short, &long]).unwrap();
+        assert_eq!(json, format!("[\"order-7\",\"{}\"]", "z".repeat(80)));
+        let back: Vec<MessageId> = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, [short, long]);
+        // Escaped text is decoded, not borrowed.
+        let escaped: MessageId = serde_json::from_str(r#""a\u0062c""#).unwrap();
+        assert_eq!(escaped, "abc");
+        assert!(serde_json::from_str::<MessageId>("7").is_err());
+    }
 
     #[test]
     fn ids_are_uuid_v7_of_the_current_millisecond() {

@@ -6,7 +6,7 @@
 //! NATS and Redis ([`BINARY`]), `cloudEvents:id`, ... for AMQP ([`AMQP`]).
 //! Headers that are neither metadata nor ours pass through untouched.
 
-use super::{Headers, Message, Metadata};
+use super::{Headers, Message, MessageId, Metadata};
 use bytes::Bytes;
 
 /// The header names one broker family uses for the CloudEvents attributes.
@@ -112,7 +112,7 @@ impl Message {
         names: &Names,
         headers: impl IntoIterator<Item = (K, V)>,
         payload: Bytes,
-        fallback_id: Option<String>,
+        fallback_id: Option<MessageId>,
     ) -> Message
     where
         K: Into<String> + AsRef<str>,
@@ -125,7 +125,9 @@ impl Message {
         for (name, value) in headers {
             let n = name.as_ref();
             let slot = if n == names.id {
-                &mut id
+                // Straight into the id's own storage, without a `String`.
+                id = Some(MessageId::from(value.as_ref()));
+                continue;
             } else if n == names.event_type {
                 &mut metadata.event_type
             } else if n == names.source {
@@ -207,7 +209,7 @@ mod tests {
 
     #[test]
     fn plain_client_message_gets_defaults() {
-        let fallback = Some("broker-id-1".to_owned());
+        let fallback = Some("broker-id-1".into());
         let m = Message::from_headers(
             &BINARY,
             [("x-app", "1"), ("ce_time", "not a time")],

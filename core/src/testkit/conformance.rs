@@ -27,7 +27,7 @@ use tokio::sync::{Notify, mpsc};
 use super::{Harness, unique, within};
 use crate::{
     Backoff, Consumer, DeadLetter, DeadLetterReason, Delivery, DeliveryStream, Error, Event,
-    HandlerError, Message, Publisher, PublisherExt, RetryPolicy, StartFrom, Subscriber,
+    HandlerError, Message, MessageId, Publisher, PublisherExt, RetryPolicy, StartFrom, Subscriber,
     Subscription,
 };
 
@@ -292,7 +292,7 @@ pub async fn fan_out<H: Harness>(h: &H) {
     }
     let mut a = subscribe(&*s, Subscription::group(&topic, "a")).await;
     let mut b = subscribe(&*s, Subscription::group(&topic, "b")).await;
-    let sent: HashSet<String> = {
+    let sent: HashSet<MessageId> = {
         let mut ids = HashSet::new();
         for n in 0..50 {
             let m = Message::new(format!("{n}"));

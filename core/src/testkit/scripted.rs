@@ -160,10 +160,10 @@ impl Subscriber for ScriptedSubscriber {
             .into_iter()
             .map(|message| {
                 let acker = ScriptedAcker {
-                    id: message.id.clone(),
+                    id: message.id.to_string(),
                     inner: self.inner.clone(),
                 };
-                let rejected = lock(&self.inner.rejected).contains(&message.id);
+                let rejected = lock(&self.inner.rejected).contains(message.id.as_str());
                 let delivery = Delivery::new(
                     Arc::new(message),
                     topic.clone(),
