@@ -59,7 +59,7 @@ type KeyFn = Arc<dyn Fn(&Message) -> String + Send + Sync>;
 /// use tidings_middleware::idempotency::Idempotency;
 /// let dedup = Idempotency::in_memory(Duration::from_secs(3600))
 ///     // deduplicate on a business key instead of the message id:
-///     .key(|m| m.headers.get("order-id").cloned().unwrap_or_else(|| m.id.clone()));
+///     .key(|m| m.headers.get("order-id").cloned().unwrap_or_else(|| m.id.to_string()));
 /// # let _ = dedup;
 /// ```
 #[derive(Clone)]
