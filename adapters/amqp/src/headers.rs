@@ -7,6 +7,7 @@
 //! plain AMQP tools show them; messages from plain clients get their metadata
 //! from those properties where the headers have none.
 
+use std::borrow::Cow;
 use std::time::UNIX_EPOCH;
 
 use bytes::Bytes;
@@ -114,22 +115,24 @@ pub struct Received {
     pub delivery_count: Option<u64>,
 }
 
-fn text(value: &AMQPValue) -> Option<String> {
+/// A header's value as text: borrowed from the frame where it is text
+/// already, so the message copies only the headers it keeps.
+fn text(value: &AMQPValue) -> Option<Cow<'_, str>> {
     Some(match value {
-        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
-        AMQPValue::ShortString(s) => s.as_str().to_owned(),
-        AMQPValue::Boolean(b) => b.to_string(),
-        AMQPValue::ShortShortInt(n) => n.to_string(),
-        AMQPValue::ShortShortUInt(n) => n.to_string(),
-        AMQPValue::ShortInt(n) => n.to_string(),
-        AMQPValue::ShortUInt(n) => n.to_string(),
-        AMQPValue::LongInt(n) => n.to_string(),
-        AMQPValue::LongUInt(n) => n.to_string(),
-        AMQPValue::LongLongInt(n) => n.to_string(),
-        AMQPValue::Float(n) => n.to_string(),
-        AMQPValue::Double(n) => n.to_string(),
-        AMQPValue::Timestamp(n) => n.to_string(),
-        AMQPValue::ByteArray(b) => String::from_utf8_lossy(b.as_slice()).into_owned(),
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()),
+        AMQPValue::ShortString(s) => s.as_str().into(),
+        AMQPValue::Boolean(b) => b.to_string().into(),
+        AMQPValue::ShortShortInt(n) => n.to_string().into(),
+        AMQPValue::ShortShortUInt(n) => n.to_string().into(),
+        AMQPValue::ShortInt(n) => n.to_string().into(),
+        AMQPValue::ShortUInt(n) => n.to_string().into(),
+        AMQPValue::LongInt(n) => n.to_string().into(),
+        AMQPValue::LongUInt(n) => n.to_string().into(),
+        AMQPValue::LongLongInt(n) => n.to_string().into(),
+        AMQPValue::Float(n) => n.to_string().into(),
+        AMQPValue::Double(n) => n.to_string().into(),
+        AMQPValue::Timestamp(n) => n.to_string().into(),
+        AMQPValue::ByteArray(b) => String::from_utf8_lossy(b.as_slice()),
         // Arrays and tables (such as the broker's `x-death`) and decimals are
         // not string headers: they are left out of the message's headers.
         _ => return None,
@@ -170,20 +173,20 @@ pub fn decode(
     let mut attempt = None;
     let mut copy_topic = None;
     let mut delivery_count = None;
-    let mut pairs: Vec<(String, String)> = Vec::new();
+    let mut pairs: Vec<(Cow<'_, str>, Cow<'_, str>)> = Vec::new();
     if let Some(table) = props.headers() {
         for (name, value) in table {
             let name = name.as_str();
             match name {
                 header::ATTEMPT => attempt = text(value).and_then(|s| s.parse().ok()),
-                TOPIC => copy_topic = text(value),
+                TOPIC => copy_topic = text(value).map(Cow::into_owned),
                 DELIVERY_COUNT => delivery_count = count(value),
                 _ if name.starts_with("x-death")
                     || name.starts_with("x-first-death")
                     || name.starts_with("x-last-death") => {}
                 _ => {
                     if let Some(v) = text(value) {
-                        pairs.push((name.to_owned(), v));
+                        pairs.push((name.into(), v));
                     }
                 }
             }

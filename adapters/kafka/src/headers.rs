@@ -79,12 +79,10 @@ pub fn decode<H: Headers>(
     retried: bool,
     topic: Option<&str>,
 ) -> (Message, Received, Option<Undecodable>) {
+    // Borrowed: the message copies only the headers it keeps.
     let pairs = headers.into_iter().flat_map(|h| h.iter()).map(|h| {
         let value = h.value.unwrap_or_default();
-        (
-            h.key.to_owned(),
-            String::from_utf8_lossy(value).into_owned(),
-        )
+        (h.key, String::from_utf8_lossy(value))
     });
     let native = Native {
         id: Some(&fallback_id),

@@ -110,6 +110,7 @@ pub(crate) async fn fetch(shared: &Arc<Shared>, advisory: &Advisory) -> Result<G
         "{}:{}",
         advisory.stream, advisory.stream_seq
     )));
+    let pairs = pairs.into_iter().map(|(k, v)| (k.into(), v.into()));
     let message = headers::from_pairs(pairs, payload, fallback);
     let (unreadable, why): (bool, BoxError) = match problem {
         Some(problem) => (true, Box::new(Unreadable(problem, advisory.deliveries))),

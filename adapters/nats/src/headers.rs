@@ -9,6 +9,8 @@
 //! `Nats-*` belong to the server (message id, sequence) and are not passed
 //! to the application.
 
+use std::borrow::Cow;
+
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use tidings_core::dialect::{Native, Undecodable};
@@ -124,12 +126,7 @@ pub fn decode(
     let msg_id = headers
         .and_then(|h| h.get(MSG_ID))
         .map(|v| MessageId::from(v.as_str()));
-    let pairs = pairs_for_message(headers.into_iter().flat_map(|map| {
-        map.iter().filter_map(|(name, values)| {
-            let name: &str = name.as_ref();
-            Some((name.to_owned(), values.last()?.as_str().to_owned()))
-        })
-    }));
+    let pairs = pairs_for_message(borrowed_pairs(headers));
     let id = msg_id.or(fallback_id);
     let native = Native {
         id: id.as_deref(),
@@ -149,19 +146,26 @@ pub fn from_nats(
     payload: Bytes,
     fallback_id: Option<MessageId>,
 ) -> Message {
-    let pairs = headers.into_iter().flat_map(|map| {
+    from_pairs(borrowed_pairs(headers), payload, fallback_id)
+}
+
+/// The headers' names and (last) values, borrowed: the message copies only
+/// the ones it keeps, not the `Nats-*` ones, the id or the time.
+fn borrowed_pairs(
+    headers: Option<&HeaderMap>,
+) -> impl Iterator<Item = (Cow<'_, str>, Cow<'_, str>)> {
+    headers.into_iter().flat_map(|map| {
         map.iter().filter_map(|(name, values)| {
             let name: &str = name.as_ref();
-            Some((name.to_owned(), values.last()?.as_str().to_owned()))
+            Some((name.into(), values.last()?.as_str().into()))
         })
-    });
-    from_pairs(pairs, payload, fallback_id)
+    })
 }
 
 /// [`from_nats`] over header name/value pairs however they were read:
 /// drops the server's `Nats-*` headers and decodes `tidings-enc-` ones.
-pub(crate) fn from_pairs(
-    pairs: impl IntoIterator<Item = (String, String)>,
+pub(crate) fn from_pairs<'a>(
+    pairs: impl IntoIterator<Item = (Cow<'a, str>, Cow<'a, str>)>,
     payload: Bytes,
     fallback_id: Option<MessageId>,
 ) -> Message {
@@ -175,16 +179,16 @@ pub(crate) fn from_pairs(
 
 /// The headers that belong to the message: the server's `Nats-*` ones
 /// dropped, `tidings-enc-` ones decoded.
-fn pairs_for_message(
-    pairs: impl IntoIterator<Item = (String, String)>,
-) -> impl Iterator<Item = (String, String)> {
+fn pairs_for_message<'a>(
+    pairs: impl IntoIterator<Item = (Cow<'a, str>, Cow<'a, str>)>,
+) -> impl Iterator<Item = (Cow<'a, str>, Cow<'a, str>)> {
     pairs.into_iter().filter_map(|(name, value)| {
         if name.len() >= 5 && name.is_char_boundary(5) && name[..5].eq_ignore_ascii_case("nats-") {
             return None;
         }
         match name.strip_prefix(ENCODED_PREFIX) {
             Some(encoded) => match (percent_decode(encoded), percent_decode(&value)) {
-                (Some(n), Some(v)) => Some((n, v)),
+                (Some(n), Some(v)) => Some((n.into(), v.into())),
                 _ => Some((name, value)),
             },
             None => Some((name, value)),

@@ -131,7 +131,9 @@ impl Message {
             } else if n == names.event_type {
                 &mut metadata.event_type
             } else if n == names.source {
-                &mut metadata.source
+                // The default source is no source: not even copied.
+                metadata.source = (value.as_ref() != DEFAULT_SOURCE).then(|| value.into());
+                continue;
             } else if n == names.schema_version {
                 &mut metadata.schema_version
             } else if n == names.correlation_id {
@@ -157,9 +159,6 @@ impl Message {
                 continue;
             };
             *slot = Some(value.into());
-        }
-        if metadata.source.as_deref() == Some(DEFAULT_SOURCE) {
-            metadata.source = None;
         }
         Message {
             id: id.or(fallback_id).unwrap_or_else(super::new_id),
