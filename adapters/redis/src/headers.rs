@@ -283,14 +283,20 @@ pub fn read_fields_in(
     entry_id: &str,
     fields: Vec<Value>,
 ) -> (Message, Option<ForeignEntry>) {
-    if let Err(foreign) = check_fields_in(&layout.payload_field, entry_id, &fields) {
+    let foreign = |problem| {
+        Some(ForeignEntry {
+            entry_id: entry_id.to_owned(),
+            problem,
+        })
+    };
+    if let Err(problem) = check_shape(&layout.payload_field, &fields) {
         return (
             salvage_in(&layout.payload_field, entry_id, &fields),
-            Some(foreign),
+            foreign(problem),
         );
     }
     let payload_field = layout.payload_field.as_bytes();
-    let mut payload = Bytes::new();
+    let mut payload = None;
     let mut headers = Vec::with_capacity(fields.len() / 2);
     let mut it = fields.into_iter();
     while let (Some(name), Some(value)) = (it.next(), it.next()) {
@@ -298,18 +304,46 @@ pub fn read_fields_in(
             continue;
         };
         if name == payload_field {
-            payload = Bytes::from(value);
+            payload = Some(Bytes::from(value));
             continue;
         }
-        let (Ok(name), Ok(value)) = (String::from_utf8(name), String::from_utf8(value)) else {
-            continue;
-        };
+        // UTF-8 is checked once, as each field becomes a `String`. An entry
+        // that turns out not to be UTF-8 is put back together to be salvaged.
+        match (String::from_utf8(name), String::from_utf8(value)) {
+            (Ok(name), Ok(value)) => headers.push((name, value)),
+            (name, value) => {
+                let name = name.map_or_else(|e| e.into_bytes(), String::into_bytes);
+                let value = value.map_or_else(|e| e.into_bytes(), String::into_bytes);
+                let problem = ForeignProblem::NotUtf8 {
+                    field: String::from_utf8_lossy(&name).into_owned(),
+                };
+                let bulk = Value::BulkString;
+                let mut fields: Vec<Value> = headers
+                    .into_iter()
+                    .flat_map(|(n, v)| [bulk(n.into_bytes()), bulk(v.into_bytes())])
+                    .collect();
+                if let Some(payload) = payload {
+                    fields.extend([bulk(payload_field.to_vec()), bulk(payload.into())]);
+                }
+                fields.extend([bulk(name), bulk(value)]);
+                fields.extend(it);
+                return (
+                    salvage_in(&layout.payload_field, entry_id, &fields),
+                    foreign(problem),
+                );
+            }
+        }
+    }
+    // Renamed fields read as the headers they stand for; `\`-escaped ones as
+    // themselves.
+    let headers = headers.into_iter().map(|(name, value)| {
         let name = match name.strip_prefix('\\') {
             Some(unescaped) => unescaped.to_owned(),
             None => layout.header_for(name),
         };
-        headers.push((name, value));
-    }
+        (name, value)
+    });
+    let payload = payload.unwrap_or_default();
     let plain =
         |headers, payload| Message::from_headers(&NAMES, headers, payload, Some(entry_id.into()));
     if layout.is_default() {
@@ -323,11 +357,25 @@ pub fn read_fields_in(
         Ok(message) => (message, None),
         Err(rejected) => (
             rejected.salvaged,
-            Some(ForeignEntry {
-                entry_id: entry_id.to_owned(),
-                problem: ForeignProblem::Undecodable(rejected.why),
-            }),
+            foreign(ForeignProblem::Undecodable(rejected.why)),
         ),
+    }
+}
+
+/// The shape of an entry Tidings wrote: name/value pairs of strings, one of
+/// them the payload. UTF-8 is checked as the fields are read.
+fn check_shape(payload_field: &str, fields: &[Value]) -> Result<(), ForeignProblem> {
+    if !fields.len().is_multiple_of(2) || fields.iter().any(|f| bulk_ref(f).is_none()) {
+        return Err(ForeignProblem::Malformed);
+    }
+    let payload_field = payload_field.as_bytes();
+    if fields
+        .chunks_exact(2)
+        .any(|pair| bulk_ref(&pair[0]) == Some(payload_field))
+    {
+        Ok(())
+    } else {
+        Err(ForeignProblem::MissingPayload)
     }
 }
 
@@ -601,6 +649,57 @@ mod tests {
         let odd = vec![Value::BulkString(b"payload".to_vec())];
         let err = read_fields("7-0", odd).expect_err("foreign");
         assert_eq!(err.problem, ForeignProblem::Malformed);
+    }
+
+    #[test]
+    fn a_field_found_not_utf8_while_reading_salvages_the_whole_entry() {
+        let b = |v: &[u8]| Value::BulkString(v.to_vec());
+        // Before and after the payload: everything readable is kept.
+        for fields in [
+            vec![
+                b(b"ce_type"),
+                b(b"t"),
+                b(b"payload"),
+                b(b"x"),
+                b(b"h"),
+                b(&[0xff]),
+                b(b"after"),
+                b(b"1"),
+            ],
+            vec![
+                b(b"ce_type"),
+                b(b"t"),
+                b(b"h"),
+                b(&[0xff]),
+                b(b"payload"),
+                b(b"x"),
+                b(b"after"),
+                b(b"1"),
+            ],
+        ] {
+            let (m, foreign) = read_fields_in(&Layout::default(), "8-0", fields);
+            let foreign = foreign.expect("foreign");
+            assert_eq!(
+                foreign.problem,
+                ForeignProblem::NotUtf8 { field: "h".into() }
+            );
+            assert_eq!(foreign.entry_id, "8-0");
+            assert_eq!(m.id, "8-0");
+            assert_eq!(m.payload, "x");
+            assert_eq!(m.metadata.event_type.as_deref(), Some("t"));
+            assert_eq!(m.headers["after"], "1");
+            assert_eq!(m.headers["h"], "\u{fffd}");
+        }
+        // A name that is not UTF-8 is named as well as it can be.
+        let fields = vec![b(b"payload"), b(b"x"), b(&[b'k', 0xff]), b(b"v")];
+        let (m, foreign) = read_fields_in(&Layout::default(), "9-0", fields);
+        assert_eq!(
+            foreign.expect("foreign").problem,
+            ForeignProblem::NotUtf8 {
+                field: "k\u{fffd}".into()
+            }
+        );
+        assert_eq!(m.payload, "x");
     }
 
     #[test]
