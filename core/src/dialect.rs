@@ -441,7 +441,7 @@ impl Envelope {
                 set(&mut root, path, value);
             }
         };
-        put(&self.id, Some(Value::String(message.id.to_string())));
+        put(&self.id, Some(Value::String(String::from(&message.id))));
         put(&self.event_type, m.event_type.clone().map(Value::String));
         let when = m.time.and_then(|t| match self.time_format {
             TimeFormat::Rfc3339 => time::format_rfc3339(t).map(Value::String),

@@ -239,8 +239,8 @@ where
         Err(error) => return Err(error),
     };
     let mut reply = reply;
-    reply.metadata.correlation_id = Some(meta.id.to_string());
-    reply.metadata.causation_id = Some(meta.id.to_string());
+    reply.metadata.correlation_id = Some(String::from(&meta.id));
+    reply.metadata.causation_id = Some(String::from(&meta.id));
     replies
         .0
         .0

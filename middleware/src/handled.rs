@@ -41,7 +41,7 @@ impl Middleware for NotifyHandled {
     async fn handle(&self, delivery: &Delivery, next: Next<'_>) -> HandlerResult {
         next.run(delivery).await?;
         if let Some(group) = delivery.group() {
-            let notice = Message::new(delivery.message().id.to_string())
+            let notice = Message::new(String::from(&delivery.message().id))
                 .with_type("tidings.handled")
                 .caused_by(delivery.message());
             // The handling succeeded; a lost notice only makes a waiter time out.

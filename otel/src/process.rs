@@ -211,10 +211,7 @@ impl Middleware for OtelProcess {
             attrs.extend(labels.iter().cloned());
             attrs.push(KeyValue::new(attr::OPERATION_TYPE, "process"));
             attrs.push(KeyValue::new(attr::OPERATION_NAME, "process"));
-            attrs.push(KeyValue::new(
-                attr::MESSAGE_ID,
-                message.id.as_str().to_owned(),
-            ));
+            attrs.push(KeyValue::new(attr::MESSAGE_ID, String::from(&message.id)));
             attrs.push(KeyValue::new(attr::BODY_SIZE, message.payload.len() as i64));
             attrs.push(KeyValue::new(attr::ATTEMPT, i64::from(attempt)));
             crate::metadata_attributes(&mut attrs, self.system, message);

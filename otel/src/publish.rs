@@ -188,10 +188,7 @@ fn send_attributes(
     attrs.push(KeyValue::new(attr::DESTINATION_NAME, topic.clone()));
     attrs.push(KeyValue::new(attr::OPERATION_TYPE, "send"));
     attrs.push(KeyValue::new(attr::OPERATION_NAME, "send"));
-    attrs.push(KeyValue::new(
-        attr::MESSAGE_ID,
-        message.id.as_str().to_owned(),
-    ));
+    attrs.push(KeyValue::new(attr::MESSAGE_ID, String::from(&message.id)));
     attrs.push(KeyValue::new(attr::BODY_SIZE, message.payload.len() as i64));
     crate::metadata_attributes(&mut attrs, system, message);
     attrs

@@ -289,7 +289,14 @@ pub fn read_fields_in(
             problem,
         })
     };
-    if let Err(problem) = check_shape(&layout.payload_field, &fields) {
+    if let Err(shape) = check_shape(&layout.payload_field, &fields) {
+        // Named as the full check names it (a field that is not UTF-8
+        // before the shape's problem is reported as that): rare, so the
+        // fields are looked at twice here.
+        let problem = match check_fields_in(&layout.payload_field, entry_id, &fields) {
+            Err(foreign) => foreign.problem,
+            Ok(()) => shape,
+        };
         return (
             salvage_in(&layout.payload_field, entry_id, &fields),
             foreign(problem),
@@ -690,6 +697,15 @@ mod tests {
             assert_eq!(m.headers["after"], "1");
             assert_eq!(m.headers["h"], "\u{fffd}");
         }
+        // Without a payload as well: still named for the field, as `check_fields` does.
+        let fields = vec![b(b"h"), b(&[0xff])];
+        let (_, foreign) = read_fields_in(&Layout::default(), "9-1", fields.clone());
+        let problem = ForeignProblem::NotUtf8 { field: "h".into() };
+        assert_eq!(foreign.expect("foreign").problem, problem);
+        assert_eq!(
+            check_fields("9-1", &fields).expect_err("foreign").problem,
+            problem
+        );
         // A name that is not UTF-8 is named as well as it can be.
         let fields = vec![b(b"payload"), b(b"x"), b(&[b'k', 0xff]), b(b"v")];
         let (m, foreign) = read_fields_in(&Layout::default(), "9-0", fields);

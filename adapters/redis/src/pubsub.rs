@@ -4,6 +4,7 @@
 //! takes it only if its `SET <claim key> NX PX <claim_ttl>` succeeds, so one
 //! member of each group handles it. Nothing is kept for absent subscribers.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -137,10 +138,10 @@ async fn read_loop(
             };
             if let Some(group) = &shared.group {
                 let (key, ttl) = if own_id {
-                    (message.id.to_string(), shared.config.claim_ttl)
+                    (Cow::Borrowed(message.id.as_str()), shared.config.claim_ttl)
                 } else {
                     (
-                        headers::content_id(&channel, &body),
+                        Cow::Owned(headers::content_id(&channel, &body)),
                         CONTENT_CLAIM_TTL.min(shared.config.claim_ttl),
                     )
                 };

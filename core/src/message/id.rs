@@ -153,6 +153,31 @@ impl From<uuid::Uuid> for MessageId {
     }
 }
 
+impl From<Box<str>> for MessageId {
+    fn from(id: Box<str>) -> Self {
+        if id.len() <= INLINE {
+            (&*id).into()
+        } else {
+            MessageId(Repr::Heap(id))
+        }
+    }
+}
+
+impl From<std::borrow::Cow<'_, str>> for MessageId {
+    fn from(id: std::borrow::Cow<'_, str>) -> Self {
+        match id {
+            std::borrow::Cow::Borrowed(id) => id.into(),
+            std::borrow::Cow::Owned(id) => id.into(),
+        }
+    }
+}
+
+impl From<&MessageId> for String {
+    fn from(id: &MessageId) -> Self {
+        id.as_str().to_owned()
+    }
+}
+
 impl From<MessageId> for String {
     fn from(id: MessageId) -> Self {
         match id.0 {
@@ -206,8 +231,9 @@ macro_rules! eq_text {
 eq_text!(str, &str, String);
 
 impl fmt::Display for MessageId {
+    // `pad`, not `write_str`: width and precision apply as to a `str`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        f.pad(self.as_str())
     }
 }
 
@@ -236,6 +262,12 @@ impl<'de> serde::Deserialize<'de> for MessageId {
             }
             fn visit_string<E>(self, id: String) -> Result<MessageId, E> {
                 Ok(id.into())
+            }
+            // As `String` accepts UTF-8 bytes (MessagePack, CBOR).
+            fn visit_bytes<E: serde::de::Error>(self, id: &[u8]) -> Result<MessageId, E> {
+                std::str::from_utf8(id)
+                    .map(MessageId::from)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Bytes(id), &self))
             }
         }
         deserializer.deserialize_str(Text)
@@ -372,8 +404,16 @@ mod tests {
             .collect();
         assert_eq!(order, [inline.clone(), heap]);
         assert_eq!(format!("{inline}"), "a".repeat(10));
+        // Width and precision as for a `str`.
+        let short = MessageId::from("ab");
+        assert_eq!(format!("{short:>4}|{short:.1}|{short:-<3}"), "  ab|a|ab-");
         assert_eq!(format!("{inline:?}"), format!("{:?}", "a".repeat(10)));
         assert_eq!(MessageId::default(), "");
+        // Conversions keep the text, whichever way they go.
+        let long = "c".repeat(60);
+        assert_eq!(MessageId::from(long.clone().into_boxed_str()), long);
+        assert_eq!(MessageId::from(std::borrow::Cow::Borrowed("d")), "d");
+        assert_eq!(String::from(&inline), "a".repeat(10));
     }
 
     #[test]
@@ -388,6 +428,17 @@ mod tests {
         let escaped: MessageId = serde_json::from_str(r#""a\u0062c""#).unwrap();
         assert_eq!(escaped, "abc");
         assert!(serde_json::from_str::<MessageId>("7").is_err());
+        // Bytes, where a format gives them, as `String` takes them.
+        use serde::de::IntoDeserializer;
+        let bytes: serde::de::value::BytesDeserializer<'_, serde::de::value::Error> =
+            b"order-8".as_slice().into_deserializer();
+        assert_eq!(
+            <MessageId as serde::Deserialize>::deserialize(bytes).unwrap(),
+            "order-8"
+        );
+        let invalid: serde::de::value::BytesDeserializer<'_, serde::de::value::Error> =
+            [0xffu8].as_slice().into_deserializer();
+        assert!(<MessageId as serde::Deserialize>::deserialize(invalid).is_err());
     }
 
     #[test]

@@ -162,7 +162,7 @@ impl Message {
             .as_deref()
             .unwrap_or(&parent.id);
         self.metadata.correlation_id = Some(correlation.to_owned());
-        self.metadata.causation_id = Some(parent.id.as_str().to_owned());
+        self.metadata.causation_id = Some(String::from(&parent.id));
         let depth = parent.chain_depth() + 1;
         self.headers.insert(
             crate::delivery::header::CHAIN_DEPTH.to_owned(),

@@ -21,7 +21,7 @@ use tidings_core::{
 };
 
 use crate::config::Mode;
-use crate::stale_pull::{self};
+use crate::stale_pull;
 use crate::{NAME, Shared, broker_error, given_up};
 use tidings_core::in_flight::InFlight;
 
