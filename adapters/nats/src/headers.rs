@@ -113,21 +113,21 @@ pub fn encode(dialect: &Dialect, message: &Message, msg_id: Option<&str>) -> (He
 }
 
 /// Reads a message in `dialect`. What it does not say comes from the
-/// server's own fields: `Nats-Msg-Id` (else `fallback_id`) as the id, the
-/// subject as the type. When the dialect cannot read the body: what could
+/// server's own fields: `Nats-Msg-Id` (else what `fallback_id` gives,
+/// asked only then) as the id, the subject as the type. When the dialect cannot read the body: what could
 /// be read (the body as payload), and why.
 pub fn decode(
     dialect: &Dialect,
     headers: Option<&HeaderMap>,
     payload: Bytes,
-    fallback_id: Option<MessageId>,
+    fallback_id: impl FnOnce() -> Option<MessageId>,
     subject: Option<&str>,
 ) -> (Message, Option<Undecodable>) {
     let msg_id = headers
         .and_then(|h| h.get(MSG_ID))
         .map(|v| MessageId::from(v.as_str()));
     let pairs = pairs_for_message(borrowed_pairs(headers));
-    let id = msg_id.or(fallback_id);
+    let id = msg_id.or_else(fallback_id);
     let native = Native {
         id: id.as_deref(),
         event_type: subject,

@@ -250,16 +250,12 @@ impl Pump {
         group: &Arc<str>,
         tracker: Option<&Arc<Tracker>>,
     ) -> Delivery {
-        let (attempt, fallback, position) = match msg.info() {
+        let (attempt, position) = match msg.info() {
             Ok(info) => (
                 u32::try_from(info.delivered).unwrap_or(1),
-                Some(MessageId::from_fmt(format_args!(
-                    "{}:{}",
-                    info.stream, info.stream_sequence
-                ))),
                 Some(stream_position(info.stream, info.stream_sequence)),
             ),
-            Err(_) => (1, None, None),
+            Err(_) => (1, None),
         };
         let async_nats::Message {
             reply,
@@ -272,7 +268,7 @@ impl Pump {
             &self.dialect,
             headers.as_ref(),
             payload,
-            fallback,
+            || sequence_id(position.as_ref()),
             Some(subject.as_str()),
         );
         let message = Arc::new(message);
@@ -326,16 +322,12 @@ impl Pump {
                 match next {
                     Some(Ok(msg)) => {
                         failures = 0;
-                        let (fallback, sequence, position) = match msg.info() {
+                        let (sequence, position) = match msg.info() {
                             Ok(info) => (
-                                Some(MessageId::from_fmt(format_args!(
-                                    "{}:{}",
-                                    info.stream, info.stream_sequence
-                                ))),
                                 info.stream_sequence,
                                 Some(stream_position(info.stream, info.stream_sequence)),
                             ),
-                            Err(_) => (None, last_sequence, None),
+                            Err(_) => (last_sequence, None),
                         };
                         last_sequence = sequence;
                         let async_nats::Message {
@@ -348,7 +340,7 @@ impl Pump {
                             &self.dialect,
                             headers.as_ref(),
                             payload,
-                            fallback,
+                            || sequence_id(position.as_ref()),
                             Some(subject.as_str()),
                         );
                         let delivery = Delivery::new(
@@ -413,7 +405,7 @@ impl Pump {
                 &self.dialect,
                 msg.headers.as_ref(),
                 msg.payload,
-                None,
+                || None,
                 Some(msg.subject.as_str()),
             );
             let message = Arc::new(message);
@@ -495,6 +487,18 @@ fn reject_if(delivery: Delivery, undecodable: Option<Undecodable>) -> Delivery {
     match undecodable {
         Some(why) => delivery.rejected(why),
         None => delivery,
+    }
+}
+
+/// The id of a JetStream message that carries none (no `ce_id`, no
+/// `Nats-Msg-Id`): its stream and stream sequence, the same on every
+/// redelivery. Made only for such a message.
+fn sequence_id(position: Option<&Receipt>) -> Option<MessageId> {
+    match position? {
+        Receipt::Sequence {
+            stream, sequence, ..
+        } => Some(MessageId::from_fmt(format_args!("{stream}:{sequence}"))),
+        _ => None,
     }
 }
 
