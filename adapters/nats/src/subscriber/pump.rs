@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use async_nats::Subject;
 use async_nats::jetstream::AckKind;
 use async_nats::jetstream::consumer::{self, DeliverPolicy, pull};
 use bytes::Bytes;
@@ -18,7 +19,9 @@ use tracing::{debug, warn};
 
 use tidings_core::dialect::Undecodable;
 use tidings_core::in_flight::{InFlight, Slot};
-use tidings_core::{Delivery, DeliveryStream, Dialect, MessageId, Receipt, Result, StartFrom};
+use tidings_core::{
+    Delivery, DeliveryStream, Dialect, Message, MessageId, Receipt, Result, StartFrom,
+};
 
 use crate::stale_pull::PullEnd;
 use crate::{Shared, given_up, headers};
@@ -243,6 +246,30 @@ impl Pump {
         })
     }
 
+    /// A JetStream message in this subscription's dialect, its id falling
+    /// back on its stream position; with its reply subject (for acks).
+    fn decode_js(
+        &self,
+        message: async_nats::Message,
+        position: Option<&Receipt>,
+    ) -> (Message, Option<Undecodable>, Option<Subject>) {
+        let async_nats::Message {
+            reply,
+            payload,
+            headers,
+            subject,
+            ..
+        } = message;
+        let (message, undecodable) = headers::decode(
+            &self.dialect,
+            headers.as_ref(),
+            payload,
+            || sequence_id(position),
+            Some(subject.as_str()),
+        );
+        (message, undecodable, reply)
+    }
+
     fn js_delivery(
         &self,
         msg: async_nats::jetstream::Message,
@@ -257,20 +284,7 @@ impl Pump {
             ),
             Err(_) => (1, None),
         };
-        let async_nats::Message {
-            reply,
-            payload,
-            headers,
-            subject,
-            ..
-        } = msg.message;
-        let (message, undecodable) = headers::decode(
-            &self.dialect,
-            headers.as_ref(),
-            payload,
-            || sequence_id(position.as_ref()),
-            Some(subject.as_str()),
-        );
+        let (message, undecodable, reply) = self.decode_js(msg.message, position.as_ref());
         let message = Arc::new(message);
         let tracked = match (&reply, tracker) {
             (Some(reply), Some(t)) => Some(t.track(reply.clone())),
@@ -330,19 +344,8 @@ impl Pump {
                             Err(_) => (last_sequence, None),
                         };
                         last_sequence = sequence;
-                        let async_nats::Message {
-                            payload,
-                            headers,
-                            subject,
-                            ..
-                        } = msg.message;
-                        let (message, undecodable) = headers::decode(
-                            &self.dialect,
-                            headers.as_ref(),
-                            payload,
-                            || sequence_id(position.as_ref()),
-                            Some(subject.as_str()),
-                        );
+                        let (message, undecodable, _) =
+                            self.decode_js(msg.message, position.as_ref());
                         let delivery = Delivery::new(
                             Arc::new(message),
                             self.topic.clone(),
