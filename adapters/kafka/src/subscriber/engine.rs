@@ -30,10 +30,10 @@ use super::{
 
 /// The consumer context: rebalances on the engine thread.
 pub(super) struct Ctx {
-    pub(super) shared: Arc<Shared>,
-    pub(super) starts: Mutex<HashMap<(String, i32), Offset>>,
-    pub(super) revoke_timeout: Duration,
-    pub(super) operation_timeout: Duration,
+    shared: Arc<Shared>,
+    starts: Mutex<HashMap<(String, i32), Offset>>,
+    revoke_timeout: Duration,
+    operation_timeout: Duration,
 }
 
 impl ClientContext for Ctx {}
@@ -245,19 +245,19 @@ pub(super) fn run(setup: Setup, ready: oneshot::Sender<Result<()>>) {
 }
 
 pub(super) struct Engine {
-    pub(super) consumer: Arc<BaseConsumer<Ctx>>,
-    pub(super) shared: Arc<Shared>,
-    pub(super) tx: mpsc::UnboundedSender<Item>,
-    pub(super) retry: Option<String>,
-    pub(super) dialect: Dialect,
-    pub(super) delayed: HashMap<(Arc<str>, i32), VecDeque<Item>>,
-    pub(super) paused: HashSet<(Arc<str>, i32)>,
-    pub(super) paused_all: bool,
-    pub(super) seen_assignment: u64,
-    pub(super) last_commit: Instant,
-    pub(super) commit_interval: Duration,
-    pub(super) last_refresh: Instant,
-    pub(super) refresh_every: Duration,
+    consumer: Arc<BaseConsumer<Ctx>>,
+    shared: Arc<Shared>,
+    tx: mpsc::UnboundedSender<Item>,
+    retry: Option<String>,
+    dialect: Dialect,
+    delayed: HashMap<(Arc<str>, i32), VecDeque<Item>>,
+    paused: HashSet<(Arc<str>, i32)>,
+    paused_all: bool,
+    seen_assignment: u64,
+    last_commit: Instant,
+    commit_interval: Duration,
+    last_refresh: Instant,
+    refresh_every: Duration,
 }
 
 impl Engine {

@@ -27,13 +27,13 @@ pub(super) struct Gate {
 #[derive(Default)]
 pub(super) struct GateState {
     /// Lanes with a delivery out, or with a record released to `ready`.
-    pub(super) busy: HashSet<Lane>,
+    busy: HashSet<Lane>,
     /// Records waiting for their lane, in fetch order. Non-empty only for busy lanes.
-    pub(super) parked: HashMap<Lane, VecDeque<Item>>,
+    parked: HashMap<Lane, VecDeque<Item>>,
     /// Records whose lane was released to them, for the stream to take.
-    pub(super) ready: VecDeque<Item>,
+    ready: VecDeque<Item>,
     /// The stream's waker, woken when `ready` gains a record.
-    pub(super) waker: Option<Waker>,
+    waker: Option<Waker>,
 }
 
 impl Gate {

@@ -21,11 +21,11 @@ pub(super) struct Part {
     /// Yielded and not settled yet.
     pub(super) pending: BTreeSet<i64>,
     /// Dropped unsettled: never committed past.
-    pub(super) abandoned: BTreeSet<i64>,
+    abandoned: BTreeSet<i64>,
     /// One past the highest offset yielded; -1 before the first.
     pub(super) next: i64,
     /// The last committed position; -1 when unknown.
-    pub(super) committed: i64,
+    committed: i64,
 }
 
 impl Part {
@@ -44,8 +44,8 @@ impl Part {
 #[derive(Default)]
 pub(super) struct State {
     pub(super) parts: HashMap<(Arc<str>, i32), Part>,
-    pub(super) generation: u64,
-    pub(super) dirty: bool,
+    generation: u64,
+    dirty: bool,
     /// Bumped on every assignment change, so the engine re-applies pauses.
     pub(super) assignment: u64,
     /// The settled prefix this member last reached per partition. A broker
@@ -55,8 +55,8 @@ pub(super) struct State {
 }
 
 pub(super) struct Shared {
-    pub(super) state: Mutex<State>,
-    pub(super) settled: Condvar,
+    state: Mutex<State>,
+    settled: Condvar,
     pub(super) in_flight: InFlight,
     /// Deliveries handed out and not settled or dropped yet.
     pub(super) live: AtomicUsize,

@@ -172,16 +172,16 @@ impl Drop for KafkaStream {
 }
 
 pub(super) struct KafkaAcker {
-    pub(super) ctx: Arc<StreamCtx>,
+    ctx: Arc<StreamCtx>,
     /// The ordering lane this delivery holds; released when it is settled or dropped.
-    pub(super) lane: Option<Lane>,
-    pub(super) key: (Arc<str>, i32),
-    pub(super) generation: u64,
-    pub(super) offset: i64,
-    pub(super) attempt: u32,
-    pub(super) message: Arc<Message>,
-    pub(super) settled: bool,
-    pub(super) _slot: Slot,
+    lane: Option<Lane>,
+    key: (Arc<str>, i32),
+    generation: u64,
+    offset: i64,
+    attempt: u32,
+    message: Arc<Message>,
+    settled: bool,
+    _slot: Slot,
 }
 
 impl KafkaAcker {

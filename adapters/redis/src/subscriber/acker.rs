@@ -29,13 +29,13 @@ pub(crate) enum Origin {
 
 /// Settles one delivery.
 pub(crate) struct RedisAcker {
-    pub(super) shared: Arc<Shared>,
-    pub(super) origin: Origin,
-    pub(super) message: Arc<Message>,
-    pub(super) topic: Arc<str>,
-    pub(super) attempt: u32,
-    pub(super) slot: Option<Slot>,
-    pub(super) settled: bool,
+    shared: Arc<Shared>,
+    origin: Origin,
+    message: Arc<Message>,
+    topic: Arc<str>,
+    attempt: u32,
+    slot: Option<Slot>,
+    settled: bool,
 }
 
 impl RedisAcker {

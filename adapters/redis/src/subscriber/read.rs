@@ -23,8 +23,8 @@ use super::{GATHER, MAX_BATCH, create_group};
 
 /// The stream of deliveries handed to the caller.
 pub(crate) struct RedisStream {
-    pub(super) shared: Arc<Shared>,
-    pub(super) rx: Option<mpsc::UnboundedReceiver<Result<Delivery>>>,
+    shared: Arc<Shared>,
+    rx: Option<mpsc::UnboundedReceiver<Result<Delivery>>>,
 }
 
 impl RedisStream {
