@@ -300,13 +300,28 @@ async fn memory_stack(args: &Args, clock: &Arc<Clock>) {
             .concurrency(1)
             .prefetch(256);
         if layered {
-            builder = builder
-                .layer(MaxChainDepth(16))
-                .layer(Idempotency::in_memory(Duration::from_secs(3600)))
-                .layer(Retry::exponential(Duration::from_millis(100)).mode(RetryMode::InProcess))
-                .layer(CircuitBreaker::new(Threshold::Consecutive(100)))
-                .layer(Timeout(Duration::from_secs(30)))
-                .layer(ConcurrencyLimit::new(64));
+            let wanted = stack_layers();
+            let on = |name: &str| wanted.iter().any(|w| w == name);
+            if on("depth") {
+                builder = builder.layer(MaxChainDepth(16));
+            }
+            if on("idempotency") {
+                builder = builder.layer(Idempotency::in_memory(Duration::from_secs(3600)));
+            }
+            if on("retry") {
+                builder = builder.layer(
+                    Retry::exponential(Duration::from_millis(100)).mode(RetryMode::InProcess),
+                );
+            }
+            if on("breaker") {
+                builder = builder.layer(CircuitBreaker::new(Threshold::Consecutive(100)));
+            }
+            if on("timeout") {
+                builder = builder.layer(Timeout(Duration::from_secs(30)));
+            }
+            if on("limit") {
+                builder = builder.layer(ConcurrencyLimit::new(64));
+            }
         }
         let consumer = builder
             .handle("bench", move |e: Event<Bytes, Raw>| {
@@ -344,6 +359,22 @@ async fn memory_stack(args: &Args, clock: &Arc<Clock>) {
         "  middleware stack adds {:.0} ns per message",
         rates[1] - rates[0]
     );
+}
+
+/// The layers of `e2e-stack`: all of them, or the comma-separated names in
+/// `TIDINGS_BENCH_STACK` (depth, idempotency, retry, breaker, timeout,
+/// limit), to see what each one costs.
+fn stack_layers() -> Vec<String> {
+    let all = "depth,idempotency,retry,breaker,timeout,limit";
+    let wanted = std::env::var("TIDINGS_BENCH_STACK").unwrap_or_else(|_| all.into());
+    let wanted: Vec<String> = wanted.split(',').map(|w| w.trim().to_owned()).collect();
+    for name in &wanted {
+        assert!(
+            all.split(',').any(|known| known == name),
+            "TIDINGS_BENCH_STACK: unknown layer `{name}` (known: {all})"
+        );
+    }
+    wanted
 }
 
 /// The OpenTelemetry layers (publish and process) around a no-op handler,
