@@ -370,6 +370,43 @@ async fn idempotency_runs_a_duplicate_once() {
     consumer.shutdown(Duration::from_secs(5)).await;
 }
 
+/// A handler call dropped by a layer above (here a timeout) gives its
+/// claim up at once: the redelivery runs the handler, where a claim kept
+/// for its lease (a minute here) would hold it off as "in progress".
+#[tokio::test]
+async fn idempotency_frees_the_key_of_a_call_dropped_above_it() {
+    let bus = MemoryBus::new();
+    let topic = unique("dedup-dropped");
+    let runs = Arc::new(AtomicU32::new(0));
+    let (done_tx, mut done) = mpsc::unbounded_channel();
+    let r = runs.clone();
+    let consumer = Consumer::group(bus.subscriber(), "d")
+        .concurrency(1)
+        .retry(RetryPolicy::new(5).with_backoff(Backoff::fixed(Duration::from_millis(10))))
+        .layer(Timeout(Duration::from_millis(50)))
+        .layer(Idempotency::in_memory(Duration::from_secs(60)).lease(Duration::from_secs(60)))
+        .handle(&topic, move |_: Event<u32>| {
+            let first = r.fetch_add(1, Ordering::SeqCst) == 0;
+            let done_tx = done_tx.clone();
+            async move {
+                if first {
+                    std::future::pending::<()>().await; // until the timeout drops it
+                }
+                let _ = done_tx.send(());
+                Ok(())
+            }
+        })
+        .start()
+        .await
+        .unwrap();
+    bus.publish(&topic, Event::new(7u32).into_message().unwrap())
+        .await
+        .unwrap();
+    within(10, "the redelivery handled", done.recv()).await;
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    consumer.shutdown(Duration::from_secs(5)).await;
+}
+
 #[tokio::test]
 async fn chain_depth_limit_dead_letters_a_runaway_loop() {
     let bus = MemoryBus::new();

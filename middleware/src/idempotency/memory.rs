@@ -20,10 +20,13 @@ use super::{Claim, IdempotencyStore};
 ///
 /// Keys are kept as 128-bit digests: SipHash-1-3 (std's hasher) and
 /// foldhash, each under secret keys of the process (varied per store). So a
-/// key costs the same however long it is (a 32-byte slot in the map and up
-/// to two 24-byte entries in the expiry queue, with the table's spare room
-/// 120–165 bytes at a million keys), and nothing is allocated per message.
-/// Two different keys share a digest only if both hashes collide: by chance
+/// key costs the same however long it is, and nothing is allocated per
+/// message: a 24-byte slot in the map (the digest, and the record's state
+/// and time in one word) and one 24-byte entry in the expiry queue: at a
+/// million keys about 77 bytes a key with the table's spare room, and up to
+/// 100 while the table grows (peak RSS of the bench, 145 before claims lost
+/// their queue entry and records their second word). Two
+/// different keys share a digest only if both hashes collide: by chance
 /// about 2⁻¹²⁸ per pair (10⁻²⁷ among a million keys); by choice, not
 /// without SipHash's secret key.
 ///
@@ -47,15 +50,36 @@ pub(super) type Digest = (u64, u64);
 /// Microseconds since the store's epoch.
 type Micros = u64;
 
+/// A record in one word: the time it ends in the low 63 bits (microseconds
+/// since the store's epoch, 292,000 years of them), and whether the key is
+/// done (rather than claimed) in the top bit. Two words would make every
+/// slot of the map a third larger.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Record {
-    Done,
-    Claimed,
+struct Stamp(u64);
+
+impl Stamp {
+    const DONE: u64 = 1 << 63;
+
+    fn claimed(until: Micros) -> Self {
+        Stamp(until.min(!Self::DONE))
+    }
+
+    fn done(until: Micros) -> Self {
+        Stamp(until.min(!Self::DONE) | Self::DONE)
+    }
+
+    fn is_done(self) -> bool {
+        self.0 & Self::DONE != 0
+    }
+
+    fn until(self) -> Micros {
+        self.0 & !Self::DONE
+    }
 }
 
 /// Digests are uniformly random already; foldhash only spreads them over
 /// the map, in a few instructions.
-type Map = HashMap<Digest, (Record, Micros), foldhash::fast::RandomState>;
+type Map = HashMap<Digest, Stamp, foldhash::fast::RandomState>;
 
 /// Entries the expiry queue may hold beyond two per key before its stale
 /// ones (records since released, completed or claimed again) are dropped.
@@ -65,7 +89,9 @@ const SLACK: usize = 1024;
 struct Entries {
     map: Map,
     /// Keys in the order their records were written, with the time each
-    /// record expires (an entry whose key has a newer record since is stale).
+    /// record expires (an entry whose key has a newer record since is
+    /// stale). The layer's claims have no entry: their [`Held`] guard
+    /// records or releases them.
     expiry: VecDeque<(Micros, Digest)>,
 }
 
@@ -85,10 +111,11 @@ impl Entries {
             self.expiry.pop_front();
         }
         // Stale entries wait at the front until they are due, which bounds
-        // the queue while handlers succeed (one claim and one completion per
-        // key). When most are released instead (failures), they would pile
-        // up for a lease: dropped once they are more than the live ones,
-        // which costs one lookup per entry pushed since.
+        // the queue while handlers succeed. When most claims made through
+        // the `IdempotencyStore` methods are released instead (failures),
+        // their entries would pile up for a lease: dropped once they are
+        // more than the live ones, which costs one lookup per entry pushed
+        // since.
         if self.expiry.len() > 2 * self.map.len() + SLACK {
             let Entries { map, expiry } = self;
             expiry.retain(|(at, key)| is_current(map, key, *at));
@@ -99,7 +126,42 @@ impl Entries {
 
 /// Whether the queue entry `(at, key)` is the key's current record.
 fn is_current(map: &Map, key: &Digest, at: Micros) -> bool {
-    map.get(key).is_some_and(|(_, until)| *until == at)
+    map.get(key).is_some_and(|stamp| stamp.until() == at)
+}
+
+/// A claim the [`Idempotency`](super::Idempotency) layer holds while its
+/// handler runs: [`record`](Held::record)ed when the handler ends, released
+/// when the handler's future is dropped before (a timeout above the layer,
+/// a shutdown). So the layer's claims need no entry in the expiry queue; a
+/// handler that hangs past the lease still loses its claim to the next
+/// delivery, which finds the lease over.
+#[must_use = "a claim not recorded is released at once"]
+pub(super) struct Held<'a> {
+    store: &'a MemoryStore,
+    key: Digest,
+    stamp: Stamp,
+    open: bool,
+}
+
+impl Held<'_> {
+    /// Records the outcome: done for the store's TTL when the handler
+    /// succeeded, free for a redelivery when it failed.
+    pub(super) fn record(mut self, handled: bool) {
+        self.open = false;
+        if handled {
+            self.store.complete_digest(self.key);
+        } else {
+            self.store.release_held(self.key, self.stamp);
+        }
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        if self.open {
+            self.store.release_held(self.key, self.stamp);
+        }
+    }
 }
 
 impl MemoryStore {
@@ -133,43 +195,74 @@ impl MemoryStore {
         )
     }
 
-    /// Claims `key` for `lease` unless it is done or claimed (one lookup).
-    pub(super) fn claim_digest(&self, key: Digest, lease: Duration) -> Claim {
+    /// Claims `key` for the layer's handler: the claim, held until it is
+    /// recorded or dropped, or what was found instead (done, or claimed
+    /// by another handler whose lease is not over).
+    pub(super) fn hold(&self, key: Digest, lease: Duration) -> Result<Held<'_>, Claim> {
+        let (found, stamp) = self.claim_digest(key, lease, false);
+        match found {
+            Claim::Claimed => Ok(Held {
+                store: self,
+                key,
+                stamp,
+                open: true,
+            }),
+            other => Err(other),
+        }
+    }
+
+    /// Claims `key` for `lease` unless it is done or claimed (one lookup),
+    /// with the claim's stamp; `queued` gives the claim an entry in the
+    /// expiry queue, so that one never recorded goes with its lease.
+    fn claim_digest(&self, key: Digest, lease: Duration, queued: bool) -> (Claim, Stamp) {
         let now = self.now();
-        let until = now.saturating_add(micros(lease));
+        let claim = Stamp::claimed(now.saturating_add(micros(lease)));
         let mut entries = self.lock();
         entries.evict(now, self.capacity);
         let Entries { map, expiry } = &mut *entries;
         match map.entry(key) {
-            Entry::Occupied(entry) => match entry.get() {
+            Entry::Occupied(entry) => {
                 // Records are dropped when their entry in the queue comes
                 // due, which can be later than their own time (a claim's
-                // lease ahead of a shorter TTL): their time decides.
-                (Record::Done, until) if *until > now => return Claim::Done,
-                (Record::Claimed, held) if *held > now => return Claim::InProgress,
-                _ => *entry.into_mut() = (Record::Claimed, until),
-            },
+                // lease ahead of a shorter TTL), or never (the layer's
+                // claims): their time decides.
+                let found = *entry.get();
+                if found.until() > now {
+                    let claim = if found.is_done() {
+                        Claim::Done
+                    } else {
+                        Claim::InProgress
+                    };
+                    return (claim, found);
+                }
+                *entry.into_mut() = claim;
+            }
             Entry::Vacant(entry) => {
-                entry.insert((Record::Claimed, until));
+                entry.insert(claim);
             }
         }
-        expiry.push_back((until, key));
-        Claim::Claimed
+        if queued {
+            expiry.push_back((claim.until(), key));
+        }
+        (Claim::Claimed, claim)
     }
 
-    /// Records a claimed key's outcome: done for the store's TTL when it
-    /// was handled, free for a redelivery to claim when it was not.
-    pub(super) fn record_digest(&self, key: Digest, handled: bool) {
-        if !handled {
-            self.lock().map.remove(&key);
-            return;
-        }
-        let until = self.now().saturating_add(micros(self.ttl));
+    /// Records `key` as done for the store's TTL (inserted again if it was
+    /// evicted while it was handled, the store beyond its capacity).
+    fn complete_digest(&self, key: Digest) {
+        let done = Stamp::done(self.now().saturating_add(micros(self.ttl)));
         let mut entries = self.lock();
-        // Inserted again if it was evicted while it was handled (the store
-        // is beyond its capacity).
-        entries.map.insert(key, (Record::Done, until));
-        entries.expiry.push_back((until, key));
+        entries.map.insert(key, done);
+        entries.expiry.push_back((done.until(), key));
+    }
+
+    /// Gives up the layer's claim on `key`, unless the key holds another
+    /// record since (a handler past its lease finds its claim taken).
+    fn release_held(&self, key: Digest, claim: Stamp) {
+        let mut entries = self.lock();
+        if entries.map.get(&key) == Some(&claim) {
+            entries.map.remove(&key);
+        }
     }
 }
 
@@ -179,21 +272,21 @@ fn micros(duration: Duration) -> Micros {
 }
 
 /// Answers at once; the [`Idempotency`](super::Idempotency) layer calls it
-/// directly rather than through these methods.
+/// directly (through [`MemoryStore::hold`]) rather than through these methods.
 #[async_trait]
 impl IdempotencyStore for MemoryStore {
     async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, BoxError> {
-        Ok(self.claim_digest(self.digest("", key), lease))
+        Ok(self.claim_digest(self.digest("", key), lease, true).0)
     }
 
     /// Keeps `key` for the store's own TTL.
     async fn complete(&self, key: &str, _ttl: Duration) -> Result<(), BoxError> {
-        self.record_digest(self.digest("", key), true);
+        self.complete_digest(self.digest("", key));
         Ok(())
     }
 
     async fn release(&self, key: &str) -> Result<(), BoxError> {
-        self.record_digest(self.digest("", key), false);
+        self.lock().map.remove(&self.digest("", key));
         Ok(())
     }
 }
@@ -280,6 +373,63 @@ mod tests {
             "{} stale entries kept",
             entries.expiry.len()
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_held_claim_is_recorded_or_released_and_never_queued() {
+        let store = MemoryStore::new(100, Duration::from_secs(3600));
+        let lease = Duration::from_secs(10);
+        let key = store.digest("g", "a");
+        let held = store.hold(key, lease).expect("claimed");
+        assert_eq!(store.hold(key, lease).err(), Some(Claim::InProgress));
+        assert!(store.lock().expiry.is_empty(), "a held claim has no entry");
+        held.record(true);
+        assert_eq!(store.hold(key, lease).err(), Some(Claim::Done));
+        assert_eq!(store.lock().expiry.len(), 1, "one entry per handled key");
+
+        let key = store.digest("g", "b");
+        store.hold(key, lease).expect("claimed").record(false);
+        let held = store.hold(key, lease).expect("free again after a failure");
+        drop(held);
+        assert!(
+            store.hold(key, lease).is_ok(),
+            "free again when the handler's future is dropped"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_claim_past_its_lease_does_not_release_the_next_one() {
+        let store = MemoryStore::new(100, Duration::from_secs(3600));
+        let lease = Duration::from_secs(10);
+        let key = store.digest("g", "slow");
+        let slow = store.hold(key, lease).expect("claimed");
+        tokio::time::advance(Duration::from_secs(11)).await;
+        let next = store.hold(key, lease).expect("the lease is over");
+        slow.record(false);
+        assert_eq!(
+            store.hold(key, lease).err(),
+            Some(Claim::InProgress),
+            "the late failure left the newer claim alone"
+        );
+        next.record(true);
+        assert_eq!(store.hold(key, lease).err(), Some(Claim::Done));
+    }
+
+    #[test]
+    fn a_stamp_keeps_its_state_and_time_in_one_word() {
+        assert_eq!(std::mem::size_of::<Stamp>(), 8);
+        let claimed = Stamp::claimed(1_234);
+        let done = Stamp::done(1_234);
+        assert!(!claimed.is_done() && done.is_done());
+        assert_eq!((claimed.until(), done.until()), (1_234, 1_234));
+        assert_ne!(claimed, done);
+        let far = Stamp::done(Micros::MAX);
+        assert!(
+            far.is_done(),
+            "a time beyond 63 bits saturates, keeping the state"
+        );
+        assert_eq!(far.until(), Micros::MAX >> 1);
+        assert!(!Stamp::claimed(Micros::MAX).is_done());
     }
 
     #[test]

@@ -132,19 +132,16 @@ impl Idempotency {
     /// What a claim that is not ours makes of the delivery: a duplicate is
     /// acked without running the handler; one another consumer is handling
     /// is retried after a while.
-    fn skip(&self, claim: Claim, delivery: &Delivery) -> Option<HandlerResult> {
+    fn skipped(&self, found: Claim, delivery: &Delivery) -> HandlerResult {
         let id = &delivery.message().id;
-        match claim {
-            Claim::Claimed => None,
-            Claim::Done => {
-                tracing::debug!(%id, group = delivery.group(), "duplicate skipped");
-                Some(Ok(()))
-            }
-            Claim::InProgress => Some(Err(HandlerError::retryable(format!(
-                "the idempotency key of message {id} is being handled by another consumer"
-            ))
-            .with_retry_after(self.lease.min(Duration::from_secs(1))))),
+        if found == Claim::Done {
+            tracing::debug!(%id, group = delivery.group(), "duplicate skipped");
+            return Ok(());
         }
+        Err(HandlerError::retryable(format!(
+            "the idempotency key of message {id} is being handled by another consumer"
+        ))
+        .with_retry_after(self.lease.min(Duration::from_secs(1))))
     }
 }
 
@@ -163,11 +160,12 @@ impl Middleware for Idempotency {
         match &self.store {
             Store::Memory(store) => {
                 let key = self.with_key(delivery, |group, key| store.digest(group, key));
-                if let Some(skipped) = self.skip(store.claim_digest(key, self.lease), delivery) {
-                    return skipped;
-                }
+                let held = match store.hold(key, self.lease) {
+                    Ok(held) => held,
+                    Err(found) => return self.skipped(found, delivery),
+                };
                 let result = next.run(delivery).await;
-                store.record_digest(key, result.is_ok());
+                held.record(result.is_ok());
                 result
             }
             Store::Other(store) => {
@@ -176,8 +174,8 @@ impl Middleware for Idempotency {
                     .claim(&key, self.lease)
                     .await
                     .map_err(HandlerError::retryable)?;
-                if let Some(skipped) = self.skip(claim, delivery) {
-                    return skipped;
+                if claim != Claim::Claimed {
+                    return self.skipped(claim, delivery);
                 }
                 let result = next.run(delivery).await;
                 let recorded = match &result {
