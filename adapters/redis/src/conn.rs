@@ -2,8 +2,10 @@
 //! Redis Sentinel, behind one type, so every command of the adapter is
 //! written once for all three.
 //!
-//! A standalone server is reached through the redis crate's reconnecting
-//! [`ConnectionManager`]; a cluster through its cluster client, which
+//! A standalone server and a master behind Redis Sentinel are reached
+//! through the redis crate's reconnecting [`ConnectionManager`], replaced
+//! when the node stops being the master (`follow`); a cluster through its
+//! cluster client, which
 //! routes each command by its key's hash slot, follows `MOVED`/`ASK`
 //! redirections and refreshes the slot map when a node fails over or comes
 //! back. Every command Tidings sends names one key (or pipelines commands on
@@ -14,7 +16,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionLike, ConnectionManagerConfig};
 use redis::cluster::{ClusterClient, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{Client, Cmd, Pipeline, RedisFuture, RedisResult, Value};
@@ -22,7 +24,8 @@ use tidings_core::Result;
 
 use crate::config::RedisConfig;
 use crate::connection_error;
-use crate::sentinel::{Follower, Sentinels};
+use crate::follow::{Follower, Source};
+use crate::sentinel::Sentinels;
 
 /// Makes connections: to the one server, or to the cluster through its seeds.
 #[derive(Clone)]
@@ -43,12 +46,10 @@ pub(crate) enum Connector {
 /// A reconnecting, multiplexed connection to a server or a cluster.
 #[derive(Clone)]
 pub(crate) enum Conn {
-    /// One server.
-    Single(ConnectionManager),
+    /// One server, or the master behind Redis Sentinel.
+    Master(Arc<Follower>),
     /// A cluster.
     Cluster(ClusterConnection),
-    /// A master behind Redis Sentinel.
-    Sentinel(Arc<Follower>),
 }
 
 impl Connector {
@@ -98,17 +99,19 @@ impl Connector {
         response_timeout: Duration,
     ) -> Result<Conn> {
         match self {
-            Connector::Single(client) => client
-                .get_connection_manager_with_config(manager_settings(config, response_timeout))
-                .await
-                .map(Conn::Single)
-                .map_err(connection_error),
-            Connector::Sentinel(sentinels) => Follower::connect(
-                sentinels.clone(),
+            Connector::Single(client) => Follower::connect(
+                Source::Server(client.clone()),
                 manager_settings(config, response_timeout),
             )
             .await
-            .map(|f| Conn::Sentinel(Arc::new(f)))
+            .map(|f| Conn::Master(Arc::new(f)))
+            .map_err(connection_error),
+            Connector::Sentinel(sentinels) => Follower::connect(
+                Source::Sentinels(sentinels.clone()),
+                manager_settings(config, response_timeout),
+            )
+            .await
+            .map(|f| Conn::Master(Arc::new(f)))
             .map_err(|e| match e.kind() {
                 // A mistyped master name is the configuration's fault.
                 redis::ErrorKind::MasterNameNotFoundBySentinel => tidings_core::params::invalid(
@@ -168,7 +171,7 @@ impl Conn {
     /// Sentinel, the master may be cut off from the sentinels, which
     /// promoted another. Nothing to check for a server or a cluster.
     pub(crate) async fn recheck(&self) {
-        if let Conn::Sentinel(follower) = self {
+        if let Conn::Master(follower) = self {
             follower.recheck().await;
         }
     }
@@ -177,9 +180,8 @@ impl Conn {
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
-            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Master(f) => Box::pin(f.command(cmd)),
             Conn::Cluster(c) => c.req_packed_command(cmd),
-            Conn::Sentinel(f) => Box::pin(f.command(cmd)),
         }
     }
 
@@ -190,17 +192,15 @@ impl ConnectionLike for Conn {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
-            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Master(f) => Box::pin(f.pipeline(pipeline, offset, count)),
             Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
-            Conn::Sentinel(f) => Box::pin(f.pipeline(pipeline, offset, count)),
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
-            Conn::Single(c) => c.get_db(),
+            Conn::Master(f) => f.db(),
             Conn::Cluster(c) => c.get_db(),
-            Conn::Sentinel(f) => f.db(),
         }
     }
 }

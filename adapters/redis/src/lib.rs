@@ -49,7 +49,10 @@
 //!
 //! # Recovery
 //! Connections reconnect with backoff; subscriptions resume (a group that
-//! vanished with a restarted server is created again).
+//! vanished with a restarted server is created again). A server that
+//! answers `READONLY` (a master demoted behind the address the URL names,
+//! as managed services fail over) is connected to again by its URL, at most
+//! once a second, to reach the promoted one.
 //!
 //! ```no_run
 //! use tidings_core::{Consumer, Event, HandlerError, PublisherExt};
@@ -70,6 +73,7 @@
 
 mod config;
 mod conn;
+mod follow;
 mod groups;
 pub mod headers;
 mod publisher;

@@ -588,3 +588,81 @@ async fn an_ack_lost_to_a_connection_fault_is_sent_again() {
         "nothing pending: {summary:?}"
     );
 }
+
+/// A failover behind one address (a managed service's endpoint, a virtual
+/// IP): the replica is promoted, the address moves to it (the proxy sends
+/// new connections there) and the old master is demoted to its replica,
+/// still up. Over the bus's open connections the old master answers every
+/// write with `READONLY`; the bus connects to the address again and goes
+/// on publishing and consuming on the new master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_demoted_behind_its_address_is_left_for_the_promoted_one() {
+    let mut old = common::OwnNode::new("demoted", &[]);
+    old.spawn(&[]);
+    let mut old_conn = old.connection().await;
+    let mut new = common::OwnNode::new("promoted", &[]);
+    new.spawn(&["--replicaof", "127.0.0.1", &old.port.to_string()]);
+    new.wait_info(&["INFO", "replication"], &["master_link_status:up"], 15)
+        .await;
+    let proxy = FaultProxy::start(old.addr()).await.expect("proxy");
+    let bus = common::bus(proxy.addr(), FAST).await;
+    let (p, s) = (bus.publisher(), bus.subscriber());
+    let topic = unique("demoted");
+    let mut group = s
+        .subscribe(Subscription::group(&topic, "g"))
+        .await
+        .expect("subscribe group");
+    let before = Message::new("before");
+    p.publish(&topic, before.clone()).await.expect("publish");
+    let mut d = next(&mut group, "the message before the failover").await;
+    assert_eq!(d.message().id, before.id);
+    d.ack().await.expect("ack");
+    let mut new_conn = new.connection().await;
+    within(15, "the stream and its group on the replica", async {
+        loop {
+            let groups: Vec<Value> = redis::cmd("XINFO")
+                .arg("GROUPS")
+                .arg(&topic)
+                .query_async(&mut new_conn)
+                .await
+                .unwrap_or_default();
+            if !groups.is_empty() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("NO")
+        .arg("ONE")
+        .query_async(&mut new_conn)
+        .await
+        .expect("promote");
+    proxy.retarget(new.addr()).await.expect("retarget");
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("127.0.0.1")
+        .arg(new.port)
+        .query_async(&mut old_conn)
+        .await
+        .expect("demote");
+
+    let demoted = std::time::Instant::now();
+    let after = Message::new("after");
+    let receipt = publish_retrying(&*p, &topic, after.clone()).await;
+    assert!(matches!(receipt, Receipt::EntryId(_)), "{receipt:?}");
+    let published = demoted.elapsed();
+    let mut d = next(&mut group, "the message after the failover").await;
+    eprintln!(
+        "published {published:?} and consumed {:?} after the demotion",
+        demoted.elapsed()
+    );
+    assert_eq!(d.message().id, after.id);
+    d.ack().await.expect("ack on the new master");
+    let length: usize = redis::cmd("XLEN")
+        .arg(&topic)
+        .query_async(&mut new_conn)
+        .await
+        .expect("XLEN");
+    assert_eq!(length, 2, "both messages are on the promoted node");
+}

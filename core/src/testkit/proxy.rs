@@ -13,7 +13,10 @@ use tokio::task::JoinSet;
 /// [`cut`](FaultProxy::cut) closes every open connection (as a broker crash or
 /// a dropped network would), [`refuse`](FaultProxy::refuse) closes new
 /// connections as they arrive, and [`stall`](FaultProxy::stall) stops
-/// forwarding bytes while keeping the sockets open.
+/// forwarding bytes while keeping the sockets open, and
+/// [`retarget`](FaultProxy::retarget) sends new connections elsewhere while
+/// open ones stay (as a DNS name or a virtual address moved to a promoted
+/// replica would).
 ///
 /// ```no_run
 /// # async fn f() -> std::io::Result<()> {
@@ -32,6 +35,8 @@ pub struct FaultProxy {
 
 struct State {
     connections: Mutex<JoinSet<()>>,
+    /// Where new connections go.
+    target: Mutex<SocketAddr>,
     refuse: watch::Sender<bool>,
     stall: watch::Sender<bool>,
 }
@@ -39,14 +44,12 @@ struct State {
 impl FaultProxy {
     /// Listens on a free loopback port and forwards to `target`.
     pub async fn start(target: impl tokio::net::ToSocketAddrs) -> io::Result<FaultProxy> {
-        let target = tokio::net::lookup_host(target)
-            .await?
-            .next()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address for the target"))?;
+        let target = resolve(target).await?;
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let state = Arc::new(State {
             connections: Mutex::new(JoinSet::new()),
+            target: Mutex::new(target),
             refuse: watch::channel(false).0,
             stall: watch::channel(false).0,
         });
@@ -58,6 +61,10 @@ impl FaultProxy {
                     continue;
                 }
                 let stall = accept_state.stall.subscribe();
+                let target = *accept_state
+                    .target
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
                 accept_state.lock().spawn(forward(client, target, stall));
             }
         });
@@ -87,6 +94,20 @@ impl FaultProxy {
     pub fn stall(&self, stall: bool) {
         self.state.stall.send_replace(stall);
     }
+
+    /// Forwards new connections to `target`; open ones stay with the old one.
+    pub async fn retarget(&self, target: impl tokio::net::ToSocketAddrs) -> io::Result<()> {
+        let target = resolve(target).await?;
+        *self.state.target.lock().unwrap_or_else(|e| e.into_inner()) = target;
+        Ok(())
+    }
+}
+
+async fn resolve(target: impl tokio::net::ToSocketAddrs) -> io::Result<SocketAddr> {
+    tokio::net::lookup_host(target)
+        .await?
+        .next()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address for the target"))
 }
 
 impl State {
