@@ -27,12 +27,16 @@ use std::fmt;
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
-use crate::message::wire::{self, Names};
-use crate::message::{Headers, Message, MessageId, Metadata};
-use crate::time;
+use crate::message::wire::Names;
+use crate::message::{Headers, Message, MessageId};
+
+mod envelope;
+mod json;
+mod structured;
+
+pub use envelope::{Envelope, TimeFormat};
 
 /// How messages map to broker messages; see the [module docs](self).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -45,55 +49,6 @@ pub enum Dialect {
     CloudEventsStructured,
     /// A JSON envelope with configurable field paths.
     Envelope(Envelope),
-}
-
-/// Where the fields of a JSON envelope are, as dot-separated paths
-/// (`metadata.correlationId`); `None` leaves a field out.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Envelope {
-    /// The message id (default `id`).
-    pub id: Option<String>,
-    /// The event type (default `type`).
-    pub event_type: Option<String>,
-    /// The event time (default `timestamp`).
-    pub time: Option<String>,
-    /// How the time is written (default ISO 8601 / RFC 3339).
-    pub time_format: TimeFormat,
-    /// The event source (default none).
-    pub source: Option<String>,
-    /// The correlation id (default `metadata.correlationId`).
-    pub correlation_id: Option<String>,
-    /// The causation id (default `metadata.causationId`).
-    pub causation_id: Option<String>,
-    /// The payload (default `payload`): the handler's `Event<T>` gets it as `T`.
-    pub data: String,
-}
-
-impl Default for Envelope {
-    fn default() -> Self {
-        Envelope {
-            id: Some("id".into()),
-            event_type: Some("type".into()),
-            time: Some("timestamp".into()),
-            time_format: TimeFormat::Rfc3339,
-            source: None,
-            correlation_id: Some("metadata.correlationId".into()),
-            causation_id: Some("metadata.causationId".into()),
-            data: "payload".into(),
-        }
-    }
-}
-
-/// How an envelope writes its time. Reading takes any of them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum TimeFormat {
-    /// `2024-05-01T10:00:00.123Z` (what `Date.toISOString()` writes).
-    #[default]
-    Rfc3339,
-    /// Seconds since the Unix epoch, a number.
-    EpochSeconds,
-    /// Milliseconds since the Unix epoch, a number (`Date.now()`).
-    EpochMillis,
 }
 
 /// What the broker itself carries beside headers and body, used where the
@@ -377,279 +332,11 @@ fn fill_from_aliases(message: &mut Message, names: &Names) {
     }
 }
 
-/// A JSON value at a dot-separated path.
-fn get<'a>(root: &'a Value, path: &str) -> Option<&'a Value> {
-    path.split('.').try_fold(root, |v, key| v.get(key))
-}
-
-/// Sets a JSON value at a dot-separated path, making objects on the way.
-fn set(root: &mut Map<String, Value>, path: &str, value: Value) {
-    let mut keys = path.split('.').peekable();
-    let mut node = root;
-    while let Some(key) = keys.next() {
-        if keys.peek().is_none() {
-            node.insert(key.to_owned(), value);
-            return;
-        }
-        let next = node
-            .entry(key.to_owned())
-            .or_insert_with(|| Value::Object(Map::new()));
-        if !next.is_object() {
-            *next = Value::Object(Map::new());
-        }
-        node = match next {
-            Value::Object(map) => map,
-            _ => return,
-        };
-    }
-}
-
-/// A string field: strings as they are, numbers as written.
-fn text(value: &Value) -> Option<String> {
-    match value {
-        Value::String(s) => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        _ => None,
-    }
-}
-
-/// A time field: RFC 3339 text, or a number of seconds or milliseconds.
-fn read_time(value: &Value) -> Option<SystemTime> {
-    match value {
-        Value::String(s) => time::parse_rfc3339(s).or_else(|| {
-            s.parse::<u64>()
-                .ok()
-                .and_then(time::from_unix_secs_or_millis)
-        }),
-        Value::Number(n) => n.as_u64().and_then(time::from_unix_secs_or_millis),
-        _ => None,
-    }
-}
-
-/// The payload as a JSON value: itself when it is JSON, else a string.
-fn payload_value(payload: &Bytes) -> Value {
-    serde_json::from_slice(payload)
-        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(payload).into_owned()))
-}
-
-impl Envelope {
-    fn encode(&self, message: &Message) -> Vec<u8> {
-        let mut root = Map::new();
-        let m = &message.metadata;
-        let mut put = |path: &Option<String>, value: Option<Value>| {
-            if let (Some(path), Some(value)) = (path, value) {
-                set(&mut root, path, value);
-            }
-        };
-        put(&self.id, Some(Value::String(String::from(&message.id))));
-        put(&self.event_type, m.event_type.clone().map(Value::String));
-        let when = m.time.and_then(|t| match self.time_format {
-            TimeFormat::Rfc3339 => time::format_rfc3339(t).map(Value::String),
-            TimeFormat::EpochSeconds => t
-                .duration_since(std::time::UNIX_EPOCH)
-                .ok()
-                .map(|d| Value::from(d.as_secs())),
-            TimeFormat::EpochMillis => t
-                .duration_since(std::time::UNIX_EPOCH)
-                .ok()
-                .map(|d| Value::from(d.as_millis() as u64)),
-        });
-        put(&self.time, when);
-        put(&self.source, m.source.clone().map(Value::String));
-        put(
-            &self.correlation_id,
-            m.correlation_id.clone().map(Value::String),
-        );
-        put(
-            &self.causation_id,
-            m.causation_id.clone().map(Value::String),
-        );
-        set(&mut root, &self.data, payload_value(&message.payload));
-        serde_json::to_vec(&Value::Object(root)).unwrap_or_default()
-    }
-
-    fn decode(
-        &self,
-        body: &[u8],
-        headers: Headers,
-        native: Native<'_>,
-    ) -> std::result::Result<Message, Undecodable> {
-        let undecodable = |problem: String| Undecodable {
-            dialect: "envelope",
-            problem,
-        };
-        let root: Value = serde_json::from_slice(body)
-            .map_err(|e| undecodable(format!("the body is not JSON ({e})")))?;
-        if !root.is_object() {
-            return Err(undecodable("the body is not a JSON object".into()));
-        }
-        let data = get(&root, &self.data)
-            .ok_or_else(|| undecodable(format!("it has no `{}` field", self.data)))?;
-        let field = |path: &Option<String>| path.as_deref().and_then(|p| get(&root, p));
-        let payload = serde_json::to_vec(data).unwrap_or_default();
-        let metadata = Metadata {
-            event_type: field(&self.event_type).and_then(text),
-            source: field(&self.source).and_then(text),
-            time: field(&self.time).and_then(read_time),
-            schema_version: None,
-            correlation_id: field(&self.correlation_id).and_then(text),
-            causation_id: field(&self.causation_id).and_then(text),
-            content_type: Some("application/json".into()),
-        };
-        let id = field(&self.id)
-            .and_then(text)
-            .map(MessageId::from)
-            .or_else(|| native.id.map(MessageId::from));
-        Ok(Message {
-            id: id.unwrap_or_else(crate::message::new_id),
-            key: None,
-            headers,
-            payload: Bytes::from(payload),
-            metadata,
-        })
-    }
-}
-
-mod structured {
-    //! CloudEvents 1.0 in the JSON event format.
-
-    use super::*;
-
-    /// The context attributes Tidings maps to metadata.
-    const KNOWN: [&str; 13] = [
-        "specversion",
-        "id",
-        "type",
-        "source",
-        "time",
-        "datacontenttype",
-        "data",
-        "data_base64",
-        "schemaversion",
-        "correlationid",
-        "causationid",
-        "partitionkey",
-        "subject",
-    ];
-
-    pub(super) fn encode(message: &Message) -> Vec<u8> {
-        let m = &message.metadata;
-        let mut root = Map::new();
-        root.insert("specversion".into(), wire::SPEC_VERSION.into());
-        root.insert("id".into(), message.id.as_str().into());
-        root.insert(
-            "source".into(),
-            m.source.as_deref().unwrap_or(wire::DEFAULT_SOURCE).into(),
-        );
-        // `type` is required by the spec; a message without one says what it is not.
-        root.insert(
-            "type".into(),
-            m.event_type.as_deref().unwrap_or("tidings.message").into(),
-        );
-        if let Some(t) = m.time.and_then(time::format_rfc3339) {
-            root.insert("time".into(), t.into());
-        }
-        let optional = [
-            ("schemaversion", &m.schema_version),
-            ("correlationid", &m.correlation_id),
-            ("causationid", &m.causation_id),
-            ("partitionkey", &message.key),
-        ];
-        for (name, value) in optional {
-            if let Some(v) = value {
-                root.insert(name.into(), v.clone().into());
-            }
-        }
-        let json_content = m.content_type.as_deref().is_none_or(|c| c.contains("json"));
-        match serde_json::from_slice::<Value>(&message.payload) {
-            Ok(data) if json_content && !message.payload.is_empty() => {
-                root.insert(
-                    "datacontenttype".into(),
-                    m.content_type
-                        .as_deref()
-                        .unwrap_or("application/json")
-                        .into(),
-                );
-                root.insert("data".into(), data);
-            }
-            _ => {
-                use base64::Engine as _;
-                if let Some(c) = &m.content_type {
-                    root.insert("datacontenttype".into(), c.clone().into());
-                }
-                root.insert(
-                    "data_base64".into(),
-                    base64::engine::general_purpose::STANDARD
-                        .encode(&message.payload)
-                        .into(),
-                );
-            }
-        }
-        serde_json::to_vec(&Value::Object(root)).unwrap_or_default()
-    }
-
-    pub(super) fn decode(
-        body: &[u8],
-        mut headers: Headers,
-        native: Native<'_>,
-    ) -> std::result::Result<Message, Undecodable> {
-        let undecodable = |problem: String| Undecodable {
-            dialect: "cloudevents-structured",
-            problem,
-        };
-        let root: Value = serde_json::from_slice(body)
-            .map_err(|e| undecodable(format!("the body is not JSON ({e})")))?;
-        let Value::Object(map) = root else {
-            return Err(undecodable("the body is not a JSON object".into()));
-        };
-        if map.get("specversion").and_then(Value::as_str).is_none() {
-            return Err(undecodable("it has no `specversion`".into()));
-        }
-        let s = |name: &str| map.get(name).and_then(text);
-        let payload = match (map.get("data"), map.get("data_base64")) {
-            (_, Some(Value::String(b64))) => {
-                use base64::Engine as _;
-                base64::engine::general_purpose::STANDARD
-                    .decode(b64)
-                    .map_err(|e| undecodable(format!("`data_base64` is not base64 ({e})")))?
-            }
-            (Some(Value::String(text)), _) => text.clone().into_bytes(),
-            (Some(data), _) => serde_json::to_vec(data).unwrap_or_default(),
-            (None, _) => Vec::new(),
-        };
-        // Extension attributes Tidings has no field for travel as headers.
-        for (name, value) in &map {
-            if !KNOWN.contains(&name.as_str())
-                && let Some(v) = text(value)
-            {
-                headers.entry(name.clone()).or_insert(v);
-            }
-        }
-        let source = s("source").filter(|s| s != wire::DEFAULT_SOURCE);
-        Ok(Message {
-            id: s("id")
-                .map(MessageId::from)
-                .or_else(|| native.id.map(MessageId::from))
-                .unwrap_or_else(crate::message::new_id),
-            key: s("partitionkey"),
-            headers,
-            payload: Bytes::from(payload),
-            metadata: Metadata {
-                event_type: s("type"),
-                source,
-                time: map.get("time").and_then(read_time),
-                schema_version: s("schemaversion"),
-                correlation_id: s("correlationid"),
-                causation_id: s("causationid"),
-                content_type: s("datacontenttype"),
-            },
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::message::wire;
+    use serde_json::Value;
     use std::time::{Duration, UNIX_EPOCH};
 
     fn sample() -> Message {
