@@ -409,14 +409,24 @@ async fn layers(config: &Config) -> Result<Vec<Arc<dyn Middleware>>> {
             config::IdempotencyStoreConfig::Memory => mw::Idempotency::in_memory(idem.ttl),
             #[cfg(feature = "redis")]
             config::IdempotencyStoreConfig::Redis => {
+                // Through the adapter's connection: a cluster, Sentinel
+                // and TLS are named in the URL as for a bus.
                 let url = idem.redis_url.as_deref().unwrap_or_default();
-                let store = mw::idempotency::RedisStore::connect(url)
+                let redis =
+                    tidings_redis::RedisConfig::from_url(url).map_err(|e| Error::Config {
+                        key: "idempotency.redis_url".into(),
+                        message: e.to_string(),
+                    })?;
+                // Boxed: unboxed, `connect`'s future nests deep enough to
+                // overflow rustc's query depth in the CLI, which awaits it
+                // inside futures of its own.
+                let connection = Box::pin(tidings_redis::RedisConnection::connect(redis))
                     .await
                     .map_err(|e| Error::Config {
                         key: "idempotency.redis_url".into(),
                         message: format!("cannot connect to {}: {e}", config::redact(url)),
                     })?;
-                mw::Idempotency::new(store, idem.ttl)
+                mw::Idempotency::new(mw::idempotency::RedisStore::new(connection), idem.ttl)
             }
             #[cfg(not(feature = "redis"))]
             config::IdempotencyStoreConfig::Redis => {
@@ -476,6 +486,61 @@ mod tests {
             };
             assert_eq!(key, "tls");
         }
+    }
+
+    /// `idempotency.redis_url` is read as a bus's Redis URL (options and
+    /// all), and the store it names keeps a duplicate from running twice.
+    #[cfg(feature = "redis")]
+    #[tokio::test]
+    async fn a_redis_idempotency_store_is_configured_by_a_bus_url() {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        let config = |url: &str| {
+            Config::from_toml(&format!(
+                "url = \"memory://\"\n[idempotency]\nstore = \"redis\"\nredis_url = \"{url}\""
+            ))
+            .expect("valid")
+        };
+        let Err(Error::Config { key, message }) =
+            connect(config("redis://127.0.0.1:6379/?colour=blue")).await
+        else {
+            panic!("an unknown option of the store's URL is refused");
+        };
+        assert_eq!(key, "idempotency.redis_url");
+        assert!(message.contains("colour"), "{message}");
+
+        let bus = connect(config("redis://127.0.0.1:6379/?response_timeout=5s"))
+            .await
+            .unwrap_or_else(|e| panic!("{e} (is Redis running? scripts/brokers.sh starts it)"));
+        let topic = tidings_core::testkit::unique("idem-config");
+        let runs = Arc::new(AtomicU32::new(0));
+        let (tx, mut settled) = tokio::sync::mpsc::unbounded_channel();
+        let r = runs.clone();
+        let consumer = bus
+            .consumer(tidings_core::testkit::unique("g"))
+            .on_settle(move |_| {
+                let _ = tx.send(());
+            })
+            .handle(&topic, move |_: tidings_core::Event<u32>| {
+                r.fetch_add(1, Ordering::SeqCst);
+                async { Ok(()) }
+            })
+            .start()
+            .await
+            .expect("start");
+        let message = tidings_core::Event::new(7u32)
+            .into_message()
+            .expect("message");
+        for _ in 0..2 {
+            bus.publish(&topic, message.clone()).await.expect("publish");
+        }
+        tidings_core::testkit::within(10, "both deliveries settled", async {
+            for _ in 0..2 {
+                settled.recv().await;
+            }
+        })
+        .await;
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "the duplicate was skipped");
+        consumer.shutdown(std::time::Duration::from_secs(5)).await;
     }
 
     #[test]

@@ -284,8 +284,9 @@ async fn memory_allocs(args: &Args, clock: &Arc<Clock>) {
 }
 
 /// The full middleware stack (chain depth, in-memory idempotency, retry,
-/// circuit breaker, timeout, concurrency limit) around a no-op handler,
-/// against the same handler with no layers, in the same run.
+/// circuit breaker, timeout, concurrency limit; or the layers
+/// `TIDINGS_BENCH_STACK` names, see [`stack_layers`]) around a no-op
+/// handler, against the same handler with no layers, in the same run.
 async fn memory_stack(args: &Args, clock: &Arc<Clock>) {
     use tidings::layers::prelude::*;
     let mut rates = Vec::new();
@@ -340,15 +341,15 @@ async fn memory_stack(args: &Args, clock: &Arc<Clock>) {
         wait_done(&sink, 600).await;
         let elapsed = start.elapsed();
         consumer.shutdown(Duration::from_secs(10)).await;
-        let case = if layered {
-            "e2e-stack"
-        } else {
-            "e2e-no-layers"
+        let case = match (layered, std::env::var_os("TIDINGS_BENCH_STACK")) {
+            (false, _) => "e2e-no-layers".to_owned(),
+            (true, None) => "e2e-stack".to_owned(),
+            (true, Some(_)) => format!("e2e-stack[{}]", stack_layers().join(",")),
         };
         report(
             "tidings",
             "memory",
-            case,
+            &case,
             args.count,
             elapsed,
             &sink.summary(),
@@ -363,11 +364,16 @@ async fn memory_stack(args: &Args, clock: &Arc<Clock>) {
 
 /// The layers of `e2e-stack`: all of them, or the comma-separated names in
 /// `TIDINGS_BENCH_STACK` (depth, idempotency, retry, breaker, timeout,
-/// limit), to see what each one costs.
+/// limit; always stacked in that order), to see what each one costs. The
+/// case is then reported as `e2e-stack[<names>]`.
 fn stack_layers() -> Vec<String> {
     let all = "depth,idempotency,retry,breaker,timeout,limit";
     let wanted = std::env::var("TIDINGS_BENCH_STACK").unwrap_or_else(|_| all.into());
-    let wanted: Vec<String> = wanted.split(',').map(|w| w.trim().to_owned()).collect();
+    let wanted: Vec<String> = wanted
+        .split(',')
+        .map(|w| w.trim().to_owned())
+        .filter(|w| !w.is_empty())
+        .collect();
     for name in &wanted {
         assert!(
             all.split(',').any(|known| known == name),

@@ -3,7 +3,8 @@
 //! written once for all three.
 //!
 //! A standalone server and a master behind Redis Sentinel are reached
-//! through the redis crate's reconnecting [`ConnectionManager`], replaced
+//! through the redis crate's reconnecting
+//! [`ConnectionManager`](redis::aio::ConnectionManager), replaced
 //! when the node stops being the master (`follow`); a cluster through its
 //! cluster client, which
 //! routes each command by its key's hash slot, follows `MOVED`/`ASK`

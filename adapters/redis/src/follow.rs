@@ -39,8 +39,10 @@ pub(crate) struct Follower {
     settings: ConnectionManagerConfig,
     /// The master's address, its manager, and how many moves came before it.
     current: Mutex<Current>,
-    /// Held while moving: one move per failover.
-    moving: tokio::sync::Mutex<()>,
+    /// Held while moving: one move per failover. It guards when the
+    /// connection was made or a move to the server's URL last tried, which
+    /// bounds how often one is.
+    moving: tokio::sync::Mutex<Instant>,
 }
 
 #[derive(Clone)]
@@ -48,8 +50,6 @@ struct Current {
     addr: ConnectionAddr,
     manager: ConnectionManager,
     moves: u64,
-    /// When this manager was made.
-    since: Instant,
 }
 
 /// The least time between two moves to the same server's URL: a URL that
@@ -73,11 +73,10 @@ impl Follower {
                 addr: client.get_connection_info().addr().clone(),
                 manager,
                 moves: 0,
-                since: Instant::now(),
             }),
             source,
             settings,
-            moving: tokio::sync::Mutex::new(()),
+            moving: tokio::sync::Mutex::new(Instant::now()),
         })
     }
 
@@ -156,7 +155,7 @@ impl Follower {
     /// finished after the failure began at `started`), unless another
     /// request of this connection moved since `seen` moves.
     async fn follow(&self, seen: u64, started: Instant) {
-        let _moving = self.moving.lock().await;
+        let mut tried = self.moving.lock().await;
         let current = self.current();
         if current.moves != seen {
             return;
@@ -170,8 +169,15 @@ impl Follower {
                     return;
                 }
             },
-            Source::Server(_) if current.since.elapsed() < SERVER_MOVE_INTERVAL => return,
-            Source::Server(client) => (**client).clone(),
+            Source::Server(_) if tried.elapsed() < SERVER_MOVE_INTERVAL => {
+                return;
+            }
+            Source::Server(client) => {
+                // A failed try counts too: commands queued behind it do not
+                // each try again at once.
+                *tried = Instant::now();
+                (**client).clone()
+            }
         };
         let addr = client.get_connection_info().addr().clone();
         match manager(&client, &self.settings).await {
@@ -188,7 +194,6 @@ impl Follower {
                     addr,
                     manager,
                     moves: seen + 1,
-                    since: Instant::now(),
                 };
             }
             Err(error) => {

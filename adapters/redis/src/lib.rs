@@ -158,6 +158,60 @@ impl RedisBus {
     pub fn subscriber(&self) -> Arc<dyn Subscriber> {
         self.subscriber.clone()
     }
+
+    /// The bus's connection for short commands (acks, health checks), for
+    /// other uses of the same deployment such as the idempotency layer's
+    /// `RedisStore`: it reaches a cluster's nodes or the master behind
+    /// Sentinel, and follows failovers, as the bus does.
+    pub fn connection(&self) -> RedisConnection {
+        RedisConnection(self.control.clone())
+    }
+}
+
+/// A reconnecting, multiplexed connection to what a [`RedisConfig`]
+/// names: one server, a cluster (commands routed by their key) or the
+/// master behind Sentinel, followed across failovers. It implements the
+/// redis crate's [`ConnectionLike`](redis::aio::ConnectionLike), so the
+/// crate's commands run on it; clones share it.
+#[derive(Clone)]
+pub struct RedisConnection(Conn);
+
+impl RedisConnection {
+    /// Connects to what `config` names. Fails if it cannot be reached.
+    pub async fn connect(config: RedisConfig) -> Result<Self> {
+        config.validate()?;
+        let connector = Connector::new(&config, |url| client(&config, url))?;
+        let conn = connector.connect(&config, config.response_timeout).await?;
+        Ok(RedisConnection(conn))
+    }
+}
+
+impl std::fmt::Debug for RedisConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConnection").finish_non_exhaustive()
+    }
+}
+
+impl redis::aio::ConnectionLike for RedisConnection {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        self.0.req_packed_command(cmd)
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        self.0.req_packed_commands(pipeline, offset, count)
+    }
+
+    fn get_db(&self) -> i64 {
+        self.0.get_db()
+    }
 }
 
 /// The client for one node's URL, with the TLS files when there are any.

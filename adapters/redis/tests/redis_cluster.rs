@@ -221,6 +221,57 @@ async fn a_dead_seed_is_skipped_and_groups_report_across_nodes() {
     assert_eq!(groups[0].dead_letters, Some(0), "{groups:?}");
 }
 
+/// The idempotency layer's Redis store on a cluster, through the bus's
+/// connection: every command is routed by its key, so keys on every master
+/// are claimed, found in progress, completed and released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_idempotency_store_reaches_every_master_through_the_bus_connection() {
+    use std::collections::HashSet;
+    use std::time::Duration;
+    use tidings_middleware::idempotency::{Claim, IdempotencyStore, RedisStore};
+
+    let cluster = Cluster::start().await;
+    let bus = cluster.bus("").await;
+    let prefix = format!("{}:", unique("idem"));
+    let store = RedisStore::new(bus.connection()).prefix(&prefix);
+    let (lease, ttl) = (Duration::from_secs(30), Duration::from_secs(60));
+    // Keys until every master serves a few (bounded; three masters share
+    // a hundred random slots with certainty for any practical purpose).
+    let mut keys = Vec::new();
+    let mut owners = HashSet::new();
+    for n in 0..100 {
+        let key = format!("order-{n}");
+        owners.insert(cluster.owner(&format!("{prefix}{key}")).await);
+        keys.push(key);
+        if owners.len() == SLOTS.len() && keys.len() >= 6 {
+            break;
+        }
+    }
+    assert_eq!(owners.len(), SLOTS.len(), "keys on every master");
+    for key in &keys {
+        assert_eq!(
+            store.claim(key, lease).await.expect("claim"),
+            Claim::Claimed
+        );
+        assert_eq!(
+            store.claim(key, lease).await.expect("claim"),
+            Claim::InProgress
+        );
+    }
+    for (n, key) in keys.iter().enumerate() {
+        if n % 2 == 0 {
+            store.complete(key, ttl).await.expect("complete");
+            assert_eq!(store.claim(key, lease).await.expect("claim"), Claim::Done);
+        } else {
+            store.release(key).await.expect("release");
+            assert_eq!(
+                store.claim(key, lease).await.expect("claim"),
+                Claim::Claimed
+            );
+        }
+    }
+}
+
 /// The master serving one topic, as the outage test's broker process.
 struct TopicMaster<'a> {
     cluster: &'a mut Cluster,

@@ -19,14 +19,17 @@ use tokio::sync::Notify;
 const FAST: &str = "visibility_timeout=1s&reclaim_interval=100ms&block=100ms&max_backoff=200ms";
 
 async fn next(stream: &mut Box<dyn DeliveryStream>, what: &str) -> Delivery {
-    loop {
-        match within(30, what, stream.next()).await {
-            Some(Ok(d)) => return d,
-            // Errors are reports (a lost connection); the stream recovers.
-            Some(Err(e)) => eprintln!("reported while waiting for {what}: {e}"),
-            None => panic!("the stream ended while waiting for {what}"),
+    within(30, what, async {
+        loop {
+            match stream.next().await {
+                Some(Ok(d)) => return d,
+                // Errors are reports (a lost connection); the stream recovers.
+                Some(Err(e)) => eprintln!("reported while waiting for {what}: {e}"),
+                None => panic!("the stream ended while waiting for {what}"),
+            }
         }
-    }
+    })
+    .await
 }
 
 /// Publishes, retrying while the connection recovers, as a caller would.

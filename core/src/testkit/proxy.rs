@@ -12,7 +12,7 @@ use tokio::task::JoinSet;
 /// Point the client at [`addr`](FaultProxy::addr) instead of the broker; then
 /// [`cut`](FaultProxy::cut) closes every open connection (as a broker crash or
 /// a dropped network would), [`refuse`](FaultProxy::refuse) closes new
-/// connections as they arrive, and [`stall`](FaultProxy::stall) stops
+/// connections as they arrive, [`stall`](FaultProxy::stall) stops
 /// forwarding bytes while keeping the sockets open, and
 /// [`retarget`](FaultProxy::retarget) sends new connections elsewhere while
 /// open ones stay (as a DNS name or a virtual address moved to a promoted

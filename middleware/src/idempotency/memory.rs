@@ -14,6 +14,10 @@ use super::{Claim, IdempotencyStore};
 
 /// Handled keys in process memory, bounded in count, each kept for the TTL.
 ///
+/// The capacity bounds the records kept; claims of calls in flight come on
+/// top and are never evicted (a capacity below the calls in flight evicts
+/// every record as it is written).
+///
 /// A map plus a queue of expiry times under one lock. (moka was measured
 /// first: its bookkeeping cost about 4 µs per message in the full
 /// middleware stack.)
@@ -24,8 +28,7 @@ use super::{Claim, IdempotencyStore};
 /// message: a 24-byte slot in the map (the digest, and the record's state
 /// and time in one word) and one 24-byte entry in the expiry queue: at a
 /// million keys about 77 bytes a key with the table's spare room, and up to
-/// 100 while the table grows (peak RSS of the bench, 145 before claims lost
-/// their queue entry and records their second word). Two
+/// 100 while the table grows. Two
 /// different keys share a digest only if both hashes collide: by chance
 /// about 2⁻¹²⁸ per pair (10⁻²⁷ among a million keys); by choice, not
 /// without SipHash's secret key.
@@ -60,12 +63,14 @@ struct Stamp(u64);
 impl Stamp {
     const DONE: u64 = 1 << 63;
 
+    const UNTIL: u64 = !Self::DONE;
+
     fn claimed(until: Micros) -> Self {
-        Stamp(until.min(!Self::DONE))
+        Stamp(until.min(Self::UNTIL))
     }
 
     fn done(until: Micros) -> Self {
-        Stamp(until.min(!Self::DONE) | Self::DONE)
+        Stamp(until.min(Self::UNTIL) | Self::DONE)
     }
 
     fn is_done(self) -> bool {
@@ -73,7 +78,7 @@ impl Stamp {
     }
 
     fn until(self) -> Micros {
-        self.0 & !Self::DONE
+        self.0 & Self::UNTIL
     }
 }
 
@@ -81,18 +86,19 @@ impl Stamp {
 /// the map, in a few instructions.
 type Map = HashMap<Digest, Stamp, foldhash::fast::RandomState>;
 
-/// Entries the expiry queue may hold beyond two per key before its stale
-/// ones (records since released, completed or claimed again) are dropped.
+/// Entries the expiry queue may hold beyond twice the live records before
+/// its stale ones (records since released, completed or claimed again)
+/// are dropped.
 const SLACK: usize = 1024;
 
 #[derive(Default)]
 struct Entries {
     map: Map,
-    /// Keys in the order their records were written, with the time each
-    /// record expires (an entry whose key has a newer record since is
-    /// stale). The layer's claims have no entry: their [`Held`] guard
-    /// records or releases them.
-    expiry: VecDeque<(Micros, Digest)>,
+    /// Keys in the order their records were written, with the record
+    /// (whose time is when it expires; an entry whose key has another
+    /// record since is stale). The layer's claims have no entry: their
+    /// [`Held`] guard records or releases them.
+    expiry: VecDeque<(Stamp, Digest)>,
 }
 
 impl Entries {
@@ -102,7 +108,7 @@ impl Entries {
     /// case looks nothing up.
     fn evict(&mut self, now: Micros, capacity: usize) {
         while let Some((at, key)) = self.expiry.front() {
-            if *at > now && self.map.len() <= capacity {
+            if at.until() > now && self.map.len() <= capacity {
                 break;
             }
             if is_current(&self.map, key, *at) {
@@ -124,9 +130,9 @@ impl Entries {
     }
 }
 
-/// Whether the queue entry `(at, key)` is the key's current record.
-fn is_current(map: &Map, key: &Digest, at: Micros) -> bool {
-    map.get(key).is_some_and(|stamp| stamp.until() == at)
+/// Whether the queue entry `(record, key)` is the key's current record.
+fn is_current(map: &Map, key: &Digest, record: Stamp) -> bool {
+    map.get(key) == Some(&record)
 }
 
 /// A claim the [`Idempotency`](super::Idempotency) layer holds while its
@@ -216,7 +222,9 @@ impl MemoryStore {
     /// expiry queue, so that one never recorded goes with its lease.
     fn claim_digest(&self, key: Digest, lease: Duration, queued: bool) -> (Claim, Stamp) {
         let now = self.now();
-        let claim = Stamp::claimed(now.saturating_add(micros(lease)));
+        // At least a microsecond: claims of one key at the same instant
+        // must not share a stamp (a release checks it).
+        let claim = Stamp::claimed(now.saturating_add(micros(lease).max(1)));
         let mut entries = self.lock();
         entries.evict(now, self.capacity);
         let Entries { map, expiry } = &mut *entries;
@@ -242,18 +250,19 @@ impl MemoryStore {
             }
         }
         if queued {
-            expiry.push_back((claim.until(), key));
+            expiry.push_back((claim, key));
         }
         (Claim::Claimed, claim)
     }
 
-    /// Records `key` as done for the store's TTL (inserted again if it was
-    /// evicted while it was handled, the store beyond its capacity).
+    /// Records `key` as done for the store's TTL (inserted again if a claim
+    /// made through the `IdempotencyStore` methods was evicted while it was
+    /// handled, the store beyond its capacity).
     fn complete_digest(&self, key: Digest) {
         let done = Stamp::done(self.now().saturating_add(micros(self.ttl)));
         let mut entries = self.lock();
         entries.map.insert(key, done);
-        entries.expiry.push_back((done.until(), key));
+        entries.expiry.push_back((done, key));
     }
 
     /// Gives up the layer's claim on `key`, unless the key holds another
@@ -395,6 +404,41 @@ mod tests {
             store.hold(key, lease).is_ok(),
             "free again when the handler's future is dropped"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn held_claims_outlast_eviction_for_capacity() {
+        let store = MemoryStore::new(2, Duration::from_secs(3600));
+        let lease = Duration::from_secs(10);
+        let busy = store.digest("g", "busy");
+        let held = store.hold(busy, lease).expect("claimed");
+        for n in 0..5 {
+            let key = store.digest("g", &format!("done-{n}"));
+            store.hold(key, lease).expect("claimed").record(true);
+        }
+        let _ = store.hold(store.digest("g", "next"), lease);
+        assert_eq!(
+            store.hold(busy, lease).err(),
+            Some(Claim::InProgress),
+            "the claim in flight stays"
+        );
+        assert_eq!(
+            store.hold(store.digest("g", "done-4"), lease).err(),
+            Some(Claim::Done),
+            "the newest record stays"
+        );
+        assert_eq!(
+            store
+                .hold(store.digest("g", "done-0"), lease)
+                .map(|h| h.record(false)),
+            Ok(()),
+            "the oldest was evicted"
+        );
+        assert!(
+            store.lock().map.len() <= 2 + 2,
+            "capacity plus the claims in flight"
+        );
+        held.record(true);
     }
 
     #[tokio::test(start_paused = true)]

@@ -134,14 +134,18 @@ impl Idempotency {
     /// is retried after a while.
     fn skipped(&self, found: Claim, delivery: &Delivery) -> HandlerResult {
         let id = &delivery.message().id;
-        if found == Claim::Done {
-            tracing::debug!(%id, group = delivery.group(), "duplicate skipped");
-            return Ok(());
+        match found {
+            Claim::Done => {
+                tracing::debug!(%id, group = delivery.group(), "duplicate skipped");
+                Ok(())
+            }
+            // `Claimed` is ours and never passed here; were it, holding the
+            // message back is the safe way to be wrong.
+            Claim::InProgress | Claim::Claimed => Err(HandlerError::retryable(format!(
+                "the idempotency key of message {id} is being handled by another consumer"
+            ))
+            .with_retry_after(self.lease.min(Duration::from_secs(1)))),
         }
-        Err(HandlerError::retryable(format!(
-            "the idempotency key of message {id} is being handled by another consumer"
-        ))
-        .with_retry_after(self.lease.min(Duration::from_secs(1))))
     }
 }
 

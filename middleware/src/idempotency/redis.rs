@@ -3,14 +3,32 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
+use redis::aio::ConnectionLike;
 use tidings_core::BoxError;
 
 use super::{Claim, IdempotencyStore};
 
 /// Handled keys in Redis, shared by every replica: `SET key NX PX` claims,
 /// a done record with the TTL completes, a token-checked delete releases.
-pub struct RedisStore {
-    connection: redis::aio::ConnectionManager,
+///
+/// Every command names one key, so any connection serves: the redis
+/// crate's own to one server ([`connect`](RedisStore::connect)), or a bus's
+/// (`tidings_redis::RedisBus::connection`, `RedisConnection::connect`),
+/// which reaches a cluster's nodes or the master behind Sentinel and
+/// follows failovers.
+///
+/// ```no_run
+/// # async fn f() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+/// use std::time::Duration;
+/// use tidings_middleware::idempotency::{Idempotency, RedisStore};
+/// use tidings_redis::{RedisBus, RedisConfig};
+/// let config = RedisConfig::from_url("redis://10.0.0.1:6379,10.0.0.2:6379?cluster=true")?;
+/// let bus = RedisBus::connect(config).await?;
+/// let dedup = Idempotency::new(RedisStore::new(bus.connection()), Duration::from_secs(3600));
+/// # let _ = dedup; Ok(()) }
+/// ```
+pub struct RedisStore<C = redis::aio::ConnectionManager> {
+    connection: C,
     prefix: String,
     token: String,
 }
@@ -18,15 +36,25 @@ pub struct RedisStore {
 const DONE: &str = "done";
 
 impl RedisStore {
-    /// Connects to `url` (`redis://127.0.0.1:6379`); keys are `tidings:idem:<group>:<key>`.
+    /// Connects to the one server at `url` (`redis://127.0.0.1:6379`).
     pub async fn connect(url: &str) -> Result<Self, BoxError> {
         let client = redis::Client::open(url)?;
         let connection = redis::aio::ConnectionManager::new(client).await?;
-        Ok(RedisStore {
+        Ok(RedisStore::new(connection))
+    }
+}
+
+impl<C> RedisStore<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    /// Keeps keys through `connection`; keys are `tidings:idem:<group>:<key>`.
+    pub fn new(connection: C) -> Self {
+        RedisStore {
             connection,
             prefix: "tidings:idem:".to_owned(),
             token: format!("claimed:{:016x}", fastrand_u64()),
-        })
+        }
     }
 
     /// Sets the key prefix.
@@ -50,7 +78,10 @@ fn fastrand_u64() -> u64 {
 }
 
 #[async_trait]
-impl IdempotencyStore for RedisStore {
+impl<C> IdempotencyStore for RedisStore<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
     async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, BoxError> {
         let mut c = self.connection.clone();
         let key = format!("{}{key}", self.prefix);
