@@ -69,8 +69,14 @@ pub trait Harness: Send + Sync + 'static {
 
 /// A loopback port that was free a moment ago, for a server a test starts
 /// (another process may take it meanwhile; servers that fail to bind make
-/// the test fail, not pass).
+/// the test fail, not pass). Never the same port twice in one process: a
+/// port handed out is not bound until its server starts, so the tests of
+/// one binary running side by side (or one server's client and cluster
+/// ports) could otherwise be given the same one, and a server killed for
+/// an outage leaves its port free for another test to take.
 pub fn free_port() -> u16 {
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
     // Below Linux's ephemeral range (32768 and up by default), not from it:
     // a server a test kills and restarts would otherwise find its port
     // taken by a client's connection — a client reconnecting to the dead
@@ -79,7 +85,8 @@ pub fn free_port() -> u16 {
     // outage test never came back.
     for _ in 0..200 {
         let port = fastrand::u16(20_000..32_768);
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        if !given.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
             return port;
         }
     }

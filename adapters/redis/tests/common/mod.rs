@@ -169,22 +169,29 @@ impl OwnNode {
     }
 
     /// Waits (at most `secs` s) until the reply to `command` (`INFO
-    /// replication`, `CLUSTER INFO`, ...) holds every one of `lines`.
+    /// replication`, `CLUSTER INFO`, ...) holds every one of `lines`; fails
+    /// with the last reply, which tells what the node saw instead.
     pub async fn wait_info(&self, command: &[&str], lines: &[&str], secs: u64) {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(secs);
         let mut c = self.connection().await;
-        let what = format!("{} to report {lines:?}", self.addr());
-        tidings_core::testkit::within(secs, &what, async {
-            loop {
-                let mut cmd = redis::cmd(command[0]);
-                cmd.arg(&command[1..]);
-                let info: String = cmd.query_async(&mut c).await.unwrap_or_default();
-                if lines.iter().all(|l| info.contains(l)) {
-                    return;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let mut last = String::from("(no reply yet)");
+        loop {
+            let mut cmd = redis::cmd(command[0]);
+            cmd.arg(&command[1..]);
+            match tokio::time::timeout_at(deadline, cmd.query_async::<String>(&mut c)).await {
+                Ok(Ok(info)) if lines.iter().all(|l| info.contains(l)) => return,
+                Ok(Ok(info)) => last = info,
+                Ok(Err(e)) => last = format!("(error: {e})"),
+                Err(_) => {}
             }
-        })
-        .await;
+            if tokio::time::Instant::now() >= deadline {
+                panic!(
+                    "{} did not report {lines:?} to {command:?} within {secs} s; its last reply:\n{last}",
+                    self.addr()
+                );
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
     }
 
     /// Kills the process with SIGKILL (a crash) and waits for it to exit.
