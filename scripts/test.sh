@@ -5,14 +5,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The Kafka adapter builds librdkafka from source, with OpenSSL for TLS.
+# The Kafka adapter builds librdkafka from source, with OpenSSL for TLS;
+# servers the tests start run under util-linux's setpriv, so they die with
+# the test process however it ends.
 missing=()
 command -v cc >/dev/null && command -v c++ >/dev/null && command -v make >/dev/null \
   || missing+=(build-essential)
 command -v pkg-config >/dev/null || missing+=(pkg-config)
 pkg-config --exists openssl 2>/dev/null || missing+=(libssl-dev)
+[[ -x /usr/bin/setpriv ]] || missing+=(util-linux)
 if ((${#missing[@]})); then
-  echo "test: installing ${missing[*]} for librdkafka" >&2
+  echo "test: installing ${missing[*]} (librdkafka's build; setpriv)" >&2
   DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null \
     || { echo "test: ERROR: could not install ${missing[*]} (apt-get install ${missing[*]})" >&2; exit 1; }

@@ -39,10 +39,19 @@ impl ServerProcess {
     /// previous one first. `install` says how to get the program when it
     /// cannot be run.
     ///
+    /// The server is killed when the test process dies, even by SIGKILL
+    /// (a CI timeout), which runs no `Drop`: it is started through
+    /// util-linux's `setpriv --pdeathsig KILL` where that exists (Debian's
+    /// essential `util-linux`), so no server outlives its test holding a
+    /// port. The signal follows the thread that started the server, which
+    /// lives as long as the test: a test's own thread or its runtime's
+    /// worker, never a short-lived blocking-pool thread.
+    ///
     /// # Panics
     /// When the program cannot be started.
-    pub fn start(&mut self, mut command: Command, install: &str) {
+    pub fn start(&mut self, command: Command, install: &str) {
         self.kill();
+        let mut command = dies_with_parent(command);
         let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -66,6 +75,33 @@ impl ServerProcess {
     }
 }
 
+/// `command` run through `setpriv --pdeathsig KILL`, which sets the
+/// parent-death signal and `exec`s it (so the child's pid is the
+/// server's); `command` itself where `setpriv` is not installed. Written
+/// this way because setting the signal in the child ourselves
+/// (`pre_exec` with `prctl`) would need `unsafe`.
+fn dies_with_parent(command: Command) -> Command {
+    const SETPRIV: &str = "/usr/bin/setpriv";
+    if !Path::new(SETPRIV).exists() {
+        return command;
+    }
+    let mut wrapped = Command::new(SETPRIV);
+    wrapped
+        .args(["--pdeathsig", "KILL", "--"])
+        .arg(command.get_program())
+        .args(command.get_args());
+    for (key, value) in command.get_envs() {
+        match value {
+            Some(value) => wrapped.env(key, value),
+            None => wrapped.env_remove(key),
+        };
+    }
+    if let Some(dir) = command.get_current_dir() {
+        wrapped.current_dir(dir);
+    }
+    wrapped
+}
+
 impl Drop for ServerProcess {
     fn drop(&mut self) {
         self.kill();
@@ -76,6 +112,87 @@ impl Drop for ServerProcess {
             );
         } else {
             let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader};
+    use std::time::{Duration, Instant};
+
+    /// Run by the test below in a process of its own: starts a server
+    /// (`sleep`), prints its pid and waits to be killed.
+    #[test]
+    #[ignore = "a helper process of `a_server_dies_with_its_test_process`"]
+    fn server_process_helper() {
+        if std::env::var_os("TIDINGS_SERVER_PROCESS_HELPER").is_none() {
+            return;
+        }
+        let mut server = ServerProcess::new("helper");
+        let mut sleep = Command::new("sleep");
+        sleep.arg("120");
+        server.start(sleep, "install coreutils");
+        let pid = server.child.as_ref().map(Child::id).expect("started");
+        // `setpriv` sets the signal, then runs the server: killed before
+        // that, this process would leave it running (in use, the window
+        // is the moment after a start).
+        let comm = Path::new("/proc").join(pid.to_string()).join("comm");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::fs::read_to_string(&comm).map_or(true, |c| c.trim() != "sleep") {
+            assert!(Instant::now() < deadline, "the server did not start");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        println!("server-pid {pid}");
+        std::thread::sleep(Duration::from_secs(120));
+    }
+
+    /// A test process killed with SIGKILL (no `Drop` runs) takes its
+    /// servers with it.
+    #[test]
+    fn a_server_dies_with_its_test_process() {
+        assert!(
+            Path::new("/usr/bin/setpriv").exists(),
+            "setpriv is missing: install Debian's util-linux"
+        );
+        let mut helper = Command::new(std::env::current_exe().expect("the test binary"))
+            .args(["--exact", "testkit::server::tests::server_process_helper"])
+            .args(["--ignored", "--nocapture", "--test-threads", "1"])
+            .env("TIDINGS_SERVER_PROCESS_HELPER", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the helper process");
+        let stdout = helper.stdout.take().expect("piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                // After libtest's `test <name> ... ` on the same line.
+                if let Some((_, pid)) = line.split_once("server-pid ") {
+                    let _ = tx.send(pid.trim().to_owned());
+                    return;
+                }
+            }
+        });
+        let pid = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the helper's server pid");
+        let proc_dir = Path::new("/proc").join(&pid);
+        assert!(proc_dir.exists(), "the server runs");
+        helper.kill().expect("SIGKILL the helper");
+        helper.wait().expect("reaped");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // The server is the helper's child, now reparented: gone from /proc
+        // once killed and reaped by init.
+        while proc_dir.exists()
+            && !std::fs::read_to_string(proc_dir.join("stat")).is_ok_and(|s| s.contains(") Z "))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the server {pid} outlived its test process by 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }
