@@ -52,7 +52,10 @@ impl ChildProcess {
         Self::spawn(command, program, "check the path")
     }
 
-    fn spawn(mut command: Command, script: PathBuf, hint: &str) -> ChildProcess {
+    /// Starts `command`, which dies with the test process (see
+    /// [`ServerProcess::start`](super::ServerProcess::start)).
+    fn spawn(command: Command, script: PathBuf, hint: &str) -> ChildProcess {
+        let mut command = super::server::dies_with_parent(command);
         let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

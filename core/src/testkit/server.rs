@@ -80,9 +80,12 @@ impl ServerProcess {
 /// server's); `command` itself where `setpriv` is not installed. Written
 /// this way because setting the signal in the child ourselves
 /// (`pre_exec` with `prctl`) would need `unsafe`.
-fn dies_with_parent(command: Command) -> Command {
+pub(super) fn dies_with_parent(command: Command) -> Command {
     const SETPRIV: &str = "/usr/bin/setpriv";
-    if !Path::new(SETPRIV).exists() {
+    // A program that is not there is left to fail as it is, so the
+    // caller's panic says how to install it (`setpriv` would start and
+    // then fail to run it).
+    if !Path::new(SETPRIV).exists() || !installed(command.get_program()) {
         return command;
     }
     let mut wrapped = Command::new(SETPRIV);
@@ -100,6 +103,17 @@ fn dies_with_parent(command: Command) -> Command {
         wrapped.current_dir(dir);
     }
     wrapped
+}
+
+/// Whether `program` names a file that exists: as a path, or in a
+/// directory of `PATH`.
+fn installed(program: &std::ffi::OsStr) -> bool {
+    let program = Path::new(program);
+    if program.components().count() > 1 {
+        return program.is_file();
+    }
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
 }
 
 impl Drop for ServerProcess {
@@ -146,6 +160,20 @@ mod tests {
         }
         println!("server-pid {pid}");
         std::thread::sleep(Duration::from_secs(120));
+    }
+
+    /// A missing program still fails at the start, with how to install it.
+    #[test]
+    #[should_panic(expected = "install the missing server")]
+    fn a_missing_server_fails_with_its_install_hint() {
+        assert!(installed(std::ffi::OsStr::new("sh")));
+        assert!(installed(std::ffi::OsStr::new("/bin/sh")));
+        assert!(!installed(std::ffi::OsStr::new("tidings-no-such-server")));
+        let mut server = ServerProcess::new("missing");
+        server.start(
+            Command::new("tidings-no-such-server"),
+            "install the missing server",
+        );
     }
 
     /// A test process killed with SIGKILL (no `Drop` runs) takes its
