@@ -508,15 +508,21 @@ mod tests {
         assert_eq!(key, "idempotency.redis_url");
         assert!(message.contains("colour"), "{message}");
 
-        let bus = connect(config("redis://127.0.0.1:6379/?response_timeout=5s"))
-            .await
-            .unwrap_or_else(|e| panic!("{e} (is Redis running? scripts/brokers.sh starts it)"));
+        use tidings_core::testkit::within;
+        let bus = within(
+            10,
+            "connecting",
+            connect(config("redis://127.0.0.1:6379/?response_timeout=5s")),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e} (is Redis running? scripts/brokers.sh starts it)"));
         let topic = tidings_core::testkit::unique("idem-config");
+        let group = tidings_core::testkit::unique("g");
         let runs = Arc::new(AtomicU32::new(0));
         let (tx, mut settled) = tokio::sync::mpsc::unbounded_channel();
         let r = runs.clone();
         let consumer = bus
-            .consumer(tidings_core::testkit::unique("g"))
+            .consumer(group.clone())
             .on_settle(move |_| {
                 let _ = tx.send(());
             })
@@ -530,16 +536,24 @@ mod tests {
         let message = tidings_core::Event::new(7u32)
             .into_message()
             .expect("message");
-        for _ in 0..2 {
-            bus.publish(&topic, message.clone()).await.expect("publish");
-        }
-        tidings_core::testkit::within(10, "both deliveries settled", async {
+        within(10, "both deliveries settled", async {
+            for _ in 0..2 {
+                bus.publish(&topic, message.clone()).await.expect("publish");
+            }
             for _ in 0..2 {
                 settled.recv().await;
             }
         })
         .await;
         assert_eq!(runs.load(Ordering::SeqCst), 1, "the duplicate was skipped");
+        // Recorded in Redis, where the layer's store keeps `<group>:<id>`.
+        use tidings_middleware::idempotency::{Claim, IdempotencyStore, RedisStore};
+        let store = RedisStore::connect("redis://127.0.0.1:6379")
+            .await
+            .expect("Redis");
+        let key = format!("{group}:{}", message.id);
+        let found = store.claim(&key, std::time::Duration::from_secs(1)).await;
+        assert_eq!(found.expect("claim"), Claim::Done, "the store is Redis");
         consumer.shutdown(std::time::Duration::from_secs(5)).await;
     }
 

@@ -60,13 +60,19 @@ impl TlsNode {
             std::process::id(),
             fastrand::u32(..0xffffff)
         );
-        let child = Command::new("rabbitmq-server")
+        let mut command = Command::new("rabbitmq-server");
+        command
             .env("RABBITMQ_NODENAME", &name)
             .env("RABBITMQ_CONFIG_FILE", &conf)
             .env("RABBITMQ_ENABLED_PLUGINS_FILE", &plugins)
             .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
             .env("RABBITMQ_LOG_BASE", dir.join("log"))
-            .env("RABBITMQ_DIST_PORT", tidings_core::testkit::free_port().to_string())
+            .env(
+                "RABBITMQ_DIST_PORT",
+                tidings_core::testkit::free_port().to_string(),
+            );
+        // Dies with the test process, however that ends.
+        let child = tidings_core::testkit::dies_with_parent(command)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log handle"))
             .stderr(log)

@@ -162,7 +162,10 @@ impl RedisBus {
     /// The bus's connection for short commands (acks, health checks), for
     /// other uses of the same deployment such as the idempotency layer's
     /// `RedisStore`: it reaches a cluster's nodes or the master behind
-    /// Sentinel, and follows failovers, as the bus does.
+    /// Sentinel, and follows failovers, as the bus does. Shared with the
+    /// bus's acks: send only short commands that leave the connection as
+    /// it was (no `SELECT`, `MULTI`, `CLIENT REPLY`, blocking reads, `WAIT`
+    /// or `SUBSCRIBE`); [`RedisConnection::connect`] makes one of your own.
     pub fn connection(&self) -> RedisConnection {
         RedisConnection(self.control.clone())
     }

@@ -18,7 +18,7 @@ use std::time::Instant;
 use async_trait::async_trait;
 use common::OwnNode;
 use tidings_core::testkit::outage::{self, BrokerProcess};
-use tidings_core::testkit::{Harness, conformance, unique};
+use tidings_core::testkit::{Harness, conformance, unique, within};
 use tidings_core::{Message, Publisher, Subscriber};
 use tidings_redis::{RedisBus, RedisConfig};
 
@@ -222,11 +222,12 @@ async fn a_dead_seed_is_skipped_and_groups_report_across_nodes() {
 }
 
 /// The idempotency layer's Redis store on a cluster, through the bus's
-/// connection: every command is routed by its key, so keys on every master
-/// are claimed, found in progress, completed and released.
+/// connection: every command is routed by its key, so on every master a
+/// key is claimed, found in progress and completed, and another claimed
+/// and released (the release is a script: `EVALSHA`, loaded on first use).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_idempotency_store_reaches_every_master_through_the_bus_connection() {
-    use std::collections::HashSet;
+    use std::collections::HashMap;
     use std::time::Duration;
     use tidings_middleware::idempotency::{Claim, IdempotencyStore, RedisStore};
 
@@ -235,41 +236,48 @@ async fn the_idempotency_store_reaches_every_master_through_the_bus_connection()
     let prefix = format!("{}:", unique("idem"));
     let store = RedisStore::new(bus.connection()).prefix(&prefix);
     let (lease, ttl) = (Duration::from_secs(30), Duration::from_secs(60));
-    // Keys until every master serves a few (bounded; three masters share
-    // a hundred random slots with certainty for any practical purpose).
-    let mut keys = Vec::new();
-    let mut owners = HashSet::new();
-    for n in 0..100 {
+    // Two keys per master (bounded: a few hundred random slots cover three
+    // masters twice over for any practical purpose).
+    let mut by_master: HashMap<usize, Vec<String>> = HashMap::new();
+    for n in 0..300 {
         let key = format!("order-{n}");
-        owners.insert(cluster.owner(&format!("{prefix}{key}")).await);
-        keys.push(key);
-        if owners.len() == SLOTS.len() && keys.len() >= 6 {
+        let keys = by_master
+            .entry(cluster.owner(&format!("{prefix}{key}")).await)
+            .or_default();
+        if keys.len() < 2 {
+            keys.push(key);
+        }
+        if by_master.len() == SLOTS.len() && by_master.values().all(|k| k.len() == 2) {
             break;
         }
     }
-    assert_eq!(owners.len(), SLOTS.len(), "keys on every master");
-    for key in &keys {
-        assert_eq!(
-            store.claim(key, lease).await.expect("claim"),
-            Claim::Claimed
-        );
-        assert_eq!(
-            store.claim(key, lease).await.expect("claim"),
-            Claim::InProgress
-        );
-    }
-    for (n, key) in keys.iter().enumerate() {
-        if n % 2 == 0 {
-            store.complete(key, ttl).await.expect("complete");
-            assert_eq!(store.claim(key, lease).await.expect("claim"), Claim::Done);
-        } else {
-            store.release(key).await.expect("release");
+    assert!(
+        by_master.len() == SLOTS.len() && by_master.values().all(|k| k.len() == 2),
+        "two keys on every master: {by_master:?}"
+    );
+    within(30, "the store's commands on every master", async {
+        for keys in by_master.values() {
+            let (done, released) = (&keys[0], &keys[1]);
+            for key in [done, released] {
+                assert_eq!(
+                    store.claim(key, lease).await.expect("claim"),
+                    Claim::Claimed
+                );
+                assert_eq!(
+                    store.claim(key, lease).await.expect("claim"),
+                    Claim::InProgress
+                );
+            }
+            store.complete(done, ttl).await.expect("complete");
+            assert_eq!(store.claim(done, lease).await.expect("claim"), Claim::Done);
+            store.release(released).await.expect("release");
             assert_eq!(
-                store.claim(key, lease).await.expect("claim"),
+                store.claim(released, lease).await.expect("claim"),
                 Claim::Claimed
             );
         }
-    }
+    })
+    .await;
 }
 
 /// The master serving one topic, as the outage test's broker process.

@@ -36,7 +36,7 @@ pub use process::ChildProcess;
 pub use proxy::FaultProxy;
 pub use recording::RecordingPublisher;
 pub use scripted::ScriptedSubscriber;
-pub use server::ServerProcess;
+pub use server::{ServerProcess, dies_with_parent};
 
 use std::future::Future;
 use std::sync::Arc;
@@ -90,10 +90,12 @@ pub fn free_port() -> u16 {
             return port;
         }
     }
-    std::net::TcpListener::bind("127.0.0.1:0")
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
-        .expect("a free port")
+        .expect("a free port");
+    given.push(port);
+    port
 }
 
 /// A topic name unique to this test run: `tk-<name>-<random>`.

@@ -43,9 +43,8 @@ impl ServerProcess {
     /// (a CI timeout), which runs no `Drop`: it is started through
     /// util-linux's `setpriv --pdeathsig KILL` where that exists (Debian's
     /// essential `util-linux`), so no server outlives its test holding a
-    /// port. The signal follows the thread that started the server, which
-    /// lives as long as the test: a test's own thread or its runtime's
-    /// worker, never a short-lived blocking-pool thread.
+    /// port. The signal follows the thread that started the server: start
+    /// it from the test's own thread (see [`dies_with_parent`]).
     ///
     /// # Panics
     /// When the program cannot be started.
@@ -77,10 +76,16 @@ impl ServerProcess {
 
 /// `command` run through `setpriv --pdeathsig KILL`, which sets the
 /// parent-death signal and `exec`s it (so the child's pid is the
-/// server's); `command` itself where `setpriv` is not installed. Written
-/// this way because setting the signal in the child ourselves
-/// (`pre_exec` with `prctl`) would need `unsafe`.
-pub(super) fn dies_with_parent(command: Command) -> Command {
+/// server's): killed when the thread that starts it ends, which for a test
+/// must be the test's own thread (not `tokio::spawn`, `spawn_blocking`, a
+/// `std::thread`, or a static shared across tests). `command` itself where
+/// `setpriv` is not installed or the program is not there (its start then
+/// fails as it would have). Carries the program, arguments, environment
+/// changes and working directory; not standard streams (set them on the
+/// command returned), `env_clear`, `uid`/`gid`, process groups or
+/// `pre_exec`. Written this way because setting the signal in
+/// the child ourselves (`pre_exec` with `prctl`) would need `unsafe`.
+pub fn dies_with_parent(command: Command) -> Command {
     const SETPRIV: &str = "/usr/bin/setpriv";
     // A program that is not there is left to fail as it is, so the
     // caller's panic says how to install it (`setpriv` would start and
@@ -105,15 +110,19 @@ pub(super) fn dies_with_parent(command: Command) -> Command {
     wrapped
 }
 
-/// Whether `program` names a file that exists: as a path, or in a
+/// Whether `program` names an executable file: as a path, or in a
 /// directory of `PATH`.
 fn installed(program: &std::ffi::OsStr) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |path: &Path| {
+        std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
     let program = Path::new(program);
     if program.components().count() > 1 {
-        return program.is_file();
+        return executable(program);
     }
     std::env::var_os("PATH")
-        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| executable(&dir.join(program))))
 }
 
 impl Drop for ServerProcess {
@@ -149,6 +158,9 @@ mod tests {
         sleep.arg("120");
         server.start(sleep, "install coreutils");
         let pid = server.child.as_ref().map(Child::id).expect("started");
+        // Removed here, as the helper is killed before its `Drop` runs:
+        // the server only needs it to start.
+        let _ = std::fs::remove_dir_all(server.dir());
         // `setpriv` sets the signal, then runs the server: killed before
         // that, this process would leave it running (in use, the window
         // is the moment after a start).
@@ -184,6 +196,14 @@ mod tests {
             Path::new("/usr/bin/setpriv").exists(),
             "setpriv is missing: install Debian's util-linux"
         );
+        /// Kills the helper if the test fails before it does.
+        struct Helper(Child);
+        impl Drop for Helper {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
         let mut helper = Command::new(std::env::current_exe().expect("the test binary"))
             .args(["--exact", "testkit::server::tests::server_process_helper"])
             .args(["--ignored", "--nocapture", "--test-threads", "1"])
@@ -193,6 +213,7 @@ mod tests {
             .spawn()
             .expect("the helper process");
         let stdout = helper.stdout.take().expect("piped");
+        let mut helper = Helper(helper);
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -208,8 +229,8 @@ mod tests {
             .expect("the helper's server pid");
         let proc_dir = Path::new("/proc").join(&pid);
         assert!(proc_dir.exists(), "the server runs");
-        helper.kill().expect("SIGKILL the helper");
-        helper.wait().expect("reaped");
+        helper.0.kill().expect("SIGKILL the helper");
+        helper.0.wait().expect("reaped");
         let deadline = Instant::now() + Duration::from_secs(10);
         // The server is the helper's child, now reparented: gone from /proc
         // once killed and reaped by init.
