@@ -281,7 +281,7 @@ fn micros(duration: Duration) -> Micros {
 }
 
 /// Answers at once; the [`Idempotency`](super::Idempotency) layer calls it
-/// directly (through [`MemoryStore::hold`]) rather than through these methods.
+/// directly (through its `hold`) rather than through these methods.
 #[async_trait]
 impl IdempotencyStore for MemoryStore {
     async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, BoxError> {
