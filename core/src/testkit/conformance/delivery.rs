@@ -59,16 +59,9 @@ pub async fn volume<H: Harness>(h: &H) {
     const EACH: u64 = 150;
     let (p, s, topic) = setup(h, "volume").await;
     let seen = Seen::default();
-    let record = seen.clone();
     let consumer = Consumer::group(s, "volume")
         .concurrency(16)
-        .handle(&topic, move |e: Event<Probe>| {
-            let record = record.clone();
-            async move {
-                record.record(&e);
-                Ok(())
-            }
-        })
+        .handle(&topic, seen.recorder())
         .start()
         .await
         .expect("start consumer");

@@ -129,15 +129,8 @@ pub async fn undecodable_payload_dead_lettered<H: Harness>(h: &H) {
     let group = "typed";
     let mut dlq = dead_letters(h, &*s, &topic, group).await;
     let seen = Seen::default();
-    let record = seen.clone();
     let consumer = Consumer::group(s.clone(), group)
-        .handle(&topic, move |e: Event<Probe>| {
-            let record = record.clone();
-            async move {
-                record.record(&e);
-                Ok(())
-            }
-        })
+        .handle(&topic, seen.recorder())
         .start()
         .await
         .expect("start consumer");

@@ -51,16 +51,9 @@ pub async fn close_and_reopen_under_load<H: Harness>(h: &H) {
         .expect("declare group");
     let seen = Seen::default();
     let start = |s: Arc<dyn Subscriber>| {
-        let record = seen.clone();
         Consumer::group(s, "reopen")
             .concurrency(4)
-            .handle(&topic, move |e: Event<Probe>| {
-                let record = record.clone();
-                async move {
-                    record.record(&e);
-                    Ok(())
-                }
-            })
+            .handle(&topic, seen.recorder())
             .start()
     };
     let publisher = {
@@ -149,15 +142,8 @@ pub async fn shutdown_drains_in_flight<H: Harness>(h: &H) {
     }
     // Settled means acked: a new member of the group sees the marker, not the four.
     let seen = Seen::default();
-    let record = seen.clone();
     let consumer = Consumer::group(s, "drain")
-        .handle(&topic, move |e: Event<Probe>| {
-            let record = record.clone();
-            async move {
-                record.record(&e);
-                Ok(())
-            }
-        })
+        .handle(&topic, seen.recorder())
         .start()
         .await
         .expect("restart consumer");
@@ -186,15 +172,8 @@ pub async fn reconnect<H: Harness>(h: &H) {
     }
     const TOTAL: u64 = 400;
     let seen = Seen::default();
-    let record = seen.clone();
     let consumer = Consumer::group(s.clone(), "reconnect")
-        .handle(&topic, move |e: Event<Probe>| {
-            let record = record.clone();
-            async move {
-                record.record(&e);
-                Ok(())
-            }
-        })
+        .handle(&topic, seen.recorder())
         .start()
         .await
         .expect("start consumer");

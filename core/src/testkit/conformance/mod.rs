@@ -27,8 +27,8 @@ use tokio::sync::{Notify, mpsc};
 use super::{Harness, unique, within};
 use crate::{
     Backoff, Consumer, DeadLetter, DeadLetterReason, Delivery, DeliveryStream, Error, Event,
-    HandlerError, Message, MessageId, Publisher, PublisherExt, RetryPolicy, StartFrom, Subscriber,
-    Subscription,
+    HandlerError, HandlerResult, Message, MessageId, Publisher, PublisherExt, RetryPolicy,
+    StartFrom, Subscriber, Subscription,
 };
 
 mod delivery;
@@ -138,6 +138,17 @@ struct Seen {
 type SeenInner = (Mutex<Vec<(String, u32)>>, Notify);
 
 impl Seen {
+    /// A handler that records every probe it is given and succeeds.
+    fn recorder(
+        &self,
+    ) -> impl Fn(Event<Probe>) -> std::future::Ready<HandlerResult> + Clone + Send + Sync + 'static
+    {
+        let seen = self.clone();
+        move |e| {
+            seen.record(&e);
+            std::future::ready(Ok(()))
+        }
+    }
     fn record(&self, event: &Event<impl Sized>) {
         self.lock().push((event.id().to_owned(), event.attempt()));
         self.inner.1.notify_waiters();
