@@ -20,7 +20,9 @@ use std::future::Future;
 use std::marker::PhantomData;
 use std::time::Duration;
 
-use futures::future::BoxFuture;
+use futures::future::{BoxFuture, Either};
+use std::future::Ready;
+use tokio_util::sync::ReusableBoxFuture;
 
 use crate::codec::Codec;
 use crate::delivery::{DeadLetterReason, Delivery};
@@ -253,8 +255,12 @@ where
     note = "a handler is an async fn or closure of up to six extractors (`Event<T>`, `State<S>`, `Meta`, `Attempt`, `Topic`) returning `Result<(), HandlerError>`; convert other errors with `?` or `.map_err(HandlerError::retryable)`"
 )]
 pub trait Handler<Args>: Send + Sync + 'static {
+    /// The future of one call: named, so the runtime can keep it in a box
+    /// it reuses rather than allocating one per message.
+    type Future: Future<Output = HandlerResult> + Send + 'static;
+
     /// Extracts the arguments and runs the function.
-    fn call(&self, delivery: &Delivery) -> BoxFuture<'static, HandlerResult>;
+    fn call(&self, delivery: &Delivery) -> Self::Future;
 
     /// The shared state the arguments read (see [`FromDelivery::needs_state`]).
     fn needs_state(&self) -> Vec<(TypeId, &'static str)> {
@@ -270,15 +276,17 @@ macro_rules! handler_of {
             Fut: Future<Output = HandlerResult> + Send + 'static,
             $($arg: FromDelivery,)+
         {
+            type Future = Either<Ready<HandlerResult>, Fut>;
+
             #[allow(non_snake_case)]
-            fn call(&self, delivery: &Delivery) -> BoxFuture<'static, HandlerResult> {
+            fn call(&self, delivery: &Delivery) -> Self::Future {
                 $(
                     let $arg = match $arg::from_delivery(delivery) {
                         Ok(value) => value,
-                        Err(e) => return Box::pin(std::future::ready(Err(e))),
+                        Err(e) => return Either::Left(std::future::ready(Err(e))),
                     };
                 )+
-                Box::pin(self($($arg),+))
+                Either::Right(self($($arg),+))
             }
 
             fn needs_state(&self) -> Vec<(TypeId, &'static str)> {
@@ -295,10 +303,22 @@ handler_of!(A1, A2, A3, A4);
 handler_of!(A1, A2, A3, A4, A5);
 handler_of!(A1, A2, A3, A4, A5, A6);
 
+/// Where a worker keeps the future of the handler it runs (see
+/// [`Endpoint::call_in`]).
+pub(crate) type HandlerSlot = ReusableBoxFuture<'static, HandlerResult>;
+
 /// A handler with its argument type erased, as the runtime stores it.
 pub trait Endpoint: Send + Sync + 'static {
     /// Runs the handler on a delivery.
     fn call(&self, delivery: &Delivery) -> BoxFuture<'static, HandlerResult>;
+
+    /// Puts the handler's future for `delivery` in `slot`, to be polled
+    /// there. A worker keeps one slot and calls the same handler each time,
+    /// so the slot's allocation is reused rather than a box made per
+    /// message. By default, boxes [`call`](Endpoint::call)'s future.
+    fn call_in(&self, delivery: &Delivery, slot: &mut ReusableBoxFuture<'static, HandlerResult>) {
+        slot.set(self.call(delivery));
+    }
 
     /// The shared state the handler reads (see [`FromDelivery::needs_state`]).
     fn needs_state(&self) -> Vec<(TypeId, &'static str)> {
@@ -322,7 +342,11 @@ impl<H, Args> Erased<H, Args> {
 
 impl<H: Handler<Args>, Args: 'static> Endpoint for Erased<H, Args> {
     fn call(&self, delivery: &Delivery) -> BoxFuture<'static, HandlerResult> {
-        self.handler.call(delivery)
+        Box::pin(self.handler.call(delivery))
+    }
+
+    fn call_in(&self, delivery: &Delivery, slot: &mut ReusableBoxFuture<'static, HandlerResult>) {
+        slot.set(self.handler.call(delivery));
     }
 
     fn needs_state(&self) -> Vec<(TypeId, &'static str)> {

@@ -44,6 +44,7 @@ use tracing::{error, warn};
 use super::settle::{Handling, Route, WorkerCounts};
 use crate::batch::BatchOptions;
 use crate::delivery::Delivery;
+use crate::handler::HandlerSlot;
 use crate::subscriber::DeliveryStream;
 
 /// The keys that have a delivery running, each with the deliveries parked
@@ -329,6 +330,7 @@ const HELP_AFTER: u32 = 32;
 
 async fn worker(source: Arc<Source>, route: Arc<Route>, counts: Arc<WorkerCounts>, mut stop: Stop) {
     let mut in_a_row = 0;
+    let mut slot = HandlerSlot::new(std::future::ready(Ok(())));
     while let Some(delivery) = source.next(&mut stop, &counts).await {
         let mut current = Some(delivery);
         while let Some(mut delivery) = current.take() {
@@ -338,7 +340,7 @@ async fn worker(source: Arc<Source>, route: Arc<Route>, counts: Arc<WorkerCounts
                 hash,
             });
             {
-                let mut handling = std::pin::pin!(route.process(&mut delivery, &counts));
+                let mut handling = std::pin::pin!(route.process(&mut delivery, &counts, &mut slot));
                 if futures::poll!(handling.as_mut()).is_pending() {
                     // This handler waits: an idle worker reads meanwhile.
                     source.idle.notify_one();
@@ -371,6 +373,8 @@ async fn batch_worker(
     mut stop: Stop,
     options: BatchOptions,
 ) {
+    // Only for what is dead-lettered without the handler.
+    let mut slot = HandlerSlot::new(std::future::ready(Ok(())));
     while let Some(first) = source.next(&mut stop, &counts).await {
         let mut deliveries = vec![first];
         let deadline = tokio::time::Instant::now() + options.wait;
@@ -385,21 +389,25 @@ async fn batch_worker(
         let (mut rejected, mut batch): (Vec<_>, Vec<_>) = deliveries
             .into_iter()
             .partition(|d| d.rejection().is_some());
-        let handling = async {
-            let results = route.run_batch(&batch).await;
-            for (delivery, result) in batch.iter_mut().zip(results) {
-                route.settle_result(delivery, Some(result), &counts).await;
+        {
+            let handling = async {
+                let results = route.run_batch(&batch).await;
+                for (delivery, result) in batch.iter_mut().zip(results) {
+                    route
+                        .settle_result(delivery, Some(result), &counts, &mut slot)
+                        .await;
+                }
+            };
+            let mut handling = std::pin::pin!(handling);
+            if futures::poll!(handling.as_mut()).is_pending() {
+                // The handler or the settlements wait: an idle worker
+                // gathers the next batch meanwhile.
+                source.idle.notify_one();
+                handling.await;
             }
-        };
-        let mut handling = std::pin::pin!(handling);
-        if futures::poll!(handling.as_mut()).is_pending() {
-            // The handler or the settlements wait: an idle worker gathers
-            // the next batch meanwhile.
-            source.idle.notify_one();
-            handling.await;
         }
         for delivery in &mut rejected {
-            route.process(delivery, &counts).await;
+            route.process(delivery, &counts, &mut slot).await;
         }
         tokio::task::consume_budget().await;
     }

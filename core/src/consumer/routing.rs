@@ -13,6 +13,7 @@ use std::collections::hash_map::Entry;
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
+use tokio_util::sync::ReusableBoxFuture;
 
 use crate::asyncapi::Described;
 use crate::delivery::Delivery;
@@ -127,23 +128,38 @@ struct Router {
     unhandled: Unhandled,
 }
 
-impl Endpoint for Router {
-    fn call(&self, delivery: &Delivery) -> BoxFuture<'static, HandlerResult> {
+impl Router {
+    /// The endpoint taking `delivery`'s event type, or what becomes of a
+    /// delivery no handler takes.
+    fn pick(&self, delivery: &Delivery) -> Result<&dyn Endpoint, HandlerResult> {
         let event_type = delivery.message().metadata.event_type.as_deref();
         let endpoint = event_type
             .and_then(|t| self.by_type.get(t))
             .or(self.fallback.as_ref());
         match (endpoint, self.unhandled) {
-            (Some(endpoint), _) => endpoint.call(delivery),
-            (None, Unhandled::Ack) => Box::pin(std::future::ready(Ok(()))),
-            (None, Unhandled::DeadLetter) => {
-                let error = HandlerError::unhandled_type(format!(
-                    "no handler of topic `{}` takes event type `{}`",
-                    delivery.topic(),
-                    event_type.unwrap_or("(none)")
-                ));
-                Box::pin(std::future::ready(Err(error)))
-            }
+            (Some(endpoint), _) => Ok(&**endpoint),
+            (None, Unhandled::Ack) => Err(Ok(())),
+            (None, Unhandled::DeadLetter) => Err(Err(HandlerError::unhandled_type(format!(
+                "no handler of topic `{}` takes event type `{}`",
+                delivery.topic(),
+                event_type.unwrap_or("(none)")
+            )))),
+        }
+    }
+}
+
+impl Endpoint for Router {
+    fn call(&self, delivery: &Delivery) -> BoxFuture<'static, HandlerResult> {
+        match self.pick(delivery) {
+            Ok(endpoint) => endpoint.call(delivery),
+            Err(result) => Box::pin(std::future::ready(result)),
+        }
+    }
+
+    fn call_in(&self, delivery: &Delivery, slot: &mut ReusableBoxFuture<'static, HandlerResult>) {
+        match self.pick(delivery) {
+            Ok(endpoint) => endpoint.call_in(delivery, slot),
+            Err(result) => slot.set(std::future::ready(result)),
         }
     }
 

@@ -14,7 +14,7 @@ use crate::batch::{BatchEndpoint, BatchFailure, BatchOptions};
 use crate::delivery::{DeadLetter, DeadLetterReason, Delivery, header};
 use crate::error::{Error, Result};
 use crate::extract::StateMap;
-use crate::handler::{Endpoint, HandlerError, HandlerResult, Panicked};
+use crate::handler::{Endpoint, HandlerError, HandlerResult, HandlerSlot, Panicked};
 use crate::middleware::{Middleware, Next};
 use crate::retry::RetryPolicy;
 use crate::subscriber::Capabilities;
@@ -158,7 +158,7 @@ pub(crate) struct Route {
 }
 
 impl Route {
-    async fn run_once(&self, delivery: &Delivery) -> HandlerResult {
+    async fn run_once(&self, delivery: &Delivery, slot: &mut HandlerSlot) -> HandlerResult {
         let endpoint = match &self.handling {
             Handling::One(endpoint) => endpoint,
             Handling::Batch(..) => {
@@ -166,10 +166,21 @@ impl Route {
                 return results.pop().unwrap_or(Ok(()));
             }
         };
-        let next = Next::new(&self.stack, &**endpoint);
-        // The endpoint catches a handler's panic itself (so layers see it as
-        // a failed attempt); this catches a layer's.
-        AssertUnwindSafe(next.run(delivery))
+        let run = async {
+            if self.stack.is_empty() {
+                // No layers: the handler's future goes in the worker's
+                // slot rather than a box of its own.
+                endpoint.call_in(delivery, slot);
+                (&mut *slot).await
+            } else {
+                // The endpoint at the bottom of the stack catches a
+                // handler's panic itself (so layers see it as a failed
+                // attempt).
+                Next::new(&self.stack, &**endpoint).run(delivery).await
+            }
+        };
+        // This catches a layer's panic, or with no layers the handler's.
+        AssertUnwindSafe(run)
             .catch_unwind()
             .await
             .unwrap_or_else(|panic| Err(HandlerError::retryable(Panicked::from(panic))))
@@ -231,6 +242,7 @@ impl Route {
         delivery: &mut Delivery,
         first_failure: &mut Option<SystemTime>,
         mut ran: Option<HandlerResult>,
+        slot: &mut HandlerSlot,
     ) -> (SettleAction, Option<HandlerError>) {
         loop {
             let result = match (delivery.take_rejection(), ran.take()) {
@@ -239,7 +251,7 @@ impl Route {
                 (Some(rejection), _) => Err(rejection),
                 // Run already, in a batch.
                 (None, Some(result)) => result,
-                (None, None) => self.run_once(delivery).await,
+                (None, None) => self.run_once(delivery, slot).await,
             };
             let attempt = delivery.attempt();
             match SettleAction::decide(&self.retry, attempt, &result) {
@@ -256,9 +268,15 @@ impl Route {
 
     /// Handles and settles one delivery. Never panics and never returns
     /// with the delivery unsettled unless settling itself failed (then the
-    /// broker redelivers it).
-    pub async fn process(&self, delivery: &mut Delivery, counts: &WorkerCounts) {
-        self.settle_result(delivery, None, counts).await;
+    /// broker redelivers it). The handler's future is kept in `slot`, the
+    /// worker's own.
+    pub async fn process(
+        &self,
+        delivery: &mut Delivery,
+        counts: &WorkerCounts,
+        slot: &mut HandlerSlot,
+    ) {
+        self.settle_result(delivery, None, counts, slot).await;
     }
 
     /// Settles a delivery whose handler already ran (`ran`, in a batch), or
@@ -268,6 +286,7 @@ impl Route {
         delivery: &mut Delivery,
         ran: Option<HandlerResult>,
         counts: &WorkerCounts,
+        slot: &mut HandlerSlot,
     ) {
         delivery.set_max_attempts(self.retry.max_attempts);
         if let Some(state) = &self.state {
@@ -279,7 +298,7 @@ impl Route {
             // topic's other groups handled it already.
             (SettleAction::Ack, None)
         } else {
-            self.handle(delivery, &mut first_failure, ran).await
+            self.handle(delivery, &mut first_failure, ran, slot).await
         };
         let settled = AssertUnwindSafe(self.settle(delivery, action, error, first_failure))
             .catch_unwind()
