@@ -495,7 +495,7 @@ async fn a_timeout_too_long_to_reach_lets_calls_finish() {
 #[cfg(feature = "redis")]
 mod redis_store {
     use super::*;
-    use tidings_middleware::idempotency::RedisStore;
+    use tidings_middleware::idempotency::{Claim, IdempotencyStore, RedisStore};
 
     const REDIS: &str = "redis://127.0.0.1:6379";
 
@@ -503,6 +503,48 @@ mod redis_store {
         RedisStore::connect(REDIS).await.unwrap_or_else(|e| {
             panic!("Redis is not reachable at {REDIS} ({e}); start it with scripts/brokers.sh")
         })
+    }
+
+    /// A handler past its lease that fails releases its own claim only:
+    /// not the newer claim of the same key, made by this replica (another
+    /// worker) or another one, and not a completion.
+    #[tokio::test]
+    async fn a_release_frees_only_its_own_claim() {
+        let (replica, other) = (store().await, store().await);
+        let key = unique("idem-release");
+        let (short, lease) = (Duration::from_millis(1), Duration::from_secs(30));
+        let Claim::Claimed(first) = replica.claim(&key, short).await.unwrap() else {
+            panic!("a new key is free");
+        };
+        let second = within(10, "the first lease to end", async {
+            loop {
+                if let Claim::Claimed(claim) = replica.claim(&key, lease).await.unwrap() {
+                    break claim;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+        .await;
+        replica.release(&key, first).await.unwrap();
+        other.release(&key, second).await.unwrap();
+        assert_eq!(
+            replica.claim(&key, lease).await.unwrap(),
+            Claim::InProgress,
+            "the newer claim holds"
+        );
+        replica.complete(&key, lease).await.unwrap();
+        replica.release(&key, second).await.unwrap();
+        assert_eq!(replica.claim(&key, lease).await.unwrap(), Claim::Done);
+
+        let key = unique("idem-release");
+        let Claim::Claimed(claim) = replica.claim(&key, lease).await.unwrap() else {
+            panic!("a new key is free");
+        };
+        replica.release(&key, claim).await.unwrap();
+        assert!(
+            matches!(replica.claim(&key, lease).await.unwrap(), Claim::Claimed(_)),
+            "free again once released"
+        );
     }
 
     /// Two replicas (two buses standing in for two consumers that both got

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use tidings_core::BoxError;
 use tokio::time::Instant;
 
-use super::{Claim, IdempotencyStore};
+use super::{Claim, ClaimToken, IdempotencyStore};
 
 /// Handled keys in process memory, bounded in count, each kept for the TTL.
 ///
@@ -207,7 +207,7 @@ impl MemoryStore {
     pub(super) fn hold(&self, key: Digest, lease: Duration) -> Result<Held<'_>, Claim> {
         let (found, stamp) = self.claim_digest(key, lease, false);
         match found {
-            Claim::Claimed => Ok(Held {
+            Claim::Claimed(_) => Ok(Held {
                 store: self,
                 key,
                 stamp,
@@ -252,7 +252,7 @@ impl MemoryStore {
         if queued {
             expiry.push_back((claim, key));
         }
-        (Claim::Claimed, claim)
+        (Claim::Claimed(ClaimToken::new(claim.0)), claim)
     }
 
     /// Records `key` as done for the store's TTL (inserted again if a claim
@@ -294,8 +294,8 @@ impl IdempotencyStore for MemoryStore {
         Ok(())
     }
 
-    async fn release(&self, key: &str) -> Result<(), BoxError> {
-        self.lock().map.remove(&self.digest("", key));
+    async fn release(&self, key: &str, claim: ClaimToken) -> Result<(), BoxError> {
+        self.release_held(self.digest("", key), Stamp(claim.get()));
         Ok(())
     }
 }
@@ -309,20 +309,28 @@ mod tests {
         let store = MemoryStore::new(2, Duration::from_secs(60));
         let lease = Duration::from_secs(10);
         for key in ["a", "b"] {
-            assert_eq!(store.claim(key, lease).await.unwrap(), Claim::Claimed);
+            assert!(matches!(
+                store.claim(key, lease).await.unwrap(),
+                Claim::Claimed(_)
+            ));
             store.complete(key, Duration::from_secs(60)).await.unwrap();
         }
         assert_eq!(store.claim("a", lease).await.unwrap(), Claim::Done);
         tokio::time::advance(Duration::from_secs(61)).await;
-        assert_eq!(
-            store.claim("a", lease).await.unwrap(),
-            Claim::Claimed,
+        assert!(
+            matches!(store.claim("a", lease).await.unwrap(), Claim::Claimed(_)),
             "expired after the TTL"
         );
         store.complete("a", Duration::from_secs(60)).await.unwrap();
-        assert_eq!(store.claim("c", lease).await.unwrap(), Claim::Claimed);
+        assert!(matches!(
+            store.claim("c", lease).await.unwrap(),
+            Claim::Claimed(_)
+        ));
         store.complete("c", Duration::from_secs(60)).await.unwrap();
-        assert_eq!(store.claim("d", lease).await.unwrap(), Claim::Claimed);
+        assert!(matches!(
+            store.claim("d", lease).await.unwrap(),
+            Claim::Claimed(_)
+        ));
         assert!(
             store.lock().map.len() <= 3,
             "bounded by capacity (plus the newest)"
@@ -333,12 +341,14 @@ mod tests {
     async fn memory_store_claims_completes_and_expires_leases() {
         let store = MemoryStore::new(100, Duration::from_secs(3600));
         let lease = Duration::from_secs(10);
-        assert_eq!(store.claim("a", lease).await.unwrap(), Claim::Claimed);
+        assert!(matches!(
+            store.claim("a", lease).await.unwrap(),
+            Claim::Claimed(_)
+        ));
         assert_eq!(store.claim("a", lease).await.unwrap(), Claim::InProgress);
         tokio::time::advance(Duration::from_secs(11)).await;
-        assert_eq!(
-            store.claim("a", lease).await.unwrap(),
-            Claim::Claimed,
+        assert!(
+            matches!(store.claim("a", lease).await.unwrap(), Claim::Claimed(_)),
             "an expired lease is free"
         );
         store
@@ -346,22 +356,60 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(store.claim("a", lease).await.unwrap(), Claim::Done);
-        assert_eq!(store.claim("b", lease).await.unwrap(), Claim::Claimed);
-        store.release("b").await.unwrap();
-        assert_eq!(store.claim("b", lease).await.unwrap(), Claim::Claimed);
+        let Claim::Claimed(b) = store.claim("b", lease).await.unwrap() else {
+            panic!("b is free");
+        };
+        store.release("b", b).await.unwrap();
+        assert!(matches!(
+            store.claim("b", lease).await.unwrap(),
+            Claim::Claimed(_)
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_release_frees_its_own_claim_only() {
+        let store = MemoryStore::new(100, Duration::from_secs(3600));
+        let lease = Duration::from_secs(10);
+        let Claim::Claimed(first) = store.claim("a", lease).await.unwrap() else {
+            panic!("a is free");
+        };
+        tokio::time::advance(Duration::from_secs(11)).await;
+        let Claim::Claimed(second) = store.claim("a", lease).await.unwrap() else {
+            panic!("the first lease is over");
+        };
+        assert_ne!(first, second);
+        // The first handler, past its lease, fails.
+        store.release("a", first).await.unwrap();
+        assert_eq!(
+            store.claim("a", lease).await.unwrap(),
+            Claim::InProgress,
+            "the second claim holds"
+        );
+        store
+            .complete("a", Duration::from_secs(3600))
+            .await
+            .unwrap();
+        store.release("a", second).await.unwrap();
+        assert_eq!(
+            store.claim("a", lease).await.unwrap(),
+            Claim::Done,
+            "a release does not undo a completion"
+        );
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_ttl_shorter_than_the_lease_still_ends_a_done_record() {
         let store = MemoryStore::new(100, Duration::from_secs(30));
         let lease = Duration::from_secs(60);
-        assert_eq!(store.claim("a", lease).await.unwrap(), Claim::Claimed);
+        assert!(matches!(
+            store.claim("a", lease).await.unwrap(),
+            Claim::Claimed(_)
+        ));
         store.complete("a", Duration::from_secs(30)).await.unwrap();
         assert_eq!(store.claim("a", lease).await.unwrap(), Claim::Done);
         tokio::time::advance(Duration::from_secs(40)).await;
-        assert_eq!(
-            store.claim("a", lease).await.unwrap(),
-            Claim::Claimed,
+        assert!(
+            matches!(store.claim("a", lease).await.unwrap(), Claim::Claimed(_)),
             "done for the TTL, not for the lease of the claim before it"
         );
     }
@@ -372,8 +420,10 @@ mod tests {
         let lease = Duration::from_secs(60);
         for n in 0..20_000 {
             let key = format!("failing-{n}");
-            assert_eq!(store.claim(&key, lease).await.unwrap(), Claim::Claimed);
-            store.release(&key).await.unwrap();
+            let Claim::Claimed(claim) = store.claim(&key, lease).await.unwrap() else {
+                panic!("{key} is free");
+            };
+            store.release(&key, claim).await.unwrap();
         }
         let entries = store.lock();
         assert!(entries.map.is_empty());

@@ -31,12 +31,32 @@ pub use redis::RedisStore;
 /// What a claim found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Claim {
-    /// The key is ours to handle.
-    Claimed,
+    /// The key is ours to handle, under this claim's token.
+    Claimed(ClaimToken),
     /// The key was handled successfully before.
     Done,
     /// Someone else holds an unexpired claim on it.
     InProgress,
+}
+
+/// Names one claim of a key, made by the store that granted it, so that
+/// [`release`](IdempotencyStore::release) frees that claim and no other:
+/// a handler that outlived its lease, failing, must not free a newer
+/// claim of the same key (a redelivery being handled, perhaps by another
+/// worker of the same process).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ClaimToken(u64);
+
+impl ClaimToken {
+    /// A token with the store's own number for a claim.
+    pub fn new(number: u64) -> Self {
+        ClaimToken(number)
+    }
+
+    /// The store's number for the claim.
+    pub fn get(self) -> u64 {
+        self.0
+    }
 }
 
 /// Where handled keys are recorded.
@@ -46,8 +66,10 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, BoxError>;
     /// Records `key` as done for `ttl`.
     async fn complete(&self, key: &str, ttl: Duration) -> Result<(), BoxError>;
-    /// Gives up a claim (the handler failed), so a redelivery may claim it.
-    async fn release(&self, key: &str) -> Result<(), BoxError>;
+    /// Gives up the claim `claim` of `key` (the handler failed), so a
+    /// redelivery may claim it; changes nothing once the key was claimed
+    /// again or completed.
+    async fn release(&self, key: &str, claim: ClaimToken) -> Result<(), BoxError>;
 }
 
 type KeyFn = Arc<dyn Fn(&Message) -> String + Send + Sync>;
@@ -141,7 +163,7 @@ impl Idempotency {
             }
             // `Claimed` is ours and never passed here; were it, holding the
             // message back is the safe way to be wrong.
-            Claim::InProgress | Claim::Claimed => Err(HandlerError::retryable(format!(
+            Claim::InProgress | Claim::Claimed(_) => Err(HandlerError::retryable(format!(
                 "the idempotency key of message {id} is being handled by another consumer"
             ))
             .with_retry_after(self.lease.min(Duration::from_secs(1)))),
@@ -174,17 +196,18 @@ impl Middleware for Idempotency {
             }
             Store::Other(store) => {
                 let key = self.with_key(delivery, scoped);
-                let claim = store
+                let token = match store
                     .claim(&key, self.lease)
                     .await
-                    .map_err(HandlerError::retryable)?;
-                if claim != Claim::Claimed {
-                    return self.skipped(claim, delivery);
-                }
+                    .map_err(HandlerError::retryable)?
+                {
+                    Claim::Claimed(token) => token,
+                    found => return self.skipped(found, delivery),
+                };
                 let result = next.run(delivery).await;
                 let recorded = match &result {
                     Ok(()) => store.complete(&key, self.ttl).await,
-                    Err(_) => store.release(&key).await,
+                    Err(_) => store.release(&key, token).await,
                 };
                 if let Err(error) = recorded {
                     // The handler's outcome stands; the claim expires with its lease.
@@ -209,12 +232,12 @@ mod tests {
         #[async_trait]
         impl IdempotencyStore for Elsewhere {
             async fn claim(&self, _: &str, _: Duration) -> Result<Claim, BoxError> {
-                Ok(Claim::Claimed)
+                Ok(Claim::Claimed(ClaimToken::new(1)))
             }
             async fn complete(&self, _: &str, _: Duration) -> Result<(), BoxError> {
                 Ok(())
             }
-            async fn release(&self, _: &str) -> Result<(), BoxError> {
+            async fn release(&self, _: &str, _: ClaimToken) -> Result<(), BoxError> {
                 Ok(())
             }
         }

@@ -1,15 +1,17 @@
 //! The Redis store: handled keys shared by every replica.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::aio::ConnectionLike;
 use tidings_core::BoxError;
 
-use super::{Claim, IdempotencyStore};
+use super::{Claim, ClaimToken, IdempotencyStore};
 
 /// Handled keys in Redis, shared by every replica: `SET key NX PX` claims,
-/// a done record with the TTL completes, a token-checked delete releases.
+/// a done record with the TTL completes, a delete checked against the
+/// claim's own token releases.
 ///
 /// Every command names one key, so any connection serves: the redis
 /// crate's own to one server ([`connect`](RedisStore::connect)), or a bus's
@@ -30,7 +32,13 @@ use super::{Claim, IdempotencyStore};
 pub struct RedisStore<C = redis::aio::ConnectionManager> {
     connection: C,
     prefix: String,
-    token: String,
+    /// This store's random number: claims are written as
+    /// `claimed:<replica>:<claim>`, so one replica's release never frees
+    /// another's claim.
+    replica: u64,
+    /// The number of this store's last claim: a release frees only the
+    /// claim it was given, not a later one of the same key.
+    claims: AtomicU64,
 }
 
 const DONE: &str = "done";
@@ -53,7 +61,8 @@ where
         RedisStore {
             connection,
             prefix: "tidings:idem:".to_owned(),
-            token: format!("claimed:{:016x}", fastrand_u64()),
+            replica: fastrand_u64(),
+            claims: AtomicU64::new(0),
         }
     }
 
@@ -62,6 +71,13 @@ where
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = prefix.into();
         self
+    }
+}
+
+impl<C> RedisStore<C> {
+    /// The value a claim is written as.
+    fn claimed(&self, claim: ClaimToken) -> String {
+        format!("claimed:{:016x}:{:x}", self.replica, claim.get())
     }
 }
 
@@ -86,18 +102,20 @@ where
         let mut c = self.connection.clone();
         let key = format!("{}{key}", self.prefix);
         let lease_ms = lease.as_millis().max(1) as u64;
+        let claim = ClaimToken::new(self.claims.fetch_add(1, Ordering::Relaxed) + 1);
+        let claimed = self.claimed(claim);
         // Two rounds at most: a claim can expire between SET NX and GET.
         for _ in 0..2 {
             let set: Option<String> = redis::cmd("SET")
                 .arg(&key)
-                .arg(&self.token)
+                .arg(&claimed)
                 .arg("NX")
                 .arg("PX")
                 .arg(lease_ms)
                 .query_async(&mut c)
                 .await?;
             if set.is_some() {
-                return Ok(Claim::Claimed);
+                return Ok(Claim::Claimed(claim));
             }
             let current: Option<String> = redis::cmd("GET").arg(&key).query_async(&mut c).await?;
             match current.as_deref() {
@@ -121,15 +139,16 @@ where
         Ok(())
     }
 
-    async fn release(&self, key: &str) -> Result<(), BoxError> {
+    async fn release(&self, key: &str, claim: ClaimToken) -> Result<(), BoxError> {
         let mut c = self.connection.clone();
-        // Delete only our own claim, never another replica's or a done record.
+        // Delete only this claim: never a later claim of the key, another
+        // replica's, or a done record.
         let script = redis::Script::new(
             "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end",
         );
         let _: i64 = script
             .key(format!("{}{key}", self.prefix))
-            .arg(&self.token)
+            .arg(self.claimed(claim))
             .invoke_async(&mut c)
             .await?;
         Ok(())
