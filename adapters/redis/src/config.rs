@@ -39,7 +39,8 @@ pub struct RedisConfig {
     /// The name of the master Redis Sentinel watches, when the URL's nodes
     /// are sentinels (`redis://:pw@s1:26379,s2:26379/0?sentinel=orders`):
     /// connections go to the master the sentinels name, and follow it to
-    /// the replica they promote. URL: `sentinel=<master name>`.
+    /// the replica they promote. URL: `sentinel=<master name>`. With
+    /// `rediss://`, both the sentinels and the master are reached over TLS.
     pub sentinel: Option<String>,
     /// How many replicas must confirm each write (`XADD` of a message or a
     /// dead letter) before it counts as confirmed (`WAIT n`): with `1`, a
@@ -329,13 +330,6 @@ impl RedisConfig {
                 "a Redis Cluster fails over by itself; `sentinel` and `cluster` do not go together",
             ));
         }
-        if self.sentinel.is_some() && !self.url.starts_with("redis://") {
-            return Err(config_error(
-                "sentinel",
-                "sentinels are reached over TCP without TLS (TLS is not supported yet with \
-                 sentinels); use `redis://`",
-            ));
-        }
         if self.cluster
             && url::Url::parse(&self.url)
                 .is_ok_and(|u| !matches!(u.path().trim_start_matches('/'), "" | "0"))
@@ -453,7 +447,6 @@ mod tests {
             "redis://n1,,n2",
             "redis://n1:7000?cluster=true&sentinel=m",
             "redis://s1?sentinel=",
-            "rediss://s1?sentinel=m",
         ] {
             assert!(RedisConfig::from_url(bad).is_err(), "{bad}");
         }

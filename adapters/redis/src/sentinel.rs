@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
-use redis::{Client, ConnectionAddr, RedisError, RedisResult};
+use redis::{Client, ConnectionAddr, RedisError, RedisResult, TlsMode};
 
 use crate::config::{RedisConfig, SENTINEL_PORT};
 use tidings_core::params::percent_decode;
@@ -77,12 +77,50 @@ pub(crate) fn sentinels(config: &RedisConfig, master: &str) -> RedisResult<Senti
     } else {
         config.nodes.clone()
     };
+    // `rediss://`: the sentinels and the master are both reached over TLS,
+    // with the same files, as managed services and most TLS set-ups run them.
+    let tls = (url.scheme() == "rediss").then(|| match url.fragment() {
+        Some("insecure") => TlsMode::Insecure,
+        _ => TlsMode::Secure,
+    });
     let addrs = hosts.iter().map(|h| {
         let (host, port) = h.rsplit_once(':').unwrap_or((h, ""));
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        ConnectionAddr::Tcp(host.to_owned(), port.parse().unwrap_or(SENTINEL_PORT))
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let port = port.parse().unwrap_or(SENTINEL_PORT);
+        match tls {
+            None => ConnectionAddr::Tcp(host, port),
+            Some(mode) => ConnectionAddr::TcpTls {
+                host,
+                port,
+                insecure: mode == TlsMode::Insecure,
+                tls_params: None,
+            },
+        }
     });
     let mut builder = SentinelClientBuilder::new(addrs, master, SentinelServerType::Master)?;
+    if let Some(mode) = tls {
+        // The redis crate builds its rustls configuration from the
+        // process's default crypto provider.
+        tidings_core::tls::install_default_provider();
+        builder = builder
+            .set_client_to_sentinel_tls_mode(mode)
+            .set_client_to_redis_tls_mode(mode);
+        let certificates = crate::tls_certificates(config).map_err(|e| {
+            RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "the TLS files",
+                e.to_string(),
+            ))
+        })?;
+        if let Some(certificates) = certificates {
+            builder = builder
+                .set_client_to_sentinel_certificates(certificates.clone())
+                .set_client_to_redis_certificates(certificates);
+        }
+    }
     if !url.username().is_empty() {
         builder = builder.set_client_to_redis_username(percent_decode(url.username()));
     }

@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use tidings_core::Error;
-use tidings_core::testkit::{Pki, assert_config_errors, round_trip, within};
+use tidings_core::testkit::{Pki, assert_config_errors, round_trip, unique, within};
 use tidings_redis::{RedisBus, RedisConfig};
 
 /// A redis-server with only a TLS port, requiring client certificates.
@@ -103,6 +103,75 @@ async fn rediss_with_ca_and_client_certificate() {
             .expect_err(why);
         assert!(matches!(err, Error::Connection { .. }), "{why}: {err:?}");
     }
+}
+
+/// Sentinel over TLS: a master and its sentinel that both listen on TLS
+/// only and require client certificates. The bus asks the sentinel for the
+/// master and reaches both with the URL's TLS files; without the client
+/// certificate the sentinel refuses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_through_a_sentinel() {
+    let pki = Pki::new(&["127.0.0.1", "localhost"]);
+    let master = TlsServer::start(&pki).await;
+    let name = unique("tls-master");
+    let mut sentinel = common::OwnNode::sentinel(&name, master.port);
+    let file = |name: &str| pki.path(name).display().to_string();
+    // TLS only (the last `port` wins), and the sentinel reaches the master
+    // over TLS with a client certificate of its own.
+    let tls = format!(
+        "port 0\ntls-port {}\ntls-cert-file {}\ntls-key-file {}\ntls-ca-cert-file {}\n\
+         tls-auth-clients yes\ntls-replication yes\ntls-client-cert-file {}\ntls-client-key-file {}\n",
+        sentinel.port,
+        file("server.pem"),
+        file("server.key"),
+        file("ca.pem"),
+        file("client.pem"),
+        file("client.key"),
+    );
+    let conf = sentinel.dir().join("sentinel.conf");
+    let mut text = std::fs::read_to_string(&conf).expect("the sentinel's configuration");
+    text.push_str(&tls);
+    std::fs::write(&conf, text).expect("the sentinel's configuration");
+    sentinel.spawn(&[]);
+    let port = sentinel.port;
+    within(10, "the sentinel to listen", async {
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+
+    let url = |params: &str| {
+        format!(
+            "rediss://127.0.0.1:{port}/?sentinel={name}&connect_timeout=3s&tls_ca_file={}{params}",
+            pki.param("ca.pem")
+        )
+    };
+    let client = format!(
+        "&tls_cert_file={}&tls_key_file={}",
+        pki.param("client.pem"),
+        pki.param("client.key")
+    );
+    let bus = within(
+        20,
+        "a TLS connection through the sentinel",
+        connect(&url(&client)),
+    )
+    .await
+    .expect("connects through the sentinel over TLS");
+    round_trip(&*bus.publisher(), &*bus.subscriber(), Some("tls-sentinel")).await;
+
+    let err = within(
+        20,
+        "a connection without the client certificate",
+        connect(&url("")),
+    )
+    .await
+    .expect_err("the sentinel requires a client certificate");
+    assert!(matches!(err, Error::Connection { .. }), "{err:?}");
 }
 
 #[tokio::test]
