@@ -1,125 +1,14 @@
-//! How a [`Message`] is written to Redis and read back.
-//!
-//! **Streams.** An entry is a flat list of field/value pairs. Tidings writes
-//! the payload under the field [`PAYLOAD_FIELD`] (binary-safe) and every header
-//! as one field named after it: the CloudEvents attributes of
-//! [`wire::BINARY`] (`ce_id`, `ce_type`, `ce_time`, ...) and the application
-//! headers. A header whose name is `payload` or starts with `\` is written
-//! with one `\` in front, so no header can shadow the payload. A plain client
-//! can therefore write `XADD orders * payload '{...}' ce_type order.placed`
-//! and a Tidings consumer reads it as a message (its id falls back to the
-//! entry id when there is no `ce_id`).
-//!
-//! An entry without a `payload` field, or with a field name or header value
-//! that is not UTF-8, is not one of ours: reading it gives a
-//! [`ForeignEntry`] error; the subscriber dead-letters it and keeps going.
-//!
-//! **Pub/Sub.** A channel message is one binary string, so headers and
-//! payload are framed: the magic `TDG1`, a big-endian `u32` header count, then
-//! per header a `u32` length and the name, a `u32` length and the value, then
-//! the payload to the end. A message without the magic is a plain client's:
-//! its whole body is the payload.
+//! Stream entries: a message as field/value pairs, and reading entries
+//! back (those of plain clients too), or saying why an entry is foreign.
 
 use std::fmt;
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use redis::Value;
+use tidings_core::Message;
 use tidings_core::dialect::Native;
-use tidings_core::{Dialect, Message, wire};
 
-/// The stream field that carries the payload.
-pub const PAYLOAD_FIELD: &str = "payload";
-
-/// The first bytes of a framed Pub/Sub message.
-pub const PUBSUB_MAGIC: &[u8; 4] = b"TDG1";
-
-/// The names the adapter uses for the CloudEvents attributes.
-pub const NAMES: wire::Names = wire::BINARY;
-
-/// How messages map to stream entries and channel bodies: the dialect, the
-/// field that carries the body, and fields named otherwise than the
-/// dialect's headers (`XADD s * type t data {...} timestamp ...` is the
-/// binary dialect with the body in `data`, `ce_type` named `type` and
-/// `ce_time` named `timestamp`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Layout {
-    /// The dialect (`dialect`, `envelope.<field>`).
-    pub dialect: Dialect,
-    /// The field that carries the body (`payload_field`, default `payload`).
-    pub payload_field: String,
-    /// Headers written and read under another field name
-    /// (`field.<attribute>=<name>`, attribute one of id, type, time, source,
-    /// correlation_id, causation_id, content_type, key): `(header, field)`.
-    pub renames: Vec<(&'static str, String)>,
-}
-
-impl Default for Layout {
-    fn default() -> Self {
-        Layout {
-            dialect: Dialect::CloudEventsBinary,
-            payload_field: PAYLOAD_FIELD.to_owned(),
-            renames: Vec::new(),
-        }
-    }
-}
-
-impl Layout {
-    /// Whether this is Tidings' own layout, written without a detour.
-    fn is_default(&self) -> bool {
-        self.dialect == Dialect::CloudEventsBinary
-            && self.payload_field == PAYLOAD_FIELD
-            && self.renames.is_empty()
-    }
-
-    /// Applies a `field.<attribute>=<name>` option; `Ok(false)` when `key` is not one.
-    pub fn apply_option(&mut self, key: &str, value: &str) -> tidings_core::Result<bool> {
-        let Some(attribute) = key.strip_prefix("field.") else {
-            return Ok(false);
-        };
-        let header = match attribute {
-            "id" => NAMES.id,
-            "type" => NAMES.event_type,
-            "time" => NAMES.time,
-            "source" => NAMES.source,
-            "correlation_id" => NAMES.correlation_id,
-            "causation_id" => NAMES.causation_id,
-            "content_type" => NAMES.content_type,
-            "key" => NAMES.key,
-            other => {
-                return Err(tidings_core::Error::Config {
-                    key: key.to_owned(),
-                    message: format!(
-                        "`{other}` is no attribute; known: id, type, time, source, \
-                         correlation_id, causation_id, content_type, key"
-                    ),
-                });
-            }
-        };
-        if value.is_empty() {
-            return Err(tidings_core::Error::Config {
-                key: key.to_owned(),
-                message: "needs a field name".into(),
-            });
-        }
-        self.renames.retain(|(h, _)| *h != header);
-        self.renames.push((header, value.to_owned()));
-        Ok(true)
-    }
-
-    fn field_for<'a>(&'a self, header: &'a str) -> &'a str {
-        self.renames
-            .iter()
-            .find(|(h, _)| *h == header)
-            .map_or(header, |(_, f)| f.as_str())
-    }
-
-    fn header_for(&self, field: String) -> String {
-        match self.renames.iter().find(|(_, f)| *f == field) {
-            Some((h, _)) => (*h).to_owned(),
-            None => field,
-        }
-    }
-}
+use super::{Layout, NAMES, PAYLOAD_FIELD};
 
 /// A stream entry that Tidings cannot read as a message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -430,143 +319,11 @@ fn bulk_ref(value: &Value) -> Option<&[u8]> {
     }
 }
 
-/// Frames a message as one Pub/Sub body.
-pub fn encode_frame(message: &Message) -> Vec<u8> {
-    let mut count = 0u32;
-    let mut buf = BytesMut::with_capacity(message.payload.len() + 256);
-    buf.put_slice(PUBSUB_MAGIC);
-    buf.put_u32(0);
-    message.write_headers(&NAMES, |name, value| {
-        count += 1;
-        buf.put_u32(name.len() as u32);
-        buf.put_slice(name.as_bytes());
-        buf.put_u32(value.len() as u32);
-        buf.put_slice(value.as_bytes());
-    });
-    buf[4..8].copy_from_slice(&count.to_be_bytes());
-    buf.put_slice(&message.payload);
-    buf.to_vec()
-}
-
-/// A Pub/Sub body that carries the magic but does not parse.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("Pub/Sub message on `{channel}` has a corrupt Tidings frame")]
-pub struct CorruptFrame {
-    /// The channel it came from.
-    pub channel: String,
-}
-
-/// The Pub/Sub body of a message in `layout`: a Tidings frame in the
-/// default dialect, else what the dialect writes (a JSON envelope or
-/// structured CloudEvent, whose body carries the metadata).
-pub fn encode_body(layout: &Layout, message: &Message) -> Vec<u8> {
-    if layout.dialect == Dialect::CloudEventsBinary {
-        return encode_frame(message);
-    }
-    layout.dialect.encode(message, &NAMES, |_, _| {}).to_vec()
-}
-
-/// Why a Pub/Sub body could not be read.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum BadBody {
-    /// It carries the Tidings magic but does not parse.
-    #[error(transparent)]
-    Corrupt(#[from] CorruptFrame),
-    /// The configured dialect cannot read it.
-    #[error(transparent)]
-    Undecodable(#[from] tidings_core::dialect::Undecodable),
-}
-
-/// Reads a Pub/Sub body in `layout`: a Tidings frame whatever the
-/// dialect; any other body through the dialect. A message that carries no
-/// id of its own gets a fresh one (two identical bodies are two messages);
-/// the flag says whether it carried one.
-pub fn decode_body(
-    layout: &Layout,
-    channel: &str,
-    body: Bytes,
-) -> Result<(Message, bool), BadBody> {
-    if body.len() >= 8 && &body[..4] == PUBSUB_MAGIC {
-        return Ok((decode_frame(channel, body)?, true));
-    }
-    let fresh = tidings_core::message::new_id();
-    let native = Native {
-        id: Some(&fresh),
-        ..Native::default()
-    };
-    let message = layout
-        .dialect
-        .decode(&NAMES, Vec::<(String, String)>::new(), body, native)
-        .map_err(|rejected| BadBody::Undecodable(rejected.why))?;
-    let own = message.id != fresh;
-    Ok((message, own))
-}
-
-/// What the members of a group claim a Pub/Sub message by when it carries
-/// no id of its own (a fresh one differs in every member): its channel and
-/// content, the same in every member. Members receive a publish within
-/// milliseconds of each other, so such a claim is kept briefly: two
-/// identical bodies published within it are taken as one by the group.
-pub fn content_id(channel: &str, body: &[u8]) -> String {
-    let hash = tidings_core::StableHash::default()
-        .write(channel.as_bytes())
-        .write(&[0])
-        .write(body)
-        .finish();
-    format!("{channel}:{hash:016x}")
-}
-
-/// Reads a Pub/Sub body. A body without the magic is a plain client's
-/// message: all of it is the payload.
-pub fn decode_frame(channel: &str, body: Bytes) -> Result<Message, CorruptFrame> {
-    if body.len() < 8 || &body[..4] != PUBSUB_MAGIC {
-        return Ok(Message::from_headers(
-            &NAMES,
-            Vec::<(String, String)>::new(),
-            body,
-            None,
-        ));
-    }
-    let corrupt = || CorruptFrame {
-        channel: channel.to_owned(),
-    };
-    let mut rest = body.slice(4..);
-    let count = rest.get_u32();
-    let mut headers = Vec::with_capacity(count.min(64) as usize);
-    let take = |rest: &mut Bytes| -> Option<String> {
-        if rest.remaining() < 4 {
-            return None;
-        }
-        let len = rest.get_u32() as usize;
-        if rest.remaining() < len {
-            return None;
-        }
-        String::from_utf8(rest.split_to(len).to_vec()).ok()
-    };
-    for _ in 0..count {
-        let name = take(&mut rest).ok_or_else(corrupt)?;
-        let value = take(&mut rest).ok_or_else(corrupt)?;
-        headers.push((name, value));
-    }
-    Ok(Message::from_headers(&NAMES, headers, rest, None))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn full() -> Message {
-        Message::new(Bytes::from_static(&[0, 0xff, 0xfe, 0x80, b'\n', 0]))
-            .with_key("kunde-ä")
-            .with_header("grüße", "✓ ünïcödé ☃")
-            .with_header("payload", "a header named like the payload field")
-            .with_header("\\odd", "a header starting with a backslash")
-            .with_type("order.placed")
-            .with_source("/shop")
-            .with_schema_version("2")
-            .with_correlation_id("c-1")
-            .with_content_type("application/octet-stream")
-    }
+    use crate::headers::tests::full;
 
     /// The fields as Redis returns them from XREADGROUP.
     fn as_redis(message: &Message) -> Vec<Value> {
@@ -716,25 +473,5 @@ mod tests {
             }
         );
         assert_eq!(m.payload, "x");
-    }
-
-    #[test]
-    fn pubsub_frame_round_trips() {
-        let m = full();
-        let body = Bytes::from(encode_frame(&m));
-        assert_eq!(decode_frame("c", body).expect("frame"), m);
-        let empty = Message::new(Bytes::new());
-        let body = Bytes::from(encode_frame(&empty));
-        assert_eq!(decode_frame("c", body).expect("frame"), empty);
-    }
-
-    #[test]
-    fn plain_pubsub_body_is_the_payload_and_corrupt_frames_are_errors() {
-        let m = decode_frame("c", Bytes::from_static(b"hello")).expect("plain");
-        assert_eq!(m.payload, "hello");
-        let mut corrupt = encode_frame(&full());
-        corrupt.truncate(20);
-        let err = decode_frame("c", Bytes::from(corrupt)).expect_err("corrupt");
-        assert_eq!(err.channel, "c");
     }
 }
