@@ -1,4 +1,4 @@
-//! How a [`Message`] is written to Redis and read back.
+//! How a [`Message`](tidings_core::Message) is written to Redis and read back.
 //!
 //! **Streams.** An entry is a flat list of field/value pairs. Tidings writes
 //! the payload under the field [`PAYLOAD_FIELD`] (binary-safe) and every header
