@@ -20,8 +20,12 @@ use std::future::Future;
 use std::marker::PhantomData;
 use std::time::Duration;
 
-use futures::future::{BoxFuture, Either};
 use std::future::Ready;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use futures::FutureExt;
+use futures::future::{BoxFuture, Either};
 use tokio_util::sync::ReusableBoxFuture;
 
 use crate::codec::Codec;
@@ -303,20 +307,61 @@ handler_of!(A1, A2, A3, A4);
 handler_of!(A1, A2, A3, A4, A5);
 handler_of!(A1, A2, A3, A4, A5, A6);
 
-/// Where a worker keeps the future of the handler it runs (see
-/// [`Endpoint::call_in`]).
-pub(crate) type HandlerSlot = ReusableBoxFuture<'static, HandlerResult>;
+/// Where a consumer's worker keeps the future of the handler it runs: one
+/// allocation, reused from call to call (see [`Endpoint::call_in`]).
+///
+/// A wrapper, so that the crate that does the reusing (tokio-util) is not
+/// part of this crate's API.
+pub struct HandlerSlot(ReusableBoxFuture<'static, HandlerResult>);
+
+impl HandlerSlot {
+    /// An empty slot: polled before a future was put in it, it panics
+    /// (which the runtime settles as a failed attempt) rather than report
+    /// a result no handler gave. Allocates nothing.
+    pub(crate) fn empty() -> Self {
+        HandlerSlot(ReusableBoxFuture::new(std::future::poll_fn(
+            |_| -> Poll<HandlerResult> {
+                panic!("a handler slot was polled before Endpoint::call_in filled it")
+            },
+        )))
+    }
+
+    /// Puts `future` in the slot, in the slot's allocation when its size
+    /// and alignment are those of the future there before. The future
+    /// there before is dropped.
+    pub fn set<F>(&mut self, future: F)
+    where
+        F: Future<Output = HandlerResult> + Send + 'static,
+    {
+        self.0.set(future);
+    }
+}
+
+impl Future for HandlerSlot {
+    type Output = HandlerResult;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<HandlerResult> {
+        self.0.poll(cx)
+    }
+}
+
+impl fmt::Debug for HandlerSlot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("HandlerSlot")
+    }
+}
 
 /// A handler with its argument type erased, as the runtime stores it.
 pub trait Endpoint: Send + Sync + 'static {
     /// Runs the handler on a delivery.
     fn call(&self, delivery: &Delivery) -> BoxFuture<'static, HandlerResult>;
 
-    /// Puts the handler's future for `delivery` in `slot`, to be polled
-    /// there. A worker keeps one slot and calls the same handler each time,
-    /// so the slot's allocation is reused rather than a box made per
-    /// message. By default, boxes [`call`](Endpoint::call)'s future.
-    fn call_in(&self, delivery: &Delivery, slot: &mut ReusableBoxFuture<'static, HandlerResult>) {
+    /// Puts the handler's future for `delivery` in `slot` (always: the
+    /// runtime polls the slot next), replacing the one there. A worker
+    /// keeps one slot and calls the same handler each time, so the slot's
+    /// allocation is reused rather than a box made per message. By
+    /// default, puts [`call`](Endpoint::call)'s boxed future there.
+    fn call_in(&self, delivery: &Delivery, slot: &mut HandlerSlot) {
         slot.set(self.call(delivery));
     }
 
@@ -345,8 +390,11 @@ impl<H: Handler<Args>, Args: 'static> Endpoint for Erased<H, Args> {
         Box::pin(self.handler.call(delivery))
     }
 
-    fn call_in(&self, delivery: &Delivery, slot: &mut ReusableBoxFuture<'static, HandlerResult>) {
-        slot.set(self.handler.call(delivery));
+    fn call_in(&self, delivery: &Delivery, slot: &mut HandlerSlot) {
+        // Fused: the handler's future is dropped as soon as it is done,
+        // not when the worker's next message replaces it (a span or a
+        // permit it holds ends with the handler).
+        slot.set(self.handler.call(delivery).fuse());
     }
 
     fn needs_state(&self) -> Vec<(TypeId, &'static str)> {

@@ -216,3 +216,90 @@ async fn a_shutdown_past_its_deadline_hands_back_what_was_not_handled() {
         subscriber.settlements()
     );
 }
+
+/// An extractor that panics on the word `extract`.
+struct Touchy;
+
+impl tidings_core::FromDelivery for Touchy {
+    fn from_delivery(delivery: &tidings_core::Delivery) -> Result<Self, HandlerError> {
+        if delivery.message().payload == "\"extract\"" {
+            panic!("an extractor bug (expected in this test)");
+        }
+        Ok(Touchy)
+    }
+}
+
+#[tokio::test]
+async fn one_worker_goes_on_after_its_handler_and_an_extractor_panic() {
+    // One worker, no layers: the handler's future lives in the worker's
+    // reusable slot, which a panic must leave usable for the next message.
+    let messages = ["handler", "extract", "fine", "fine"].map(word);
+    let mut subscriber = ScriptedSubscriber::new();
+    for m in &messages {
+        subscriber = subscriber.with("t", m.clone());
+    }
+    let consumer = Consumer::group(subscriber.clone().into_arc(), "g")
+        .concurrency(1)
+        .handle("t", |e: Event<String>, _: Touchy| async move {
+            if e.data == "handler" {
+                panic!("a handler bug (expected in this test)");
+            }
+            Ok::<_, HandlerError>(())
+        })
+        .start()
+        .await
+        .expect("started");
+    subscriber.wait_settled(4, Duration::from_secs(10)).await;
+    consumer.shutdown(Duration::from_secs(10)).await;
+    let outcomes: Vec<_> = subscriber
+        .settlements()
+        .into_iter()
+        .map(|(_, how, ok)| (how, ok))
+        .collect();
+    assert_eq!(
+        outcomes,
+        [("nack", true), ("nack", true), ("ack", true), ("ack", true)],
+        "both panics are failed attempts; the worker handles what follows"
+    );
+}
+
+/// A handler's future that is done at once but holds a guard until it is
+/// dropped, as a hand-written future, an `instrument`ed one (its span) or
+/// one holding a permit does.
+struct Guarded(tokio::sync::mpsc::UnboundedSender<()>);
+
+impl std::future::Future for Guarded {
+    type Output = tidings_core::HandlerResult;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        let _ = self.0.send(());
+    }
+}
+
+#[tokio::test]
+async fn a_handlers_future_is_dropped_when_it_is_done_not_at_the_next_message() {
+    let subscriber = ScriptedSubscriber::new().with("t", word("only"));
+    let (dropped, mut drops) = tokio::sync::mpsc::unbounded_channel();
+    let consumer = Consumer::group(subscriber.clone().into_arc(), "g")
+        .concurrency(1)
+        .handle("t", move |_: Event<String>| Guarded(dropped.clone()))
+        .start()
+        .await
+        .expect("started");
+    subscriber.wait_settled(1, Duration::from_secs(10)).await;
+    // No second message comes: the worker is idle, its slot kept.
+    tokio::time::timeout(Duration::from_secs(10), drops.recv())
+        .await
+        .expect("the handler's future is dropped once it is done")
+        .expect("a drop");
+    consumer.shutdown(Duration::from_secs(10)).await;
+}

@@ -62,7 +62,8 @@ impl Connector {
         client: impl Fn(&str) -> Result<Client>,
     ) -> Result<Self> {
         if let Some(master) = &config.sentinel {
-            return crate::sentinel::sentinels(config, master)
+            let certificates = crate::tls_certificates(config)?;
+            return crate::sentinel::sentinels(config, master, certificates)
                 .map(Connector::Sentinel)
                 .map_err(|e| tidings_core::params::invalid("sentinel", e.to_string()));
         }

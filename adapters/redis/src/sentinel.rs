@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
-use redis::{Client, ConnectionAddr, RedisError, RedisResult, TlsMode};
+use redis::{Client, ConnectionAddr, RedisError, RedisResult, TlsCertificates, TlsMode};
 
 use crate::config::{RedisConfig, SENTINEL_PORT};
 use tidings_core::params::percent_decode;
@@ -59,8 +59,13 @@ impl Lookup {
 
 /// The sentinels for `config` (its nodes, or its one host), asked for the
 /// master named by `config.sentinel`, with the URL's credentials and
-/// database for the master.
-pub(crate) fn sentinels(config: &RedisConfig, master: &str) -> RedisResult<Sentinels> {
+/// database for the master, and with `rediss://` over TLS to both, with
+/// `certificates` (the configuration's TLS files, read).
+pub(crate) fn sentinels(
+    config: &RedisConfig,
+    master: &str,
+    certificates: Option<TlsCertificates>,
+) -> RedisResult<Sentinels> {
     let url = url::Url::parse(&config.url).map_err(|e| {
         RedisError::from((
             redis::ErrorKind::InvalidClientConfig,
@@ -108,13 +113,6 @@ pub(crate) fn sentinels(config: &RedisConfig, master: &str) -> RedisResult<Senti
         builder = builder
             .set_client_to_sentinel_tls_mode(mode)
             .set_client_to_redis_tls_mode(mode);
-        let certificates = crate::tls_certificates(config).map_err(|e| {
-            RedisError::from((
-                redis::ErrorKind::InvalidClientConfig,
-                "the TLS files",
-                e.to_string(),
-            ))
-        })?;
         if let Some(certificates) = certificates {
             builder = builder
                 .set_client_to_sentinel_certificates(certificates.clone())

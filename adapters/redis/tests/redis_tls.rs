@@ -221,6 +221,18 @@ async fn tls_options_are_checked_before_connecting() {
                 format!("redis://127.0.0.1:1/?tls_ca_file={}", pki.param("ca.pem")),
                 "url",
             ),
+            // The same checks for sentinels, under the same keys.
+            (
+                format!("rediss://127.0.0.1:1/?sentinel=m&tls_ca_file={missing}"),
+                "tls_ca_file",
+            ),
+            (
+                format!(
+                    "rediss://127.0.0.1:1/?sentinel=m&tls_cert_file={}",
+                    pki.param("client.pem")
+                ),
+                "tls_key_file",
+            ),
         ],
         |url| async move { connect(&url).await },
     )

@@ -330,7 +330,7 @@ const HELP_AFTER: u32 = 32;
 
 async fn worker(source: Arc<Source>, route: Arc<Route>, counts: Arc<WorkerCounts>, mut stop: Stop) {
     let mut in_a_row = 0;
-    let mut slot = HandlerSlot::new(std::future::ready(Ok(())));
+    let mut slot = HandlerSlot::empty();
     while let Some(delivery) = source.next(&mut stop, &counts).await {
         let mut current = Some(delivery);
         while let Some(mut delivery) = current.take() {
@@ -373,8 +373,9 @@ async fn batch_worker(
     mut stop: Stop,
     options: BatchOptions,
 ) {
-    // Only for what is dead-lettered without the handler.
-    let mut slot = HandlerSlot::new(std::future::ready(Ok(())));
+    // Never filled: a batch topic's deliveries reach no single handler
+    // (settling takes a slot all the same).
+    let mut slot = HandlerSlot::empty();
     while let Some(first) = source.next(&mut stop, &counts).await {
         let mut deliveries = vec![first];
         let deadline = tokio::time::Instant::now() + options.wait;

@@ -13,12 +13,11 @@ use std::collections::hash_map::Entry;
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
-use tokio_util::sync::ReusableBoxFuture;
 
 use crate::asyncapi::Described;
 use crate::delivery::Delivery;
 use crate::error::{Error, Result};
-use crate::handler::{Endpoint, HandlerError, HandlerResult};
+use crate::handler::{Endpoint, HandlerError, HandlerResult, HandlerSlot};
 
 /// What becomes of a message whose event type no handler of its topic takes
 /// (and that no untyped handler of the topic takes either).
@@ -156,7 +155,7 @@ impl Endpoint for Router {
         }
     }
 
-    fn call_in(&self, delivery: &Delivery, slot: &mut ReusableBoxFuture<'static, HandlerResult>) {
+    fn call_in(&self, delivery: &Delivery, slot: &mut HandlerSlot) {
         match self.pick(delivery) {
             Ok(endpoint) => endpoint.call_in(delivery, slot),
             Err(result) => slot.set(std::future::ready(result)),

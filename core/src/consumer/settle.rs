@@ -180,10 +180,15 @@ impl Route {
             }
         };
         // This catches a layer's panic, or with no layers the handler's.
-        AssertUnwindSafe(run)
-            .catch_unwind()
-            .await
-            .unwrap_or_else(|panic| Err(HandlerError::retryable(Panicked::from(panic))))
+        match AssertUnwindSafe(run).catch_unwind().await {
+            Ok(result) => result,
+            Err(panic) => {
+                // What the panicking future left is not kept until the
+                // worker's next message.
+                *slot = HandlerSlot::empty();
+                Err(HandlerError::retryable(Panicked::from(panic)))
+            }
+        }
     }
 
     /// Runs the batch handler on `deliveries`: the result of each, in order
