@@ -259,9 +259,12 @@ impl Route {
             Some(n) if d.exchange.as_str().is_empty() => n.max(1),
             _ => 1,
         };
+        // `x-delivery-count` is the broker's count on a quorum queue's
+        // redeliveries; on a first delivery, or on a classic queue, any
+        // client wrote it (the same forgery as the attempt header's).
         let extra = match received.delivery_count {
-            Some(n) => u32::try_from(n).unwrap_or(u32::MAX),
-            None => u32::from(d.redelivered && !self.quorum()),
+            Some(n) if self.quorum() && d.redelivered => u32::try_from(n).unwrap_or(u32::MAX),
+            _ => u32::from(d.redelivered && !self.quorum()),
         };
         let attempt = base.saturating_add(extra);
         let topic: Arc<str> = match received.topic {

@@ -212,6 +212,46 @@ async fn a_forged_attempt_header_does_not_skip_the_retries() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_delivery_count_does_not_skip_the_retries() {
+    // `x-delivery-count` is the broker's own count only on a quorum queue's
+    // redeliveries; written by a client, on either queue type, it does not
+    // make the first failure final.
+    for queue_type in [QueueType::Quorum, QueueType::Classic] {
+        let headers = table(vec![("x-delivery-count", AMQPValue::LongLongInt(1000))]);
+        let props = BasicProperties::default().with_headers(headers);
+        let bus = common::connect(common::config(common::BROKER, queue_type)).await;
+        let topic = unique("forged-count");
+        let mut stream = bus
+            .subscriber()
+            .subscribe(Subscription::group(topic.as_str(), unique("g").as_str()))
+            .await
+            .expect("subscribed");
+        raw_publish(&topic, props, b"{}").await;
+        let mut first = match within(30, "the forged message", stream.next()).await {
+            Some(Ok(d)) => d,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            first.attempt(),
+            1,
+            "{queue_type:?}: the forged count is not the broker's"
+        );
+        first.nack(None).await.expect("nacked");
+        let mut second = match within(30, "the redelivery", stream.next()).await {
+            Some(Ok(d)) => d,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            second.attempt(),
+            2,
+            "{queue_type:?}: the redelivery still counts"
+        );
+        second.ack().await.expect("acked");
+        stream.close().await.expect("closed");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn empty_message() {
     let fate = case("empty", BasicProperties::default(), Vec::new()).await;
     dead_lettered_as(&fate, DeadLetterReason::Undecodable);
