@@ -259,18 +259,12 @@ impl Route {
             Some(n) if d.exchange.as_str().is_empty() => n.max(1),
             _ => 1,
         };
-        // Whether the broker counts this message's returns: a quorum queue
-        // does, in `x-delivery-count` on every redelivery. A queue configured
-        // as quorum that redelivers without it is not one (a classic queue
-        // another service declared, named in `existing_queues`): counted
-        // and nacked as on a classic queue, or its attempt would never rise.
-        let counted = self.quorum() && !(d.redelivered && received.delivery_count.is_none());
         // `x-delivery-count` is the broker's count on a quorum queue's
         // redeliveries; on a first delivery, or on a classic queue, any
         // client wrote it (the same forgery as the attempt header's).
         let extra = match received.delivery_count {
-            Some(n) if counted && d.redelivered => u32::try_from(n).unwrap_or(u32::MAX),
-            _ => u32::from(d.redelivered && !counted),
+            Some(n) if self.quorum() && d.redelivered => u32::try_from(n).unwrap_or(u32::MAX),
+            _ => u32::from(d.redelivered && !self.quorum()),
         };
         let attempt = base.saturating_add(extra);
         let topic: Arc<str> = match received.topic {
@@ -288,7 +282,6 @@ impl Route {
             message: message.clone(),
             topic: topic.clone(),
             attempt,
-            counted,
             queue: queue.clone(),
             settled: false,
             _slot: slot,
@@ -380,10 +373,6 @@ struct AmqpAcker {
     message: Arc<Message>,
     topic: Arc<str>,
     attempt: u32,
-    /// Whether the queue counts a return in `x-delivery-count` (a quorum
-    /// queue): then a nack without delay hands the message back as it is;
-    /// otherwise a copy carries the next attempt.
-    counted: bool,
     queue: Arc<str>,
     settled: bool,
     _slot: Slot,
@@ -414,7 +403,7 @@ impl Acker for AmqpAcker {
 
     async fn nack(mut self: Box<Self>, delay: Option<Duration>) -> Result<()> {
         let delay = delay.filter(|d| !d.is_zero()).map(conn::delay_bucket);
-        if delay.is_none() && self.counted && self.has_message_id {
+        if delay.is_none() && self.route.quorum() && self.has_message_id {
             // The quorum queue counts the return in `x-delivery-count`.
             self.settled = true;
             return self

@@ -9,12 +9,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tidings_amqp::{AmqpBus, AmqpConfig};
-use tidings_core::extract::Attempt;
+use tidings_core::Consumer;
 use tidings_core::testkit::interop::{self, Recorder};
-use tidings_core::testkit::{ChildProcess, unique, within};
-use tidings_core::{
-    Backoff, Consumer, DeadLetterReason, Event, HandlerError, RetryPolicy, SettleAction,
-};
+use tidings_core::testkit::{ChildProcess, unique};
 
 const COUNT: usize = 100;
 const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -126,94 +123,4 @@ async fn tidings_joins_the_queue_a_node_service_declared() {
     let _ = ch
         .queue_delete(queue.as_str().into(), Default::default())
         .await;
-}
-
-/// A classic queue another service declared, joined by a group whose
-/// configuration says quorum (the default): the broker counts no returns
-/// there, yet a message that always fails, retried without delay, still
-/// reaches its last attempt and is dead-lettered instead of coming back at
-/// attempt 1 for ever.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retries_on_a_classic_queue_another_service_declared_still_count() {
-    let exchange = unique("classic-ex");
-    let queue = unique("classic-queue");
-    let conn = lapin::Connection::connect(URL, lapin::ConnectionProperties::default())
-        .await
-        .expect("raw lapin connection");
-    let ch = conn.create_channel().await.expect("channel");
-    ch.exchange_declare(
-        exchange.as_str().into(),
-        lapin::ExchangeKind::Topic,
-        lapin::options::ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        Default::default(),
-    )
-    .await
-    .expect("exchange");
-    // amqplib's `assertQueue` default: a classic queue.
-    ch.queue_declare(
-        queue.as_str().into(),
-        lapin::options::QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        Default::default(),
-    )
-    .await
-    .expect("queue");
-    ch.queue_bind(
-        queue.as_str().into(),
-        exchange.as_str().into(),
-        "orders".into(),
-        Default::default(),
-        Default::default(),
-    )
-    .await
-    .expect("bound");
-
-    let group = unique("tidings-svc");
-    let bus = bus(&exchange, &format!("&queue.{group}={queue}")).await;
-    let (attempts_tx, mut attempts) = tokio::sync::mpsc::unbounded_channel();
-    let (settled_tx, mut settled) = tokio::sync::mpsc::unbounded_channel();
-    let consumer = Consumer::group(bus.subscriber(), group.as_str())
-        .concurrency(1)
-        .retry(RetryPolicy::new(3).with_backoff(Backoff::fixed(Duration::ZERO)))
-        .on_settle(move |s| {
-            let _ = settled_tx.send(s.action);
-        })
-        .handle("orders", move |_: Event<Value>, attempt: Attempt| {
-            let _ = attempts_tx.send(attempt.0);
-            async { Err::<(), _>(HandlerError::retryable("always fails")) }
-        })
-        .start()
-        .await
-        .expect("started");
-    bus.publisher()
-        .publish("orders", tidings_core::Message::new("{}"))
-        .await
-        .expect("published");
-    // Nacked twice, then dead-lettered.
-    let reason = within(30, "the dead letter", async {
-        loop {
-            match settled.recv().await {
-                Some(SettleAction::DeadLetter { reason }) => break reason,
-                Some(_) => continue,
-                None => panic!("the consumer stopped"),
-            }
-        }
-    })
-    .await;
-    assert_eq!(reason, DeadLetterReason::AttemptsExhausted);
-    let mut seen = Vec::new();
-    while let Ok(attempt) = attempts.try_recv() {
-        seen.push(attempt);
-    }
-    assert_eq!(seen, [1, 2, 3], "one handler run per attempt");
-    consumer.shutdown(Duration::from_secs(10)).await;
-    let _ = ch
-        .queue_delete(queue.as_str().into(), Default::default())
-        .await;
-    let _ = conn.close(200, "OK".into()).await;
 }
