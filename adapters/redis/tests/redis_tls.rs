@@ -37,15 +37,7 @@ impl TlsServer {
             "yes",
         ]);
         let server = TlsServer { port, _node: node };
-        within(10, "redis-server to listen", async {
-            while tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_err()
-            {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await;
+        listening(port, "redis-server").await;
         server
     }
 
@@ -55,6 +47,20 @@ impl TlsServer {
             self.port
         )
     }
+}
+
+/// Waits (up to 10 s) until `what` accepts connections on `port`; a TLS-only
+/// server cannot answer a plain `PING`.
+async fn listening(port: u16, what: &str) {
+    within(10, &format!("{what} to listen"), async {
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
 }
 
 async fn connect(url: &str) -> tidings_core::Result<RedisBus> {
@@ -134,15 +140,7 @@ async fn rediss_through_a_sentinel() {
     std::fs::write(&conf, text).expect("the sentinel's configuration");
     sentinel.spawn(&[]);
     let port = sentinel.port;
-    within(10, "the sentinel to listen", async {
-        while tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_err()
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    listening(port, "the sentinel").await;
 
     let url = |params: &str| {
         format!(
